@@ -1,0 +1,110 @@
+"""``lightning-nst``: LightningCLI entry point for image optimisation (``fit``) and guided diffusion (``predict``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from lightning_nst.errors import NSTError
+from lightning_nst.vgg import LAYER_NAMES
+
+DEBUG_ENV = "LIGHTNING_NST_DEBUG"
+"""Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "logs", "name": "lightning_nst", "default_hp_metric": False},
+    },
+    "max_steps": 500,
+    "max_epochs": 1,  # ImageTargets yields max_steps items per epoch
+    "log_every_n_steps": 1,
+    "enable_model_summary": False,
+}
+
+DESCRIPTION = """\
+Neural style with PyTorch Lightning: feature inversion, texture synthesis, Gatys style transfer (`fit`) and
+VGG-style-guided Stable Diffusion (`predict`). Run `lightning-nst layers` to list the VGG19 layer names.
+"""
+
+
+# The frozen VGG trunk is in eval mode on purpose (it has no dropout or batch norm, so the mode changes nothing).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+class NSTCLI(LightningCLI):
+    """LightningCLI with the project's trainer defaults; the model and data classes come from the config."""
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
+        super().__init__(
+            auto_configure_optimizers=False,
+            seed_everything_default=0,
+            parser_kwargs={"description": DESCRIPTION},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Guided sampling needs gradients, which ``inference_mode`` would forbid: turn it off for ``predict``."""
+        if self.subcommand == "predict":
+            self.config.predict.trainer.inference_mode = False
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # The logger creates its run folder before any setup hook; a run that fails before its first step on bad
+        # input must not leave that folder behind looking like a result.
+        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+        existed = log_dir is not None and log_dir.exists()
+        try:
+            super()._run_subcommand(subcommand)
+        except NSTError:
+            if log_dir is not None and not existed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+                shutil.rmtree(log_dir, ignore_errors=True)
+            raise
+
+
+def print_layers() -> None:
+    """Print every VGG19 feature module with its index, channels and stride."""
+    from torchvision.models.vgg import cfgs
+
+    print(f"{'index':>5}  {'name':<8} {'channels':>8} {'stride':>6}")
+    widths = [entry for entry in cfgs["E"] if entry != "M"]
+    channels, stride, conv = 3, 1, 0
+    for index, name in enumerate(LAYER_NAMES):
+        if name.startswith("conv"):
+            channels, conv = widths[conv], conv + 1
+        elif name.startswith("pool"):
+            stride *= 2
+        print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
+
+
+def main(args: ArgsType = None) -> None:
+    """Run the CLI: ``lightning-nst {fit,predict,layers} ...``. Bad input exits with status 2 and one line."""
+    debug = os.environ.get(DEBUG_ENV) == "1"
+    if args is None:
+        # LightningCLI reads sys.argv itself (and warns when given it as args), so strip our flag there.
+        debug = debug or "--debug" in sys.argv
+        sys.argv = [arg for arg in sys.argv if arg != "--debug"]
+        listed = sys.argv[1:]
+    elif isinstance(args, list):
+        debug = debug or "--debug" in args
+        args = listed = [arg for arg in args if arg != "--debug"]
+    else:
+        listed = []
+    if listed[:1] == ["layers"]:
+        print_layers()
+        return
+    try:
+        NSTCLI(args=args)
+    except NSTError as error:
+        if debug:
+            raise
+        print(f"lightning-nst: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,146 @@
+"""Image I/O: files or embedded samples to ``[0, 1]`` float tensors and back."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from lightning_nst.errors import NSTError
+
+SAMPLE_PREFIX = "skimage:"
+"""Sources starting with this name an image bundled in the scikit-image wheel, e.g. ``skimage:astronaut``."""
+
+# Bundled inside the scikit-image wheel, so they load offline.
+SAMPLES = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "rocket")
+
+
+def _sample_array(name: str, key: str) -> np.ndarray:
+    if name not in SAMPLES:
+        raise NSTError(f"{key}: unknown sample {SAMPLE_PREFIX}{name!r}; choose one of {', '.join(SAMPLES)}")
+    import skimage.data
+
+    return getattr(skimage.data, name)()
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, F, ...) to 8-bit RGB."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # PIL's convert("RGB") clips 16-bit and float data at 255 instead of rescaling it.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite transparency onto white rather than whatever colour the hidden pixels hold.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_image(source: str | os.PathLike[str], *, key: str = "image") -> Tensor:
+    """Read an image file or an embedded ``skimage:NAME`` sample as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``.
+
+    Args:
+        source: A path, or ``skimage:NAME`` for an image bundled in scikit-image.
+        key: The config key that named the source, used in error messages.
+
+    Raises:
+        NSTError: If the file is missing, not an image, or cannot be decoded.
+    """
+    text = str(source)
+    if text.startswith(SAMPLE_PREFIX):
+        array = _sample_array(text.removeprefix(SAMPLE_PREFIX), key)
+        image = _to_rgb(Image.fromarray(array))
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise NSTError(f"{key}: image file not found: {path}")
+        try:
+            with Image.open(path) as opened:
+                opened.load()
+                image = _to_rgb(ImageOps.exif_transpose(opened))
+        except UnidentifiedImageError:
+            raise NSTError(f"{key}: not an image file PIL can read: {path}") from None
+        except Image.DecompressionBombError as error:
+            raise NSTError(f"{key}: image too large to decode safely: {path} ({error})") from None
+        except (OSError, SyntaxError, ValueError) as error:
+            raise NSTError(f"{key}: cannot decode image {path}: {error}") from None
+    return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True).unsqueeze(0)
+
+
+def resize_long_edge(image: Tensor, size: int | None) -> Tensor:
+    """Resize so that the longer edge is ``size`` pixels, keeping the aspect ratio; ``None`` keeps the size."""
+    if size is None:
+        return image
+    height, width = image.shape[-2:]
+    scale = size / max(height, width)
+    shape = [max(1, round(height * scale)), max(1, round(width * scale))]
+    return TF.resize(image, shape, antialias=True).clamp(0, 1)
+
+
+def load_image(source: str | os.PathLike[str], size: int | None = None, *, key: str = "image") -> Tensor:
+    """Read an image (see :func:`read_image`) and resize its longer edge to ``size``."""
+    return resize_long_edge(read_image(source, key=key), size)
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """Convert one ``(3, H, W)`` or ``(1, 3, H, W)`` tensor in ``[0, 1]`` to an 8-bit PIL image."""
+    if image.ndim == 4:
+        (image,) = image
+    return TF.to_pil_image(image.detach().float().clamp(0, 1).cpu())
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
+    """Write ``data`` through a temporary file and a rename, so readers never see half a file.
+
+    Raises:
+        NSTError: If ``path`` exists and ``overwrite`` is false.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not overwrite:
+        raise NSTError(f"refusing to overwrite existing output {path}")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_image(image: Tensor | Image.Image, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write a PNG atomically (temporary file, then rename); an existing file is kept unless ``overwrite``."""
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return write_atomic(path, buffer.getvalue(), overwrite=overwrite)
+
+
+def labelled_grid(images: Tensor, labels: Sequence[str], *, nrow: int = 4, padding: int = 2) -> Image.Image:
+    """Tile ``(N, 3, H, W)`` images with ``torchvision.utils.make_grid`` and write each label over its tile."""
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    nrow = max(1, min(nrow, len(images)))
+    grid = to_pil(make_grid(images.detach().float().cpu().clamp(0, 1), nrow=nrow, padding=padding, pad_value=1.0))
+    draw = ImageDraw.Draw(grid)
+    height, width = images.shape[-2:]
+    for index, label in enumerate(labels):
+        x = padding + (index % nrow) * (width + padding)
+        y = padding + (index // nrow) * (height + padding)
+        box = draw.textbbox((x + 2, y + 2), label)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((x + 2, y + 2), label, fill=(255, 255, 255))
+    return grid

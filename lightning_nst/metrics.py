@@ -1,0 +1,59 @@
+"""Metrics with one definition shared by every comparison: style distance on VGG19 features."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_nst.losses import LayerStyleLoss, Statistic
+from lightning_nst.vgg import VGG19Features
+
+
+class StyleDistance(Metric):
+    r"""Mean style loss :math:`\sum_l w_l \mathcal{L}_l(x, s)` of images against fixed style images.
+
+    The same :class:`~lightning_nst.losses.LayerStyleLoss` drives optimisation and guidance, so numbers from NST,
+    guided diffusion and prompt-only runs are comparable when they use the same VGG weights and layers.
+
+    Args:
+        features: A VGG19 trunk that returns at least ``layers``.
+        style_images: ``(1, 3, H, W)`` images in ``[0, 1]``; several are blended by averaging their statistics.
+        statistic: ``"gram"`` or ``"meanvar"``.
+        layer_weights: ``{layer: w_l}``; equal weights summing to one by default.
+    """
+
+    is_differentiable = True
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(
+        self,
+        features: VGG19Features,
+        style_images: Sequence[Tensor],
+        statistic: Statistic = "gram",
+        layers: Sequence[str] | None = None,
+        layer_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        layers = list(layers or features.layers)
+        self.features = features
+        with torch.no_grad():
+            targets = [features(image.to(features.mean.device)) for image in style_images]
+        self.style_loss = LayerStyleLoss(
+            {layer: [target[layer] for target in targets] for layer in layers}, statistic, layer_weights
+        )
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, images: Tensor) -> None:
+        """Add ``(B, 3, H, W)`` images in ``[0, 1]``."""
+        values = self.style_loss(self.features(images))
+        self.total += values.detach().double().sum()
+        self.count += values.numel()
+
+    def compute(self) -> Tensor:
+        """Mean style loss over all images seen."""
+        return (self.total / self.count).float()

@@ -1,0 +1,369 @@
+"""The LightningModule whose parameter is the image: reconstruction, texture synthesis and style transfer."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import Adam, Optimizer
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from lightning_nst.data import ImageTargets
+from lightning_nst.errors import NSTError
+from lightning_nst.images import labelled_grid, load_image, save_image, write_atomic
+from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
+from lightning_nst.metrics import StyleDistance
+from lightning_nst.vgg import VGGConfig, check_layers, min_input_size
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class Objective:
+    """One image to optimise: which feature statistics it matches and how strongly.
+
+    Layer lists weigh each layer ``1 / len(layers)``; a mapping ``{layer: weight}`` sets the weights explicitly.
+    Losses are defined in :mod:`lightning_nst.losses`.
+
+    Attributes:
+        name: File-name-safe label used for the output PNG and the TensorBoard curves.
+        content_layers: Layers whose features must match the content image (feature inversion, style transfer).
+        content_weight: Weight of the content term.
+        style_layers: Layers whose style statistic must match the style image(s).
+        style_weight: Weight of the style term.
+        statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
+        tv_weight: Weight of the total-variation smoothness term.
+    """
+
+    name: str
+    content_layers: list[str] | dict[str, float] = field(default_factory=list)
+    content_weight: float = 1.0
+    style_layers: list[str] | dict[str, float] = field(default_factory=list)
+    style_weight: float = 1.0
+    statistic: Statistic = "gram"
+    tv_weight: float = 0.0
+
+
+def _layer_weights(layers: list[str] | dict[str, float], key: str) -> dict[str, float]:
+    weights = dict(layers) if isinstance(layers, dict) else {layer: 1.0 / len(layers) for layer in layers}
+    check_layers(weights, key)
+    for layer, weight in weights.items():
+        _check_weight(weight, f"{key}.{layer}")
+    return weights
+
+
+def _check_weight(value: float, key: str) -> None:
+    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise NSTError(f"{key}: must be a finite number >= 0, got {value!r}")
+
+
+def _check_objectives(objectives: list[Objective]) -> None:
+    if not objectives:
+        raise NSTError("model.objectives: give at least one objective")
+    names: set[str] = set()
+    for index, objective in enumerate(objectives):
+        key = f"model.objectives[{index}]"
+        if not _NAME.match(objective.name):
+            raise NSTError(f"{key}.name: {objective.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        if objective.name in names:
+            raise NSTError(f"{key}.name: {objective.name!r} is used twice")
+        names.add(objective.name)
+        if not objective.content_layers and not objective.style_layers:
+            raise NSTError(f"{key}: give content_layers, style_layers or both")
+        if objective.statistic not in STATISTICS:
+            raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {objective.statistic!r}")
+        for term in ("content_weight", "style_weight", "tv_weight"):
+            _check_weight(getattr(objective, term), f"{key}.{term}")
+
+
+def _adam(params: Any) -> Optimizer:
+    return Adam(params, lr=0.02)
+
+
+class ImageOptimization(L.LightningModule):
+    """Optimise pixels so that VGG19 features match targets: one image per objective, all in one batch.
+
+    Each training step runs one VGG pass over the batch of images (one per objective) up to the deepest layer any
+    objective uses, and sums every objective's loss; objectives do not interact because each image only enters its
+    own loss. Content and style targets are computed once at the start of fitting.
+
+    Args:
+        objectives: What to optimise; see :class:`Objective`. Several objectives make a sweep.
+        vgg: Weights and pooling of the VGG19 trunk.
+        init: ``"noise"`` (seeded uniform noise), ``"content"`` (the content image) or an image path/sample.
+        init_seed: Seed of the noise initialisation.
+        optimizer: Optimizer factory, e.g. ``torch.optim.LBFGS`` with its options in YAML; Adam(lr=0.02) by default.
+        snapshot_every: Log the current images to TensorBoard every this many steps; 0 turns it off.
+        grid_columns: Columns of the labelled grid of results.
+        output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``).
+        overwrite: Replace existing result files in ``output_dir`` instead of refusing to start.
+    """
+
+    def __init__(
+        self,
+        objectives: list[Objective],
+        vgg: VGGConfig | None = None,
+        init: str = "noise",
+        init_seed: int = 0,
+        optimizer: OptimizerCallable = _adam,
+        snapshot_every: int = 50,
+        grid_columns: int = 4,
+        output_dir: str | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        _check_objectives(objectives)
+        self.objectives = objectives
+        self.content_weights: dict[str, list[float]] = {}
+        self.style_weights: dict[tuple[str, str], list[float]] = {}
+        for index, objective in enumerate(objectives):
+            key = f"model.objectives[{index}]"
+            for layer, weight in _layer_weights(objective.content_layers, f"{key}.content_layers").items():
+                self.content_weights.setdefault(layer, [0.0] * len(objectives))[index] = objective.content_weight * weight
+            for layer, weight in _layer_weights(objective.style_layers, f"{key}.style_layers").items():
+                slot = self.style_weights.setdefault((objective.statistic, layer), [0.0] * len(objectives))
+                slot[index] = objective.style_weight * weight
+        self.tv_weights = [objective.tv_weight for objective in objectives]
+        layers = sorted({*self.content_weights, *(layer for _, layer in self.style_weights)})
+        self.vgg = (vgg or VGGConfig()).build(layers, key="model.vgg")
+        if snapshot_every < 0:
+            raise NSTError(f"model.snapshot_every: must be >= 0, got {snapshot_every}")
+        self.init = init
+        self.init_seed = init_seed
+        self.optimizer_factory = optimizer
+        self.snapshot_every = snapshot_every
+        self.grid_columns = grid_columns
+        self.output_dir = output_dir
+        self.overwrite = overwrite
+        self.image: nn.Parameter | None = None
+        self.content_losses = nn.ModuleDict()
+        self.style_losses = nn.ModuleDict()
+        self.strict_loading = False  # checkpoints leave out the frozen VGG weights
+        self._initial: dict[str, dict[str, float]] | None = None
+        self._started = 0.0
+        self._first_step_done = 0.0
+
+    # -- setup ------------------------------------------------------------------------------------------------
+
+    def _targets(self) -> ImageTargets:
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(data, ImageTargets):
+            raise NSTError("data: ImageOptimization needs `data: {class_path: lightning_nst.ImageTargets, ...}`")
+        return data
+
+    def setup(self, stage: str) -> None:
+        """Create the image parameter, shaped like the content image (or the first style image)."""
+        if self.image is not None:
+            return
+        data = self._targets()
+        for index, objective in enumerate(self.objectives):
+            if objective.content_layers and data.content_source is None:
+                raise NSTError(f"model.objectives[{index}] ({objective.name}) has content layers: set data.content")
+            if objective.style_layers and not data.style_sources:
+                raise NSTError(f"model.objectives[{index}] ({objective.name}) has style layers: set data.style")
+        data.setup(stage)
+        data.check_min_size(min_input_size(self.vgg.layers))
+        height, width = data.output_shape
+        if self.init == "noise":
+            generator = torch.Generator().manual_seed(self.init_seed)
+            start = torch.rand(1, 3, height, width, generator=generator)
+        elif self.init == "content":
+            if data.content is None:
+                raise NSTError("model.init: 'content' needs data.content")
+            start = data.content
+        else:
+            start = load_image(self.init, key="model.init")
+            start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
+        self.image = nn.Parameter(start.clamp(0, 1).repeat(len(self.objectives), 1, 1, 1).contiguous())
+
+    def configure_optimizers(self) -> Optimizer:
+        """Build the optimizer chosen in the config over the image."""
+        return self.optimizer_factory([self.image])
+
+    @torch.no_grad()
+    def on_fit_start(self) -> None:
+        """Compute target features once, on the training device, and report which VGG weights are in use."""
+        data = self._targets()
+        if data.content is not None and self.content_weights:
+            content = self.vgg(data.content.to(self.device))
+            for layer in self.content_weights:
+                self.content_losses[layer] = ContentLoss(content[layer])
+        if self.style_weights:
+            styles = [self.vgg(style.to(self.device)) for style in data.style]
+            for statistic, layer in self.style_weights:
+                target = [features[layer] for features in styles]
+                self.style_losses[f"{statistic}_{layer}"] = StyleLoss(target, statistic)
+        self._weight_tensors = {
+            "content": {layer: torch.tensor(w, device=self.device) for layer, w in self.content_weights.items()},
+            "style": {key: torch.tensor(w, device=self.device) for key, w in self.style_weights.items()},
+            "tv": torch.tensor(self.tv_weights, device=self.device),
+        }
+        self._check_outputs_free()
+        rank_zero_info(f"VGG19 weights: {self.vgg.weights_used}")
+        if self.logger is not None:
+            self.logger.log_hyperparams({"vgg_weights": self.vgg.weights_used})
+            if isinstance(self.logger, TensorBoardLogger):
+                self.logger.experiment.add_text("vgg_weights", self.vgg.weights_used)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave the frozen VGG weights out: they come from the config, and can be hundreds of MB."""
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith("vgg.")]:
+            del state[key]
+
+    # -- the objective ----------------------------------------------------------------------------------------
+
+    def loss_terms(self, image: Tensor) -> dict[str, Tensor]:
+        """Weighted loss terms, each of shape ``(objectives,)``, keyed ``content_<layer>``, ``style_<stat>_<layer>``
+        and ``tv``; an objective that does not use a term has zero there."""
+        features = self.vgg(image)
+        weights = self._weight_tensors
+        terms: dict[str, Tensor] = {}
+        for layer, loss in self.content_losses.items():
+            terms[f"content_{layer}"] = weights["content"][layer] * loss(features[layer])
+        for (statistic, layer), weight in weights["style"].items():
+            terms[f"style_{statistic}_{layer}"] = weight * self.style_losses[f"{statistic}_{layer}"](features[layer])
+        if any(self.tv_weights):
+            terms["tv"] = weights["tv"] * total_variation(image)
+        return terms
+
+    def _uses(self, index: int, term: str) -> bool:
+        if term == "tv":
+            return self.tv_weights[index] > 0
+        if term.startswith("content_"):
+            return self.content_weights[term.removeprefix("content_")][index] > 0
+        statistic, layer = term.removeprefix("style_").split("_", 1)
+        return self.style_weights[(statistic, layer)][index] > 0
+
+    def _per_objective(self, terms: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        table: dict[str, dict[str, Tensor]] = {}
+        for index, objective in enumerate(self.objectives):
+            row = {term: value[index] for term, value in terms.items() if self._uses(index, term)}
+            row["total"] = torch.stack(list(row.values())).sum()
+            table[objective.name] = row
+        return table
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        """One evaluation of every objective; the optimizer sums them."""
+        table = self._per_objective(self.loss_terms(self.image))
+        for term, value in [item for row in table.values() for item in row.items() if not torch.isfinite(item[1])]:
+            raise NSTError(
+                f"step {self.global_step}: loss term {term} is {value.item()}; lower the learning rate or the weights"
+            )
+        if self._initial is None:
+            self._initial = {name: {term: value.item() for term, value in row.items()} for name, row in table.items()}
+        metrics = {f"{name}/{term}": value.detach() for name, row in table.items() for term, value in row.items()}
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        loss = torch.stack([row["total"] for row in table.values()]).sum()
+        self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        return loss
+
+    # -- progress and results ---------------------------------------------------------------------------------
+
+    def on_train_start(self) -> None:  # noqa: D102
+        self._started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Keep pixels in ``[0, 1]`` and log snapshots."""
+        with torch.no_grad():
+            self.image.clamp_(0, 1)
+        if self.global_step == 1:
+            self._first_step_done = time.perf_counter()
+        if self.snapshot_every and self.global_step % self.snapshot_every == 0:
+            self._log_images("snapshot")
+
+    def _log_images(self, tag: str) -> None:
+        if isinstance(self.logger, TensorBoardLogger):
+            grid = labelled_grid(self.image, [objective.name for objective in self.objectives], nrow=self.grid_columns)
+            self.logger.experiment.add_image(tag, torch.from_numpy(np.array(grid)), self.global_step, dataformats="HWC")
+
+    def _out_dir(self) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def _output_paths(self) -> dict[str, Path]:
+        out = self._out_dir()
+        paths = {objective.name: out / f"{objective.name}.png" for objective in self.objectives}
+        return {**paths, "grid": out / "grid.png", "summary": out / "summary.json"}
+
+    def _check_outputs_free(self) -> None:
+        if self.overwrite or not self.trainer.is_global_zero:
+            return
+        existing = [str(path) for path in self._output_paths().values() if path.exists()]
+        if existing:
+            raise NSTError(f"model.output_dir: {existing[0]} exists; choose another folder or set model.overwrite=true")
+
+    @torch.no_grad()
+    def on_train_end(self) -> None:
+        """Write one PNG per objective, a labelled grid and ``summary.json``, then say where they went."""
+        if self.image is None:
+            return
+        ended = time.perf_counter()
+        steps = self.trainer.global_step
+        final = {
+            name: {term: value.item() for term, value in row.items()}
+            for name, row in self._per_objective(self.loss_terms(self.image)).items()
+        }
+        if not self.trainer.is_global_zero:
+            return
+        data = self._targets()
+        paths = self._output_paths()
+        objectives: dict[str, Any] = {}
+        for index, objective in enumerate(self.objectives):
+            image = self.image[index : index + 1].float()
+            metrics = self._metrics(objective, image, data)
+            save_image(image, paths[objective.name], overwrite=self.overwrite)
+            objectives[objective.name] = {
+                "objective": asdict(objective),
+                "initial_loss": (self._initial or {}).get(objective.name, {}),
+                "final_loss": final[objective.name],
+                "metrics": metrics,
+                "output": paths[objective.name].name,
+            }
+        grid = labelled_grid(self.image, [objective.name for objective in self.objectives], nrow=self.grid_columns)
+        save_image(grid, paths["grid"], overwrite=self.overwrite)
+        self._log_images("result")
+        timed = ended - self._first_step_done if self._first_step_done and steps > 1 else None
+        summary = {
+            "vgg_weights": self.vgg.weights_used,
+            "pooling": self.vgg.pooling,
+            "image_size": list(self.image.shape[-2:]),
+            "precision": str(self.trainer.precision),
+            "device": str(self.device),
+            "steps": steps,
+            "wall_time_s": round(ended - self._started, 4),
+            "seconds_per_step": round((ended - self._started) / max(steps, 1), 5),
+            "seconds_per_step_after_first": round(timed / (steps - 1), 5) if timed else None,
+            "output_dir": str(self._out_dir().resolve()),
+            "objectives": objectives,
+            "grid": paths["grid"].name,
+        }
+        write_atomic(paths["summary"], json.dumps(summary, indent=2).encode(), overwrite=self.overwrite)
+        rank_zero_info(f"Results: {self._out_dir()} ({len(self.objectives)} PNG, grid.png, summary.json)")
+
+    def _metrics(self, objective: Objective, image: Tensor, data: ImageTargets) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if objective.content_layers and data.content is not None:
+            target = data.content.to(image.device)
+            metrics["psnr"] = peak_signal_noise_ratio(image, target, data_range=1.0).item()
+            metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
+        if objective.style_layers:
+            layers = _layer_weights(objective.style_layers, "style_layers")
+            distance = StyleDistance(self.vgg, data.style, objective.statistic, list(layers), layers)
+            distance.update(image)
+            metrics[f"style_distance_{objective.statistic}"] = distance.compute().item()
+        return metrics
