@@ -101,10 +101,12 @@ def main(args: ArgsType = None) -> None:
     if listed[:1] == ["layers"]:
         print_layers()
         return
+    NSTError.raised.clear()
     try:
         NSTCLI(args=args)
-    except NSTError as error:
-        if debug:
+    except (NSTError, ValueError) as error:
+        cause = error if isinstance(error, NSTError) else NSTError.behind(error)
+        if debug or cause is None:
             raise
-        print(f"lightning-nst: error: {error}", file=sys.stderr)
+        print(f"lightning-nst: error: {cause}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -72,7 +72,9 @@ class ImageTargets(L.LightningDataModule):
     def check_min_size(self, min_side: int) -> None:
         """Raise naming the first image smaller than ``min_side`` pixels on a side."""
         named = [("data.content", self.content_source, self.content)]
-        named += [(f"data.style[{i}]", s, t) for i, (s, t) in enumerate(zip(self.style_sources, self.style, strict=True))]
+        named += [
+            (f"data.style[{i}]", s, t) for i, (s, t) in enumerate(zip(self.style_sources, self.style, strict=True))
+        ]
         for key, source, image in named:
             if image is not None and min(image.shape[-2:]) < min_side:
                 height, width = image.shape[-2:]

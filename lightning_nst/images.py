@@ -21,12 +21,23 @@ SAMPLE_PREFIX = "skimage:"
 """Sources starting with this name an image bundled in the scikit-image wheel, e.g. ``skimage:astronaut``."""
 
 # Bundled inside the scikit-image wheel, so they load offline.
-SAMPLES = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "rocket")
+SAMPLES = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "coffee",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "rocket",
+)
 
 
 def _sample_array(name: str, key: str) -> np.ndarray:
     if name not in SAMPLES:
-        raise NSTError(f"{key}: unknown sample {SAMPLE_PREFIX}{name!r}; choose one of {', '.join(SAMPLES)}")
+        raise NSTError(f"{key}: unknown sample '{SAMPLE_PREFIX}{name}'; choose one of {', '.join(SAMPLES)}")
     import skimage.data
 
     return getattr(skimage.data, name)()

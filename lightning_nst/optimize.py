@@ -88,7 +88,8 @@ def _check_objectives(objectives: list[Objective]) -> None:
             _check_weight(getattr(objective, term), f"{key}.{term}")
 
 
-def _adam(params: Any) -> Optimizer:
+def default_optimizer(params: Any) -> Optimizer:
+    """Adam with learning rate 0.02, a good default for pixels in ``[0, 1]``."""
     return Adam(params, lr=0.02)
 
 
@@ -117,7 +118,7 @@ class ImageOptimization(L.LightningModule):
         vgg: VGGConfig | None = None,
         init: str = "noise",
         init_seed: int = 0,
-        optimizer: OptimizerCallable = _adam,
+        optimizer: OptimizerCallable = default_optimizer,
         snapshot_every: int = 50,
         grid_columns: int = 4,
         output_dir: str | None = None,
@@ -132,7 +133,9 @@ class ImageOptimization(L.LightningModule):
         for index, objective in enumerate(objectives):
             key = f"model.objectives[{index}]"
             for layer, weight in _layer_weights(objective.content_layers, f"{key}.content_layers").items():
-                self.content_weights.setdefault(layer, [0.0] * len(objectives))[index] = objective.content_weight * weight
+                self.content_weights.setdefault(layer, [0.0] * len(objectives))[index] = (
+                    objective.content_weight * weight
+                )
             for layer, weight in _layer_weights(objective.style_layers, f"{key}.style_layers").items():
                 slot = self.style_weights.setdefault((objective.statistic, layer), [0.0] * len(objectives))
                 slot[index] = objective.style_weight * weight
@@ -228,7 +231,8 @@ class ImageOptimization(L.LightningModule):
 
     def loss_terms(self, image: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms, each of shape ``(objectives,)``, keyed ``content_<layer>``, ``style_<stat>_<layer>``
-        and ``tv``; an objective that does not use a term has zero there."""
+        and ``tv``; an objective that does not use a term has zero there.
+        """
         features = self.vgg(image)
         weights = self._weight_tensors
         terms: dict[str, Tensor] = {}

@@ -6,8 +6,8 @@ import difflib
 import hashlib
 import os
 import warnings
-from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -97,7 +97,9 @@ def _read_state_dict(path: Path, key: str) -> dict[str, Tensor]:
     if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
         raise NSTError(f"{key}: {path} is not a state_dict of tensors")
     # Accept the features' own state_dict ("0.weight") and a whole vgg19() state_dict ("features.0.weight").
-    features = {name.removeprefix("features."): value for name, value in state.items() if not name.startswith("classifier.")}
+    features = {
+        name.removeprefix("features."): value for name, value in state.items() if not name.startswith("classifier.")
+    }
     return features
 
 
@@ -201,7 +203,9 @@ class VGG19Features(nn.Module):
                 reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             fallback = os.environ.get(WEIGHTS_ENV)
             if fallback:
-                state, description = VGG19Features._file_state(Path(fallback), full, depth, seed, fill_missing, WEIGHTS_ENV)
+                state, description = VGG19Features._file_state(
+                    Path(fallback), full, depth, seed, fill_missing, WEIGHTS_ENV
+                )
                 return state, f"{description}, chosen by auto from ${WEIGHTS_ENV}"
             warnings.warn(
                 f"VGG19 ImageNet weights are unavailable ({reason}) and ${WEIGHTS_ENV} is unset: using RANDOM "

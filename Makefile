@@ -1,0 +1,25 @@
+# Two commands on a fresh machine: `make demo` runs style transfer on embedded sample images, `make test` the tests.
+# Both create .venv on first use. TORCH pins the wheels these development machines have on disk; elsewhere use
+# `make TORCH=torch` (or install the package into your own environment with `pip install -e .`).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/lightning-nst fit -c configs/style_transfer_gram.yaml -c configs/cpu.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_nst tests && $(VENV)/bin/ruff format --check lightning_nst tests

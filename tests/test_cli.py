@@ -1,0 +1,202 @@
+"""End-to-end runs through the real ``lightning-nst`` entry point, at toy sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_nst.cli import main
+from tests.conftest import CONFIGS
+
+SHIPPED = [
+    "content_reconstruction",
+    "texture_gram",
+    "texture_meanvar",
+    "style_transfer_gram",
+    "style_transfer_meanvar",
+    "reconstruction_sweep",
+    "texture_sweep",
+]
+ADAM = "{class_path: torch.optim.Adam, init_args: {lr: 0.05}}"
+
+
+def fit(config: str, *overrides: str, size: int = 32, steps: int = 10, weights: str = "random") -> dict[str, Any]:
+    """Run ``lightning-nst fit`` on a shipped config at toy size and return its summary.json."""
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / f"{config}.yaml"),
+            f"--data.init_args.size={size}",
+            f"--trainer.max_steps={steps}",
+            f"--model.init_args.vgg.weights={weights}",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+            *overrides,
+        ]
+    )
+    (summary,) = Path("logs").glob(f"{config}/version_*/summary.json")
+    return json.loads(summary.read_text())
+
+
+def assert_real_image(path: Path, size: tuple[int, int]) -> None:
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size and image.mode == "RGB"
+        assert np.asarray(image).std() > 2.0  # not a blank image
+
+
+def scalar_tags(run_dir: Path) -> set[str]:
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+@pytest.mark.parametrize("config", SHIPPED)
+def test_every_shipped_config_runs(config: str) -> None:
+    summary = fit(config, steps=3)
+    out = Path(summary["output_dir"])
+    assert out.parent.parent == (Path("logs") / config).resolve().parent and out.name == "version_0"
+    for name, objective in summary["objectives"].items():
+        assert_real_image(out / objective["output"], (32, 32))
+        assert np.isfinite(objective["final_loss"]["total"]), name
+    assert (out / "grid.png").is_file() and (out / "config.yaml").is_file()
+    assert summary["steps"] == 3 and summary["vgg_weights"] == "random (seed 0)"
+    assert "loss" in scalar_tags(out)
+
+
+def test_texture_gram_lbfgs_loss_falls_and_logs() -> None:
+    summary = fit("texture_gram", size=48, steps=20)
+    (objective,) = summary["objectives"].values()
+    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 20
+    out = Path(summary["output_dir"])
+    tags = scalar_tags(out)
+    assert {"gram/total", "gram/style_gram_relu1_1", "gram/style_gram_relu5_1", "loss"} <= tags
+    assert summary["seconds_per_step"] > 0 and summary["wall_time_s"] > 0
+    assert objective["metrics"]["style_distance_gram"] > 0
+
+
+def test_texture_meanvar_adam_loss_falls() -> None:
+    summary = fit("texture_meanvar", f"--model.init_args.optimizer={ADAM}", size=48, steps=30)
+    (objective,) = summary["objectives"].values()
+    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 5
+
+
+def test_content_reconstruction_adam_and_lbfgs() -> None:
+    lbfgs = fit("content_reconstruction", steps=15)
+    (objective,) = lbfgs["objectives"].values()
+    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 10
+    assert {"psnr", "ssim"} <= set(objective["metrics"])
+
+
+@pytest.mark.parametrize("config", ["style_transfer_gram", "style_transfer_meanvar"])
+def test_style_transfer_lowers_style_loss(config: str) -> None:
+    summary = fit(config, f"--model.init_args.optimizer={ADAM}", size=48, steps=20)
+    (objective,) = summary["objectives"].values()
+    initial, final = objective["initial_loss"], objective["final_loss"]
+    assert initial["content_relu4_2"] == pytest.approx(0, abs=1e-6)  # starts from the content image
+    style = [term for term in final if term.startswith("style_")]
+    assert len(style) == 5
+    assert sum(final[t] for t in style) < sum(initial[t] for t in style) / 2
+
+
+def test_sweep_gives_one_image_and_curve_per_objective() -> None:
+    summary = fit("reconstruction_sweep", steps=2)
+    assert len(summary["objectives"]) == 16
+    out = Path(summary["output_dir"])
+    assert len(list(out.glob("conv*.png"))) == 16
+    tags = scalar_tags(out)
+    assert {f"conv{b}_{i}/total" for b, i in [(1, 1), (3, 4), (5, 4)]} <= tags
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[0] > 4 * 32 and grid.size[1] > 4 * 32
+
+
+def test_bf16_mixed_precision_stays_finite() -> None:
+    summary = fit("style_transfer_gram", "--trainer.precision=bf16-mixed", f"--model.init_args.optimizer={ADAM}")
+    (objective,) = summary["objectives"].values()
+    assert all(np.isfinite(value) for value in objective["final_loss"].values())
+    assert summary["precision"] == "bf16-mixed"
+
+
+def run_error(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err
+
+
+def test_missing_image_is_one_line_and_leaves_no_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    err = run_error(
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--data.init_args.style=[missing.png]",
+        "--model.init_args.vgg.weights=random",
+    )  # fmt: skip
+    assert err.count("\n") == 0
+    assert err.startswith("lightning-nst: error: data.style[0]: image file not found:") and "missing.png" in err
+    assert not list(Path("logs").glob("texture_gram/version_*"))
+
+
+def test_unknown_layer_names_config_key(capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_error(
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--model.init_args.vgg.weights=random",
+        "--model.init_args.objectives=[{name: x, style_layers: [relu1_1, rleu2_1]}]",
+    )  # fmt: skip
+    assert "model.objectives[0].style_layers: unknown VGG19 layer 'rleu2_1'" in err and "relu2_1" in err
+
+
+def test_layer_deeper_than_weights_file(capsys: pytest.CaptureFixture[str], partial_weights: Path) -> None:
+    err = run_error(
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), f"--model.init_args.vgg.weights={partial_weights}",
+    )  # fmt: skip
+    assert "model.vgg.weights:" in err and "relu5_1 was requested" in err and "available layers: conv1_1" in err
+
+
+def test_negative_weight_and_small_image(capsys: pytest.CaptureFixture[str]) -> None:
+    err = run_error(
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--model.init_args.vgg.weights=random",
+        "--model.init_args.objectives=[{name: x, style_layers: [relu1_1], style_weight: -1}]",
+    )  # fmt: skip
+    assert "model.objectives[0].style_weight: must be a finite number >= 0, got -1" in err
+    err = run_error(
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--model.init_args.vgg.weights=random",
+        "--data.init_args.size=8",
+    )  # fmt: skip
+    assert "data.style[0]" in err and "8x8 px" in err and "at least 16 px" in err
+
+
+def test_layers_command(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["layers"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 38 and lines[1].split()[:2] == ["0", "conv1_1"] and lines[-1].split()[:2] == ["36", "pool5"]
+
+
+def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: Path, shared: Path) -> None:
+    summary = fit(
+        "content_reconstruction",
+        f"--data.init_args.content={shared / 'data/content/chelsea.png'}",
+        "--model.init_args.objectives=[{name: conv1_1, content_layers: [conv1_1]}]",
+        size=64,
+        steps=100,
+        weights=str(partial_weights),
+    )
+    assert summary["objectives"]["conv1_1"]["metrics"]["psnr"] >= 25.0
+    assert "covers conv1_1..relu3_1" in summary["vgg_weights"]
+
+
+def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path, shared: Path) -> None:
+    summary = fit(
+        "texture_gram",
+        f"--data.init_args.style=[{shared / 'data/style/starry_night.jpg'}]",
+        "--model.init_args.objectives=[{name: t, style_layers: [relu1_1, relu2_1, relu3_1], style_weight: 1e6}]",
+        size=64,
+        steps=100,
+        weights=str(partial_weights),
+    )
+    loss = summary["objectives"]["t"]
+    assert loss["final_loss"]["total"] <= loss["initial_loss"]["total"] / 100
