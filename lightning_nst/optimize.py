@@ -230,8 +230,10 @@ class ImageOptimization(L.LightningModule):
     # -- the objective ----------------------------------------------------------------------------------------
 
     def loss_terms(self, image: Tensor) -> dict[str, Tensor]:
-        """Weighted loss terms, each of shape ``(objectives,)``, keyed ``content_<layer>``, ``style_<stat>_<layer>``
-        and ``tv``; an objective that does not use a term has zero there.
+        """Weighted loss terms of every objective, each of shape ``(objectives,)``.
+
+        Keys are ``content_<layer>``, ``style_<statistic>_<layer>`` and ``tv``; an objective that does not use a term
+        has zero there.
         """
         features = self.vgg(image)
         weights = self._weight_tensors
