@@ -73,7 +73,7 @@ def test_every_shipped_config_runs(config: str) -> None:
 def test_texture_gram_lbfgs_loss_falls_and_logs() -> None:
     summary = fit("texture_gram", size=48, steps=20)
     (objective,) = summary["objectives"].values()
-    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 20
+    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 1000  # measured ~1e5
     out = Path(summary["output_dir"])
     tags = scalar_tags(out)
     assert {"gram/total", "gram/style_gram_relu1_1", "gram/style_gram_relu5_1", "loss"} <= tags
@@ -84,13 +84,15 @@ def test_texture_gram_lbfgs_loss_falls_and_logs() -> None:
 def test_texture_meanvar_adam_loss_falls() -> None:
     summary = fit("texture_meanvar", f"--model.init_args.optimizer={ADAM}", size=48, steps=30)
     (objective,) = summary["objectives"].values()
-    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 5
+    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 100  # measured ~580
 
 
-def test_content_reconstruction_adam_and_lbfgs() -> None:
-    lbfgs = fit("content_reconstruction", steps=15)
-    (objective,) = lbfgs["objectives"].values()
-    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 10
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_content_reconstruction_loss_falls(optimizer: str) -> None:
+    overrides = [f"--model.init_args.optimizer={ADAM}"] if optimizer == "adam" else []
+    summary = fit("content_reconstruction", *overrides, steps=15)
+    (objective,) = summary["objectives"].values()
+    assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 5  # measured 12-18
     assert {"psnr", "ssim"} <= set(objective["metrics"])
 
 
@@ -102,7 +104,7 @@ def test_style_transfer_lowers_style_loss(config: str) -> None:
     assert initial["content_relu4_2"] == pytest.approx(0, abs=1e-6)  # starts from the content image
     style = [term for term in final if term.startswith("style_")]
     assert len(style) == 5
-    assert sum(final[t] for t in style) < sum(initial[t] for t in style) / 2
+    assert sum(final[t] for t in style) < sum(initial[t] for t in style) / 10  # measured 37-59
 
 
 def test_sweep_gives_one_image_and_curve_per_objective() -> None:
@@ -200,3 +202,16 @@ def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path, shared
     )
     loss = summary["objectives"]["t"]
     assert loss["final_loss"]["total"] <= loss["initial_loss"]["total"] / 100
+
+
+def test_existing_results_are_not_overwritten(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    args = ["--trainer.max_steps=2", "--data.init_args.size=32", f"--model.init_args.output_dir={out}"]
+    base = ["fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--model.init_args.vgg.weights=random", *args]
+    main(base)
+    first = (out / "summary.json").read_bytes()
+    err = run_error(capsys, *base)
+    assert "model.output_dir:" in err and "exists" in err and "model.overwrite=true" in err
+    assert (out / "summary.json").read_bytes() == first
+    main([*base, "--model.init_args.overwrite=true"])
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
