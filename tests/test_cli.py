@@ -51,10 +51,10 @@ def assert_real_image(path: Path, size: tuple[int, int]) -> None:
         assert np.asarray(image).std() > 2.0  # not a blank image
 
 
-def scalar_tags(run_dir: Path) -> set[str]:
+def event_tags(run_dir: Path, kind: str = "scalars") -> set[str]:
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return set(events.Tags()["scalars"])
+    return set(events.Tags()[kind])
 
 
 @pytest.mark.parametrize("config", SHIPPED)
@@ -67,7 +67,7 @@ def test_every_shipped_config_runs(config: str) -> None:
         assert np.isfinite(objective["final_loss"]["total"]), name
     assert (out / "grid.png").is_file() and (out / "config.yaml").is_file()
     assert summary["steps"] == 3 and summary["vgg_weights"] == "random (seed 0)"
-    assert "loss" in scalar_tags(out)
+    assert "loss" in event_tags(out)
 
 
 def test_texture_gram_lbfgs_loss_falls_and_logs() -> None:
@@ -75,8 +75,9 @@ def test_texture_gram_lbfgs_loss_falls_and_logs() -> None:
     (objective,) = summary["objectives"].values()
     assert objective["final_loss"]["total"] < objective["initial_loss"]["total"] / 1000  # measured ~1e5
     out = Path(summary["output_dir"])
-    tags = scalar_tags(out)
+    tags = event_tags(out)
     assert {"gram/total", "gram/style_gram_relu1_1", "gram/style_gram_relu5_1", "loss"} <= tags
+    assert {"result", "vgg_weights/text_summary"} <= event_tags(out, "images") | event_tags(out, "tensors")
     assert summary["seconds_per_step"] > 0 and summary["wall_time_s"] > 0
     assert objective["metrics"]["style_distance_gram"] > 0
 
@@ -112,7 +113,7 @@ def test_sweep_gives_one_image_and_curve_per_objective() -> None:
     assert len(summary["objectives"]) == 16
     out = Path(summary["output_dir"])
     assert len(list(out.glob("conv*.png"))) == 16
-    tags = scalar_tags(out)
+    tags = event_tags(out)
     assert {f"conv{b}_{i}/total" for b, i in [(1, 1), (3, 4), (5, 4)]} <= tags
     with Image.open(out / "grid.png") as grid:
         assert grid.size[0] > 4 * 32 and grid.size[1] > 4 * 32
