@@ -58,16 +58,25 @@ class NSTCLI(LightningCLI):
             self.config.predict.trainer.inference_mode = False
 
     def _run_subcommand(self, subcommand: str) -> None:
-        # The logger creates its run folder before any setup hook; a run that fails before its first step on bad
-        # input must not leave that folder behind looking like a result.
+        # The logger creates its run folder before any setup hook; a run that fails on bad input must not leave
+        # that folder behind looking like a result. Folders holding anything else (a kept image) stay.
         log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
         existed = log_dir is not None and log_dir.exists()
         try:
             super()._run_subcommand(subcommand)
         except NSTError:
-            if log_dir is not None and not existed and self.trainer.global_step == 0 and self.trainer.is_global_zero:
+            if log_dir is not None and not existed and self.trainer.is_global_zero and _only_bookkeeping(log_dir):
                 shutil.rmtree(log_dir, ignore_errors=True)
             raise
+
+
+def _only_bookkeeping(folder: Path) -> bool:
+    """Whether ``folder`` holds nothing but the config, hyperparameters and TensorBoard events of a run."""
+    for path in folder.rglob("*"):
+        if path.is_file() and path.name not in ("config.yaml", "hparams.yaml"):
+            if not path.name.startswith("events.out.tfevents."):
+                return False
+    return True
 
 
 def print_layers() -> None:

@@ -157,7 +157,9 @@ class ImageOptimization(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen VGG weights
         self._initial: dict[str, dict[str, float]] | None = None
         self._started = 0.0
+        self._start_step = 0
         self._first_step_done = 0.0
+        self._last_good: Tensor | None = None
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -222,10 +224,18 @@ class ImageOptimization(L.LightningModule):
                 self.logger.experiment.add_text("vgg_weights", self.vgg.weights_used)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave the frozen VGG weights out: they come from the config, and can be hundreds of MB."""
+        """Drop the frozen VGG weights and keep the initial losses.
+
+        The weights come from the config and can be hundreds of MB; the initial losses let a resumed run report the
+        same reduction as an uninterrupted one.
+        """
         state = checkpoint["state_dict"]
         for key in [key for key in state if key.startswith("vgg.")]:
             del state[key]
+        checkpoint["lightning_nst"] = {"initial_loss": self._initial}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+        self._initial = checkpoint.get("lightning_nst", {}).get("initial_loss")
 
     # -- the objective ----------------------------------------------------------------------------------------
 
@@ -265,28 +275,54 @@ class ImageOptimization(L.LightningModule):
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         """One evaluation of every objective; the optimizer sums them."""
         table = self._per_objective(self.loss_terms(self.image))
-        for term, value in [item for row in table.values() for item in row.items() if not torch.isfinite(item[1])]:
-            raise NSTError(
-                f"step {self.global_step}: loss term {term} is {value.item()}; lower the learning rate or the weights"
-            )
+        loss = torch.stack([row["total"] for row in table.values()]).sum()
+        if not torch.isfinite(loss):
+            self._diverged(table)
         if self._initial is None:
             self._initial = {name: {term: value.item() for term, value in row.items()} for name, row in table.items()}
         metrics = {f"{name}/{term}": value.detach() for name, row in table.items() for term, value in row.items()}
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        loss = torch.stack([row["total"] for row in table.values()]).sum()
         self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
         return loss
+
+    def _diverged(self, table: dict[str, dict[str, Tensor]]) -> None:
+        """Save the last finite images and stop with an error that names the step and the loss term."""
+        name, term, value = next(
+            (name, term, value.item()) for name, row in table.items() for term, value in row.items()
+            if not torch.isfinite(value) and term != "total"
+        )  # fmt: skip
+        kept = ""
+        if self.trainer.is_global_zero and self._last_good is not None:
+            out = self._out_dir()
+            for index, objective in enumerate(self.objectives):
+                save_image(self._last_good[index], out / f"{objective.name}.last_good.png", overwrite=True)
+            kept = f"; the last finite images are in {out} as *.last_good.png"
+        raise NSTError(
+            f"step {self.global_step}: objective {name}, loss term {term} is {value}; "
+            f"lower the learning rate (model.optimizer) or the weights (model.objectives){kept}"
+        )
 
     # -- progress and results ---------------------------------------------------------------------------------
 
     def on_train_start(self) -> None:  # noqa: D102
         self._started = time.perf_counter()
+        self._start_step = self.global_step
+        self._last_good = self.image.detach().clone()
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Keep pixels in ``[0, 1]`` and log snapshots."""
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Step, then clamp pixels to ``[0, 1]``.
+
+        Clamping here rather than in ``on_train_batch_end`` makes it part of the step, so checkpoints, which
+        callbacks save before that hook reaches the module, hold the clamped image.
+        """
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.image.clamp_(0, 1)
-        if self.global_step == 1:
+            self._last_good.copy_(self.image)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Time the first step and log snapshots."""
+        if self.global_step == self._start_step + 1:
             self._first_step_done = time.perf_counter()
         if self.snapshot_every and self.global_step % self.snapshot_every == 0:
             self._log_images("snapshot")
@@ -343,7 +379,8 @@ class ImageOptimization(L.LightningModule):
         grid = labelled_grid(self.image, [objective.name for objective in self.objectives], nrow=self.grid_columns)
         save_image(grid, paths["grid"], overwrite=self.overwrite)
         self._log_images("result")
-        timed = ended - self._first_step_done if self._first_step_done and steps > 1 else None
+        ran = steps - self._start_step
+        timed = ended - self._first_step_done if self._first_step_done and ran > 1 else None
         summary = {
             "vgg_weights": self.vgg.weights_used,
             "pooling": self.vgg.pooling,
@@ -351,9 +388,10 @@ class ImageOptimization(L.LightningModule):
             "precision": str(self.trainer.precision),
             "device": str(self.device),
             "steps": steps,
+            "resumed_at_step": self._start_step or None,
             "wall_time_s": round(ended - self._started, 4),
-            "seconds_per_step": round((ended - self._started) / max(steps, 1), 5),
-            "seconds_per_step_after_first": round(timed / (steps - 1), 5) if timed else None,
+            "seconds_per_step": round((ended - self._started) / max(ran, 1), 5),
+            "seconds_per_step_after_first": round(timed / (ran - 1), 5) if timed else None,
             "output_dir": str(self._out_dir().resolve()),
             "objectives": objectives,
             "grid": paths["grid"].name,
