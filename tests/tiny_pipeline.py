@@ -1,0 +1,117 @@
+"""A tiny Stable Diffusion pipeline built from configs, as diffusers' own ``get_dummy_components()`` does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    AutoencoderTiny,
+    DDIMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+CLIP_TOKENIZER = SHARED / "models" / "clip-tokenizer"
+VGG_WEIGHTS = SHARED / "models" / "vgg19_imagenet_conv1_1-conv3_1.pth"
+
+
+def tiny_tokenizer(directory: Path) -> CLIPTokenizer:
+    """The real CLIP BPE vocabulary from ``../shared`` when present, else a byte-level one without merges."""
+    if CLIP_TOKENIZER.is_dir():
+        return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    characters = list(bytes_to_unicode().values())
+    vocab = {token: index for index, token in enumerate(characters + [c + "</w>" for c in characters])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    config = {"model_max_length": 77, "pad_token": "<|endoftext|>", **special}
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return CLIPTokenizer.from_pretrained(directory)
+
+
+def build_tiny_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
+    """Save a 64 px Stable Diffusion pipeline with random weights (VAE factor 2, 32×32 latents) to ``path``."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(4, 8),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        norm_num_groups=2,
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=[4, 8],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        norm_num_groups=2,
+    )
+    tokenizer = tiny_tokenizer(path.parent / f"{path.name}-tokenizer")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            layer_norm_eps=1e-5,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+        )
+    )
+    pipeline = StableDiffusionPipeline(
+        unet=unet,
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    torch.random.set_rng_state(generator_state)
+    return path
+
+
+def build_tiny_autoencoder(path: Path) -> Path:
+    """Save an ``AutoencoderTiny`` matching the tiny pipeline's latents (4 channels, factor 2) to ``path``."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).save_pretrained(path, safe_serialization=True)
+    torch.random.set_rng_state(generator_state)
+    return path
