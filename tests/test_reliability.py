@@ -51,9 +51,7 @@ def test_killed_run_resumes_to_the_same_image(tmp_path: Path) -> None:
     np.testing.assert_array_equal(*images)
 
 
-def test_divergence_names_step_and_term_and_keeps_last_good(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def test_divergence_names_step_and_term_and_keeps_last_good(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(
             [
