@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from lightning_nst.errors import NSTError
@@ -43,14 +46,8 @@ class NSTCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
-        super().__init__(
-            auto_configure_optimizers=False,
-            seed_everything_default=0,
-            parser_kwargs={"description": DESCRIPTION},
-            args=args,
-            run=run,
-            **kwargs,
-        )
+        kwargs["parser_kwargs"] = {"description": DESCRIPTION, **kwargs.get("parser_kwargs", {})}
+        super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
 
     def before_instantiate_classes(self) -> None:
         """Guided sampling needs gradients, which ``inference_mode`` would forbid: turn it off for ``predict``."""
@@ -94,6 +91,71 @@ def print_layers() -> None:
         print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
 
 
+_KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)')
+_CLASS = re.compile(r"Problem with given class_path '([^']+)':")
+_OPTION = re.compile(r"Option '([^']+)' is not accepted")
+# Alternatives jsonargparse reports for every Optional/Union/path-like type, which say nothing about the mistake.
+_NOISE = ("Expected a <class 'NoneType'>", "Expected a path but", "Expected a dot import path string")
+_STRUCTURE = ("Does not validate against any of the", "Subtypes:", "Errors:", "Given value type:")
+
+
+def condense(message: str) -> str:
+    """Reduce a nested jsonargparse error to ``key.path: problem (got value)`` on one line."""
+    keys: list[tuple[int, str]] = []
+    cls = ""
+    found: tuple[str, str] | None = None
+    given = ""
+    for line in message.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" -"))
+        text = line.strip().lstrip("- ").strip()
+        keys = [(level, key) for level, key in keys if level < indent]
+        if match := _CLASS.search(text):
+            cls = match.group(1)
+            continue
+        if match := _KEY.search(text):
+            keys.append((indent, match.group(1)))
+            text = match.group(2)
+        if text.startswith("Given value:") and found is not None and not given:
+            value = text.removeprefix("Given value:").split(". Got value:")[0].strip()
+            given = "" if value.startswith(("NestedArg(", "Namespace(")) else value
+            continue
+        if not text or text.startswith(_STRUCTURE + _NOISE + ("Given value",)):
+            continue
+        path = ".".join(key for _, key in keys)
+        if found is None or len(path) > len(found[0]):
+            found, given = (path, text), ""
+    if found is None:
+        return " ".join(line.strip() for line in message.splitlines() if line.strip())
+    path, text = found
+    text = re.sub(r"<class '([\w.]+)'>", r"\1", text.split(". Got value:")[0])
+    text = re.sub(r"^Expected an? ", "expected ", text)
+    if match := _OPTION.search(text):
+        path, text = f"{path}.{match.group(1)}".lstrip("."), f"unknown option{f' of {cls}' if cls else ''}"
+    suffix = f" (got {given})" if given and given not in text else ""
+    return f"{path}: {text}{suffix}" if path else f"{text}{suffix}"
+
+
+def _check_yaml_files(argv: list[str]) -> None:
+    """Parse every ``--config`` file first, so malformed YAML is reported with its file, line and column."""
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag not in ("-c", "--config") or value.lstrip().startswith(("{", "[")):
+            continue
+        path = Path(value)
+        if not path.is_file():
+            raise NSTError(f"--config: file not found: {path}")
+        try:
+            yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise NSTError(f"--config: {path} is not UTF-8 text") from None
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            raise NSTError(f"--config: {path} is not valid YAML{where}: {problem}") from None
+
+
 def main(args: ArgsType = None) -> None:
     """Run the CLI: ``lightning-nst {fit,predict,layers} ...``. Bad input exits with status 2 and one line."""
     debug = os.environ.get(DEBUG_ENV) == "1"
@@ -112,10 +174,19 @@ def main(args: ArgsType = None) -> None:
         return
     NSTError.raised.clear()
     try:
-        NSTCLI(args=args)
-    except (NSTError, ValueError) as error:
-        cause = error if isinstance(error, NSTError) else NSTError.behind(error)
-        if debug or cause is None:
+        _check_yaml_files(listed)
+        NSTCLI(args=args, parser_kwargs={"exit_on_error": False})
+    except (NSTError, ArgumentError, ValueError) as error:
+        if debug:
             raise
-        print(f"lightning-nst: error: {cause}", file=sys.stderr)
+        if isinstance(error, NSTError):
+            message = str(error)
+        elif cause := NSTError.behind(error):
+            message = str(cause)
+        elif isinstance(error, ArgumentError) or "Problem with given class_path" in str(error):
+            command = listed[0] if listed and listed[0] in ("fit", "validate", "test", "predict") else ""
+            message = f"{condense(str(error))} (see `lightning-nst {command} --help`)".replace("  ", " ")
+        else:
+            raise
+        print(f"lightning-nst: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

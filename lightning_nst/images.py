@@ -20,6 +20,9 @@ from lightning_nst.errors import NSTError
 SAMPLE_PREFIX = "skimage:"
 """Sources starting with this name an image bundled in the scikit-image wheel, e.g. ``skimage:astronaut``."""
 
+MIN_SIDE = 8
+"""Smallest accepted side of a source image in pixels: below this an image holds no usable content or style."""
+
 # Bundled inside the scikit-image wheel, so they load offline.
 SAMPLES = (
     "astronaut",
@@ -58,15 +61,34 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(source: str | os.PathLike[str], *, key: str = "image") -> Tensor:
+def _decode(path: Path, key: str, max_side: int | None) -> Image.Image:
+    with Image.open(path) as opened:
+        width, height = opened.size
+        if min(width, height) < MIN_SIDE:
+            raise NSTError(f"{key}: {path} is {width}x{height} px; images need at least {MIN_SIDE} px per side")
+        # A huge image is decoded at reduced scale (JPEG's DCT scaling, then PIL's box reduce) before it becomes a
+        # float tensor, which would otherwise need 12 bytes per pixel.
+        factor = max(width, height) // (2 * max_side) if max_side else 0
+        if factor >= 2:
+            opened.draft("RGB", (width // factor, height // factor))
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+        factor = max(image.size) // (2 * max_side) if max_side else 0
+        return image.reduce(factor) if factor >= 2 else image.copy()
+
+
+def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: int | None = None) -> Tensor:
     """Read an image file or an embedded ``skimage:NAME`` sample as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``.
 
     Args:
         source: A path, or ``skimage:NAME`` for an image bundled in scikit-image.
         key: The config key that named the source, used in error messages.
+        max_side: The longer edge the caller will resize to, if known; much larger images are reduced while
+            decoding, so a 20000 px photo costs little memory.
 
     Raises:
-        NSTError: If the file is missing, not an image, or cannot be decoded.
+        NSTError: If the file is missing, not an image, cannot be decoded, is smaller than :data:`MIN_SIDE`, or
+            is so large that PIL refuses it as a possible decompression bomb.
     """
     text = str(source)
     if text.startswith(SAMPLE_PREFIX):
@@ -77,13 +99,11 @@ def read_image(source: str | os.PathLike[str], *, key: str = "image") -> Tensor:
         if not path.is_file():
             raise NSTError(f"{key}: image file not found: {path}")
         try:
-            with Image.open(path) as opened:
-                opened.load()
-                image = _to_rgb(ImageOps.exif_transpose(opened))
+            image = _to_rgb(_decode(path, key, max_side))
         except UnidentifiedImageError:
             raise NSTError(f"{key}: not an image file PIL can read: {path}") from None
         except Image.DecompressionBombError as error:
-            raise NSTError(f"{key}: image too large to decode safely: {path} ({error})") from None
+            raise NSTError(f"{key}: {path} is too large to decode safely ({error}); downscale it first") from None
         except (OSError, SyntaxError, ValueError) as error:
             raise NSTError(f"{key}: cannot decode image {path}: {error}") from None
     return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True).unsqueeze(0)
@@ -101,7 +121,7 @@ def resize_long_edge(image: Tensor, size: int | None) -> Tensor:
 
 def load_image(source: str | os.PathLike[str], size: int | None = None, *, key: str = "image") -> Tensor:
     """Read an image (see :func:`read_image`) and resize its longer edge to ``size``."""
-    return resize_long_edge(read_image(source, key=key), size)
+    return resize_long_edge(read_image(source, key=key, max_side=size), size)
 
 
 def to_pil(image: Tensor) -> Image.Image:

@@ -196,7 +196,10 @@ class ImageOptimization(L.LightningModule):
 
     def configure_optimizers(self) -> Optimizer:
         """Build the optimizer chosen in the config over the image."""
-        return self.optimizer_factory([self.image])
+        try:
+            return self.optimizer_factory([self.image])
+        except (TypeError, ValueError) as error:  # torch's own checks, e.g. "Invalid learning rate: -1.0"
+            raise NSTError(f"model.optimizer: {error}") from None
 
     @torch.no_grad()
     def on_fit_start(self) -> None:

@@ -14,31 +14,31 @@ from lightning_nst.images import labelled_grid, load_image, read_image, save_ima
 @pytest.mark.parametrize(
     ("mode", "array"),
     [
-        ("L", np.full((6, 4), 128, np.uint8)),
-        ("RGBA", np.dstack([np.full((6, 4, 3), 128, np.uint8), np.full((6, 4), 255, np.uint8)])),
-        ("I;16", np.full((6, 4), 32896, np.uint16)),
+        ("L", np.full((12, 8), 128, np.uint8)),
+        ("RGBA", np.dstack([np.full((12, 8, 3), 128, np.uint8), np.full((12, 8), 255, np.uint8)])),
+        ("I;16", np.full((12, 8), 32896, np.uint16)),
     ],
 )
 def test_modes_convert_to_rgb(tmp_path: Path, mode: str, array: np.ndarray) -> None:
     path = tmp_path / "image.png"
     Image.fromarray(array, mode=mode if mode != "I;16" else None).save(path)
     image = read_image(path)
-    assert image.shape == (1, 3, 6, 4) and image.dtype == torch.float32
+    assert image.shape == (1, 3, 12, 8) and image.dtype == torch.float32
     torch.testing.assert_close(image, torch.full_like(image, 128 / 255), atol=1 / 255, rtol=0)
 
 
 def test_palette_and_cmyk(tmp_path: Path) -> None:
-    rgb = Image.new("RGB", (5, 5), (255, 0, 0))
+    rgb = Image.new("RGB", (9, 9), (255, 0, 0))
     rgb.convert("P").save(tmp_path / "p.png")
     rgb.convert("CMYK").save(tmp_path / "c.jpg")
     for name in ("p.png", "c.jpg"):
         image = read_image(tmp_path / name)
-        assert image.shape == (1, 3, 5, 5)
+        assert image.shape == (1, 3, 9, 9)
         assert image[0, 0].mean() > 0.9 and image[0, 1:].mean() < 0.1, name
 
 
 def test_transparent_pixels_become_white(tmp_path: Path) -> None:
-    Image.new("RGBA", (3, 3), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
     assert read_image(tmp_path / "clear.png").min() == 1.0
 
 
@@ -80,3 +80,31 @@ def test_labelled_grid() -> None:
     grid = labelled_grid(torch.zeros(3, 3, 20, 30), ["a", "b", "c"], nrow=2)
     assert grid.size == (2 * 30 + 3 * 2, 2 * 20 + 3 * 2)
     assert np.asarray(grid).max() == 255  # labels and padding drawn
+
+
+def test_tiny_image_is_refused(tmp_path: Path) -> None:
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    with pytest.raises(NSTError, match=r"data\.content: .*dot\.png is 1x1 px; images need at least 8 px per side"):
+        read_image(tmp_path / "dot.png", key="data.content")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size but holds no pixel data, like a decompression bomb's first bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
+def test_20000_px_images(tmp_path: Path) -> None:
+    (tmp_path / "bomb.png").write_bytes(_png_header(20000, 20000))
+    with pytest.raises(NSTError, match=r"data\.style\[0\]: .*bomb\.png is too large to decode safely.*downscale"):
+        load_image(tmp_path / "bomb.png", 256, key="data.style[0]")
+    Image.new("RGB", (20000, 1000), (0, 128, 255)).save(tmp_path / "wide.jpg", quality=90)
+    image = load_image(tmp_path / "wide.jpg", 256)
+    assert image.shape == (1, 3, 13, 256)
+    torch.testing.assert_close(image[0, :, 6, 128], torch.tensor([0.0, 128 / 255, 1.0]), atol=0.03, rtol=0)
