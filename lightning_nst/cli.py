@@ -50,9 +50,17 @@ class NSTCLI(LightningCLI):
         super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
 
     def before_instantiate_classes(self) -> None:
-        """Guided sampling needs gradients, which ``inference_mode`` would forbid: turn it off for ``predict``."""
+        """Turn ``inference_mode`` off for ``predict`` and load checkpoints with ``weights_only=True`` by default.
+
+        Guided sampling needs gradients, which ``inference_mode`` would forbid. ``--weights_only`` left unset would
+        defer to torch's default, which has changed between releases; ``--weights_only false`` still loads a trusted
+        checkpoint that holds arbitrary objects.
+        """
+        config = self.config[self.subcommand]
         if self.subcommand == "predict":
-            self.config.predict.trainer.inference_mode = False
+            config.trainer.inference_mode = False
+        if "weights_only" in config and config.weights_only is None:
+            config.weights_only = True
 
     def _run_subcommand(self, subcommand: str) -> None:
         # The logger creates its run folder before any setup hook; a run that fails on bad input must not leave

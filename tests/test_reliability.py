@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lightning_nst.cli import main
@@ -25,7 +26,7 @@ trainer:
 """
 
 
-def test_killed_run_resumes_to_the_same_image(tmp_path: Path) -> None:
+def test_killed_run_resumes_to_the_same_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "ckpt.yaml").write_text(CHECKPOINT_EVERY_5)
     (tmp_path / "kill.yaml").write_text(
         CHECKPOINT_EVERY_5 + "    - {class_path: tests.helpers.KillAtStep, init_args: {step: 7}}\n"
@@ -41,7 +42,17 @@ def test_killed_run_resumes_to_the_same_image(tmp_path: Path) -> None:
     checkpoint = interrupted / "checkpoints/last.ckpt"
     assert checkpoint.is_file()
 
+    loads: list[object] = []
+    real_load = torch.load
+
+    def spy(*args: object, **kwargs: object) -> object:
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
     main([*base, "-c", "ckpt.yaml", f"--ckpt_path={checkpoint}"])
+    monkeypatch.setattr(torch, "load", real_load)
+    assert loads and all(value is True for value in loads), loads  # the checkpoint is loaded safely
     main([*base, "-c", "ckpt.yaml"])
     resumed = json.loads((tmp_path / "logs/texture_gram/version_1/summary.json").read_text())
     straight = json.loads((tmp_path / "logs/texture_gram/version_2/summary.json").read_text())
