@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 import re
+import shlex
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_nst.errors import NSTError
 from lightning_nst.images import labelled_grid, save_image, write_atomic
+from lightning_nst.prompts import PromptGrid
 
 
 class DenoisingCallback(Callback):
@@ -162,19 +166,27 @@ def _finite(value: float) -> float | None:
 
 
 class GenerationWriter(BasePredictionWriter):
-    """Write each generated image as a PNG and one JSON line per image to a manifest, from every rank.
+    """Write each generated image as a PNG and one JSON line per image to a manifest; finish interrupted runs.
 
-    Images are named ``{index:05d}_{prompt slug}_{seed}.png``. Each rank appends its records to a hidden part
-    file as it goes; when prediction ends, rank 0 merges the parts, ordered by item index and with any repeated item
-    kept once, into the manifest and removes them. A JSON line holds the prompt, negative prompt, seed, style image,
-    sampling and guidance settings, the final style loss, the per-step style-loss trajectory and the image path
-    relative to the manifest.
+    Images are named ``{index:05d}_{prompt slug}_{seed}.png``: the index makes each name unique and the slug holds
+    only ASCII letters, digits and ``-``, so no prompt can place a file outside the output folder. Each PNG is
+    written atomically (temporary file, then rename) and only then is its record appended to this process's hidden
+    part file, flushed to disk after every batch. When prediction ends, rank 0 merges the records into the manifest,
+    one per item in index order, and removes the part files. A record holds the prompt, negative prompt, seed, style
+    image, sampling and guidance settings, the final style loss, the per-step style-loss trajectory, the image path
+    relative to the manifest and the item's ``fingerprint``: a hash of everything that defines its image.
+
+    A rerun into the same ``output_dir`` generates only what is missing. Items recorded in the manifest, or in part
+    files a killed run left behind, whose PNG exists and whose fingerprint matches the current config are kept; the
+    others, including PNGs without a record, are generated again, spread over all processes. When nothing is missing,
+    the pipeline is not even loaded. A folder holding an item made from a different prompt, seed, style or sampler
+    setting is refused unless ``overwrite``.
 
     Args:
         output_dir: Folder of the images and the manifest; by default the logger's run folder
-            (``logs/<name>/version_<n>``).
+            (``logs/<name>/version_<n>``). A fixed folder lets a rerun of the same command finish an interrupted run.
         manifest: File name of the manifest inside ``output_dir``.
-        overwrite: Replace existing outputs instead of refusing to start.
+        overwrite: Generate every item again, replacing the folder's images of the same names and its manifest.
     """
 
     def __init__(
@@ -187,26 +199,134 @@ class GenerationWriter(BasePredictionWriter):
         self.manifest = manifest
         self.overwrite = overwrite
         self.directory: Path | None = None
+        self._names: dict[int, str] = {}
+        self._fingerprints: dict[int, str] = {}
+        self._kept = 0
+        self._limit_predict_batches: int | float | None = None
+        self._name = re.compile(r"\d{5,}_[a-z0-9-]+_\d+\.png")
+        # write_atomic's temporary files: ".<name>.<random>.tmp"
+        self._temporary = re.compile(rf"\.({self._name.pattern}|{re.escape(manifest)})\..+\.tmp")
+
+    def file_name(self, index: int, prompt: str, seed: int) -> str:
+        """The PNG name of one item: unique by ``index``, readable by prompt slug and seed."""
+        return f"{index:05d}_{slugify(prompt)}_{seed}.png"
 
     def _part(self, rank: int) -> Path:
         assert self.directory is not None
         return self.directory / f".{self.manifest}.rank{rank}.part"
 
+    def _parts(self) -> list[Path]:
+        assert self.directory is not None
+        return sorted(self.directory.glob(f".{glob.escape(self.manifest)}.rank*.part"))
+
+    @property
+    def _flag(self) -> str:
+        # How the shipped configs, which list the writer last, set its folder on the command line.
+        return f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(self.directory))}"
+
+    def _refuse(self, problem: str) -> NSTError:
+        return NSTError(
+            f"GenerationWriter.output_dir: {self.directory} {problem}; choose another folder or set overwrite: true"
+        )
+
+    # -- setup: what is finished already ------------------------------------------------------------------------
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve the output folder and refuse to mix with an earlier run's outputs."""
+        """Resolve the output folder, keep the items it finished already, and have the data skip them."""
         log_dir = trainer.log_dir  # a collective call: every rank must make it
         self.directory = Path(self.output_dir).expanduser() if self.output_dir is not None else Path(log_dir or ".")
-        manifest = self.directory / self.manifest
-        if manifest.exists() and not self.overwrite:
-            raise NSTError(
-                f"GenerationWriter.output_dir: {manifest} exists; choose another folder or set overwrite: true"
-            )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._part(trainer.global_rank).unlink(missing_ok=True)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NSTError(f"GenerationWriter.output_dir: {self.directory} exists and is not a folder")
+        data = trainer.datamodule
+        if not isinstance(data, PromptGrid):
+            raise NSTError("data: GenerationWriter needs `data: {class_path: lightning_nst.PromptGrid, ...}`")
+        spec = pl_module.spec() if hasattr(pl_module, "spec") else {}
+        self._names = {item.index: self.file_name(item.index, item.base_prompt, item.seed) for item in data.items}
+        self._fingerprints = {item.index: item.fingerprint(spec) for item in data.items}
+        # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
+        # stops each of them alike instead of leaving the others waiting at a barrier.
+        finished = {} if self.overwrite else self._finished()
+        trainer.strategy.barrier("GenerationWriter.scan")
+        if trainer.is_global_zero:
+            self._tidy(finished)
+        trainer.strategy.barrier("GenerationWriter.tidy")
+        data.skip(finished)
+        self._kept = len(finished)
+        total = len(data.items)
+        if self._kept == total:
+            rank_zero_info(f"All {total} items in {self.directory} are finished; nothing to generate")
+            # Lightning's switch for "no predict batches": no dataloader, no predict_step, no empty-loader warning.
+            self._limit_predict_batches = trainer.limit_predict_batches
+            trainer.limit_predict_batches = 0
+            return
+        kept = f"; {self._kept} finished earlier are kept" if self._kept else ""
+        hint = "" if self.output_dir is not None else f"; to finish it if interrupted, rerun with {self._flag}"
+        rank_zero_info(f"Generating {total - self._kept} of {total} items into {self.directory}{kept}{hint}")
 
-    def file_name(self, index: int, prompt: str, seed: int) -> str:
-        """The PNG name of one item: unique by ``index``, readable by prompt slug and seed."""
-        return f"{index:05d}_{slugify(prompt)}_{seed}.png"
+    def _records(self, path: Path, strict: bool) -> Iterator[tuple[int, dict[str, Any], str]]:
+        """``(index, record, line)`` of each record in ``path``.
+
+        A line that is not a record is an error if ``strict``, else skipped: it is the last line of a part file that
+        a killed process left half-written.
+        """
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            index = record.get("index") if isinstance(record, dict) else None
+            if isinstance(index, int) and not isinstance(index, bool):
+                yield index, record, line
+            elif strict:
+                raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
+
+    def _check(self, index: int, record: dict[str, Any]) -> bool:
+        """Whether the recorded item ``index`` is finished (its PNG exists); raises if it is not the current item."""
+        assert self.directory is not None
+        if index not in self._names:
+            count = len(self._names)
+            raise self._refuse(f"holds item {index}, but the data defines only {count} item{'s' * (count != 1)}")
+        image = record.get("image")
+        if record.get("fingerprint") != self._fingerprints[index] or image != self._names[index]:
+            shown = f" ({image})" if isinstance(image, str) and self._name.fullmatch(image) else ""
+            raise self._refuse(
+                f"holds item {index}{shown} made from a different prompt, seed, style or sampler setting than now"
+            )
+        return (self.directory / self._names[index]).is_file()
+
+    def _finished(self) -> dict[int, str]:
+        """Manifest lines of the items already finished in the folder, by index."""
+        assert self.directory is not None
+        manifest = self.directory / self.manifest
+        if manifest.exists() and not manifest.is_file():
+            raise NSTError(f"GenerationWriter.manifest: {manifest} exists and is not a file")
+        sources = ([(manifest, True)] if manifest.is_file() else []) + [(part, False) for part in self._parts()]
+        finished: dict[int, str] = {}
+        for path, strict in sources:
+            for index, record, line in self._records(path, strict):
+                if self._check(index, record):
+                    finished.setdefault(index, line)
+        return finished
+
+    def _tidy(self, finished: dict[int, str]) -> None:
+        """Rank 0: make the manifest hold exactly the finished items; remove part and temporary files left over."""
+        assert self.directory is not None
+        manifest = self.directory / self.manifest
+        text = "".join(finished[index] + "\n" for index in sorted(finished))
+        if not text:
+            manifest.unlink(missing_ok=True)
+        elif not manifest.is_file() or manifest.read_text(encoding="utf-8", errors="replace") != text:
+            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
+        for part in self._parts():
+            part.unlink()
+        for temporary in self.directory.glob(".*.tmp"):
+            if self._temporary.fullmatch(temporary.name):
+                temporary.unlink(missing_ok=True)
+
+    # -- writing --------------------------------------------------------------------------------------------------
 
     def write_on_batch_end(
         self,
@@ -218,19 +338,23 @@ class GenerationWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Save the batch's PNGs and append their records to this rank's part file."""
+        """Save the batch's PNGs, then append their records to this rank's part file."""
         assert self.directory is not None
         settings = pl_module.settings() if hasattr(pl_module, "settings") else {}
         trajectory = prediction.get("style_loss")
         final = prediction.get("final_style_loss")
         nsfw = prediction.get("nsfw")
+        self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
         lines = []
         for row, index in enumerate(batch["index"]):
-            name = self.file_name(index, batch["base_prompt"][row], batch["seed"][row])
-            save_image(prediction["images"][row], self.directory / name, overwrite=self.overwrite)
+            name = self._names[index]
+            # Only unfinished items reach this point, so an existing file of this name is an unrecorded leftover of
+            # an interrupted run (or overwrite is on): replacing it loses nothing.
+            save_image(prediction["images"][row], self.directory / name, overwrite=True)
             record = {
                 "index": index,
                 "image": name,
+                "fingerprint": self._fingerprints[index],
                 "prompt": batch["prompt"][row],
                 "base_prompt": batch["base_prompt"][row],
                 "style_prompt": batch["style_prompt"][row],
@@ -252,20 +376,33 @@ class GenerationWriter(BasePredictionWriter):
             stream.flush()
             os.fsync(stream.fileno())
 
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Merge every rank's records into the manifest, once each, in item order."""
-        trainer.strategy.barrier("GenerationWriter.merge")
-        if not trainer.is_global_zero or self.directory is None:
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
+        if self.directory is None:
             return
-        records: dict[int, str] = {}
-        parts = [self._part(rank) for rank in range(trainer.world_size) if self._part(rank).exists()]
-        for part in parts:
-            for line in part.read_text(encoding="utf-8").splitlines():
-                if line.strip():
-                    records.setdefault(json.loads(line)["index"], line)
+        if self._limit_predict_batches is not None:
+            trainer.limit_predict_batches, self._limit_predict_batches = self._limit_predict_batches, None
+        # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
+        # but every process tears down.
+        trainer.strategy.barrier("GenerationWriter.merge")
+        if trainer.is_global_zero:
+            self._merge()
+        self.directory = None
+
+    def _merge(self) -> None:
+        assert self.directory is not None
         manifest = self.directory / self.manifest
-        text = "".join(records[index] + "\n" for index in sorted(records))
-        write_atomic(manifest, text.encode("utf-8"), overwrite=self.overwrite)
-        for part in parts:
-            part.unlink()
-        rank_zero_info(f"Results: {self.directory} ({len(records)} PNG, {self.manifest})")
+        parts = self._parts()
+        records: dict[int, str] = {}
+        for path in ([manifest] if manifest.is_file() else []) + parts:
+            for index, _, line in self._records(path, strict=False):
+                if index in self._names and (self.directory / self._names[index]).is_file():
+                    records.setdefault(index, line)
+        if parts:
+            text = "".join(records[index] + "\n" for index in sorted(records))
+            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
+            for part in parts:
+                part.unlink()
+        new = len(records) - self._kept
+        kept = f", {self._kept} kept from an earlier run" if self._kept and new else ""
+        rank_zero_info(f"Results: {self.directory} ({len(records)} PNG{kept}, {self.manifest})")

@@ -196,5 +196,6 @@ def main(args: ArgsType = None) -> None:
             message = f"{condense(str(error))} (see `lightning-nst {command} --help`)".replace("  ", " ")
         else:
             raise
-        print(f"lightning-nst: error: {message}", file=sys.stderr)
+        if os.environ.get("LOCAL_RANK", "0") == "0":  # under DDP every process fails alike: say it once
+            print(f"lightning-nst: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -170,13 +170,21 @@ class GuidedDiffusion(L.LightningModule):
             raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
 
     def configure_model(self) -> None:
-        """Load the pipeline (and the tiny decoder) once; Lightning then moves them to the device."""
+        """Load the pipeline (and the tiny decoder) once; Lightning then moves them to the device.
+
+        Nothing is loaded when the data has nothing left to generate (every item finished by an earlier run).
+        """
         if self.pipeline is not None:
+            return
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(data, PromptGrid) and data.items and not data.pending:
             return
         torch_dtype = torch.get_default_dtype() if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
         extra: dict[str, Any] = (
             {} if self.use_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
         )
+        # from_pretrained's default (use_safetensors=None) loads .safetensors where present and falls back to .bin
+        # files only without them, through torch.load(weights_only=True) in diffusers and transformers alike.
         pipe = _load(
             StableDiffusionPipeline,
             self.model_source,
@@ -209,6 +217,30 @@ class GuidedDiffusion(L.LightningModule):
             rank_zero_warn(
                 "No prediction writer in trainer.callbacks: images are not saved; add lightning_nst.GenerationWriter"
             )
+
+    def spec(self) -> dict[str, Any]:
+        """The options that define the images, as configured and known before the pipeline loads.
+
+        Together with an item's prompt, seed and style they make its fingerprint, by which a rerun recognises the
+        items an earlier run finished. Batching, the number of processes and callbacks are left out, since they do
+        not change an image, and so is the accelerator, so that a batch begun on one machine can be finished on
+        another.
+        """
+        return {
+            "model": self.model_source,
+            "variant": self.variant,
+            "dtype": self.dtype_name,
+            "precision": str(self.trainer.precision) if self._trainer is not None else None,
+            "tiny_vae": self.tiny_vae_source,
+            "scheduler": self.scheduler_name,
+            "num_inference_steps": self.num_inference_steps,
+            "cfg_scale": self.cfg_scale,
+            "eta": self.eta,
+            "height": self.height,
+            "width": self.width,
+            "safety_checker": self.use_safety_checker,
+            "guidance": self.guidance.settings() if self.guidance is not None else None,
+        }
 
     def settings(self) -> dict[str, Any]:
         """The sampling options as plain values, for manifests and logs."""

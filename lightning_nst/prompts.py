@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import codecs
+import hashlib
+import json
 import os
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_nst.errors import NSTError
 from lightning_nst.images import SAMPLE_PREFIX, load_image
@@ -40,6 +44,16 @@ class GenerationItem:
     style_index: int
     style_prompt: str | None
 
+    def fingerprint(self, sampler: Mapping[str, Any]) -> str:
+        """A short hash of everything that defines this item's image but its index: texts, seed, style, sampler.
+
+        Args:
+            sampler: The sampling options, e.g. :meth:`~lightning_nst.GuidedDiffusion.spec`.
+        """
+        fields = {key: value for key, value in asdict(self).items() if key != "index"}
+        text = json.dumps({"item": fields, "sampler": sampler}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
 
 class GenerationItems(Dataset[GenerationItem]):
     """A map-style dataset over a fixed list of items, so Lightning can split it across ranks by index."""
@@ -54,6 +68,24 @@ class GenerationItems(Dataset[GenerationItem]):
         return self.items[index]
 
 
+class RankSlice(DistributedSampler[GenerationItem]):
+    """Items ``rank``, ``rank + num_replicas``, ... of a dataset, in order: one process's share for ``predict``.
+
+    Lightning's own ``UnrepeatedDistributedSampler`` asserts that every process gets an item, which fails when a
+    rerun leaves fewer items than processes. Prediction needs no process to keep step with another (the module is not
+    wrapped in ``DistributedDataParallel``), so here a process may get none. Being a ``DistributedSampler``, it is
+    kept as it is by Lightning.
+    """
+
+    def __init__(self, dataset: GenerationItems, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
+        self.total_size = len(dataset)
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
 def collate_items(items: list[GenerationItem]) -> dict[str, Any]:
     """Batch items as ``{field: list}``; ``style_index`` becomes a tensor so it follows the batch to the device."""
     batch: dict[str, Any] = {key: [getattr(item, key) for item in items] for key in asdict(items[0])}
@@ -62,27 +94,48 @@ def collate_items(items: list[GenerationItem]) -> dict[str, Any]:
 
 
 def _read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
+    """The non-blank lines of a UTF-8 text file, stripped; a BOM and any newline convention are accepted."""
     file = Path(path).expanduser()
-    if not file.is_file():
+    if not file.exists():
         raise NSTError(f"data.prompts_file: file not found: {file}")
+    if not file.is_file():
+        raise NSTError(f"data.prompts_file: {file} is not a file")
     try:
-        text = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise NSTError(f"data.prompts_file: cannot read {file} as UTF-8 text: {error}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        data = file.read_bytes()
+    except OSError as error:
+        raise NSTError(f"data.prompts_file: cannot read {file}: {error.strerror or error}") from None
+    if b"\0" in data:
+        line = data[: data.index(b"\0")].count(b"\n") + 1
+        raise NSTError(
+            f"data.prompts_file: {file} holds a NUL byte (line {line}): it is binary or UTF-16, not UTF-8 text with "
+            "one prompt per line"
+        )
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise NSTError(
+            f"data.prompts_file: {file} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); "
+            "save it as UTF-8"
+        ) from None
+    # Only CR, LF and CRLF end a line: str.splitlines() would also split prompts at U+2028, form feeds and the like.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return [line.strip() for line in lines if line.strip()]
 
 
 class PromptGrid(L.LightningDataModule):
     """Prompts × style images × seeds for ``lightning-nst predict``, one item per image to generate.
 
     Items are ordered prompt-major, then style, then seed, and numbered from 0; the number names the output file.
-    For ``predict`` Lightning splits the items across processes with its ``UnrepeatedDistributedSampler``, so each
-    item is generated once in all even when their count is not a multiple of the number of processes.
+    Under several processes each generates every ``world_size``-th item (see :class:`RankSlice`), so every item is
+    generated once in all. Items passed to :meth:`skip` (finished by an earlier run) are left out before that split,
+    so the rest is spread over all processes.
 
     Args:
         prompts: Prompts as a YAML list.
-        prompts_file: A UTF-8 text file with one prompt per line (blank lines are skipped); its prompts follow
-            ``prompts``.
+        prompts_file: A UTF-8 text file with one prompt per line; its prompts follow ``prompts``. Lines are
+            stripped, blank ones skipped; a byte-order mark and CRLF line ends are fine.
         seeds: One image per seed for every prompt and style.
         style: Style images, paths or ``skimage:NAME``; each is its own guidance target. Loaded at full size: the
             guidance resizes them.
@@ -130,7 +183,11 @@ class PromptGrid(L.LightningDataModule):
             raise NSTError(f"data.batch_size: must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise NSTError(f"data.num_workers: must be >= 0, got {num_workers}")
-        self.prompts = list(prompts or [])
+        # Read here rather than in setup, so a bad file stops the run before any output folder exists.
+        file_prompts = _read_prompts_file(prompts_file) if prompts_file is not None else []
+        if prompts_file is not None and not file_prompts:
+            raise NSTError(f"data.prompts_file: {Path(prompts_file).expanduser()} holds no prompts")
+        self.prompts = list(prompts or []) + file_prompts
         self.prompts_file = prompts_file
         self.seeds = seeds
         self.style_prompts = list(style_prompts) if style_prompts is not None else None
@@ -138,16 +195,16 @@ class PromptGrid(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.items: list[GenerationItem] = []
+        self.skipped: set[int] = set()
         self.style_images: list[Tensor] = []
+        # With finished items skipped, fewer may remain than there are processes; the idle ones then just wait.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def expand(self) -> list[GenerationItem]:
-        """All items, in order: prompts × styles × seeds."""
-        prompts = self.prompts + (_read_prompts_file(self.prompts_file) if self.prompts_file is not None else [])
-        if not prompts:
-            raise NSTError(f"data.prompts_file: {self.prompts_file} holds no prompts")
+        """All items, in order: prompts (the list, then the file's) × styles × seeds."""
         styles: list[tuple[int, str | None]] = list(enumerate(self.style_sources)) or [(-1, None)]
         items: list[GenerationItem] = []
-        for prompt in prompts:
+        for prompt in self.prompts:
             for style_index, style in styles:
                 style_prompt = self.style_prompts[style_index] if self.style_prompts and style is not None else None
                 full = ", ".join(part for part in (prompt, style_prompt) if part)
@@ -168,18 +225,24 @@ class PromptGrid(L.LightningDataModule):
                 load_image(source, key=f"data.style[{index}]") for index, source in enumerate(self.style_sources)
             ]
 
+    def skip(self, indices: Iterable[int]) -> None:
+        """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished."""
+        self.skipped = set(indices)
+
+    @property
+    def pending(self) -> list[GenerationItem]:
+        """The items to generate: all of them but the skipped ones, in order."""
+        return [item for item in self.items if item.index not in self.skipped]
+
     def predict_dataloader(self) -> DataLoader[GenerationItem]:
-        """Items in order, ``batch_size`` at a time; Lightning adds the split across processes."""
-        world_size = self.trainer.world_size if self.trainer is not None else 1
-        if len(self.items) < world_size:
-            raise NSTError(
-                f"data: {len(self.items)} item(s) cannot be spread over {world_size} processes; "
-                "use fewer trainer.devices or more prompts/seeds"
-            )
+        """Pending items in order, ``batch_size`` at a time, this process's share only."""
+        dataset = GenerationItems(self.pending)
+        trainer = self.trainer
+        distributed = trainer is not None and trainer.world_size > 1
         return DataLoader(
-            GenerationItems(self.items),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=False,
+            sampler=RankSlice(dataset, trainer.world_size, trainer.global_rank) if distributed else None,
             num_workers=self.num_workers,
             collate_fn=collate_items,
         )

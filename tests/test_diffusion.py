@@ -27,14 +27,17 @@ from lightning_nst.images import load_image
 from lightning_nst.prompts import PromptGrid
 from lightning_nst.vgg import VGGConfig
 from tests.conftest import CONFIGS, REPO
-from tests.tiny_pipeline import VGG_WEIGHTS, build_tiny_autoencoder, build_tiny_pipeline
+from tests.tiny_pipeline import (
+    GUIDED,
+    STEPS,
+    VGG,
+    build_tiny_autoencoder,
+    build_tiny_pipeline,
+    records,
+    tiny_args,
+)
 
-GUIDED = CONFIGS / "guided_diffusion.yaml"
 PROMPT_ONLY = CONFIGS / "prompt_only_diffusion.yaml"
-# The real ImageNet weights (up to relu3_1) where ../shared exists; seeded random weights elsewhere.
-VGG = str(VGG_WEIGHTS) if VGG_WEIGHTS.is_file() else "random"
-LAYERS = "[relu1_1, relu2_1, relu3_1]"
-STEPS = 6
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -57,38 +60,11 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_autoencoder(tmp_path_factory.mktemp("pipelines") / "tiny-taesd")
 
 
-def tiny_args(pipeline: Path, name: str, *overrides: str, config: Path = GUIDED) -> list[str]:
-    """``lightning-nst predict`` on a shipped config, shrunk to the tiny pipeline: 64 px, 6 steps, one item."""
-    return [
-        "predict",
-        "--config",
-        str(config),
-        "--model.model",
-        str(pipeline),
-        "--model.height=64",
-        "--model.width=64",
-        f"--model.num_inference_steps={STEPS}",
-        f"--model.guidance.init_args.vgg.weights={VGG}",
-        f"--model.guidance.init_args.layers={LAYERS}",
-        "--model.guidance.init_args.guidance_size=64",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--data.prompts=[a red house by a lake]",
-        "--data.seeds=[0]",
-        *overrides,
-    ]
-
-
 def predict(pipeline: Path, name: str, *overrides: str, config: Path = GUIDED) -> Path:
     """Run the CLI in this process and return the run folder."""
     main(tiny_args(pipeline, name, *overrides, config=config))
     (run,) = Path("logs", name).glob("version_*")
     return run
-
-
-def records(run: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
 
 
 def pixels(run: Path, record: dict[str, Any]) -> np.ndarray:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,9 @@ def test_truncated_file(tmp_path: Path) -> None:
 def test_save_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
     path = save_image(torch.rand(1, 3, 8, 8), tmp_path / "out" / "a.png")
     assert Image.open(path).size == (8, 8)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
     with pytest.raises(NSTError, match="refusing to overwrite"):
         save_image(torch.rand(3, 8, 8), path)
     save_image(torch.zeros(3, 8, 8), path, overwrite=True)

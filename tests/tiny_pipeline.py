@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -15,9 +16,44 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 CLIP_TOKENIZER = SHARED / "models" / "clip-tokenizer"
 VGG_WEIGHTS = SHARED / "models" / "vgg19_imagenet_conv1_1-conv3_1.pth"
+
+GUIDED = REPO / "configs" / "guided_diffusion.yaml"
+# The real ImageNet weights (up to relu3_1) where ../shared exists; seeded random weights elsewhere.
+VGG = str(VGG_WEIGHTS) if VGG_WEIGHTS.is_file() else "random"
+LAYERS = "[relu1_1, relu2_1, relu3_1]"
+STEPS = 6
+
+
+def tiny_args(pipeline: Path, name: str, *overrides: str, config: Path = GUIDED) -> list[str]:
+    """``lightning-nst predict`` on a shipped config, shrunk to the tiny pipeline: 64 px, 6 steps, one item."""
+    return [
+        "predict",
+        "--config",
+        str(config),
+        "--model.model",
+        str(pipeline),
+        "--model.height=64",
+        "--model.width=64",
+        f"--model.num_inference_steps={STEPS}",
+        f"--model.guidance.init_args.vgg.weights={VGG}",
+        f"--model.guidance.init_args.layers={LAYERS}",
+        "--model.guidance.init_args.guidance_size=64",
+        f"--trainer.logger.init_args.name={name}",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--data.prompts=[a red house by a lake]",
+        "--data.seeds=[0]",
+        *overrides,
+    ]
+
+
+def records(folder: Path, manifest: str = "predictions.jsonl") -> list[dict[str, Any]]:
+    """The manifest's JSON lines."""
+    return [json.loads(line) for line in (folder / manifest).read_text(encoding="utf-8").splitlines()]
 
 
 def tiny_tokenizer(directory: Path) -> CLIPTokenizer:
