@@ -147,7 +147,8 @@ def test_killed_run_reruns_only_the_missing_items(
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (inode, mtime)
 
 
-@pytest.mark.slow
+# About 45 s: over the ~30 s at which tests are usually marked slow, but the issue asks for this case in the
+# default suite, and the whole suite stays well within its 10-minute budget.
 def test_killed_ddp_run_reruns_to_every_item_once(pipeline_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "batch"
     command = [
