@@ -190,7 +190,7 @@ class ImageOptimization(L.LightningModule):
                 raise NSTError("model.init: 'content' needs data.content")
             start = data.content
         else:
-            start = load_image(self.init, key="model.init")
+            start = load_image(self.init, max(height, width), key="model.init")
             start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
         self.image = nn.Parameter(start.clamp(0, 1).repeat(len(self.objectives), 1, 1, 1).contiguous())
 

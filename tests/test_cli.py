@@ -216,3 +216,11 @@ def test_existing_results_are_not_overwritten(capsys: pytest.CaptureFixture[str]
     assert (out / "summary.json").read_bytes() == first
     main([*base, "--model.init_args.overwrite=true"])
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_init_from_an_image_file_is_resized_to_the_content() -> None:
+    summary = fit("style_transfer_gram", "--model.init_args.init=skimage:coffee", f"--model.init_args.optimizer={ADAM}")
+    (objective,) = summary["objectives"].values()
+    assert objective["initial_loss"]["content_relu4_2"] > 0  # starts from coffee, not from the astronaut
+    assert summary["image_size"] == [32, 32]
+    assert_real_image(Path(summary["output_dir"]) / "gram.png", (32, 32))
