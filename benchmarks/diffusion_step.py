@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from lightning_nst.cli import main  # noqa: E402
-from tests.tiny_pipeline import VGG_WEIGHTS, build_tiny_autoencoder, build_tiny_pipeline  # noqa: E402
+from tests.tiny_pipeline import build_tiny_autoencoder, build_tiny_pipeline, tiny_args  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {
     "unguided (no guidance object)": ["--model.guidance=null"],
@@ -42,27 +42,16 @@ SETTINGS: dict[str, list[str]] = {
 
 
 def run(folder: Path, name: str, args: argparse.Namespace, pipeline: Path, extra: list[str]) -> list[dict]:
-    vgg = str(VGG_WEIGHTS) if VGG_WEIGHTS.is_file() else "random"
     seeds = ", ".join(str(seed) for seed in range(args.items))
-    command = [
-        "predict",
-        "--config",
-        str(REPO / "configs" / "guided_diffusion.yaml"),
-        f"--model.model={pipeline}",
-        f"--model.height={args.size}",
-        f"--model.width={args.size}",
-        f"--model.num_inference_steps={args.steps}",
-        f"--model.guidance.init_args.vgg.weights={vgg}",
-        "--model.guidance.init_args.layers=[relu1_1, relu2_1, relu3_1]",
-        f"--model.guidance.init_args.guidance_size={args.size}",
+    command = tiny_args(
+        pipeline,
+        name,
         f"--trainer.logger.init_args.save_dir={folder}",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--data.prompts=[a red house by a lake]",
         f"--data.seeds=[{seeds}]",
         *extra,
-    ]
+        size=args.size,
+        steps=args.steps,
+    )
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         main(command)
     (manifest,) = (folder / name).glob("version_*/predictions.jsonl")

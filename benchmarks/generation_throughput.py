@@ -22,31 +22,23 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.tiny_pipeline import VGG_WEIGHTS, build_tiny_pipeline  # noqa: E402
+from tests.tiny_pipeline import build_tiny_pipeline, tiny_args  # noqa: E402
 
 
 def wall_time(folder: Path, name: str, pipeline: Path, items: int, devices: int, args: argparse.Namespace) -> float:
-    vgg = str(VGG_WEIGHTS) if VGG_WEIGHTS.is_file() else "random"
     seeds = ", ".join(str(seed) for seed in range(items))
-    command = [
-        sys.executable, "-m", "lightning_nst", "predict",
-        "--config", str(REPO / "configs" / "guided_diffusion.yaml"),
-        f"--model.model={pipeline}",
-        f"--model.height={args.size}",
-        f"--model.width={args.size}",
-        f"--model.num_inference_steps={args.steps}",
-        f"--model.guidance.init_args.vgg.weights={vgg}",
-        "--model.guidance.init_args.layers=[relu1_1, relu2_1, relu3_1]",
-        f"--model.guidance.init_args.guidance_size={args.size}",
+    overrides = [
         f"--trainer.logger.init_args.save_dir={folder}",
-        f"--trainer.logger.init_args.name={name}",
-        "--trainer.accelerator=cpu",
         f"--trainer.devices={devices}",
         *(["--trainer.strategy=ddp"] if devices > 1 else []),
-        "--trainer.enable_progress_bar=false",
-        "--data.prompts=[a red house by a lake]",
         f"--data.seeds=[{seeds}]",
-    ]  # fmt: skip
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_nst",
+        *tiny_args(pipeline, name, *overrides, size=args.size, steps=args.steps),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     started = time.perf_counter()
     subprocess.run(command, env=env, check=True, capture_output=True, cwd=folder)

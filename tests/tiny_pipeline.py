@@ -28,20 +28,25 @@ LAYERS = "[relu1_1, relu2_1, relu3_1]"
 STEPS = 6
 
 
-def tiny_args(pipeline: Path, name: str, *overrides: str, config: Path = GUIDED) -> list[str]:
-    """``lightning-nst predict`` on a shipped config, shrunk to the tiny pipeline: 64 px, 6 steps, one item."""
+def tiny_args(
+    pipeline: Path, name: str, *overrides: str, config: Path = GUIDED, size: int = 64, steps: int = STEPS
+) -> list[str]:
+    """``lightning-nst predict`` on a shipped config, shrunk to the tiny pipeline: 64 px, 6 steps, one item.
+
+    Overrides come last, so they win over these settings (e.g. ``--data.seeds=[0, 1, 2]``).
+    """
     return [
         "predict",
         "--config",
         str(config),
         "--model.model",
         str(pipeline),
-        "--model.height=64",
-        "--model.width=64",
-        f"--model.num_inference_steps={STEPS}",
+        f"--model.height={size}",
+        f"--model.width={size}",
+        f"--model.num_inference_steps={steps}",
         f"--model.guidance.init_args.vgg.weights={VGG}",
         f"--model.guidance.init_args.layers={LAYERS}",
-        "--model.guidance.init_args.guidance_size=64",
+        f"--model.guidance.init_args.guidance_size={size}",
         f"--trainer.logger.init_args.name={name}",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
