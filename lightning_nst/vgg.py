@@ -114,6 +114,11 @@ def _check_architecture(state: Mapping[str, Tensor], reference: nn.Sequential, p
                 f"{key}: {path} is not a VGG19 features state_dict: {name!r} has shape {tuple(value.shape)}, "
                 f"VGG19 needs {tuple(expected[name].shape)}"
             )
+    return _covered_convs(state, reference)
+
+
+def _covered_convs(state: Mapping[str, Tensor], reference: nn.Sequential) -> list[int]:
+    """Indices of the convolutions, from the first on, whose weight and bias ``state`` holds."""
     conv_indices = [i for i, module in enumerate(reference) if isinstance(module, nn.Conv2d)]
     covered: list[int] = []
     for index in conv_indices:
@@ -147,6 +152,10 @@ class VGG19Features(nn.Module):
         fill_missing: With a partial weights file, give the layers it does not cover seeded random weights instead
             of raising. The description in :attr:`weights_used` says so.
         key: Config key of these options, used in error messages.
+
+    Attributes:
+        weights_used: Which weights the trunk holds, in words, for logs and reports.
+        pretrained_layers: The layers of the trunk whose values depend only on loaded (not random) weights.
     """
 
     def __init__(
@@ -171,6 +180,7 @@ class VGG19Features(nn.Module):
             _kaiming_init(full)
         state, self.weights_used = self._resolve_weights(weights, full, depth, seed, fill_missing, key)
         full.load_state_dict(state, strict=False)
+        self.pretrained_layers: tuple[str, ...] = tuple(_covered_layers(_covered_convs(state, full))[:depth])
         trunk = []
         for module in full[:depth]:
             if isinstance(module, nn.ReLU):

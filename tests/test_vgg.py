@@ -99,6 +99,9 @@ def test_layer_deeper_than_partial_weights_lists_available(partial_weights: Path
     assert "available layers: conv1_1, relu1_1, conv1_2" in message and message.count("relu3_1") >= 1
     filled = VGG19Features(["relu4_2"], weights=partial_weights, fill_missing=True)
     assert "random beyond relu3_1" in filled.weights_used
+    assert filled.pretrained_layers[-1] == "relu3_1" and "conv3_2" not in filled.pretrained_layers
+    assert VGG19Features(["relu2_1"], weights=partial_weights).pretrained_layers[-1] == "relu2_1"
+    assert VGG19Features(["relu2_1"], weights="random").pretrained_layers == ()
 
 
 def test_wrong_architecture_and_missing_file(tmp_path: Path) -> None:
