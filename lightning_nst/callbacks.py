@@ -68,16 +68,29 @@ class TrajectoryLogger(DenoisingCallback):
     0 write their own event files into the same run folder.
 
     Args:
-        preview_every: Steps between previews; 0 logs scalars only.
+        preview_every: Steps between previews; 0 logs scalars only (and the ``preview_steps``).
         table_columns: Columns of the preview table.
+        preview_steps: Step indices previewed as well, e.g. ``[0, 10, 20, 30, 40]`` to match a study's table.
+        save_dir: Also write each preview as ``{index:05d}_x0_{step:03d}.png`` into this folder. A rerun that
+            generates an item again replaces its previews.
     """
 
-    def __init__(self, preview_every: int = 10, table_columns: int = 6) -> None:
+    def __init__(
+        self,
+        preview_every: int = 10,
+        table_columns: int = 6,
+        preview_steps: list[int] | None = None,
+        save_dir: str | None = None,
+    ) -> None:
         super().__init__()
         if preview_every < 0:
             raise NSTError(f"TrajectoryLogger.preview_every: must be >= 0, got {preview_every}")
+        if any(step < 0 for step in preview_steps or []):
+            raise NSTError(f"TrajectoryLogger.preview_steps: step indices must be >= 0, got {preview_steps}")
         self.preview_every = preview_every
         self.table_columns = table_columns
+        self.preview_steps = set(preview_steps or [])
+        self.save_dir = Path(save_dir) if save_dir is not None else None
         self._writer: Any = None
         self._own_writer = False
         self._previews: dict[int, list[tuple[int, int, float, Tensor]]] = {}
@@ -107,7 +120,8 @@ class TrajectoryLogger(DenoisingCallback):
             return None
         losses, images = callback_kwargs.get("style_loss"), callback_kwargs.get("x0_image")
         last = step_index == getattr(pl_module, "num_timesteps", 0) - 1
-        preview = images is not None and self.preview_every > 0 and (step_index % self.preview_every == 0 or last)
+        every = self.preview_every > 0 and (step_index % self.preview_every == 0 or last)
+        preview = images is not None and (every or step_index in self.preview_steps)
         losses = losses.float().cpu().tolist() if losses is not None else None
         for row, index in enumerate(callback_kwargs["index"]):
             tag = f"{index:05d}"
@@ -117,6 +131,8 @@ class TrajectoryLogger(DenoisingCallback):
             if preview:
                 image = images[row].detach().float().clamp(0, 1).cpu()
                 self._writer.add_image(f"x0/{tag}", image, step_index)
+                if self.save_dir is not None:
+                    save_image(image, self.save_dir / f"{tag}_x0_{step_index:03d}.png", overwrite=True)
                 loss = losses[row] if losses is not None else math.nan
                 self._previews.setdefault(index, []).append((step_index, timestep, loss, image))
         return None

@@ -107,6 +107,9 @@ class ImageOptimization(L.LightningModule):
         init_seed: Seed of the noise initialisation.
         optimizer: Optimizer factory, e.g. ``torch.optim.LBFGS`` with its options in YAML; Adam(lr=0.02) by default.
         snapshot_every: Log the current images to TensorBoard every this many steps; 0 turns it off.
+        save_every: Also save each objective's image as ``steps/<name>_<step>.png`` in the output folder every this
+            many steps, and at step 0 (neural-style's ``-save_iter``); 0 turns it off. A resumed run replaces the
+            files of the steps it repeats.
         grid_columns: Columns of the labelled grid of results.
         output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``).
         overwrite: Replace existing result files in ``output_dir`` instead of refusing to start.
@@ -120,6 +123,7 @@ class ImageOptimization(L.LightningModule):
         init_seed: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
         snapshot_every: int = 50,
+        save_every: int = 0,
         grid_columns: int = 4,
         output_dir: str | None = None,
         overwrite: bool = False,
@@ -142,12 +146,14 @@ class ImageOptimization(L.LightningModule):
         self.tv_weights = [objective.tv_weight for objective in objectives]
         layers = sorted({*self.content_weights, *(layer for _, layer in self.style_weights)})
         self.vgg = (vgg or VGGConfig()).build(layers, key="model.vgg")
-        if snapshot_every < 0:
-            raise NSTError(f"model.snapshot_every: must be >= 0, got {snapshot_every}")
+        for key, value in (("snapshot_every", snapshot_every), ("save_every", save_every)):
+            if value < 0:
+                raise NSTError(f"model.{key}: must be >= 0, got {value}")
         self.init = init
         self.init_seed = init_seed
         self.optimizer_factory = optimizer
         self.snapshot_every = snapshot_every
+        self.save_every = save_every
         self.grid_columns = grid_columns
         self.output_dir = output_dir
         self.overwrite = overwrite
@@ -311,6 +317,8 @@ class ImageOptimization(L.LightningModule):
         self._started = time.perf_counter()
         self._start_step = self.global_step
         self._last_good = self.image.detach().clone()
+        if self.save_every and self.global_step == 0:
+            self._save_steps()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """Step, then clamp pixels to ``[0, 1]``.
@@ -329,6 +337,14 @@ class ImageOptimization(L.LightningModule):
             self._first_step_done = time.perf_counter()
         if self.snapshot_every and self.global_step % self.snapshot_every == 0:
             self._log_images("snapshot")
+        if self.save_every and self.global_step % self.save_every == 0:
+            self._save_steps()
+
+    def _save_steps(self) -> None:
+        if self.trainer.is_global_zero:
+            folder = self._out_dir() / "steps"
+            for index, objective in enumerate(self.objectives):
+                save_image(self.image[index], folder / f"{objective.name}_{self.global_step:05d}.png", overwrite=True)
 
     def _log_images(self, tag: str) -> None:
         if isinstance(self.logger, TensorBoardLogger):

@@ -224,3 +224,13 @@ def test_init_from_an_image_file_is_resized_to_the_content() -> None:
     assert objective["initial_loss"]["content_relu4_2"] > 0  # starts from coffee, not from the astronaut
     assert summary["image_size"] == [32, 32]
     assert_real_image(Path(summary["output_dir"]) / "gram.png", (32, 32))
+
+
+def test_save_every_keeps_the_image_of_every_nth_step() -> None:
+    summary = fit("style_transfer_meanvar", "--model.init_args.save_every=4", steps=8)
+    steps = Path(summary["output_dir"]) / "steps"
+    assert sorted(path.name for path in steps.iterdir()) == [f"meanvar_{n:05d}.png" for n in (0, 4, 8)]
+    for path in steps.iterdir():
+        assert_real_image(path, (32, 32))
+    with Image.open(steps / "meanvar_00008.png") as last, Image.open(steps.parent / "meanvar.png") as final:
+        assert np.array_equal(np.asarray(last), np.asarray(final))
