@@ -33,7 +33,8 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 DESCRIPTION = """\
 Neural style with PyTorch Lightning: feature inversion, texture synthesis, Gatys style transfer (`fit`) and
-VGG-style-guided Stable Diffusion (`predict`). Run `lightning-nst layers` to list the VGG19 layer names.
+VGG-style-guided Stable Diffusion (`predict`). Run `lightning-nst layers` to list the VGG19 layer names and
+`lightning-nst report --help` for the study's experiments as reports.
 """
 
 
@@ -165,7 +166,7 @@ def _check_yaml_files(argv: list[str]) -> None:
 
 
 def main(args: ArgsType = None) -> None:
-    """Run the CLI: ``lightning-nst {fit,predict,layers} ...``. Bad input exits with status 2 and one line."""
+    """Run the CLI: ``lightning-nst {fit,predict,report,layers} ...``. Bad input exits with status 2 and one line."""
     debug = os.environ.get(DEBUG_ENV) == "1"
     if args is None:
         # LightningCLI reads sys.argv itself (and warns when given it as args), so strip our flag there.
@@ -183,7 +184,12 @@ def main(args: ArgsType = None) -> None:
     NSTError.raised.clear()
     try:
         _check_yaml_files(listed)
-        NSTCLI(args=args, parser_kwargs={"exit_on_error": False})
+        if listed[:1] == ["report"]:
+            from lightning_nst.report import main as report
+
+            report(listed[1:])
+        else:
+            NSTCLI(args=args, parser_kwargs={"exit_on_error": False})
     except (NSTError, ArgumentError, ValueError) as error:
         if debug:
             raise
@@ -192,7 +198,7 @@ def main(args: ArgsType = None) -> None:
         elif cause := NSTError.behind(error):
             message = str(cause)
         elif isinstance(error, ArgumentError) or "Problem with given class_path" in str(error):
-            command = listed[0] if listed and listed[0] in ("fit", "validate", "test", "predict") else ""
+            command = listed[0] if listed and listed[0] in ("fit", "validate", "test", "predict", "report") else ""
             message = f"{condense(str(error))} (see `lightning-nst {command} --help`)".replace("  ", " ")
         else:
             raise

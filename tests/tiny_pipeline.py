@@ -156,3 +156,14 @@ def build_tiny_autoencoder(path: Path) -> Path:
     ).save_pretrained(path, safe_serialization=True)
     torch.random.set_rng_state(generator_state)
     return path
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Save the tiny random Stable Diffusion pipeline of the tests.")
+    parser.add_argument("folder", type=Path, help="Where to save the pipeline (must not exist yet)")
+    folder = parser.parse_args().folder
+    if folder.exists():
+        parser.error(f"{folder} exists")
+    print(build_tiny_pipeline(folder))
