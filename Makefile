@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint
+.PHONY: demo test lint report-samples
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,3 +23,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_nst tests && $(VENV)/bin/ruff format --check lightning_nst tests
+
+# The CPU report samples under docs/reports: the partial ImageNet VGG19 weights of ../shared (random weights beyond
+# relu3_1, labelled as such) and the tests' tiny random Stable Diffusion pipeline.
+SAMPLE_WEIGHTS ?= ../shared/models/vgg19_imagenet_conv1_1-conv3_1.pth
+
+reports/tiny-sd: | $(STAMP)
+	$(PY) tests/tiny_pipeline.py $@
+
+report-samples: $(STAMP) reports/tiny-sd
+	LIGHTNING_NST_VGG_WEIGHTS=$(SAMPLE_WEIGHTS) $(VENV)/bin/lightning-nst report all -c configs/report_cpu.yaml \
+		--model reports/tiny-sd --out docs/reports --progress_bar false
