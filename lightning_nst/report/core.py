@@ -53,7 +53,7 @@ class ReportSettings:
         negative_prompt: Negative prompt of every generation.
         seed: Seed of the generations (and of the noise of image optimisation).
         sampling_steps: DDIM sampling steps.
-        image_size: Side of the generated images, in pixels; by default the pipeline's own.
+        image_size: Side of the generated images, in pixels; ``null`` for the pipeline's native size.
         cfg_scale: Classifier-free guidance scale.
         guidance_scale: Strength of the style guidance.
         guidance_size: Long edge the decoded images are resized to before VGG, for guidance and for every style
