@@ -99,6 +99,8 @@ def test_a_rerun_reads_finished_runs_and_other_settings_are_refused(capsys: pyte
     written = image.stat().st_mtime_ns
     report("reconstruction", "--layers=[conv1_1]")
     assert "conv1_1: finished earlier" in capsys.readouterr().out and image.stat().st_mtime_ns == written
+    main(["report", "reconstruction", "--config", str(out / "report.yaml")])  # as report.md says to reproduce it
+    assert "conv1_1: finished earlier" in capsys.readouterr().out and image.stat().st_mtime_ns == written
     with pytest.raises(SystemExit) as error:
         report("reconstruction", "--layers=[conv1_1]", "--steps=7")
     assert error.value.code == 2
