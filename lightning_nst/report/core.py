@@ -149,7 +149,8 @@ class Report:
 
     def _prepare(self) -> None:
         recorded = self.folder / "report.yaml"
-        wanted = yaml.safe_dump({"experiment": self.experiment, **asdict(self.settings)}, sort_keys=False)
+        settings = {key: value for key, value in asdict(self.settings).items() if key != "overwrite"}
+        wanted = yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
         if recorded.is_file() and recorded.read_text(encoding="utf-8") != wanted:
             if not self.settings.overwrite:
                 raise NSTError(
