@@ -17,6 +17,7 @@ from PIL import Image
 from lightning_nst.errors import NSTError
 from lightning_nst.images import load_image, to_pil
 from lightning_nst.losses import LayerStyleLoss, Statistic
+from lightning_nst.metrics import StyleDistance
 from lightning_nst.report.core import Report, ReportSettings, lbfgs
 from lightning_nst.report.figures import Series, image_table, line_plot
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
@@ -74,19 +75,18 @@ def _style_objective(name: str, layers: list[str], statistic: Statistic, setting
 class StyleMeter:
     """Style loss of image files against the style image on one definition, as the guidance measures it.
 
-    Images and the style are resized to ``size`` on their long edge; layers weigh ``1 / len(layers)``.
+    A :class:`~lightning_nst.metrics.StyleDistance` over the report's VGG trunk; images and the style are resized to
+    ``size`` on their long edge, and layers weigh ``1 / len(layers)``.
     """
 
     def __init__(self, report: Report, style: str, layers: Sequence[str], statistic: Statistic, size: int) -> None:
-        self.features, self.size = report.features, size
-        with torch.no_grad():
-            target = self.features(load_image(style, size, key="style"))
-        self.loss = LayerStyleLoss({layer: target[layer] for layer in layers}, statistic)
+        self.size = size
+        self.metric = StyleDistance(report.features, [load_image(style, size, key="style")], statistic, layers)
 
     @torch.no_grad()
     def __call__(self, path: Path) -> float:
         """The style loss of the image file at ``path``."""
-        return float(self.loss(self.features(load_image(path, self.size, key=str(path))))[0])
+        return float(self.metric(load_image(path, self.size, key=str(path))))
 
 
 def _steps_to(values: Sequence[float], fraction: float) -> int | None:
