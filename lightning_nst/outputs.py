@@ -1,0 +1,72 @@
+"""Output folders and input identity: checks made before any heavy work, and content hashes of files."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from lightning_nst.errors import NSTError
+
+MIN_FREE_BYTES = 64 * 2**20
+"""Free space an output folder's disk must have before a run starts: enough for its images and checkpoints."""
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_digest(source: str | os.PathLike[str]) -> str:
+    """What identifies an image source's content: the SHA-256 of a file, or the name of an embedded sample.
+
+    A file edited in place gets a new digest, so results made from its old content are not mistaken for current.
+    Embedded ``skimage:`` samples ship inside an installed package and are identified by name.
+    """
+    text = str(source)
+    if text.startswith("skimage:"):
+        return text
+    return file_digest(Path(text).expanduser())
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_output_dir(path: str | os.PathLike[str], key: str, *, min_free: int = MIN_FREE_BYTES) -> Path:
+    """Raise naming ``key`` unless ``path`` is, or can become, a writable folder on a disk with ``min_free`` bytes.
+
+    Nothing is created: the nearest existing ancestor is probed with a temporary file that is removed at once, so a
+    run that fails later leaves no folder behind. Probing, rather than ``os.access``, also catches read-only mounts
+    and holds for root, for whom permission bits do not stop writes.
+    """
+    path = Path(path).expanduser()
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        what = "is not a folder" if ancestor == path else f"cannot be created: {ancestor} is not a folder"
+        raise NSTError(f"{key}: {path} {what}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".lightning-nst-probe.", dir=ancestor)
+    except OSError as error:
+        reason = "it is read-only" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else error.strerror
+        where = "" if ancestor == path else f" (in {ancestor})"
+        raise NSTError(f"{key}: cannot write to {path}{where}: {reason}") from None
+    os.close(handle)
+    os.unlink(probe)
+    free = shutil.disk_usage(ancestor).free
+    if free < min_free:
+        raise NSTError(
+            f"{key}: the disk holding {path} has only {free / 2**20:.1f} MiB free; a run needs at least "
+            f"{min_free / 2**20:.0f} MiB"
+        )
+    return path
