@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,10 +17,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_nst.diffusion import DEFAULT_MODEL
 from lightning_nst.errors import NSTError
 from lightning_nst.images import save_image, write_atomic
+from lightning_nst.outputs import check_output_dir
 from lightning_nst.report.figures import captioned
 from lightning_nst.vgg import VGG19Features, VGGConfig
 
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+FILES = "report-files.json"
+"""The list, inside a report folder, of every file the report wrote there: the only files it ever removes."""
 
 
 @dataclass
@@ -107,6 +110,11 @@ class ReportSettings:
             raise NSTError("style_layers: give at least one VGG19 layer")
 
 
+def _inside(name: object) -> bool:
+    """Whether ``name`` is a relative path that stays inside the folder it is relative to."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
 def lbfgs(history: int = 50) -> dict[str, Any]:
     """L-BFGS with one function evaluation per Lightning step, as the shipped image configs use it."""
     return {
@@ -142,25 +150,87 @@ class Report:
         self.folder = Path(settings.out or Path("reports") / experiment)
         self.lines: list[str] = [f"# {title}", ""]
         self.figures: list[str] = []
+        self._owned: set[str] = set()
+        replace = self._check_folder()
         self.features: VGG19Features = settings.vgg.build(list(layers), key="vgg")
         """The report's own VGG19 trunk for ``layers``, with the weights every run uses."""
         self.weights = self.features.weights_used
-        self._prepare()
+        if replace:
+            self._remove_owned(self.folder)
+        self._write(self.folder / "report.yaml", self._settings_yaml().encode())
 
-    def _prepare(self) -> None:
-        recorded = self.folder / "report.yaml"
+    def _settings_yaml(self) -> str:
         settings = {key: value for key, value in asdict(self.settings).items() if key != "overwrite"}
-        wanted = yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
-        if recorded.is_file() and recorded.read_text(encoding="utf-8") != wanted:
+        return yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
+
+    def _check_folder(self) -> bool:
+        """Raise unless the folder is new, empty or this report's; return whether its files are to be replaced."""
+        check_output_dir(self.folder, "out")
+        recorded = self.folder / "report.yaml"
+        owned = self._files.is_file()
+        if owned:
+            self._owned = self._read_files()
+        if recorded.is_file() and recorded.read_text(encoding="utf-8") != self._settings_yaml():
             if not self.settings.overwrite:
                 raise NSTError(
                     f"out: {self.folder} holds a report made with other settings (see {recorded}); choose another "
                     "folder or set --overwrite true"
                 )
-            shutil.rmtree(self.folder)
-        elif self.folder.exists() and not recorded.is_file() and any(self.folder.iterdir()):
-            raise NSTError(f"out: {self.folder} exists and is not a report folder; choose another folder")
-        write_atomic(recorded, wanted.encode(), overwrite=True)
+            if not owned:
+                raise NSTError(
+                    f"out: {self.folder} holds a report that does not list its files ({FILES} is missing), so "
+                    "--overwrite cannot tell them from yours; remove it by hand or choose another folder"
+                )
+            return True
+        if not owned and not recorded.is_file() and self.folder.is_dir() and any(self.folder.iterdir()):
+            raise NSTError(f"out: {self.folder} exists and is not a report folder; choose a new or empty folder")
+        return False
+
+    # -- the files the report owns ----------------------------------------------------------------------------------
+
+    @property
+    def _files(self) -> Path:
+        return self.folder / FILES
+
+    def _read_files(self) -> set[str]:
+        try:
+            listed = json.loads(self._files.read_text(encoding="utf-8"))["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise NSTError(f"out: {self._files} is not a list of report files; remove the folder by hand") from None
+        if not isinstance(listed, list) or not all(_inside(name) for name in listed):
+            raise NSTError(f"out: {self._files} is not a list of report files; remove the folder by hand")
+        return set(listed)
+
+    def _own(self, paths: Sequence[Path]) -> None:
+        """Record ``paths`` (inside the folder) as written by this report, before or right after writing them."""
+        names = {path.relative_to(self.folder).as_posix() for path in paths}
+        if not names <= self._owned or not self._files.is_file():
+            self._owned |= names
+            self._save_files()
+
+    def _save_files(self) -> None:
+        text = json.dumps({"experiment": self.experiment, "files": sorted(self._owned)}, indent=1)
+        write_atomic(self._files, text.encode(), overwrite=True)
+
+    def _write(self, path: Path, data: bytes) -> Path:
+        self._own([path])
+        return write_atomic(path, data, overwrite=True)
+
+    def _remove_owned(self, under: Path) -> None:
+        """Remove the recorded files below ``under``, then the folders that leaves empty; nothing else."""
+        prefix = under.relative_to(self.folder).as_posix()
+        chosen = {name for name in self._owned if prefix == "." or name == prefix or name.startswith(prefix + "/")}
+        folders: set[Path] = set()
+        for name in sorted(chosen):
+            path = self.folder / name
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+            folders.update(parent for parent in path.parents if self.folder in parent.parents)
+        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        self._owned -= chosen
+        self._save_files()
 
     # -- runs -----------------------------------------------------------------------------------------------------
 
@@ -202,14 +272,24 @@ class Report:
         if (out / done).is_file() and path.is_file() and path.read_text(encoding="utf-8") == text:
             print(f"[{self.experiment}] {run}: finished earlier, reading {out}")
             return out
-        if out.exists():
-            shutil.rmtree(out)  # a run of this report that did not finish, or was made by an older config
-        write_atomic(path, text.encode(), overwrite=True)
+        if out.exists():  # a run of this report that did not finish, or was made by an older config
+            self._remove_owned(out)
+            left = sorted(str(file) for file in out.rglob("*") if not file.is_dir())
+            if left:
+                raise NSTError(
+                    f"out: {out} holds files this report did not record as its own (a run killed before it could "
+                    f"list them?), e.g. {left[0]}; remove {out} by hand to run it again"
+                )
+        self._write(path, text.encode())
         print(f"[{self.experiment}] {run}: lightning-nst {subcommand} -c {path}")
-        with warnings.catch_warnings():
-            # LightningCLI warns when given args while sys.argv holds other ones: here they are the report's.
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            main([subcommand, "-c", str(path)])
+        try:
+            with warnings.catch_warnings():
+                # LightningCLI warns when given args while sys.argv holds other ones: here they are the report's.
+                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+                main([subcommand, "-c", str(path)])
+        finally:
+            # The run folder was empty or absent before the run, so everything in it now is the run's.
+            self._own([file for file in out.rglob("*") if not file.is_dir()] if out.is_dir() else [])
         if not (out / done).is_file():
             raise NSTError(f"{path}: the run ended without writing {out / done}")
         return out
@@ -247,6 +327,7 @@ class Report:
 
     def figure(self, name: str, image: Image.Image, title: str, notes: Sequence[str] = ()) -> None:
         """Save a captioned PNG (title above; notes and the VGG weights below) and link it from ``report.md``."""
+        self._own([self.folder / name])
         save_image(
             captioned(image, title, [*notes, f"VGG19 weights: {self.weights}"]), self.folder / name, overwrite=True
         )
@@ -264,6 +345,6 @@ class Report:
             "\n".join(f"- [{path.name}](configs/{path.name})" for path in configs),
             f"TensorBoard curves: `tensorboard --logdir {self.folder / 'runs'}`.",
         )
-        path = write_atomic(self.folder / "report.md", "\n".join(self.lines).encode(), overwrite=True)
+        path = self._write(self.folder / "report.md", "\n".join(self.lines).encode())
         print(f"[{self.experiment}] report: {path} ({len(self.figures)} figures)")
         return path
