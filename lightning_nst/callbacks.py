@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import io
 import json
+import logging
 import math
 import os
 import re
@@ -23,8 +26,11 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, save_image, write_atomic
+from lightning_nst.images import labelled_grid, save_image, to_pil, write_atomic
+from lightning_nst.outputs import file_digest
 from lightning_nst.prompts import PromptGrid
+
+log = logging.getLogger(__name__)
 
 
 class DenoisingCallback(Callback):
@@ -129,7 +135,8 @@ class TrajectoryLogger(DenoisingCallback):
             if losses is not None:
                 self._writer.add_scalar(f"style_loss/{tag}", losses[row], step_index)
             if preview:
-                image = images[row].detach().float().clamp(0, 1).cpu()
+                # A failing item's preview may hold NaN, which no image format can show: it is drawn black there.
+                image = torch.nan_to_num(images[row].detach().float(), 0.0).clamp(0, 1).cpu()
                 self._writer.add_image(f"x0/{tag}", image, step_index)
                 if self.save_dir is not None:
                     save_image(image, self.save_dir / f"{tag}_x0_{step_index:03d}.png", overwrite=True)
@@ -151,10 +158,12 @@ class TrajectoryLogger(DenoisingCallback):
             return
         steps = len(outputs["timesteps"])
         final = outputs.get("final_style_loss")
+        failures = outputs.get("failures") or [None] * len(batch["index"])
         for row, index in enumerate(batch["index"]):
             tag = f"{index:05d}"
-            self._writer.add_image(f"image/{tag}", outputs["images"][row], steps)
-            if final is not None:
+            if failures[row] is None:  # a failed item has no image; its previews still show where it went wrong
+                self._writer.add_image(f"image/{tag}", outputs["images"][row], steps)
+            if final is not None and failures[row] is None:
                 self._writer.add_scalar(f"final_style_loss/{tag}", float(final[row]), steps)
             previews = self._previews.pop(index, [])
             if previews:
@@ -181,6 +190,13 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _png_bytes(image: Tensor) -> bytes:
+    """The PNG file of one ``(3, H, W)`` image in ``[0, 1]``, as :func:`~lightning_nst.images.save_image` writes it."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 class GenerationWriter(BasePredictionWriter):
     """Write each generated image as a PNG and one JSON line per image to a manifest; finish interrupted runs.
 
@@ -189,14 +205,21 @@ class GenerationWriter(BasePredictionWriter):
     written atomically (temporary file, then rename) and only then is its record appended to this process's hidden
     part file, flushed to disk after every batch. When prediction ends, rank 0 merges the records into the manifest,
     one per item in index order, and removes the part files. A record holds the prompt, negative prompt, seed, style
-    image, sampling and guidance settings, the final style loss, the per-step style-loss trajectory, the image path
-    relative to the manifest and the item's ``fingerprint``: a hash of everything that defines its image.
+    image and its content digest, sampling and guidance settings, the final style loss, the per-step style-loss
+    trajectory, the image path relative to the manifest, the ``sha256`` of the PNG's bytes and the item's
+    ``fingerprint``: a hash of everything that defines its image.
+
+    An item whose sampling produced a NaN or infinity (see ``failures`` in
+    :meth:`~lightning_nst.GuidedDiffusion.predict_step`) is neither written nor recorded: one error line names it,
+    its file and the config key most likely at fault. The other items are finished and merged as usual, and then
+    the run raises :class:`~lightning_nst.errors.NSTError` (exit status 2), so a rerun generates only the failed ones.
 
     A rerun into the same ``output_dir`` generates only what is missing. Items recorded in the manifest, or in part
-    files a killed run left behind, whose PNG exists and whose fingerprint matches the current config are kept; the
-    others, including PNGs without a record, are generated again, spread over all processes. When nothing is missing,
-    the pipeline is not even loaded. A folder holding an item made from a different prompt, seed, style or sampler
-    setting is refused unless ``overwrite``.
+    files a killed run left behind, whose PNG still has the recorded ``sha256`` and whose fingerprint matches the
+    current config are kept; the others, including PNGs without a record and truncated or replaced PNGs, are
+    generated again, spread over all processes. When nothing is missing, the pipeline is not even loaded. A folder
+    holding an item made from a different prompt, seed, style (path or content) or sampler setting is refused unless
+    ``overwrite``.
 
     Args:
         output_dir: Folder of the images and the manifest; by default the logger's run folder
@@ -218,6 +241,7 @@ class GenerationWriter(BasePredictionWriter):
         self._names: dict[int, str] = {}
         self._fingerprints: dict[int, str] = {}
         self._kept = 0
+        self._failures: list[str] = []
         self._limit_predict_batches: int | float | None = None
         self._name = re.compile(r"\d{5,}_[a-z0-9-]+_\d+\.png")
         # write_atomic's temporary files: ".<name>.<random>.tmp"
@@ -261,13 +285,20 @@ class GenerationWriter(BasePredictionWriter):
         self._fingerprints = {item.index: item.fingerprint(spec) for item in data.items}
         # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
         # stops each of them alike instead of leaving the others waiting at a barrier.
-        finished = {} if self.overwrite else self._finished()
+        finished, damaged = ({}, []) if self.overwrite else self._finished()
         trainer.strategy.barrier("GenerationWriter.scan")
         if trainer.is_global_zero:
             self._tidy(finished)
         trainer.strategy.barrier("GenerationWriter.tidy")
         data.skip(finished)
         self._kept = len(finished)
+        self._failures = []
+        if damaged:
+            shown = ", ".join(self._names[index] for index in damaged[:3]) + (", ..." if len(damaged) > 3 else "")
+            rank_zero_info(
+                f"{len(damaged)} finished item{'s' * (len(damaged) != 1)} in {self.directory} no longer match the "
+                f"recorded sha256 of their PNG ({shown}): generating {'them' if len(damaged) != 1 else 'it'} again"
+            )
         total = len(data.items)
         if self._kept == total:
             rank_zero_info(f"All {total} items in {self.directory} are finished; nothing to generate")
@@ -299,8 +330,13 @@ class GenerationWriter(BasePredictionWriter):
             elif strict:
                 raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
 
-    def _check(self, index: int, record: dict[str, Any]) -> bool:
-        """Whether the recorded item ``index`` is finished (its PNG exists); raises if it is not the current item."""
+    def _check(self, index: int, record: dict[str, Any]) -> bool | None:
+        """Whether the recorded item ``index`` is finished; raises if the record is not of the current item.
+
+        Returns:
+            ``True``; ``False`` if its PNG is missing; ``None`` if the PNG's bytes are not the ones recorded
+            (truncated, replaced, or recorded before digests were kept).
+        """
         assert self.directory is not None
         if index not in self._names:
             count = len(self._names)
@@ -311,21 +347,28 @@ class GenerationWriter(BasePredictionWriter):
             raise self._refuse(
                 f"holds item {index}{shown} made from a different prompt, seed, style or sampler setting than now"
             )
-        return (self.directory / self._names[index]).is_file()
+        path = self.directory / self._names[index]
+        if not path.is_file():
+            return False
+        return True if record.get("sha256") == file_digest(path) else None
 
-    def _finished(self) -> dict[int, str]:
-        """Manifest lines of the items already finished in the folder, by index."""
+    def _finished(self) -> tuple[dict[int, str], list[int]]:
+        """Manifest lines of the finished items by index, and the recorded items whose PNG no longer matches."""
         assert self.directory is not None
         manifest = self.directory / self.manifest
         if manifest.exists() and not manifest.is_file():
             raise NSTError(f"GenerationWriter.manifest: {manifest} exists and is not a file")
         sources = ([(manifest, True)] if manifest.is_file() else []) + [(part, False) for part in self._parts()]
         finished: dict[int, str] = {}
+        damaged: set[int] = set()
         for path, strict in sources:
             for index, record, line in self._records(path, strict):
-                if self._check(index, record):
+                status = self._check(index, record)
+                if status:
                     finished.setdefault(index, line)
-        return finished
+                elif status is None:
+                    damaged.add(index)
+        return finished, sorted(damaged - finished.keys())
 
     def _tidy(self, finished: dict[int, str]) -> None:
         """Rank 0: make the manifest hold exactly the finished items; remove part and temporary files left over."""
@@ -354,43 +397,69 @@ class GenerationWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Save the batch's PNGs, then append their records to this rank's part file."""
+        """Save the batch's PNGs, then append the records of those written to this rank's part file.
+
+        Failed items (``prediction["failures"]``, or an image holding NaN or infinity) are reported and skipped.
+        """
         assert self.directory is not None
         settings = pl_module.settings() if hasattr(pl_module, "settings") else {}
         trajectory = prediction.get("style_loss")
         final = prediction.get("final_style_loss")
         nsfw = prediction.get("nsfw")
+        failures = prediction.get("failures") or [None] * len(batch["index"])
         self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
         lines = []
-        for row, index in enumerate(batch["index"]):
-            name = self._names[index]
-            # Only unfinished items reach this point, so an existing file of this name is an unrecorded leftover of
-            # an interrupted run (or overwrite is on): replacing it loses nothing.
-            save_image(prediction["images"][row], self.directory / name, overwrite=True)
-            record = {
-                "index": index,
-                "image": name,
-                "fingerprint": self._fingerprints[index],
-                "prompt": batch["prompt"][row],
-                "base_prompt": batch["base_prompt"][row],
-                "style_prompt": batch["style_prompt"][row],
-                "negative_prompt": batch["negative_prompt"][row],
-                "seed": batch["seed"][row],
-                "style": batch["style"][row],
-                **settings,
-                "final_style_loss": _finite(float(final[row])) if final is not None else None,
-                "style_loss": [_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
-                "timesteps": prediction["timesteps"],
-                "guided": prediction["guided"],
-                "nsfw": nsfw[row] if nsfw is not None else None,
-                "seconds_per_step": prediction["seconds_per_step"],
-                "rank": trainer.global_rank,
-            }
-            lines.append(json.dumps(record) + "\n")
-        with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
-            stream.write("".join(lines))
-            stream.flush()
-            os.fsync(stream.fileno())
+        try:
+            for row, index in enumerate(batch["index"]):
+                name = self._names[index]
+                image = prediction["images"][row]
+                failure = failures[row]
+                if failure is None and not torch.isfinite(image).all():
+                    failure = ("model", "the image is not finite")
+                if failure is not None:
+                    key, problem = failure
+                    message = f"{key}: item {index} ({name}): {problem}"
+                    log.error(f"{message}; it is not written")
+                    self._failures.append(message)
+                    continue
+                data = _png_bytes(image)
+                # Only unfinished items reach this point, so an existing file of this name is an unrecorded leftover
+                # of an interrupted run, a PNG that no longer matched its record, or overwrite is on: replacing it
+                # loses nothing.
+                write_atomic(self.directory / name, data, overwrite=True)
+                record = {
+                    "index": index,
+                    "image": name,
+                    "sha256": hashlib.sha256(data).hexdigest(),
+                    "fingerprint": self._fingerprints[index],
+                    "prompt": batch["prompt"][row],
+                    "base_prompt": batch["base_prompt"][row],
+                    "style_prompt": batch["style_prompt"][row],
+                    "negative_prompt": batch["negative_prompt"][row],
+                    "seed": batch["seed"][row],
+                    "style": batch["style"][row],
+                    "style_digest": batch["style_digest"][row],
+                    **settings,
+                    "final_style_loss": _finite(float(final[row])) if final is not None else None,
+                    "style_loss": [_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
+                    "timesteps": prediction["timesteps"],
+                    "guided": prediction["guided"],
+                    "nsfw": nsfw[row] if nsfw is not None else None,
+                    "seconds_per_step": prediction["seconds_per_step"],
+                    "rank": trainer.global_rank,
+                }
+                lines.append(json.dumps(record) + "\n")
+        except OSError as error:
+            raise NSTError(
+                f"GenerationWriter.output_dir: cannot write {self.directory / name}: {error.strerror or error}"
+            ) from None
+        finally:
+            # The items written before a failed write are recorded: a rerun keeps them.
+            if lines:
+                with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
+                    stream.write("".join(lines))
+                    stream.flush()
+                    os.fsync(stream.fileno())
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
@@ -401,11 +470,22 @@ class GenerationWriter(BasePredictionWriter):
         # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
         # but every process tears down.
         trainer.strategy.barrier("GenerationWriter.merge")
-        if trainer.is_global_zero:
-            self._merge()
-        self.directory = None
+        recorded = self._merge() if trainer.is_global_zero else 0
+        directory, self.directory = self.directory, None
+        failures, self._failures = self._failures, []
+        # Summed over processes (every one tears down), so each exits alike however the failed items were spread.
+        failed = int(trainer.strategy.reduce(torch.tensor(float(len(failures))), reduce_op="sum").item())
+        if failed:
+            total = len(self._names)
+            key, detail = failures[0].split(": ", 1) if failures else ("GenerationWriter", "see the lines above")
+            kept = f"; the {recorded} finished are in {directory}" if recorded else ""
+            raise NSTError(
+                f"{key}: {failed} of {total} item{'s' * (total != 1)} failed with values that are not finite and were "
+                f"not written (first: {detail}){kept}; a rerun into the same folder generates only what is missing"
+            )
 
-    def _merge(self) -> None:
+    def _merge(self) -> int:
+        """Rank 0: write the manifest from the finished and the new records; returns how many it holds."""
         assert self.directory is not None
         manifest = self.directory / self.manifest
         parts = self._parts()
@@ -421,4 +501,6 @@ class GenerationWriter(BasePredictionWriter):
                 part.unlink()
         new = len(records) - self._kept
         kept = f", {self._kept} kept from an earlier run" if self._kept and new else ""
-        rank_zero_info(f"Results: {self.directory} ({len(records)} PNG{kept}, {self.manifest})")
+        if records:
+            rank_zero_info(f"Results: {self.directory} ({len(records)} PNG{kept}, {self.manifest})")
+        return len(records)

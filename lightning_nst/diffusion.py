@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -23,6 +24,9 @@ from lightning_nst.prompts import PromptGrid
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+MAX_SIDE = 8192
+"""Largest ``model.height`` and ``model.width``: 16 times Stable Diffusion 1.x's native 512 px."""
 
 SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 """``model.scheduler`` names; ``pipeline`` keeps the pipeline's own scheduler if it is one of these classes."""
@@ -65,12 +69,52 @@ def _check_scheduler_name(name: str) -> None:
         )
 
 
+def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) -> None:
+    """Raise unless the scheduler, trained over ``num_train_timesteps``, can take ``num_inference_steps`` steps."""
+    if num_inference_steps > num_train_timesteps:
+        raise NSTError(
+            f"model.num_inference_steps: {num_inference_steps} is more than the {num_train_timesteps} timesteps the "
+            f"scheduler of {model} was trained over"
+        )
+
+
+def _local_train_timesteps(source: str, scheduler: str) -> int | None:
+    """``num_train_timesteps`` from a local pipeline folder's scheduler config, without loading any weights."""
+    config = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return None
+    try:
+        values = SCHEDULERS.get(scheduler, DDIMScheduler).load_config(config.parent)
+    except (OSError, ValueError):  # an unreadable config is reported, naming model.model, when the pipeline loads
+        return None
+    steps = values.get("num_train_timesteps")
+    return steps if isinstance(steps, int) else None
+
+
 def build_scheduler(name: str, current: Any) -> Any:
     """The scheduler named by ``model.scheduler``, configured from the pipeline's own (betas, offsets, spacing)."""
     _check_scheduler_name(name)
     scheduler = current if name == "pipeline" else SCHEDULERS[name].from_config(current.config)
     check_scheduler(scheduler)
     return scheduler
+
+
+class Failure(NamedTuple):
+    """Why an item of a batch failed: the config key most likely at fault, and the first value that was not finite."""
+
+    key: str
+    problem: str
+
+
+def _note(failures: list[Failure | None], values: Tensor, key: str, what: str) -> None:
+    """Record ``what`` as the failure of each item whose row of ``values`` holds a NaN or infinity first."""
+    finite = torch.isfinite(values.detach()).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
+    rows = len(failures)
+    # With classifier-free guidance the UNet batch is [unconditional; conditional]; either half fails its item.
+    finite = finite.view(-1, rows).all(dim=0).tolist()
+    for row, ok in enumerate(finite):
+        if not ok and failures[row] is None:
+            failures[row] = Failure(key, f"{what} is not finite")
 
 
 class GuidedDiffusion(L.LightningModule):
@@ -117,9 +161,13 @@ class GuidedDiffusion(L.LightningModule):
         self.save_hyperparameters(ignore=["guidance"])
         if num_inference_steps < 1:
             raise NSTError(f"model.num_inference_steps: must be >= 1, got {num_inference_steps}")
+        if not math.isfinite(cfg_scale) or cfg_scale < 0:
+            raise NSTError(f"model.cfg_scale: must be a finite number >= 0 (<= 1 turns it off), got {cfg_scale!r}")
+        if not 0.0 <= eta <= 1.0:  # also refuses NaN
+            raise NSTError(f"model.eta: must be in [0, 1] (0 is deterministic DDIM, 1 adds full noise), got {eta!r}")
         for key, value in (("model.height", height), ("model.width", width)):
-            if value is not None and (value < 8 or value % 8):
-                raise NSTError(f"{key}: must be a positive multiple of 8 pixels, got {value}")
+            if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
+                raise NSTError(f"{key}: must be a multiple of 8 pixels from 8 to {MAX_SIDE}, got {value}")
         if dtype not in ("auto", "float32", "float16", "bfloat16"):
             raise NSTError(f"model.dtype: must be auto, float32, float16 or bfloat16, got {dtype!r}")
         if guidance is not None and guidance.decoder == "tiny" and tiny_vae is None:
@@ -168,6 +216,9 @@ class GuidedDiffusion(L.LightningModule):
         data = self._data()
         if self.guidance is not None and not data.style_sources:
             raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
+        train_timesteps = _local_train_timesteps(self.model_source, self.scheduler_name)
+        if train_timesteps is not None:
+            check_steps(self.num_inference_steps, train_timesteps, self.model_source)
 
     def configure_model(self) -> None:
         """Load the pipeline (and the tiny decoder) once; Lightning then moves them to the device.
@@ -195,6 +246,7 @@ class GuidedDiffusion(L.LightningModule):
             **extra,
         )
         pipe.scheduler = build_scheduler(self.scheduler_name, pipe.scheduler)
+        check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
         pipe.set_progress_bar_config(disable=True)
         if self.tiny_vae_source is not None:
             self.tiny_vae = _load(
@@ -276,7 +328,9 @@ class GuidedDiffusion(L.LightningModule):
         Returns:
             ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` on the CPU; ``style_loss`` ``(B, steps)`` (the loss of each
             step's :math:`\hat x_0`) and ``final_style_loss`` ``(B,)`` (of the output image), or ``None`` without
-            guidance; ``timesteps``; ``guided`` per step; ``nsfw`` per image or ``None``; ``seconds_per_step``.
+            guidance; ``timesteps``; ``guided`` per step; ``nsfw`` per image or ``None``; ``seconds_per_step``;
+            ``failures``, per item ``None`` or the :class:`Failure` that makes its image unusable: the first NaN or
+            infinity in its noise prediction, latents, decoded image or final style loss.
         """
         pipe = self._pipe()
         unet, scheduler = pipe.unet, pipe.scheduler
@@ -316,6 +370,7 @@ class GuidedDiffusion(L.LightningModule):
 
         # 7. Denoising loop
         callbacks = self._denoising_callbacks()
+        failures: list[Failure | None] = [None] * batch_size
         style_losses: list[Tensor] = []
         guided: list[bool] = []
         started = time.perf_counter()
@@ -332,6 +387,7 @@ class GuidedDiffusion(L.LightningModule):
             if do_cfg:
                 noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
                 noise_pred = noise_pred_uncond + self.cfg_scale * (noise_pred_text - noise_pred_uncond)
+            _note(failures, noise_pred, *self._noise_failure(i, do_cfg))
 
             # 7.1 Style guidance: unlike diffusers' callback_on_step_end, this runs before the scheduler step.
             callback_kwargs: dict[str, Any] = {
@@ -345,9 +401,11 @@ class GuidedDiffusion(L.LightningModule):
                 noise_pred = callback_kwargs["noise_pred"]
                 style_losses.append(callback_kwargs["style_loss"])
                 guided.append(callback_kwargs["guided"])
+                _note(failures, noise_pred, "model.guidance.scale", f"step {i}: the guided noise prediction")
 
             # compute the previous noisy sample x_t -> x_t-1
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            _note(failures, latents, "model.eta", f"step {i}: the scheduler's latents")
 
             # 7.2 Step-end callbacks, with diffusers' contract: they may replace the latents.
             callback_kwargs["latents"] = latents
@@ -355,12 +413,15 @@ class GuidedDiffusion(L.LightningModule):
                 outputs = callback.on_denoising_step(self.trainer, self, i, int(t), callback_kwargs) or {}
                 latents = outputs.pop("latents", latents)
                 callback_kwargs["latents"] = latents
+                what = f"step {i}: the latents {type(callback).__name__} returned"
+                _note(failures, latents, "trainer.callbacks", what)
         if latents.device.type == "cuda":
             torch.cuda.synchronize(latents.device)
         seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
 
         # 8. Decode, check safety and post-process as the pipeline does
         image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        _note(failures, image, "trainer.precision", "the decoded image (float32 may help: --trainer.precision 32-true)")
         image, has_nsfw_concept = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
         do_denormalize = [True] * batch_size if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
         images = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=do_denormalize)
@@ -369,6 +430,7 @@ class GuidedDiffusion(L.LightningModule):
         final_style_loss = None
         if self.guidance is not None:
             final_style_loss = self.guidance.style_loss(images, batch["style_index"]).cpu()
+            _note(failures, final_style_loss, "model.guidance.vgg", "the style loss of the image")
         return {
             "images": images.float().cpu(),
             "style_loss": torch.stack(style_losses, dim=1).cpu() if style_losses else None,
@@ -377,4 +439,10 @@ class GuidedDiffusion(L.LightningModule):
             "guided": guided,
             "nsfw": list(has_nsfw_concept) if has_nsfw_concept is not None else None,
             "seconds_per_step": seconds_per_step,
+            "failures": failures,
         }
+
+    def _noise_failure(self, step_index: int, do_cfg: bool) -> tuple[str, str]:
+        if do_cfg:
+            return "model.cfg_scale", f"step {step_index}: the noise prediction with classifier-free guidance"
+        return "model.model", f"step {step_index}: the UNet's noise prediction"

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_nst.errors import NSTError
 from lightning_nst.images import SAMPLE_PREFIX, load_image
+from lightning_nst.outputs import source_digest
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class GenerationItem:
         style: The style image source, or ``None`` when no style images are given.
         style_index: Position of ``style`` in ``data.style``; ``-1`` without style images.
         style_prompt: Text appended to the prompt for this style image, or ``None``.
+        style_digest: What identifies the style image's content (:func:`~lightning_nst.outputs.source_digest`), or
+            ``None`` without style images.
     """
 
     index: int
@@ -43,9 +46,12 @@ class GenerationItem:
     style: str | None
     style_index: int
     style_prompt: str | None
+    style_digest: str | None = None
 
     def fingerprint(self, sampler: Mapping[str, Any]) -> str:
         """A short hash of everything that defines this item's image but its index: texts, seed, style, sampler.
+
+        The style enters by path and by content digest, so a style image edited in place changes the fingerprint.
 
         Args:
             sampler: The sampling options, e.g. :meth:`~lightning_nst.GuidedDiffusion.spec`.
@@ -91,6 +97,13 @@ def collate_items(items: list[GenerationItem]) -> dict[str, Any]:
     batch: dict[str, Any] = {key: [getattr(item, key) for item in items] for key in asdict(items[0])}
     batch["style_index"] = torch.tensor(batch["style_index"], dtype=torch.long)
     return batch
+
+
+def _digest(source: str, key: str) -> str:
+    try:
+        return source_digest(source)
+    except OSError as error:
+        raise NSTError(f"{key}: cannot read {Path(source).expanduser()}: {error.strerror or error}") from None
 
 
 def _read_prompts_file(path: str | os.PathLike[str]) -> list[str]:
@@ -174,6 +187,8 @@ class PromptGrid(L.LightningDataModule):
         for index, source in enumerate(self.style_sources):
             if not source.startswith(SAMPLE_PREFIX) and not Path(source).expanduser().is_file():
                 raise NSTError(f"data.style[{index}]: image file not found: {Path(source).expanduser()}")
+        # Digested here, before any output exists, so results made from an image since edited are recognised.
+        self.style_digests = [_digest(source, f"data.style[{i}]") for i, source in enumerate(self.style_sources)]
         if style_prompts is not None and len(style_prompts) != len(self.style_sources):
             raise NSTError(
                 f"data.style_prompts: give one entry per style image ({len(self.style_sources)}), "
@@ -211,7 +226,15 @@ class PromptGrid(L.LightningDataModule):
                 for seed in self.seeds:
                     items.append(
                         GenerationItem(
-                            len(items), full, prompt, self.negative_prompt, seed, style, style_index, style_prompt
+                            len(items),
+                            full,
+                            prompt,
+                            self.negative_prompt,
+                            seed,
+                            style,
+                            style_index,
+                            style_prompt,
+                            self.style_digests[style_index] if style is not None else None,
                         )
                     )
         return items
