@@ -375,10 +375,12 @@ class GenerationWriter(BasePredictionWriter):
         assert self.directory is not None
         manifest = self.directory / self.manifest
         text = "".join(finished[index] + "\n" for index in sorted(finished))
-        if not text:
-            manifest.unlink(missing_ok=True)
-        elif not manifest.is_file() or manifest.read_text(encoding="utf-8", errors="replace") != text:
+        # Only files of this writer's own names are touched: the manifest, which holds nothing but its records (a
+        # stranger line is refused in _finished), is rewritten, never removed; part and temporary files it made are.
+        if manifest.is_file() and manifest.read_text(encoding="utf-8", errors="replace") != text:
             write_atomic(manifest, text.encode("utf-8"), overwrite=True)
+        elif text and not manifest.is_file():
+            write_atomic(manifest, text.encode("utf-8"))
         for part in self._parts():
             part.unlink()
         for temporary in self.directory.glob(".*.tmp"):

@@ -393,3 +393,17 @@ def test_pipeline_weights_load_from_safetensors_never_from_pickles(
     assert message.startswith(f"lightning-nst: error: model.model: cannot load StableDiffusionPipeline from {pipeline}")
     assert "unet/diffusion_pytorch_model.bin" in message and not marker.exists()
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_shared_output_folder_keeps_everything_the_writer_did_not_write(pipeline_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    out.mkdir()
+    mine = {"notes.txt": b"mine", "holiday.png": b"not ours", ".backup.tmp": b"mine", "predictions.jsonl": b""}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    main(batch_args(pipeline_dir, out, 1))
+    main(batch_args(pipeline_dir, out, 2))  # a rerun with one more item tidies the folder again
+    assert {name: (out / name).read_bytes() for name in mine if name != "predictions.jsonl"} == {
+        name: data for name, data in mine.items() if name != "predictions.jsonl"
+    }
+    assert [line["index"] for line in records(out)] == [0, 1]
