@@ -234,9 +234,8 @@ def check_checkpoint(config: Namespace) -> bool:
         raise NSTError(f"ckpt_path: checkpoint not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for files that are not checkpoints
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint ({reason})") from None
+    except Exception:  # torch raises several types, with messages about pickling, for files that are not checkpoints
+        raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint (torch.load cannot read it)") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
         raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint (no state_dict and loop state)")
     model = config.get("model")
