@@ -2,19 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from argparse import ArgumentError
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
+import lightning as L
+import torch
 import yaml
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst.errors import NSTError
+from lightning_nst.outputs import source_digest
 from lightning_nst.vgg import LAYER_NAMES
 
 DEBUG_ENV = "LIGHTNING_NST_DEBUG"
@@ -26,7 +40,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "logs", "name": "lightning_nst", "default_hp_metric": False},
     },
     "max_steps": 500,
-    "max_epochs": 1,  # ImageTargets yields max_steps items per epoch
+    "max_epochs": -1,  # max_steps decides; with 1, a resumed run could not go on past the epoch it finished
     "log_every_n_steps": 1,
     "enable_model_summary": False,
 }
@@ -48,7 +62,28 @@ class NSTCLI(LightningCLI):
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs["parser_kwargs"] = {"description": DESCRIPTION, **kwargs.get("parser_kwargs", {})}
+        self.stop = StopOnSignal()
         super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
+
+    def parse_arguments(self, parser: Any, args: ArgsType) -> None:
+        """Parse as LightningCLI does, then let an ``objectives`` list from the command line replace the config's."""
+        super().parse_arguments(parser, args)
+        argv = list(args) if isinstance(args, list) else sys.argv[1:] if args is None else []
+        _replace_listed_objectives(self.config, argv)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI merges the checkpoint's hyperparameters over the command line, so overrides given with
+        # --ckpt_path would be ignored silently; image optimisation instead checks the checkpoint against them.
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path"):
+            if check_checkpoint(self.config[subcommand]):
+                return
+        super()._parse_ckpt_path()
+
+    def after_instantiate_classes(self) -> None:  # noqa: D102
+        super().after_instantiate_classes()
+        if self.subcommand in ("fit", "predict"):
+            self.trainer.callbacks.append(self.stop)
 
     def before_instantiate_classes(self) -> None:
         """Turn ``inference_mode`` off for ``predict`` and load checkpoints with ``weights_only=True`` by default.
@@ -69,11 +104,234 @@ class NSTCLI(LightningCLI):
         log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
         existed = log_dir is not None and log_dir.exists()
         try:
-            super()._run_subcommand(subcommand)
+            with self.stop.handling_signals():
+                super()._run_subcommand(subcommand)
         except NSTError:
             if log_dir is not None and not existed and self.trainer.is_global_zero and _only_bookkeeping(log_dir):
                 shutil.rmtree(log_dir, ignore_errors=True)
             raise
+        except SystemExit:
+            if not self.stop.stopped:
+                raise
+        if self.stop.signum is not None and self.stop.stopped:
+            self.stop.report(self.trainer)
+            raise SystemExit(128 + self.stop.signum)
+
+
+class StopOnSignal(L.Callback):
+    """Treat SIGTERM like Ctrl-C: stop after the current step (fit) or batch (predict) and keep what is done.
+
+    Lightning's own SIGTERM handling (``trainer.received_sigterm``) stops ``fit`` without a checkpoint and exits 0,
+    and does not stop ``predict`` at all; this callback stops both at a boundary where the state is whole, saves
+    ``last.ckpt`` where the run's ModelCheckpoint saves (else ``<run>/checkpoints``) during ``fit``, and lets the
+    CLI print how to resume and exit with ``128 + signal``. A second signal interrupts at once, as Ctrl-C does.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.stopped = False
+        self.checkpoint: Path | None = None
+        self.step = 0
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        """Install the handlers for SIGINT and SIGTERM for the duration, then restore the previous ones."""
+        previous = {}
+        if threading.current_thread() is threading.main_thread():  # the only thread that may install handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, self._handle)
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop(self) -> None:
+        if self.signum is not None:
+            self.stopped = True
+            raise SIGTERMException(128 + self.signum)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
+        self._stop()
+
+    def on_predict_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
+        self._stop()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Save a resumable checkpoint (fit) or merge the finished items' records (predict)."""
+        # Not on a second signal's KeyboardInterrupt, which may come in the middle of a step.
+        if self.signum is None or not isinstance(exception, SIGTERMException):
+            return
+        self.stopped = True
+        self.step = trainer.global_step
+        if trainer.training:
+            folder = None
+            if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+                folder = trainer.checkpoint_callback.dirpath
+            folder = Path(folder) if folder else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+            self.checkpoint = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+            trainer.save_checkpoint(self.checkpoint)
+        elif trainer.predicting and trainer.world_size == 1:
+            # Lightning skips callbacks' teardown on an exception; the writer merges its records there.
+            for callback in trainer.callbacks:
+                if callback is not self and type(callback).__name__ == "GenerationWriter":
+                    callback.teardown(trainer, pl_module, "predict")
+
+    def report(self, trainer: L.Trainer) -> None:
+        """Print one line saying what was kept and how to resume."""
+        if os.environ.get("LOCAL_RANK", "0") != "0" or self.signum is None:
+            return
+        name = signal.Signals(self.signum).name
+        if self.checkpoint is not None:
+            what = (
+                f"stopped by {name} at step {self.step}; resume with the same command and "
+                f"--ckpt_path {shlex.quote(str(self.checkpoint))}"
+            )
+        else:
+            writer = next((c for c in trainer.callbacks if type(c).__name__ == "GenerationWriter"), None)
+            folder = getattr(writer, "output_dir", None) or trainer.log_dir or "."
+            what = (
+                f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
+                f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(folder))} to generate the rest"
+            )
+        print(f"lightning-nst: {what}", file=sys.stderr, flush=True)
+
+
+def _plain(value: Any) -> Any:
+    """A config value as JSON-comparable plain data."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    return json.loads(json.dumps(value, default=str))
+
+
+UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed")
+"""ImageOptimization options a resumed run may not change: the checkpoint's image was made for them."""
+
+
+def check_checkpoint(config: Namespace) -> bool:
+    """Check ``ckpt_path`` before any heavy work; return whether it is an image optimisation checkpoint.
+
+    Refuses, naming ``ckpt_path``, a file that is not a checkpoint, one of another task, and one whose model options
+    (:data:`UNSAFE_ON_RESUME`), optimizer class, data size or input images differ from this command's. Options that
+    only steer the run (steps, logging, ``snapshot_every``, ``save_every``, outputs) are taken from the command line.
+    """
+    value = str(config.ckpt_path)
+    if value in ("last", "best", "hpc", "registry") or value.startswith("registry:"):
+        return False
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise NSTError(f"ckpt_path: checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises several types, with messages about pickling, for files that are not checkpoints
+        raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint (torch.load cannot read it)") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint (no state_dict and loop state)")
+    model = config.get("model")
+    class_path = model.get("class_path", "") if isinstance(model, Namespace) else ""
+    if not class_path.endswith("ImageOptimization"):
+        return False
+    state = checkpoint.get("lightning_nst")
+    if "image" not in checkpoint["state_dict"] or not isinstance(state, dict):
+        raise NSTError(f"ckpt_path: {path} is not a checkpoint of lightning_nst.ImageOptimization (no image state)")
+    wanted = model.get("init_args") or Namespace()
+    saved = checkpoint.get("hyper_parameters") or {}
+    changed = [
+        f"model.{key}" for key in UNSAFE_ON_RESUME if key in saved and _plain(wanted.get(key)) != _plain(saved[key])
+    ]
+    optimizer = wanted.get("optimizer")
+    name = optimizer.get("class_path", "") if isinstance(optimizer, Namespace) else "Adam"
+    if state.get("optimizer") and name.rsplit(".", 1)[-1] != state["optimizer"]:
+        changed.append("model.optimizer")
+    data = (config.get("data") or Namespace()).get("init_args") or Namespace()
+    size = data.get("size")
+    if state.get("size") and [size, data.get("style_size") or size] != list(state["size"]):
+        changed.append("data.size")
+    if changed:
+        raise NSTError(
+            f"ckpt_path: {path} was saved with other {', '.join(changed)} than this command; a resumed run cannot "
+            f"change them (start a new run without --ckpt_path, or give the checkpoint's values)"
+        )
+    _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
+    return True
+
+
+def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, init: str | None) -> None:
+    """Refuse when an input image's content differs from the one the checkpoint was made from."""
+    if not saved:
+        return
+    sources: dict[str, Any] = {"data.content": data.get("content")}
+    sources.update({f"data.style[{i}]": source for i, source in enumerate(data.get("style") or [])})
+    if init not in (None, "noise", "content"):
+        sources["model.init"] = init
+    recorded: dict[str, Any] = {"data.content": saved.get("data.content"), "model.init": saved.get("model.init")}
+    recorded.update({f"data.style[{i}]": digest for i, digest in enumerate(saved.get("data.style") or [])})
+    if len(saved.get("data.style") or []) != len(data.get("style") or []):
+        raise NSTError(
+            f"data.style: the checkpoint {path} was made from {len(saved.get('data.style') or [])} "
+            f"style images, this command gives {len(data.get('style') or [])}; start a new run"
+        )
+    for key, source in sources.items():
+        if (source is None) != (recorded.get(key) is None):
+            raise NSTError(f"{key}: differs from the checkpoint {path}; start a new run without --ckpt_path")
+        if source is None or (not str(source).startswith("skimage:") and not Path(source).expanduser().is_file()):
+            continue  # a missing file is reported by the data module with its own key
+        if source_digest(source) != recorded[key]:
+            raise NSTError(
+                f"{key}: {source} changed since the checkpoint {path} was saved (the target changed under the "
+                f"checkpoint); start a new run without --ckpt_path, or restore the file"
+            )
+
+
+def _replace_listed_objectives(config: Namespace, argv: list[str]) -> None:
+    """Give fields an ``objectives`` list on the command line leaves out their defaults, not the config's values.
+
+    jsonargparse merges a list of dataclasses given later into the earlier one item by item, so
+    ``--model.init_args.objectives=[{name: x, style_layers: [relu1_1]}]`` after a config with ``style_weight: 1e6``
+    would silently keep that weight.
+    """
+    flags = ("--model.init_args.objectives", "--model.objectives")
+    given = None
+    for index, arg in enumerate(argv):
+        if arg in flags and index + 1 < len(argv):
+            given = argv[index + 1]
+        elif arg.startswith(tuple(f"{flag}=" for flag in flags)):
+            given = arg.split("=", 1)[1]
+    subcommand = config.get("subcommand")
+    if given is None or not subcommand:
+        return
+    try:
+        listed = yaml.safe_load(given)
+    except yaml.YAMLError:
+        return
+    model = config[subcommand].get("model")
+    init_args = model.get("init_args") if isinstance(model, Namespace) else None
+    objectives = init_args.get("objectives") if init_args is not None else None
+    if not isinstance(listed, list) or not isinstance(objectives, list) or len(listed) != len(objectives):
+        return
+    from lightning_nst.optimize import Objective
+
+    defaults = {
+        field.name: field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        for field in dataclasses.fields(Objective)
+        if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+    }
+    for item, objective in zip(listed, objectives, strict=True):
+        if isinstance(item, dict) and isinstance(objective, Namespace):
+            for name, default in defaults.items():
+                if name not in item:
+                    objective[name] = default
 
 
 def _only_bookkeeping(folder: Path) -> bool:

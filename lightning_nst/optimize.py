@@ -25,6 +25,7 @@ from lightning_nst.errors import NSTError
 from lightning_nst.images import labelled_grid, load_image, save_image, write_atomic
 from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
 from lightning_nst.metrics import StyleDistance
+from lightning_nst.outputs import file_digest, source_digest
 from lightning_nst.vgg import VGGConfig, check_layers, min_input_size
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -166,6 +167,9 @@ class ImageOptimization(L.LightningModule):
         self._start_step = 0
         self._first_step_done = 0.0
         self._last_good: Tensor | None = None
+        self._has_good: list[bool] = []
+        self._results_written = False
+        self._inputs: dict[str, Any] | None = None
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -203,9 +207,26 @@ class ImageOptimization(L.LightningModule):
     def configure_optimizers(self) -> Optimizer:
         """Build the optimizer chosen in the config over the image."""
         try:
-            return self.optimizer_factory([self.image])
+            optimizer = self.optimizer_factory([self.image])
         except (TypeError, ValueError) as error:  # torch's own checks, e.g. "Invalid learning rate: -1.0"
             raise NSTError(f"model.optimizer: {error}") from None
+        for group in optimizer.param_groups:
+            # torch accepts lr=inf (and LBFGS any lr), which turns the image into NaN at the first step.
+            lr = group.get("lr")
+            if isinstance(lr, int | float) and not (math.isfinite(lr) and lr > 0):
+                raise NSTError(f"model.optimizer.init_args.lr: must be a finite number > 0, got {lr}")
+        return optimizer
+
+    def input_digests(self) -> dict[str, Any]:
+        """Content digests of the content, style and init images (see :func:`lightning_nst.outputs.source_digest`)."""
+        data = self._targets()
+        digests: dict[str, Any] = {
+            "data.content": source_digest(data.content_source) if data.content_source is not None else None,
+            "data.style": [source_digest(source) for source in data.style_sources],
+        }
+        if self.init not in ("noise", "content"):
+            digests["model.init"] = source_digest(self.init)
+        return digests
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
@@ -226,6 +247,9 @@ class ImageOptimization(L.LightningModule):
             "tv": torch.tensor(self.tv_weights, device=self.device),
         }
         self._check_outputs_free()
+        self._inputs = self.input_digests()
+        self._started = time.perf_counter()
+        self._start_step = self.global_step
         rank_zero_info(f"VGG19 weights: {self.vgg.weights_used}")
         if self.logger is not None:
             self.logger.log_hyperparams({"vgg_weights": self.vgg.weights_used})
@@ -241,7 +265,16 @@ class ImageOptimization(L.LightningModule):
         state = checkpoint["state_dict"]
         for key in [key for key in state if key.startswith("vgg.")]:
             del state[key]
-        checkpoint["lightning_nst"] = {"initial_loss": self._initial}
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        data = self._targets()
+        checkpoint["lightning_nst"] = {
+            "initial_loss": self._initial,
+            # What the image depends on besides the hyperparameters: a resumed run refuses to continue if it changed.
+            "inputs": self._inputs,
+            "size": [data.size, data.style_size],
+            "image_shape": list(self.image.shape) if self.image is not None else None,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
         self._initial = checkpoint.get("lightning_nst", {}).get("initial_loss")
@@ -303,9 +336,14 @@ class ImageOptimization(L.LightningModule):
         kept = ""
         if self.trainer.is_global_zero and self._last_good is not None:
             out = self._out_dir()
+            saved = [objective.name for index, objective in enumerate(self.objectives) if self._has_good[index]]
             for index, objective in enumerate(self.objectives):
-                save_image(self._last_good[index], out / f"{objective.name}.last_good.png", overwrite=True)
-            kept = f"; the last finite images are in {out} as *.last_good.png"
+                if self._has_good[index]:
+                    save_image(self._last_good[index], out / f"{objective.name}.last_good.png", overwrite=True)
+            if saved:
+                kept = f"; the last finite images are in {out} as *.last_good.png"
+            else:
+                kept = "; no image was ever finite, so no *.last_good.png was written"
         raise NSTError(
             f"step {self.global_step}: objective {name}, loss term {term} is {value}; "
             f"lower the learning rate (model.optimizer) or the weights (model.objectives){kept}"
@@ -317,6 +355,7 @@ class ImageOptimization(L.LightningModule):
         self._started = time.perf_counter()
         self._start_step = self.global_step
         self._last_good = self.image.detach().clone()
+        self._has_good = self._finite_rows(self.image).tolist()
         if self.save_every and self.global_step == 0:
             self._save_steps()
 
@@ -329,7 +368,23 @@ class ImageOptimization(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.image.clamp_(0, 1)
-            self._last_good.copy_(self.image)
+            finite = self._finite_rows(self.image)
+            self._last_good[finite] = self.image[finite]
+            self._has_good = [had or now for had, now in zip(self._has_good, finite.tolist(), strict=True)]
+
+    @staticmethod
+    def _finite_rows(images: Tensor) -> Tensor:
+        return torch.isfinite(images.detach()).flatten(1).all(1)
+
+    def _check_finite(self, what: str) -> None:
+        """Raise instead of saving a NaN or infinite image, which a PNG would show as black."""
+        finite = self._finite_rows(self.image).tolist()
+        if not all(finite):
+            names = ", ".join(o.name for o, ok in zip(self.objectives, finite, strict=True) if not ok)
+            raise NSTError(
+                f"step {self.global_step}: the image of objective {names} holds non-finite values, so {what}; "
+                f"lower the learning rate (model.optimizer) or the weights (model.objectives)"
+            )
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Time the first step and log snapshots."""
@@ -341,6 +396,7 @@ class ImageOptimization(L.LightningModule):
             self._save_steps()
 
     def _save_steps(self) -> None:
+        self._check_finite(f"steps/*_{self.global_step:05d}.png were not saved")
         if self.trainer.is_global_zero:
             folder = self._out_dir() / "steps"
             for index, objective in enumerate(self.objectives):
@@ -368,11 +424,22 @@ class ImageOptimization(L.LightningModule):
         if existing:
             raise NSTError(f"model.output_dir: {existing[0]} exists; choose another folder or set model.overwrite=true")
 
-    @torch.no_grad()
     def on_train_end(self) -> None:
+        """Write the results; see :meth:`write_results`."""
+        self.write_results()
+
+    def on_fit_end(self) -> None:
+        """Write the results of a run resumed from a checkpoint at ``max_steps``, which skips the training loop."""
+        if not self._results_written and self.trainer.global_step >= self.trainer.max_steps:
+            self._start_step = self.trainer.global_step
+            self.write_results()
+
+    @torch.no_grad()
+    def write_results(self) -> None:
         """Write one PNG per objective, a labelled grid and ``summary.json``, then say where they went."""
         if self.image is None:
             return
+        self._check_finite("no result was saved")
         ended = time.perf_counter()
         steps = self.trainer.global_step
         final = {
@@ -389,6 +456,7 @@ class ImageOptimization(L.LightningModule):
             metrics = self._metrics(objective, image, data)
             save_image(image, paths[objective.name], overwrite=self.overwrite)
             objectives[objective.name] = {
+                "sha256": file_digest(paths[objective.name]),
                 "objective": asdict(objective),
                 "initial_loss": (self._initial or {}).get(objective.name, {}),
                 "final_loss": final[objective.name],
@@ -414,8 +482,11 @@ class ImageOptimization(L.LightningModule):
             "output_dir": str(self._out_dir().resolve()),
             "objectives": objectives,
             "grid": paths["grid"].name,
+            "grid_sha256": file_digest(paths["grid"]),
+            "inputs": self._inputs,
         }
         write_atomic(paths["summary"], json.dumps(summary, indent=2).encode(), overwrite=self.overwrite)
+        self._results_written = True
         rank_zero_info(f"Results: {self._out_dir()} ({len(self.objectives)} PNG, grid.png, summary.json)")
 
     def _metrics(self, objective: Objective, image: Tensor, data: ImageTargets) -> dict[str, float]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import hashlib
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -17,6 +16,7 @@ from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
 from lightning_nst.errors import NSTError
+from lightning_nst.outputs import file_digest
 
 WEIGHTS_ENV = "LIGHTNING_NST_VGG_WEIGHTS"
 """Environment variable naming a local weights file that ``weights: auto`` falls back to."""
@@ -77,14 +77,6 @@ def _kaiming_init(trunk: nn.Sequential) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_state_dict(path: Path, key: str) -> dict[str, Tensor]:
     if not path.is_file():
         raise NSTError(f"{key}: weights file not found: {path}")
@@ -114,6 +106,8 @@ def _check_architecture(state: Mapping[str, Tensor], reference: nn.Sequential, p
                 f"{key}: {path} is not a VGG19 features state_dict: {name!r} has shape {tuple(value.shape)}, "
                 f"VGG19 needs {tuple(expected[name].shape)}"
             )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NSTError(f"{key}: the weights file holds non-finite values (NaN or inf) in {name!r}: {path}")
     return _covered_convs(state, reference)
 
 
@@ -233,7 +227,7 @@ class VGG19Features(nn.Module):
         state = _read_state_dict(path, key)
         covered = _check_architecture(state, full, path, key)
         available = _covered_layers(covered)
-        label = f"file {path.resolve()} (sha256 {_sha256(path)[:12]}"
+        label = f"file {path.resolve()} (sha256 {file_digest(path)[:12]}"
         if not covered:
             raise NSTError(f"{key}: {path} holds no VGG19 convolution weights starting at conv1_1")
         span = f"{available[0]}..{available[-1]}"

@@ -18,3 +18,28 @@ class KillAtStep(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
         if trainer.global_step >= self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class SignalAtStep(L.Callback):
+    """Send ``signum`` (SIGTERM by default) to this process once ``trainer.global_step`` reaches ``step``."""
+
+    def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
+        self.step = step
+        self.signum = signum
+        self.sent = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
+        if trainer.global_step >= self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+class NaNGradientAtStep(L.Callback):
+    """Make the image's gradient NaN before the optimizer step at ``step``, as an overflowing loss would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:  # noqa: D102
+        if trainer.global_step == self.step:
+            pl_module.image.grad.fill_(float("nan"))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,8 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from lightning_nst.callbacks import DenoisingCallback
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -156,6 +160,22 @@ def build_tiny_autoencoder(path: Path) -> Path:
     ).save_pretrained(path, safe_serialization=True)
     torch.random.set_rng_state(generator_state)
     return path
+
+
+class SignalAtDenoisingStep(DenoisingCallback):
+    """Send SIGTERM to this process at denoising step ``step`` of the ``item``-th batch (counted from 0)."""
+
+    def __init__(self, item: int, step: int) -> None:
+        self.item = item
+        self.step = step
+        self.batches = 0
+
+    def on_predict_batch_end(self, *args: Any) -> None:  # noqa: D102
+        self.batches += 1
+
+    def on_denoising_step(self, trainer: Any, pl_module: Any, step_index: int, *args: Any) -> None:  # noqa: D102
+        if self.batches == self.item and step_index == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,255 @@
+"""Faults around `lightning-nst fit`: resuming, non-finite values, changed inputs, signals, bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torchvision.models.vgg import cfgs, make_layers
+
+from lightning_nst.cli import main
+from lightning_nst.outputs import file_digest
+from tests.conftest import CONFIGS, REPO
+from tests.tiny_pipeline import build_tiny_pipeline, records, tiny_args
+
+TEXTURE = ["fit", "-c", str(CONFIGS / "texture_gram.yaml")]
+TOY = ["--data.init_args.size=32", "--trainer.max_steps=10", "--model.init_args.vgg.weights=random"]
+QUIET = "--trainer.enable_progress_bar=false"
+EVERY_5 = "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 5, save_top_k: 0, save_last: true}}]"  # noqa: E501
+RUN = Path("logs/texture_gram")
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI, expect status 2 and return its one-line error."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-nst:")]
+    assert len(lines) == 1 and lines[0].startswith("lightning-nst: error: "), lines
+    return lines[0]
+
+
+def summary(version: int) -> dict:
+    return json.loads((RUN / f"version_{version}/summary.json").read_text())
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.fixture
+def finished() -> Path:
+    """A 10-step run whose last checkpoint, at max_steps, says finished (logs/texture_gram/version_0)."""
+    main([*TEXTURE, *TOY, QUIET, EVERY_5])
+    checkpoint = RUN / "version_0/checkpoints/last.ckpt"
+    assert checkpoint.is_file()
+    return checkpoint
+
+
+# -- 1. results after the last checkpoint ------------------------------------------------------------------------
+
+
+def test_resuming_a_finished_run_writes_results_and_a_larger_max_steps_continues(finished: Path) -> None:
+    main([*TEXTURE, *TOY, QUIET, EVERY_5, f"--ckpt_path={finished}"])
+    assert (RUN / "version_1/gram.png").is_file() and summary(1)["steps"] == 10
+    np.testing.assert_array_equal(pixels(RUN / "version_1/gram.png"), pixels(RUN / "version_0/gram.png"))
+
+    main([*TEXTURE, *TOY, QUIET, EVERY_5, "--trainer.max_steps=14", f"--ckpt_path={finished}"])
+    main([*TEXTURE, *TOY, QUIET, "--trainer.max_steps=14"])
+    assert summary(2)["steps"] == 14 and summary(2)["resumed_at_step"] == 10
+    np.testing.assert_array_equal(pixels(RUN / "version_2/gram.png"), pixels(RUN / "version_3/gram.png"))
+
+
+# -- 2. non-finite images are never results ----------------------------------------------------------------------
+
+
+def test_last_good_image_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
+    nan_at_2 = "--trainer.callbacks+={class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}"
+    err = fails([*TEXTURE, *TOY, QUIET, nan_at_2], capsys)
+    assert "step 3: objective gram" in err and "*.last_good.png" in err, err
+    kept = pixels(RUN / "version_0/gram.last_good.png")
+    assert kept.std() > 10  # the noise image of step 2, not the black of NaN
+
+
+@pytest.mark.parametrize("save_every", [0, 1])
+def test_non_finite_image_is_never_saved(save_every: int, capsys: pytest.CaptureFixture[str]) -> None:
+    nan_at_last = "--trainer.callbacks+={class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}"
+    args = [*TEXTURE, *TOY, QUIET, "--trainer.max_steps=3", f"--model.init_args.save_every={save_every}", nan_at_last]
+    err = fails(args, capsys)
+    assert "the image of objective gram holds non-finite values" in err, err
+    out = RUN / "version_0"
+    assert not (out / "gram.png").exists() and not (out / "grid.png").exists()
+    assert not (out / "summary.json").exists()
+    if save_every:
+        assert (out / "steps/gram_00002.png").is_file() and not (out / "steps/gram_00003.png").exists()
+
+
+@pytest.mark.parametrize("lr", [".inf", "0"])
+def test_non_finite_or_non_positive_learning_rate_is_refused(lr: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails([*TEXTURE, *TOY, f"--model.init_args.optimizer.init_args.lr={lr}"], capsys)
+    assert f"model.optimizer.init_args.lr: must be a finite number > 0, got {float(yaml.safe_load(lr))}" in err, err
+    assert not any(RUN.glob("version_*/*.png"))
+
+
+def test_weights_file_with_nan_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    state = {k: v for k, v in make_layers(cfgs["E"]).state_dict().items() if k.startswith("0.")}
+    state["0.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    args = [*TEXTURE, *TOY, f"--model.init_args.vgg.weights={tmp_path / 'nan.pth'}"]
+    err = fails([*args, "--model.init_args.objectives=[{name: x, style_layers: [relu1_1]}]"], capsys)
+    assert "model.vgg.weights: the weights file holds non-finite values" in err and "'0.weight'" in err, err
+    assert "nan.pth" in err and "learning rate" not in err
+
+
+# -- 3. finished means intact; a changed input is a changed item --------------------------------------------------
+
+
+def test_summary_records_output_and_input_digests(tmp_path: Path) -> None:
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save("style.png")
+    main([*TEXTURE, *TOY, QUIET, "--data.init_args.style=[style.png]"])
+    result = summary(0)
+    assert result["objectives"]["gram"]["sha256"] == file_digest(RUN / "version_0/gram.png")
+    assert result["grid_sha256"] == file_digest(RUN / "version_0/grid.png")
+    assert result["inputs"]["data.style"] == [file_digest("style.png")]
+
+
+def test_resume_refuses_a_changed_style_image(capsys: pytest.CaptureFixture[str]) -> None:
+    Image.fromarray(np.full((32, 32, 3), 90, dtype=np.uint8)).save("style.png")
+    args = [*TEXTURE, *TOY, QUIET, EVERY_5, "--data.init_args.style=[style.png]"]
+    main(args)
+    Image.fromarray(np.full((32, 32, 3), 200, dtype=np.uint8)).save("style.png")
+    err = fails([*args, f"--ckpt_path={RUN / 'version_0/checkpoints/last.ckpt'}"], capsys)
+    assert "data.style[0]: style.png changed since the checkpoint" in err, err
+    assert not (RUN / "version_1").exists()
+
+
+# -- 4. signals ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_during_fit_saves_a_checkpoint_and_says_how_to_resume(signum: int, status: int) -> None:
+    sender = (
+        f"--trainer.callbacks+={{class_path: tests.helpers.SignalAtStep, init_args: {{step: 3, signum: {signum}}}}}"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "lightning_nst", *TEXTURE, *TOY, QUIET, sender]
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == status, stopped.stderr[-2000:]
+    checkpoint = RUN / "version_0/checkpoints/last.ckpt"
+    assert f"resume with the same command and --ckpt_path {checkpoint}" in stopped.stderr
+    assert checkpoint.is_file() and not (RUN / "version_0/summary.json").exists()
+
+    main([*TEXTURE, *TOY, QUIET, f"--ckpt_path={checkpoint}"])
+    main([*TEXTURE, *TOY, QUIET])
+    assert summary(1)["resumed_at_step"] == 3 and summary(1)["steps"] == 10
+    np.testing.assert_array_equal(pixels(RUN / "version_1/gram.png"), pixels(RUN / "version_2/gram.png"))
+
+
+def test_sigterm_during_predict_keeps_finished_items(tmp_path: Path) -> None:
+    pipeline = build_tiny_pipeline(tmp_path / "tiny-sd")
+    out = tmp_path / "batch"
+    args = tiny_args(pipeline, "batch", "--data.seeds=[0, 1, 2]", "--model.num_inference_steps=3")
+    args += ["--trainer.callbacks.init_args.output_dir", str(out)]
+    sender = (
+        "--trainer.callbacks+={class_path: tests.tiny_pipeline.SignalAtDenoisingStep, init_args: {item: 1, step: 1}}"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_nst", *args, sender]
+    stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert f"rerun the same command with --trainer.callbacks.init_args.output_dir {out}" in stopped.stderr
+    assert [record["seed"] for record in records(out)] == [0, 1]  # the item under way when the signal came finished
+
+    main(args)
+    assert [record["seed"] for record in records(out)] == [0, 1, 2]
+    assert sorted(path.name for path in out.glob("*.png")) == [
+        f"0000{i}_a-red-house-by-a-lake_{i}.png" for i in range(3)
+    ]
+
+
+# -- 5. resume respects the command line --------------------------------------------------------------------------
+
+
+def test_resume_applies_safe_overrides(finished: Path) -> None:
+    main(
+        [
+            *TEXTURE,
+            *TOY,
+            QUIET,
+            EVERY_5,
+            "--trainer.max_steps=12",
+            "--model.init_args.save_every=1",
+            f"--ckpt_path={finished}",
+        ]
+    )  # noqa: E501
+    assert sorted(path.name for path in (RUN / "version_1/steps").iterdir()) == ["gram_00011.png", "gram_00012.png"]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("--model.init_args.objectives=[{name: gram, style_layers: [relu1_1]}]", "model.objectives"),
+        ("--model.init_args.vgg.pooling=max", "model.vgg"),
+        ("--model.init_args.init_seed=3", "model.init_seed"),
+        ("--model.init_args.optimizer=torch.optim.Adam", "model.optimizer"),
+        ("--data.init_args.size=40", "data.size"),
+    ],
+)
+def test_resume_refuses_unsafe_overrides(
+    finished: Path, override: str, named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = fails([*TEXTURE, *TOY, QUIET, override, f"--ckpt_path={finished}"], capsys)
+    assert f"ckpt_path: {finished} was saved with other {named}" in err, err
+    assert not (RUN / "version_1").exists()
+
+
+def test_command_line_objectives_replace_the_configs() -> None:
+    main(
+        [
+            *TEXTURE,
+            *TOY,
+            QUIET,
+            "--trainer.max_steps=1",
+            "--model.init_args.objectives=[{name: x, style_layers: [relu1_1]}]",
+        ]
+    )  # noqa: E501
+    (objective,) = [entry["objective"] for entry in summary(0)["objectives"].values()]
+    assert objective["name"] == "x" and objective["style_weight"] == 1.0  # the config's gram objective has 1e6
+
+
+# -- 6. a ckpt_path that is not a checkpoint of this task ---------------------------------------------------------
+
+
+def _text(path: Path) -> None:
+    path.write_text("hello\n")
+
+
+def _png(path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(path, format="PNG")
+
+
+def _tensors(path: Path) -> None:
+    torch.save({"weight": torch.zeros(2)}, path)
+
+
+def _other_lightning(path: Path) -> None:
+    torch.save({"state_dict": {"layer.weight": torch.zeros(2)}, "loops": {}, "hyper_parameters": {}}, path)
+
+
+@pytest.mark.parametrize("make", [None, _text, _png, _tensors, _other_lightning])
+def test_ckpt_path_that_is_not_a_checkpoint_is_refused(make: object, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path("not.ckpt")
+    if make is not None:
+        make(path)
+    err = fails([*TEXTURE, *TOY, f"--ckpt_path={path}"], capsys)
+    assert f"ckpt_path: {'checkpoint not found: ' if make is None else ''}{path}" in err, err
+    assert not Path("logs").exists()
