@@ -23,12 +23,14 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_nst import preflight
 from lightning_nst.errors import NSTError
-from lightning_nst.outputs import source_digest
+from lightning_nst.outputs import check_input_file, source_digest
 from lightning_nst.vgg import LAYER_NAMES
 
 DEBUG_ENV = "LIGHTNING_NST_DEBUG"
@@ -97,6 +99,7 @@ class NSTCLI(LightningCLI):
             config.trainer.inference_mode = False
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True
+        preflight.check(config, self.subcommand)
 
     def _run_subcommand(self, subcommand: str) -> None:
         # The logger creates its run folder before any setup hook; a run that fails on bad input must not leave
@@ -404,23 +407,110 @@ def condense(message: str) -> str:
     return f"{path}: {text}{suffix}" if path else f"{text}{suffix}"
 
 
-def _check_yaml_files(argv: list[str]) -> None:
-    """Parse every ``--config`` file first, so malformed YAML is reported with its file, line and column."""
-    for flag, value in zip(argv, argv[1:], strict=False):
-        if flag not in ("-c", "--config") or value.lstrip().startswith(("{", "[")):
+MAX_YAML_VALUES = 100_000
+"""Most values a YAML config may expand to once its aliases are resolved; real configs hold a few hundred."""
+
+
+def _yaml_problem(node: yaml.Node) -> str | None:
+    """Why a composed YAML document is unfit for a config (a duplicate key, an alias bomb, a cycle), or ``None``.
+
+    Aliases compose as shared nodes, so this walk is linear in the file size; it counts each value as often as the
+    expanded document (which jsonargparse builds and copies) would hold it.
+    """
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        current, children_done = stack.pop()
+        if id(current) in sizes:
             continue
+        if isinstance(current, yaml.ScalarNode):
+            sizes[id(current)] = 1
+            continue
+        pairs = current.value if isinstance(current, yaml.MappingNode) else [(item,) for item in current.value]
+        children = [child for pair in pairs for child in pair]
+        if children_done:
+            open_nodes.discard(id(current))
+            sizes[id(current)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(current)] > MAX_YAML_VALUES:
+                return f"its aliases expand to over {MAX_YAML_VALUES} values"
+            continue
+        if id(current) in open_nodes:
+            return f"the alias at line {current.start_mark.line + 1} refers to a value that contains it"
+        if isinstance(current, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, _ in current.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        return (
+                            f"duplicate key '{key.value}' at line {key.start_mark.line + 1} (first at line "
+                            f"{seen[key.value]}); YAML would silently keep only the last"
+                        )
+                    seen[key.value] = key.start_mark.line + 1
+        open_nodes.add(id(current))
+        stack.append((current, True))
+        for child in children:
+            if id(child) in open_nodes:
+                return f"the alias at line {child.start_mark.line + 1} refers to a value that contains it"
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return None
+
+
+def _check_yaml_text(text: str, what: str) -> None:
+    """Raise naming ``what`` if ``text`` is not YAML, has duplicate keys, or expands out of proportion."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        problem = _yaml_problem(node) if node is not None else None
+        if problem is None:
+            yaml.safe_load(text)
+    except RecursionError:
+        problem = "it is nested too deeply"
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        reason = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise NSTError(f"{what} is not valid YAML{where}: {reason}") from None
+    if problem is not None:
+        raise NSTError(f"{what} is refused: {problem}")
+
+
+def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
+    """``(flag, value)`` of each command-line value, for ``--flag value`` and ``--flag=value`` alike."""
+    pairs: list[tuple[str, str]] = []
+    for index, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            pairs.append(tuple(arg.split("=", 1)))  # type: ignore[arg-type]
+        elif not arg.startswith("-") and index and argv[index - 1].startswith("-") and "=" not in argv[index - 1]:
+            pairs.append((argv[index - 1], arg))
+    return pairs
+
+
+def _check_yaml_files(argv: list[str]) -> None:
+    """Check all YAML that jsonargparse would read, before it reads any, naming the file, line and column.
+
+    That is ``--config`` files, other ``.yaml``/``.yml`` files given as values (jsonargparse loads those as well),
+    and inline values that use aliases.
+    """
+    for flag, value in _flag_values(argv):
+        key = "--config" if flag in ("-c", "--config") else flag
         path = Path(value)
-        if not path.is_file():
-            raise NSTError(f"--config: file not found: {path}")
-        try:
-            yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError:
-            raise NSTError(f"--config: {path} is not UTF-8 text") from None
-        except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-            raise NSTError(f"--config: {path} is not valid YAML{where}: {problem}") from None
+        is_config = key == "--config" and not value.lstrip().startswith(("{", "["))
+        if is_config or (path.suffix.lower() in (".yaml", ".yml") and path.is_file()):
+            if not path.is_file():
+                check_input_file(path, key, "file")
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise NSTError(f"{key}: {path} is not UTF-8 text") from None
+            _check_yaml_text(text, f"{key}: {path}")
+        elif "*" in value and "&" in value:  # jsonargparse parses inline values as YAML too
+            try:
+                node = yaml.compose(value, Loader=yaml.SafeLoader)
+            except (yaml.YAMLError, RecursionError):
+                continue  # not YAML with aliases; jsonargparse reports what it makes of it
+            if node is not None and (problem := _yaml_problem(node)):
+                raise NSTError(f"{key}: the value is refused: {problem}")
 
 
 def main(args: ArgsType = None) -> None:
@@ -448,13 +538,15 @@ def main(args: ArgsType = None) -> None:
             report(listed[1:])
         else:
             NSTCLI(args=args, parser_kwargs={"exit_on_error": False})
-    except (NSTError, ArgumentError, ValueError) as error:
+    except (NSTError, ArgumentError, ValueError, MisconfigurationException) as error:
         if debug:
             raise
         if isinstance(error, NSTError):
             message = str(error)
         elif cause := NSTError.behind(error):
             message = str(cause)
+        elif isinstance(error, MisconfigurationException):  # Lightning's own check of a trainer option
+            message = "trainer: " + " ".join(str(error).split())
         elif isinstance(error, ArgumentError) or "Problem with given class_path" in str(error):
             command = listed[0] if listed and listed[0] in ("fit", "validate", "test", "predict", "report") else ""
             message = f"{condense(str(error))} (see `lightning-nst {command} --help`)".replace("  ", " ")

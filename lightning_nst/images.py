@@ -16,6 +16,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from lightning_nst.errors import NSTError
+from lightning_nst.outputs import check_input_file
 
 SAMPLE_PREFIX = "skimage:"
 """Sources starting with this name an image bundled in the scikit-image wheel, e.g. ``skimage:astronaut``."""
@@ -95,9 +96,7 @@ def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: 
         array = _sample_array(text.removeprefix(SAMPLE_PREFIX), key)
         image = _to_rgb(Image.fromarray(array))
     else:
-        path = Path(text).expanduser()
-        if not path.is_file():
-            raise NSTError(f"{key}: image file not found: {path}")
+        path = check_input_file(text, key, "image file")
         try:
             image = _to_rgb(_decode(path, key, max_side))
         except UnidentifiedImageError:
@@ -107,6 +106,29 @@ def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: 
         except (OSError, SyntaxError, ValueError) as error:
             raise NSTError(f"{key}: cannot decode image {path}: {error}") from None
     return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True).unsqueeze(0)
+
+
+def check_source(source: str | os.PathLike[str], key: str) -> None:
+    """Raise unless ``source`` names a known sample or a regular file; nothing is decoded or opened."""
+    text = str(source)
+    if text.startswith(SAMPLE_PREFIX):
+        if text.removeprefix(SAMPLE_PREFIX) not in SAMPLES:
+            _sample_array(text.removeprefix(SAMPLE_PREFIX), key)
+    else:
+        check_input_file(text, key, "image file")
+
+
+def source_size(source: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """``(width, height)`` of an image source from its header alone, or ``None`` if it cannot be read."""
+    text = str(source)
+    try:
+        if text.startswith(SAMPLE_PREFIX):
+            height, width = _sample_array(text.removeprefix(SAMPLE_PREFIX), "image").shape[:2]
+            return int(width), int(height)
+        with Image.open(check_input_file(text, "image")) as opened:
+            return opened.size
+    except (NSTError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
 
 
 def resize_long_edge(image: Tensor, size: int | None) -> Tensor:

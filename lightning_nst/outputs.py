@@ -6,6 +6,7 @@ import errno
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,26 @@ def source_digest(source: str | os.PathLike[str]) -> str:
     if text.startswith("skimage:"):
         return text
     return file_digest(Path(text).expanduser())
+
+
+def check_input_file(path: str | os.PathLike[str], key: str, what: str = "file") -> Path:
+    """Return ``path`` if it is a regular file (or a link to one); else raise saying what it is instead.
+
+    Only ``stat`` is used: a FIFO or device is never opened, since reading one could block forever.
+    """
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise NSTError(f"{key}: {what} not found: {path}") from None
+    except OSError as error:
+        raise NSTError(f"{key}: cannot read {path}: {error.strerror or error}") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise NSTError(f"{key}: {path} is a folder, not a file")
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise NSTError(f"{key}: {path} is {kind}, not a regular file")
 
 
 def _existing_ancestor(path: Path) -> Path:

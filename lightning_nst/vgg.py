@@ -16,7 +16,7 @@ from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
 from lightning_nst.errors import NSTError
-from lightning_nst.outputs import file_digest
+from lightning_nst.outputs import check_input_file, file_digest
 
 WEIGHTS_ENV = "LIGHTNING_NST_VGG_WEIGHTS"
 """Environment variable naming a local weights file that ``weights: auto`` falls back to."""
@@ -77,13 +77,23 @@ def _kaiming_init(trunk: nn.Sequential) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _load_problem(error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line (torch's own message is long and advises unsafe loading)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    if "Unsupported global" in str(error):
+        return "it holds Python objects besides tensors, which are not loaded for safety (weights_only)"
+    return "the file is truncated or corrupt (not a complete torch.save file)"
+
+
 def _read_state_dict(path: Path, key: str) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise NSTError(f"{key}: weights file not found: {path}")
+    check_input_file(path, key, "weights file")
+    if path.stat().st_size == 0:
+        raise NSTError(f"{key}: {path} is empty (0 bytes); pass a state_dict saved with torch.save")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise NSTError(f"{key}: cannot load {path} as a torch state_dict: {str(error).splitlines()[0]}") from None
+        raise NSTError(f"{key}: cannot load {path} as a torch state_dict: {_load_problem(error)}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
@@ -199,12 +209,13 @@ class VGG19Features(nn.Module):
         if choice == "random":
             return {}, f"random (seed {seed})"
         if choice == "imagenet":
-            return _imagenet_state(), f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name})"
+            return _imagenet_state(f"{key}.weights"), f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name})"
         if choice == "auto":
             try:
-                return _imagenet_state(), f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name}, chosen by auto)"
-            except (OSError, RuntimeError) as error:  # URLError is an OSError; a bad cache file is a RuntimeError
-                reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+                state = _imagenet_state(f"{key}.weights")
+                return state, f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name}, chosen by auto)"
+            except (NSTError, OSError, RuntimeError) as error:
+                reason = str(error).removeprefix(f"{key}.weights: ").splitlines()[0] or type(error).__name__
             fallback = os.environ.get(WEIGHTS_ENV)
             if fallback:
                 state, description = VGG19Features._file_state(
@@ -258,8 +269,21 @@ class VGG19Features(nn.Module):
         return features
 
 
-def _imagenet_state() -> dict[str, Tensor]:
-    state = _IMAGENET.get_state_dict(progress=True, weights_only=True)
+def _imagenet_state(key: str = "model.vgg.weights") -> dict[str, Tensor]:
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(_IMAGENET.url).name
+    try:
+        state = _IMAGENET.get_state_dict(progress=True, weights_only=True)
+    except Exception as error:  # URLError (an OSError) when offline; several types for a corrupt cached file
+        if isinstance(error, OSError) and not cached.is_file():
+            reason = str(getattr(error, "reason", "") or error).splitlines()[0]
+            raise NSTError(
+                f"{key}: the ImageNet VGG19 weights are not in the torch hub cache ({cached}) and cannot be "
+                f"downloaded ({reason}); pass a weights file instead (weights: /path/to/vgg19.pth)"
+            ) from None
+        raise NSTError(
+            f"{key}: the cached ImageNet VGG19 weights {cached} cannot be loaded: {_load_problem(error)}; delete "
+            "that file to download them again, or pass a weights file"
+        ) from None
     return {name.removeprefix("features."): value for name, value in state.items() if name.startswith("features.")}
 
 

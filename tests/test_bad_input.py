@@ -1,0 +1,306 @@
+"""Bad input found before any heavy work: one line naming the key or file, exit status 2, no run folder left."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_nst.outputs
+from lightning_nst.cli import main
+from lightning_nst.vgg import VGG19Features
+from tests.conftest import CONFIGS, REPO
+
+TEXTURE = str(CONFIGS / "texture_gram.yaml")
+TRANSFER = str(CONFIGS / "style_transfer_gram.yaml")
+DIFFUSION = str(CONFIGS / "guided_diffusion.yaml")
+TOY = ["--model.init_args.vgg.weights=random", "--data.init_args.size=32", "--trainer.max_steps=2"]
+
+LAUGHS = "".join(
+    f"{name}: &{name} [{', '.join([f'*{previous}'] * 9 if previous else ['lol'] * 9)}]\n"
+    for previous, name in zip(["", *"abcdefgh"], "abcdefghi", strict=True)
+)
+
+
+@pytest.fixture
+def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a VGG trunk is built or a diffusion pipeline is loaded."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("heavy work started before the bad input was reported")
+
+    monkeypatch.setattr(VGG19Features, "__init__", refuse)
+    monkeypatch.setattr("lightning_nst.diffusion._load", refuse)
+
+
+def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the CLI in-process; assert exit 2, one line, no traceback and no run folder; return the line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-nst: error: ") and err.count("\n") == 0, err
+    assert not [path for path in Path("logs").rglob("*") if path.is_file()], "a failed run left files behind"
+    return err
+
+
+# -- output folders ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize(
+    ("flag", "key"),
+    [
+        ("--trainer.logger.init_args.save_dir", "trainer.logger.save_dir"),
+        ("--trainer.default_root_dir", "trainer.default_root_dir"),
+        ("--model.init_args.output_dir", "model.output_dir"),
+    ],
+)
+def test_fit_output_folder_is_a_file(flag: str, key: str, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("taken").write_text("a file, not a folder")
+    err = fails(["fit", "-c", TEXTURE, *TOY, f"{flag}=taken/run"], capsys)
+    assert f"{key}: taken/run cannot be created: taken is not a folder" in err
+    assert Path("taken").read_text() == "a file, not a folder"
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_read_only_output_folder_stops_root_too(capsys: pytest.CaptureFixture[str]) -> None:
+    # sysfs refuses new files to every user, root included, unlike permission bits.
+    place = Path("/sys/kernel")
+    try:
+        handle, probe = tempfile.mkstemp(dir=place)
+    except OSError:
+        pass
+    else:
+        os.close(handle)
+        os.unlink(probe)
+        pytest.skip(f"{place} is writable here")
+    err = fails(["fit", "-c", TEXTURE, *TOY, f"--trainer.logger.init_args.save_dir={place}/nst"], capsys)
+    assert "trainer.logger.save_dir: cannot write to /sys/kernel/nst (in /sys/kernel): it is read-only" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_read_only_mount(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = tempfile.mkstemp
+
+    def mkstemp(*args: object, dir: str | os.PathLike[str] | None = None, **kwargs: object) -> tuple[int, str]:
+        if dir is not None and Path(dir).name == "mounted":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+        return real(*args, dir=dir, **kwargs)  # type: ignore[arg-type]
+
+    Path("mounted").mkdir()
+    monkeypatch.setattr(lightning_nst.outputs.tempfile, "mkstemp", mkstemp)
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.output_dir=mounted"], capsys)
+    assert "model.output_dir: cannot write to mounted: it is read-only" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize("command", ["fit", "predict"])
+def test_full_disk(command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=3 * 2**20))
+    args = ["fit", "-c", TEXTURE, *TOY] if command == "fit" else ["predict", "-c", DIFFUSION]
+    err = fails(args, capsys)
+    assert "trainer.logger.save_dir: the disk holding logs has only 3.0 MiB free; a run needs at least 64 MiB" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_predict_writer_folder_is_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("taken").write_text("")
+    err = fails(["predict", "-c", DIFFUSION, "--trainer.callbacks.init_args.output_dir=taken"], capsys)
+    assert "GenerationWriter.output_dir: taken is not a folder" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_predict_trajectory_folder_is_read_only(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    Path("previews").mkdir()
+    monkeypatch.setattr(lightning_nst.outputs.tempfile, "mkstemp", _refuse_in("previews"))
+    Path("callbacks.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        "    - {class_path: lightning_nst.callbacks.TrajectoryLogger, init_args: {save_dir: previews}}\n"
+        "    - {class_path: lightning_nst.callbacks.GenerationWriter}\n"
+    )
+    err = fails(["predict", "-c", DIFFUSION, "-c", "callbacks.yaml"], capsys)
+    assert "TrajectoryLogger.save_dir: cannot write to previews: it is read-only" in err
+
+
+def _refuse_in(name: str):  # noqa: ANN202
+    real = tempfile.mkstemp
+
+    def mkstemp(*args: object, dir: str | os.PathLike[str] | None = None, **kwargs: object) -> tuple[int, str]:
+        if dir is not None and Path(dir).name == name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(*args, dir=dir, **kwargs)  # type: ignore[arg-type]
+
+    return mkstemp
+
+
+# -- VGG weights -----------------------------------------------------------------------------------------------------
+
+
+def test_empty_weights_file(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("vgg.pth").write_bytes(b"")
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.vgg.weights=vgg.pth"], capsys)
+    assert "model.vgg.weights: vgg.pth is empty (0 bytes)" in err
+
+
+@pytest.mark.parametrize("damage", ["garbage", "garbage 2", "truncated"])
+def test_corrupt_weights_file(damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(VGG19Features(["conv1_2"], weights="random").trunk.state_dict(), "good.pth")
+    data = Path("good.pth").read_bytes()
+    garbage = random.Random(damage).randbytes(5000)
+    Path("vgg.pth").write_bytes(garbage if damage == "garbage" else data[: len(data) // 2])
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.vgg.weights=vgg.pth"], capsys)
+    assert "model.vgg.weights: cannot load vgg.pth as a torch state_dict: the file is truncated or corrupt" in err
+    assert "weights_only` set to `False`" not in err
+
+
+def test_imagenet_weights_offline(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.vgg.weights=imagenet"], capsys)
+    assert "model.vgg.weights: the ImageNet VGG19 weights are not in the torch hub cache" in err
+    assert "cannot be downloaded (no network); pass a weights file" in err
+
+
+@pytest.fixture
+def corrupt_hub_cache() -> Path:
+    cached = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints" / "vgg19-dcbb9e9d.pth"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(os.urandom(4096))
+    return cached
+
+
+def test_corrupt_hub_cache(corrupt_hub_cache: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.vgg.weights=imagenet"], capsys)
+    assert f"model.vgg.weights: the cached ImageNet VGG19 weights {corrupt_hub_cache} cannot be loaded" in err
+    assert "delete that file to download them again" in err
+    assert corrupt_hub_cache.exists(), "the user's file must not be deleted"
+
+
+def test_corrupt_hub_cache_with_auto_falls_back_with_a_warning(corrupt_hub_cache: Path) -> None:
+    with pytest.warns(UserWarning, match=f"cached ImageNet VGG19 weights {corrupt_hub_cache} cannot be loaded"):
+        vgg = VGG19Features(["relu1_1"], weights="auto")
+    assert vgg.weights_used.startswith("random")
+
+
+# -- ranges ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_negative_max_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--trainer.max_steps=-5"], capsys)
+    assert "trainer.max_steps: set a positive number of optimisation steps, got -5" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_size_beyond_memory(capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--data.init_args.size=100000"], capsys)
+    assert "data.size: a 100000x100000 px image cannot be optimised here" in err
+    assert "GiB for activations, more than the" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_gpu_accelerator_without_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--trainer.accelerator=gpu"], capsys)
+    assert "trainer.accelerator: 'gpu' is not available on this machine" in err
+
+
+# -- YAML ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize("command", ["fit", "report"])
+def test_billion_laughs_config(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("laughs.yaml").write_text(LAUGHS)
+    args = ["fit", "-c", TEXTURE, "-c", "laughs.yaml"] if command == "fit" else ["report", "all", "-c", "laughs.yaml"]
+    started = time.perf_counter()
+    err = fails(args, capsys)
+    assert time.perf_counter() - started < 5
+    assert "--config: laughs.yaml is refused: its aliases expand to over 100000 values" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_billion_laughs_inline(capsys: pytest.CaptureFixture[str]) -> None:
+    levels = [f"&l0 [{', '.join(['x'] * 9)}]"] + [f"&l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 7)]
+    started = time.perf_counter()
+    err = fails(["fit", "-c", TEXTURE, *TOY, f"--data.init_args.style=[{', '.join(levels)}]"], capsys)
+    assert time.perf_counter() - started < 5
+    assert "--data.init_args.style: the value is refused: its aliases expand to over 100000 values" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_duplicate_yaml_key(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("dup.yaml").write_text("trainer:\n  max_steps: 3\n  logger: false\n  max_steps: 4\n")
+    err = fails(["fit", "-c", TEXTURE, "-c", "dup.yaml"], capsys)
+    assert "--config: dup.yaml is refused: duplicate key 'max_steps' at line 4 (first at line 2)" in err
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_recursive_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("loop.yaml").write_text("data:\n  init_args:\n    style: &loop [*loop]\n")
+    err = fails(["fit", "-c", TEXTURE, "-c", "loop.yaml"], capsys)
+    assert "--config: loop.yaml is refused: the alias at line 3 refers to a value that contains it" in err
+
+
+def test_merge_keys_and_shared_aliases_still_work() -> None:
+    from lightning_nst.cli import _check_yaml_text
+
+    _check_yaml_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\nlist: [*b, *b]\n", "ok.yaml")
+
+
+# -- folders and FIFOs as images ---------------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize("flag", ["--data.init_args.content", "--data.init_args.style", "--model.init_args.init"])
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_folder_or_fifo_as_image(flag: str, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if kind == "folder":
+        Path("picture").mkdir()
+    else:
+        os.mkfifo("picture")  # opening it would block: the check must only stat it
+    value = "[picture]" if flag.endswith("style") else "picture"
+    key = {"content": "data.content", "style": "data.style[0]", "init": "model.init"}[flag.rsplit(".", 1)[1]]
+    err = fails(["fit", "-c", TRANSFER, *TOY, f"{flag}={value}"], capsys)
+    expected = "is a folder, not a file" if kind == "folder" else "is a FIFO, not a regular file"
+    assert f"{key}: picture {expected}" in err
+
+
+# -- several processes on CPU -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--trainer.devices=2"], ["--trainer.devices=3", "--trainer.strategy=ddp_spawn"]])
+def test_fit_on_several_cpu_processes_stops_at_once(options: list[str], tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "lightning_nst", "fit", "-c", TEXTURE, *TOY, "--trainer.accelerator=cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*command, *options], capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.startswith("lightning-nst: error:")]
+    assert len(lines) == 1 and "trainer.devices: image optimisation runs on one device" in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "auto"])
+def test_fit_with_any_multi_process_strategy_is_refused(strategy: str, capsys: pytest.CaptureFixture[str]) -> None:
+    options = ["--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={strategy}"]
+    err = fails(["fit", "-c", TEXTURE, *TOY, *options], capsys)
+    assert "trainer.devices: image optimisation runs on one device, but this config asks for 2 processes" in err
