@@ -12,7 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_nst.cli import main
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, require_shared
 
 SHIPPED = [
     "content_reconstruction",
@@ -179,10 +179,10 @@ def test_layers_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lines) == 38 and lines[1].split()[:2] == ["0", "conv1_1"] and lines[-1].split()[:2] == ["36", "pool5"]
 
 
-def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: Path, shared: Path) -> None:
+def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: Path) -> None:
     summary = fit(
         "content_reconstruction",
-        f"--data.init_args.content={shared / 'data/content/chelsea.png'}",
+        f"--data.init_args.content={require_shared('data/content/chelsea.png')}",
         "--model.init_args.objectives=[{name: conv1_1, content_layers: [conv1_1]}]",
         size=64,
         steps=100,
@@ -192,10 +192,10 @@ def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: 
     assert "covers conv1_1..relu3_1" in summary["vgg_weights"]
 
 
-def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path, shared: Path) -> None:
+def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path) -> None:
     summary = fit(
         "texture_gram",
-        f"--data.init_args.style=[{shared / 'data/style/starry_night.jpg'}]",
+        f"--data.init_args.style=[{require_shared('data/style/starry_night.jpg')}]",
         "--model.init_args.objectives=[{name: t, style_layers: [relu1_1, relu2_1, relu3_1], style_weight: 1e6}]",
         size=64,
         steps=100,
