@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -58,3 +59,14 @@ def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def partial_weights() -> Path:
     """Real ImageNet VGG19 weights for conv1_1 ... conv3_1."""
     return require_shared(PARTIAL_WEIGHTS_FILE)
+
+
+@pytest.fixture
+def partial_random_weights(tmp_path: Path) -> Path:
+    """A file shaped like the partial real one (``vgg19().features`` conv1_1 ... conv3_1) but holding seeded random
+    weights: for tests of how partial files are handled, which need no real weights and so run everywhere."""
+    from lightning_nst.vgg import VGG19Features
+
+    path = tmp_path / "vgg19_random_conv1_1-conv3_1.pth"
+    torch.save(VGG19Features(["relu3_1"], weights="random").trunk.state_dict(), path)
+    return path

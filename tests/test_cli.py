@@ -153,9 +153,10 @@ def test_unknown_layer_names_config_key(capsys: pytest.CaptureFixture[str]) -> N
     assert "model.objectives[0].style_layers: unknown VGG19 layer 'rleu2_1'" in err and "relu2_1" in err
 
 
-def test_layer_deeper_than_weights_file(capsys: pytest.CaptureFixture[str], partial_weights: Path) -> None:
+def test_layer_deeper_than_weights_file(capsys: pytest.CaptureFixture[str], partial_random_weights: Path) -> None:
     err = run_error(
-        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), f"--model.init_args.vgg.weights={partial_weights}",
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"),
+        f"--model.init_args.vgg.weights={partial_random_weights}",
     )  # fmt: skip
     assert "model.vgg.weights:" in err and "relu5_1 was requested" in err and "available layers: conv1_1" in err
 
