@@ -64,9 +64,10 @@ from lightning_nst.losses import ContentLoss, LayerStyleLoss
 from lightning_nst.vgg import VGG19Features
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-VGG_FILE = SHARED / "models" / "vgg19_imagenet_conv1_1-conv3_1.pth"
-STARRY_NIGHT = SHARED / "data" / "style" / "starry_night.jpg"
+sys.path.insert(0, str(REPO))
+from tests.conftest import PARTIAL_WEIGHTS, shared_file  # noqa: E402  (the one place that knows where ../shared is)
+
+STARRY_NIGHT = shared_file("data/style/starry_night.jpg")
 
 # The tutorial's layers, conv_1 .. conv_5, by our names.
 STYLE_LAYERS = ["conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"]
@@ -338,8 +339,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=["L-BFGS", "coarse-to-fine", "Adam"])
     parser.add_argument("--content", default="skimage:astronaut")
-    parser.add_argument("--style", default=str(STARRY_NIGHT) if STARRY_NIGHT.is_file() else "skimage:gravel")
-    parser.add_argument("--weights", default=str(VGG_FILE) if VGG_FILE.is_file() else "random")
+    parser.add_argument("--style", default=str(STARRY_NIGHT) if STARRY_NIGHT else "skimage:gravel")
+    parser.add_argument("--weights", default=str(PARTIAL_WEIGHTS) if PARTIAL_WEIGHTS else "random")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
     args.coarse_size = args.coarse_size or args.size // 2

@@ -83,9 +83,15 @@ def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
 
 
 def rms_normalize(gradient: Tensor, eps: float = 1e-12) -> Tensor:
-    """Divide each sample's gradient by its root mean square, so the correction has unit RMS like the noise."""
-    rms = gradient.float().square().flatten(1).mean(dim=1).sqrt()
-    return (gradient.float() / (rms + eps).view(-1, *[1] * (gradient.ndim - 1))).to(gradient.dtype)
+    """Divide each sample's gradient by its root mean square, so the correction has unit RMS like the noise.
+
+    However small the gradient, a sample that is not all zero comes out with RMS 1; an all-zero one stays zero.
+    """
+    flat = gradient.float().flatten(1)
+    # Scaled to a largest magnitude of 1 first: squaring a gradient of ~1e-20 would underflow float32.
+    flat = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    rms = flat.square().mean(dim=1, keepdim=True).sqrt()
+    return (flat / rms.clamp_min(eps)).view_as(gradient).to(gradient.dtype)
 
 
 class StyleGuidance(nn.Module):

@@ -1,15 +1,48 @@
-"""Shared fixtures: no test touches the network, ~/.cache or the repository's logs/."""
+"""Shared fixtures: no test touches the network, ~/.cache or the repository's logs/.
+
+``../shared`` (sample images, partial real VGG19 weights, the CLIP tokenizer) exists on the development machines
+only. Every test and benchmark finds it through :func:`shared_file`; ``LIGHTNING_NST_HIDE_SHARED=1`` makes them
+behave as on a user's fresh machine, where it does not exist.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
+HIDE_SHARED_ENV = "LIGHTNING_NST_HIDE_SHARED"
+SHARED_HIDDEN = os.environ.get(HIDE_SHARED_ENV, "") not in ("", "0")
 SHARED = REPO.parent / "shared"
-PARTIAL_WEIGHTS = SHARED / "models" / "vgg19_imagenet_conv1_1-conv3_1.pth"
+
+
+def shared_file(relative: str) -> Path | None:
+    """``../shared/<relative>`` if it exists and ``$LIGHTNING_NST_HIDE_SHARED`` does not hide it, else None."""
+    path = SHARED / relative
+    return None if SHARED_HIDDEN or not path.exists() else path
+
+
+def require_shared(relative: str) -> Path:
+    """``../shared/<relative>``, or skip the calling test naming the missing file."""
+    path = shared_file(relative)
+    if path is None:
+        hidden = f" (hidden by {HIDE_SHARED_ENV}=1)" if SHARED_HIDDEN else ""
+        pytest.skip(f"../shared/{relative} is not present{hidden}")
+    return path
+
+
+PARTIAL_WEIGHTS_FILE = "models/vgg19_imagenet_conv1_1-conv3_1.pth"
+PARTIAL_WEIGHTS = shared_file(PARTIAL_WEIGHTS_FILE)
+CLIP_TOKENIZER = shared_file("models/clip-tokenizer")
+# Which models the tiny pipeline and the toy reports get: the real ImageNet VGG19 weights up to relu3_1 and the
+# real CLIP vocabulary where ../shared holds both, else seeded random weights and a byte-level vocabulary. Tests
+# whose numbers depend on the models state a threshold measured for each.
+REAL_MODELS = PARTIAL_WEIGHTS is not None and CLIP_TOKENIZER is not None
+MODELS = "real" if REAL_MODELS else "random"
 
 
 @pytest.fixture(autouse=True)
@@ -23,16 +56,17 @@ def _isolate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def shared() -> Path:
-    """The read-only ../shared folder of sample data; tests using it skip where it is absent."""
-    if not SHARED.is_dir():
-        pytest.skip("../shared is not present")
-    return SHARED
+def partial_weights() -> Path:
+    """Real ImageNet VGG19 weights for conv1_1 ... conv3_1."""
+    return require_shared(PARTIAL_WEIGHTS_FILE)
 
 
 @pytest.fixture
-def partial_weights(shared: Path) -> Path:
-    """Real ImageNet VGG19 weights for conv1_1 ... conv3_1."""
-    if not PARTIAL_WEIGHTS.is_file():
-        pytest.skip(f"{PARTIAL_WEIGHTS} is not present")
-    return PARTIAL_WEIGHTS
+def partial_random_weights(tmp_path: Path) -> Path:
+    """A file shaped like the partial real one (``vgg19().features`` conv1_1 ... conv3_1) but holding seeded random
+    weights: for tests of how partial files are handled, which need no real weights and so run everywhere."""
+    from lightning_nst.vgg import VGG19Features
+
+    path = tmp_path / "vgg19_random_conv1_1-conv3_1.pth"
+    torch.save(VGG19Features(["relu3_1"], weights="random").trunk.state_dict(), path)
+    return path

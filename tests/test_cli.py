@@ -12,7 +12,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_nst.cli import main
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, require_shared
 
 SHIPPED = [
     "content_reconstruction",
@@ -153,9 +153,10 @@ def test_unknown_layer_names_config_key(capsys: pytest.CaptureFixture[str]) -> N
     assert "model.objectives[0].style_layers: unknown VGG19 layer 'rleu2_1'" in err and "relu2_1" in err
 
 
-def test_layer_deeper_than_weights_file(capsys: pytest.CaptureFixture[str], partial_weights: Path) -> None:
+def test_layer_deeper_than_weights_file(capsys: pytest.CaptureFixture[str], partial_random_weights: Path) -> None:
     err = run_error(
-        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"), f"--model.init_args.vgg.weights={partial_weights}",
+        capsys, "fit", "-c", str(CONFIGS / "texture_gram.yaml"),
+        f"--model.init_args.vgg.weights={partial_random_weights}",
     )  # fmt: skip
     assert "model.vgg.weights:" in err and "relu5_1 was requested" in err and "available layers: conv1_1" in err
 
@@ -179,10 +180,10 @@ def test_layers_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(lines) == 38 and lines[1].split()[:2] == ["0", "conv1_1"] and lines[-1].split()[:2] == ["36", "pool5"]
 
 
-def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: Path, shared: Path) -> None:
+def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: Path) -> None:
     summary = fit(
         "content_reconstruction",
-        f"--data.init_args.content={shared / 'data/content/chelsea.png'}",
+        f"--data.init_args.content={require_shared('data/content/chelsea.png')}",
         "--model.init_args.objectives=[{name: conv1_1, content_layers: [conv1_1]}]",
         size=64,
         steps=100,
@@ -192,10 +193,10 @@ def test_conv1_1_reconstruction_with_real_weights_reaches_25db(partial_weights: 
     assert "covers conv1_1..relu3_1" in summary["vgg_weights"]
 
 
-def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path, shared: Path) -> None:
+def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path) -> None:
     summary = fit(
         "texture_gram",
-        f"--data.init_args.style=[{shared / 'data/style/starry_night.jpg'}]",
+        f"--data.init_args.style=[{require_shared('data/style/starry_night.jpg')}]",
         "--model.init_args.objectives=[{name: t, style_layers: [relu1_1, relu2_1, relu3_1], style_weight: 1e6}]",
         size=64,
         steps=100,

@@ -22,11 +22,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_nst.callbacks import DenoisingCallback, slugify
 from lightning_nst.cli import main
 from lightning_nst.errors import NSTError
-from lightning_nst.guidance import StyleGuidance, check_scheduler, decode_latents, predict_x0
+from lightning_nst.guidance import StyleGuidance, check_scheduler, decode_latents, predict_x0, rms_normalize
 from lightning_nst.images import load_image
 from lightning_nst.prompts import PromptGrid
 from lightning_nst.vgg import VGGConfig
-from tests.conftest import CONFIGS, REPO
+from tests.conftest import CONFIGS, MODELS, REPO
 from tests.tiny_pipeline import (
     GUIDED,
     STEPS,
@@ -38,6 +38,11 @@ from tests.tiny_pipeline import (
 )
 
 PROMPT_ONLY = CONFIGS / "prompt_only_diffusion.yaml"
+# Guided (scale 0.3, 6 steps) over unguided final style loss, and the guided trajectory's last over first value, for
+# the models the tiny pipeline gets (conftest.MODELS). Measured: real VGG weights and CLIP vocabulary 0.174 and
+# 0.173 (threshold 0.5, ~3x margin); random weights and byte vocabulary 0.690 and 0.691 (threshold 0.8, 14% margin:
+# a random VGG19's gradient guides less, and its style loss is ~1e-7 against ~4e-4).
+GUIDED_RATIO = {"real": 0.5, "random": 0.8}[MODELS]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -96,9 +101,9 @@ def test_guidance_lowers_style_loss_and_scale_zero_is_unguided(runs: dict[str, P
     assert np.array_equal(pixels(runs["plain"], plain), pixels(runs["scale0"], unguided))
     assert plain["final_style_loss"] is None and plain["style_loss"] is None
     assert not any(unguided["guided"]) and all(guided["guided"])
-    assert guided["final_style_loss"] <= unguided["final_style_loss"] / 2
+    assert guided["final_style_loss"] <= unguided["final_style_loss"] * GUIDED_RATIO
     trajectory = guided["style_loss"]
-    assert len(trajectory) == STEPS and trajectory[-1] < trajectory[0] / 2
+    assert len(trajectory) == STEPS and trajectory[-1] < trajectory[0] * GUIDED_RATIO
     assert sum(b < a for a, b in zip(trajectory, trajectory[1:], strict=False)) >= STEPS - 2  # falls overall
     image = pixels(runs["guided"], guided)
     assert image.shape == (64, 64, 3) and not np.array_equal(image, pixels(runs["scale0"], unguided))
@@ -191,6 +196,7 @@ def test_tiny_autoencoder_decodes_for_the_gradient(pipeline_dir: Path, tiny_vae_
     (record,) = records(run)
     assert record["guidance"]["decoder"] == "tiny" and all(record["guided"])
     # The trajectory is measured on tiny decodes, so it falls; the output is still decoded by the full VAE.
+    # Measured last/first: 0.20 with real models, 0.54 with random ones.
     assert record["style_loss"][-1] < record["style_loss"][0]
     assert pixels(run, record).shape == (64, 64, 3)
 
@@ -199,7 +205,7 @@ def test_bf16_mixed_precision_keeps_style_statistics_finite(pipeline_dir: Path) 
     run = predict(pipeline_dir, "bf16", "--trainer.precision=bf16-mixed", "--model.guidance.init_args.scale=0.3")
     (record,) = records(run)
     assert np.isfinite(record["final_style_loss"]) and all(np.isfinite(record["style_loss"]))
-    assert record["style_loss"][-1] < record["style_loss"][0]
+    assert record["style_loss"][-1] < record["style_loss"][0]  # measured 0.17x with real models, 0.69x with random
 
 
 def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None:
@@ -327,11 +333,24 @@ def test_one_guided_step_lowers_the_style_loss_of_x0() -> None:
             decode_latents(pipeline.vae, predict_x0(pipeline.scheduler, out["noise_pred"], latents, t)),
             kwargs["style_index"],
         )
+    # Measured after/before: 0.83 and 0.84 with the real weights, 0.948 and 0.952 with random ones.
     assert out["guided"] and (after < out["style_loss"]).all()
     correction = (noise - out["noise_pred"]) / 0.05
     torch.testing.assert_close(correction.square().flatten(1).mean(1).sqrt(), torch.ones(2))  # unit RMS per sample
     assert out["x0_image"].shape == (2, 3, 32, 32)
     assert not any(parameter.grad is not None for parameter in pipeline.vae.parameters())
+
+
+@pytest.mark.parametrize("magnitude", [1e-20, 1e-6, 1.0, 1e20])
+def test_rms_normalize_gives_unit_rms_per_sample_at_any_scale(magnitude: float) -> None:
+    # The style gradient is ~1e-12 on random VGG weights; its correction must still be a unit step, not 1e-12/eps.
+    gradient = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    gradient = gradient * torch.tensor([magnitude, 1.0, 0.0]).view(-1, 1, 1, 1)
+    out = rms_normalize(gradient)
+    torch.testing.assert_close(out[:2].square().flatten(1).mean(1).sqrt(), torch.ones(2))
+    exact = gradient[0].double() / gradient[0].double().square().mean().sqrt()
+    torch.testing.assert_close(out[0].double(), exact, rtol=1e-5, atol=1e-6)  # the direction is kept
+    assert out.dtype == gradient.dtype and not out[2].any()  # an all-zero gradient stays zero, not NaN
 
 
 def test_window_and_every_k_choose_the_guided_steps() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from lightning_nst.errors import NSTError
 from lightning_nst.images import labelled_grid, load_image, read_image, save_image, write_atomic
@@ -80,10 +80,26 @@ def test_save_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.json"]
 
 
-def test_labelled_grid() -> None:
-    grid = labelled_grid(torch.zeros(3, 3, 20, 30), ["a", "b", "c"], nrow=2)
-    assert grid.size == (2 * 30 + 3 * 2, 2 * 20 + 3 * 2)
-    assert np.asarray(grid).max() == 255  # labels and padding drawn
+def test_labelled_grid_puts_each_image_and_its_label_in_its_tile() -> None:
+    colours = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = ["x", "conv1_1", "pool5 avg"]
+    grid = labelled_grid(colours.view(3, 3, 1, 1).expand(3, 3, 40, 60), labels, nrow=2)
+    assert grid.size == (2 * 60 + 3 * 2, 2 * 40 + 3 * 2)
+    font = ImageDraw.Draw(grid).getfont()
+    pixels = np.asarray(grid).astype(int)
+    for index, (colour, label) in enumerate(zip(colours, labels, strict=True)):
+        x, y = 2 + (index % 2) * 62, 2 + (index // 2) * 42  # top-left corner of the tile after 2 px padding
+        tile = pixels[y : y + 40, x : x + 60]
+        assert (tile[30, 30] == colour.numpy() * 255).all()  # the image itself, at its place in the grid
+        # The label: a black box in the tile's top-left corner as wide as this label's text, white text inside it.
+        black, white = (tile == 0).all(axis=2), (tile > 200).all(axis=2)
+        rows, columns = np.flatnonzero(black.any(axis=1)), np.flatnonzero(black.any(axis=0))
+        assert rows[0] <= 8 and columns[0] <= 4 and rows[-1] < 20, label
+        assert abs(columns[-1] + 1 - columns[0] - font.getlength(label)) <= 3, label
+        text_rows, text_columns = np.flatnonzero(white.any(axis=1)), np.flatnonzero(white.any(axis=0))
+        assert text_rows.size and rows[0] <= text_rows[0] and text_rows[-1] <= rows[-1], label
+        assert columns[0] <= text_columns[0] and text_columns[-1] <= columns[-1], label
+    assert (pixels[44:, 64:] == 255).all()  # the fourth place of the 2x2 grid is left blank
 
 
 def test_tiny_image_is_refused(tmp_path: Path) -> None:

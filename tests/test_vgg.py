@@ -91,16 +91,16 @@ def test_partial_real_weights_load(partial_weights: Path) -> None:
     assert "covers conv1_1..relu3_1" in features.weights_used
 
 
-def test_layer_deeper_than_partial_weights_lists_available(partial_weights: Path) -> None:
+def test_layer_deeper_than_partial_weights_lists_available(partial_random_weights: Path) -> None:
     with pytest.raises(NSTError) as error:
-        VGG19Features(["relu4_2"], weights=partial_weights, key="model.vgg")
+        VGG19Features(["relu4_2"], weights=partial_random_weights, key="model.vgg")
     message = str(error.value)
     assert message.startswith("model.vgg.weights:") and "relu4_2" in message and "\n" not in message
     assert "available layers: conv1_1, relu1_1, conv1_2" in message and message.count("relu3_1") >= 1
-    filled = VGG19Features(["relu4_2"], weights=partial_weights, fill_missing=True)
+    filled = VGG19Features(["relu4_2"], weights=partial_random_weights, fill_missing=True)
     assert "random beyond relu3_1" in filled.weights_used
     assert filled.pretrained_layers[-1] == "relu3_1" and "conv3_2" not in filled.pretrained_layers
-    assert VGG19Features(["relu2_1"], weights=partial_weights).pretrained_layers[-1] == "relu2_1"
+    assert VGG19Features(["relu2_1"], weights=partial_random_weights).pretrained_layers[-1] == "relu2_1"
     assert VGG19Features(["relu2_1"], weights="random").pretrained_layers == ()
 
 

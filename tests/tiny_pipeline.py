@@ -20,14 +20,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from lightning_nst.callbacks import DenoisingCallback
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-CLIP_TOKENIZER = SHARED / "models" / "clip-tokenizer"
-VGG_WEIGHTS = SHARED / "models" / "vgg19_imagenet_conv1_1-conv3_1.pth"
+try:
+    from tests.conftest import CLIP_TOKENIZER, PARTIAL_WEIGHTS, REAL_MODELS, REPO
+except ModuleNotFoundError:  # run as a script, `python tests/tiny_pipeline.py FOLDER`: tests/ is on sys.path
+    from conftest import CLIP_TOKENIZER, PARTIAL_WEIGHTS, REAL_MODELS, REPO  # type: ignore[no-redef]
 
 GUIDED = REPO / "configs" / "guided_diffusion.yaml"
-# The real ImageNet weights (up to relu3_1) where ../shared exists; seeded random weights elsewhere.
-VGG = str(VGG_WEIGHTS) if VGG_WEIGHTS.is_file() else "random"
+# The real ImageNet weights (up to relu3_1) and CLIP vocabulary where ../shared holds both (conftest.REAL_MODELS);
+# seeded random weights and a byte-level vocabulary elsewhere.
+VGG = str(PARTIAL_WEIGHTS) if REAL_MODELS else "random"
 LAYERS = "[relu1_1, relu2_1, relu3_1]"
 STEPS = 6
 
@@ -66,8 +67,8 @@ def records(folder: Path, manifest: str = "predictions.jsonl") -> list[dict[str,
 
 
 def tiny_tokenizer(directory: Path) -> CLIPTokenizer:
-    """The real CLIP BPE vocabulary from ``../shared`` when present, else a byte-level one without merges."""
-    if CLIP_TOKENIZER.is_dir():
+    """The real CLIP BPE vocabulary where ``REAL_MODELS``, else a byte-level one without merges."""
+    if REAL_MODELS:
         return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER)
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
