@@ -65,7 +65,7 @@ def fit_seconds(task: str, statistic: str, size: int, steps: int, folder: str) -
     )
     trainer = L.Trainer(
         max_steps=steps + 1,
-        max_epochs=1,
+        max_epochs=-1,
         logger=TensorBoardLogger(folder, name="bench"),
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -209,7 +209,8 @@ class ImageOptimization(L.LightningModule):
         try:
             optimizer = self.optimizer_factory([self.image])
         except (TypeError, ValueError) as error:  # torch's own checks, e.g. "Invalid learning rate: -1.0"
-            raise NSTError(f"model.optimizer: {error}") from None
+            key = "model.optimizer.init_args.lr" if "learning rate" in str(error) else "model.optimizer"
+            raise NSTError(f"{key}: {error}") from None
         for group in optimizer.param_groups:
             # torch accepts lr=inf (and LBFGS any lr), which turns the image into NaN at the first step.
             lr = group.get("lr")
@@ -418,9 +419,10 @@ class ImageOptimization(L.LightningModule):
         return {**paths, "grid": out / "grid.png", "summary": out / "summary.json"}
 
     def _check_outputs_free(self) -> None:
+        paths = self._output_paths()  # every rank: the logger's run folder is agreed on by a collective call
         if self.overwrite or not self.trainer.is_global_zero:
             return
-        existing = [str(path) for path in self._output_paths().values() if path.exists()]
+        existing = [str(path) for path in paths.values() if path.exists()]
         if existing:
             raise NSTError(f"model.output_dir: {existing[0]} exists; choose another folder or set model.overwrite=true")
 
