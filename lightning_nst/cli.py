@@ -361,6 +361,8 @@ def print_layers() -> None:
         print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
 
 
+# LightningCLI's SaveConfigCallback refuses to replace the config.yaml of an earlier run with this RuntimeError.
+_CONFIG_EXISTS = re.compile(r"SaveConfigCallback expected (.+) to NOT exist")
 _KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)')
 _CLASS = re.compile(r"Problem with given class_path '([^']+)':")
 _OPTION = re.compile(r"Option '([^']+)' is not accepted")
@@ -538,11 +540,19 @@ def main(args: ArgsType = None) -> None:
             report(listed[1:])
         else:
             NSTCLI(args=args, parser_kwargs={"exit_on_error": False})
-    except (NSTError, ArgumentError, ValueError, MisconfigurationException) as error:
+    except (NSTError, ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
         if debug:
             raise
         if isinstance(error, NSTError):
             message = str(error)
+        elif isinstance(error, RuntimeError):
+            if not (match := _CONFIG_EXISTS.search(str(error))):
+                raise
+            message = (
+                f"trainer.default_root_dir: {match.group(1)} exists, so a run already wrote into "
+                f"{Path(match.group(1)).parent}; choose another folder, or keep a logger, which makes a new "
+                "version folder for every run"
+            )
         elif cause := NSTError.behind(error):
             message = str(cause)
         elif isinstance(error, MisconfigurationException):  # Lightning's own check of a trainer option

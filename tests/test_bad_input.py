@@ -304,3 +304,21 @@ def test_fit_with_any_multi_process_strategy_is_refused(strategy: str, capsys: p
     options = ["--trainer.accelerator=cpu", "--trainer.devices=2", f"--trainer.strategy={strategy}"]
     err = fails(["fit", "-c", TEXTURE, *TOY, *options], capsys)
     assert "trainer.devices: image optimisation runs on one device, but this config asks for 2 processes" in err
+
+
+def test_a_second_run_without_logger_into_the_same_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--trainer.logger=false", "--data.init_args.size=32",
+        "--trainer.max_steps=2", "--model.init_args.vgg.weights=random", "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    main(args)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("lightning-nst: error: trainer.default_root_dir: "), err
+    assert "config.yaml exists, so a run already wrote into" in err
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
