@@ -322,3 +322,23 @@ def test_a_second_run_without_logger_into_the_same_folder_is_refused(
     assert err.count("\n") == 0 and err.startswith("lightning-nst: error: trainer.default_root_dir: "), err
     assert "config.yaml exists, so a run already wrote into" in err
     assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_a_failed_run_removes_only_a_log_folder_it_made_itself(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = tmp_path / "logs" / "texture_gram" / "mine"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    bad = [
+        "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--data.init_args.size=32",
+        "--model.init_args.vgg.weights=random", "--trainer.enable_progress_bar=false",
+        "--model.init_args.objectives=[{name: x, content_layers: [relu1_1]}]",  # content layers, but no content
+    ]  # fmt: skip
+    for version in ("mine", "fresh"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*bad, f"--trainer.logger.init_args.version={version}"])
+        assert exit_info.value.code == 2
+        assert "has content layers: set data.content" in capsys.readouterr().err
+    assert (mine / "notes.txt").read_text() == "mine"  # the folder was there before: kept, with what it held
+    assert not (tmp_path / "logs" / "texture_gram" / "fresh").exists()  # made by the failed run: removed
