@@ -96,3 +96,16 @@ def test_out_that_is_a_file_is_refused_before_any_run(tmp_path: Path, capsys: py
     err = error_of(capsys, out)
     assert err == f"lightning-nst: error: out: {out} is not a folder"
     assert out.read_text() == "mine" and not (tmp_path / "reports").exists()
+
+
+def test_a_finished_run_whose_image_was_damaged_is_run_again(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    report(out)
+    image = out / "runs" / "conv1_1" / "conv1_1.png"
+    intact = image.read_bytes()
+    image.write_bytes(intact[:100])  # truncated, e.g. by a full disk or a copy cut short
+    report(out)
+    assert image.read_bytes() == intact  # the same settings and seed make the same image again
+    untouched = (out / "runs" / "conv1_1" / "summary.json").stat().st_mtime_ns
+    report(out)  # intact now: read back, not run
+    assert (out / "runs" / "conv1_1" / "summary.json").stat().st_mtime_ns == untouched

@@ -17,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_nst.diffusion import DEFAULT_MODEL
 from lightning_nst.errors import NSTError
 from lightning_nst.images import save_image, write_atomic
-from lightning_nst.outputs import check_output_dir
+from lightning_nst.outputs import check_output_dir, file_digest
 from lightning_nst.report.figures import captioned
 from lightning_nst.vgg import VGG19Features, VGGConfig
 
@@ -113,6 +113,24 @@ class ReportSettings:
 def _inside(name: object) -> bool:
     """Whether ``name`` is a relative path that stays inside the folder it is relative to."""
     return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
+
+
+def _damaged_outputs(out: Path, done: str) -> str | None:
+    """The first output of a finished run that is missing or differs from the sha256 its run recorded, if any."""
+    try:
+        if done == "summary.json":
+            summary = json.loads((out / done).read_text(encoding="utf-8"))
+            recorded = [(item["output"], item.get("sha256")) for item in summary["objectives"].values()]
+            recorded.append((summary["grid"], summary.get("grid_sha256")))
+        else:
+            lines = (out / done).read_text(encoding="utf-8").splitlines()
+            recorded = [(record["image"], record.get("sha256")) for record in map(json.loads, lines)]
+    except (OSError, ValueError, KeyError, TypeError):
+        return done
+    for name, digest in recorded:
+        if digest is None or not (out / name).is_file() or file_digest(out / name) != digest:
+            return name
+    return None
 
 
 def lbfgs(history: int = 50) -> dict[str, Any]:
@@ -270,8 +288,11 @@ class Report:
         text += yaml.safe_dump(config, sort_keys=False)
         out = self.run_dir(run)
         if (out / done).is_file() and path.is_file() and path.read_text(encoding="utf-8") == text:
-            print(f"[{self.experiment}] {run}: finished earlier, reading {out}")
-            return out
+            damaged = _damaged_outputs(out, done)
+            if not damaged:
+                print(f"[{self.experiment}] {run}: finished earlier, reading {out}")
+                return out
+            print(f"[{self.experiment}] {run}: {damaged} no longer matches its recorded sha256; running it again")
         if out.exists():  # a run of this report that did not finish, or was made by an older config
             self._remove_owned(out)
             left = sorted(str(file) for file in out.rglob("*") if not file.is_dir())
