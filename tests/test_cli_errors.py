@@ -78,7 +78,7 @@ CASES = {
     ),
     "negative learning rate": (
         [TEXTURE, "--model.init_args.optimizer.init_args.lr=-0.5"],
-        "model.optimizer: Invalid learning rate: -0.5",
+        "model.optimizer.init_args.lr: Invalid learning rate: -0.5",
     ),
     "non-numeric learning rate": (
         [TEXTURE, "--model.init_args.optimizer.init_args.lr=fast"],
