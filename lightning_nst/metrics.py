@@ -13,15 +13,25 @@ from lightning_nst.vgg import VGG19Features
 
 
 class StyleDistance(Metric):
-    r"""Mean style loss :math:`\sum_l w_l \mathcal{L}_l(x, s)` of images against fixed style images.
+    r"""Mean style loss of images against fixed style images.
 
-    The same :class:`~lightning_nst.losses.LayerStyleLoss` drives optimisation and guidance, so numbers from NST,
-    guided diffusion and prompt-only runs are comparable when they use the same VGG weights and layers.
+    .. math::
+
+        \operatorname{StyleDistance} = \frac1n \sum_{i=1}^{n} \sum_l w_l \, \mathcal{L}_l(x_i, s)
+
+    over the :math:`n` images :math:`x_i` passed to :meth:`update` so far, where :math:`\mathcal{L}_l` is the
+    per-layer :class:`~lightning_nst.losses.StyleLoss` (Gram or mean/std) of the VGG19 features at layer :math:`l`,
+    the style target :math:`s` averages the statistics of the style images, and :math:`w_l = 1 / L` for :math:`L`
+    layers unless ``layer_weights`` says otherwise. No ``style_weight`` multiplies it; values are accumulated in
+    float64. The same :class:`~lightning_nst.losses.LayerStyleLoss` drives optimisation and guidance, so numbers from
+    NST, guided diffusion and prompt-only runs are comparable when they use the same VGG weights, statistic and
+    layers.
 
     Args:
         features: A VGG19 trunk that returns at least ``layers``.
         style_images: ``(1, 3, H, W)`` images in ``[0, 1]``; several are blended by averaging their statistics.
         statistic: ``"gram"`` or ``"meanvar"``.
+        layers: Layers of the style loss; all of ``features.layers`` by default.
         layer_weights: ``{layer: w_l}``; equal weights summing to one by default.
     """
 
