@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from torch import Tensor, nn
 
 from lightning_nst.losses import (
     ContentLoss,
@@ -12,6 +15,40 @@ from lightning_nst.losses import (
     style_statistic,
     total_variation,
 )
+from lightning_nst.metrics import StyleDistance
+
+# Hand-checkable (1, C=2, H=2, W=3) features: N = 2 channels, M = 6 positions.
+X = [[1.0, 2.0, 0.0, 3.0, 1.0, 2.0], [0.0, 1.0, 1.0, 2.0, 0.0, 3.0]]
+Y = [[2.0, 0.0, 1.0, 1.0, 1.0, 0.0], [1.0, 2.0, 0.0, 0.0, 1.0, 1.0]]
+EPS = 1e-5
+
+
+def _tensor(rows: list[list[float]], h: int = 2) -> Tensor:
+    """``N x M`` nested lists as ``(1, N, h, M // h)`` features."""
+    return torch.tensor(rows, dtype=torch.float64).view(1, len(rows), h, -1).float()
+
+
+def _rows(features: Tensor) -> list[list[float]]:
+    """The first batch element of ``(B, C, H, W)`` features as an ``N x M`` nested list."""
+    return features[0].flatten(1).double().tolist()
+
+
+def _raw_gram(f: list[list[float]]) -> list[list[float]]:
+    return [[sum(a * b for a, b in zip(fi, fj, strict=True)) for fj in f] for fi in f]
+
+
+def _gatys_e_l(f: list[list[float]], p: list[list[float]]) -> float:
+    """Gatys et al.'s E_l = 1 / (4 N^2 M^2) sum_ij (G_ij - A_ij)^2 with raw Gram matrices."""
+    n, m = len(f), len(f[0])
+    g, a = _raw_gram(f), _raw_gram(p)
+    return sum((g[i][j] - a[i][j]) ** 2 for i in range(n) for j in range(n)) / (4 * n**2 * m**2)
+
+
+def _mu_sigma(f: list[list[float]], eps: float = EPS) -> tuple[list[float], list[float]]:
+    """AdaIN's Eq. 5-6: population variance, eps inside the root."""
+    mu = [sum(row) / len(row) for row in f]
+    sigma = [math.sqrt(sum((x - m) ** 2 for x in row) / len(row) + eps) for row, m in zip(f, mu, strict=True)]
+    return mu, sigma
 
 
 def test_gram_matrix_formula() -> None:
@@ -97,3 +134,157 @@ def test_statistics_stay_fp32_and_finite_under_bf16_autocast(statistic: str) -> 
 def test_unknown_statistic() -> None:
     with pytest.raises(ValueError, match="unknown style statistic 'wasserstein'"):
         style_statistic(torch.rand(1, 1, 2, 2), "wasserstein")  # type: ignore[arg-type]
+
+
+# -- each docstring formula, hand-computed by an independent route ------------------------------------------------
+
+
+def test_gram_matrix_matches_loops_on_hand_features() -> None:
+    n, m = 2, 6
+    expected = [[value / (n * m) for value in row] for row in _raw_gram(X)]
+    assert expected == [[19 / 12, 14 / 12], [14 / 12, 15 / 12]]
+    torch.testing.assert_close(gram_matrix(_tensor(X)), torch.tensor([expected]))
+
+
+def test_gram_style_loss_is_4_e_l_over_n_squared() -> None:
+    # Raw Grams: G = [[19, 14], [14, 15]], A = [[7, 3], [3, 7]]; sum (G - A)^2 = 450, E_l = 450 / (4 * 4 * 36).
+    e_l = _gatys_e_l(X, Y)
+    assert e_l == 450 / 576
+    value = StyleLoss(_tensor(Y), "gram")(_tensor(X))
+    torch.testing.assert_close(value, torch.tensor([4 * e_l / 2**2]))
+    assert value.item() != pytest.approx(4 * e_l)  # what README and docstring used to claim
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 2), (5, 3, 4), (64, 2, 3)])
+def test_gram_style_loss_relation_to_e_l_for_other_widths(shape: tuple[int, int, int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    features, target = (torch.randint(0, 4, (1, *shape), generator=generator).float() for _ in range(2))
+    n = shape[0]
+    e_l = _gatys_e_l(_rows(features), _rows(target))
+    torch.testing.assert_close(StyleLoss(target, "gram")(features), torch.tensor([4 * e_l / n**2]))
+
+
+def test_content_loss_is_2_over_nm_times_gatys() -> None:
+    n, m = 2, 6
+    gatys = 0.5 * sum((x - p) ** 2 for fx, fp in zip(X, Y, strict=True) for x, p in zip(fx, fp, strict=True))
+    assert gatys == 13.0
+    torch.testing.assert_close(ContentLoss(_tensor(Y))(_tensor(X)), torch.tensor([2 / (n * m) * gatys]))
+
+
+def test_mean_std_matches_adain_definition() -> None:
+    mu, sigma = _mu_sigma(X)
+    assert mu == [1.5, 7 / 6]
+    torch.testing.assert_close(mean_std(_tensor(X)), torch.tensor([[mu, sigma]]))
+
+
+def test_meanvar_style_loss_is_squared_adain_norms_over_n() -> None:
+    n = 2
+    (mu, sigma), (mu_s, sigma_s) = _mu_sigma(X), _mu_sigma(Y)
+    mean_norm = math.sqrt(sum((a - b) ** 2 for a, b in zip(mu, mu_s, strict=True)))
+    std_norm = math.sqrt(sum((a - b) ** 2 for a, b in zip(sigma, sigma_s, strict=True)))
+    value = StyleLoss(_tensor(Y), "meanvar")(_tensor(X))
+    torch.testing.assert_close(value, torch.tensor([(mean_norm**2 + std_norm**2) / n]))
+    assert value.item() != pytest.approx(mean_norm + std_norm)  # AdaIN's plain L2 norms: a different quantity
+
+
+def test_mean_std_eps_bias_is_as_documented() -> None:
+    # Channels of population std s exactly: +-s alternating over M = 4 positions.
+    stds = [0.0, 0.0099, 0.0223, 0.1, 1.0]
+    features = torch.tensor([[s, -s, s, -s] for s in stds], dtype=torch.float64).view(1, 5, 2, 2)
+    sigma = mean_std(features.float())[0, 1].double()
+    torch.testing.assert_close(sigma, torch.tensor([math.sqrt(s**2 + EPS) for s in stds], dtype=torch.float64))
+    assert sigma[0].item() == pytest.approx(math.sqrt(EPS))  # a dead channel
+    assert ((sigma - torch.tensor(stds, dtype=torch.float64)) < math.sqrt(EPS)).all()
+    assert sigma[1].item() / stds[1] - 1 == pytest.approx(0.05, abs=1e-3)
+    assert sigma[2].item() / stds[2] - 1 == pytest.approx(0.01, abs=1e-4)
+    assert sigma[4].item() / stds[4] - 1 < 1e-5
+    constant = torch.full((1, 1, 2, 2), 3.0, requires_grad=True)
+    StyleLoss(torch.rand(1, 1, 2, 2), "meanvar")(constant).sum().backward()
+    assert constant.grad is not None and torch.isfinite(constant.grad).all()
+
+
+def test_total_variation_matches_loops() -> None:
+    image = torch.tensor(X + Y, dtype=torch.float64).view(1, 4, 2, 3).float() / 3  # C=4, H=2, W=3
+    x = image[0].double().tolist()
+    c, h, w = 4, 2, 3
+    vertical = sum(abs(x[k][i + 1][j] - x[k][i][j]) for k in range(c) for i in range(h - 1) for j in range(w))
+    horizontal = sum(abs(x[k][i][j + 1] - x[k][i][j]) for k in range(c) for i in range(h) for j in range(w - 1))
+    torch.testing.assert_close(total_variation(image), torch.tensor([(vertical + horizontal) / (c * h * w)]))
+
+
+def test_default_layer_weights_are_one_over_layer_count() -> None:
+    targets = {layer: _tensor(Y) for layer in ("a", "b", "c")}
+    features = {"a": _tensor(X), "b": _tensor(Y), "c": _tensor(X) * 2}
+    loss = LayerStyleLoss(targets, "gram")
+    assert loss.layer_weights == {"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}
+    expected = sum(4 * _gatys_e_l(_rows(features[layer]), Y) / 2**2 for layer in targets) / 3
+    torch.testing.assert_close(loss(features), torch.tensor([expected]))
+
+
+@pytest.mark.parametrize("statistic", ["gram", "meanvar"])
+def test_several_style_images_blend_by_averaging_statistics(statistic: str) -> None:
+    a, b = _tensor(X), _tensor(Y)
+    as_list, as_batch = StyleLoss([a, b], statistic), StyleLoss(torch.cat([a, b]), statistic)
+    if statistic == "gram":
+        expected = [
+            [(p + q) / 2 / 12 for p, q in zip(ra, rb, strict=True)]
+            for ra, rb in zip(_raw_gram(X), _raw_gram(Y), strict=True)
+        ]
+    else:  # the standard deviations are averaged, not the variances
+        expected = [
+            [(p + q) / 2 for p, q in zip(ra, rb, strict=True)]
+            for ra, rb in zip(_mu_sigma(X), _mu_sigma(Y), strict=True)
+        ]
+    torch.testing.assert_close(as_list.target, torch.tensor([expected]))
+    torch.testing.assert_close(as_batch.target, as_list.target)
+
+
+def test_every_loss_returns_one_value_per_batch_element() -> None:
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.rand(3, 4, 5, 6, generator=generator)
+    target = torch.rand(1, 4, 5, 6, generator=generator)
+    losses = {
+        "content": ContentLoss(target),
+        "gram": StyleLoss(target, "gram"),
+        "meanvar": StyleLoss(target, "meanvar"),
+        "tv": total_variation,
+        "layers": lambda f: LayerStyleLoss({"a": target, "b": target * 2}, "gram", {"a": 0.3, "b": 2.0})(
+            {"a": f, "b": f}
+        ),
+    }
+    for name, loss in losses.items():
+        values = loss(batch)
+        assert values.shape == (3,), name
+        alone = torch.cat([loss(batch[i : i + 1]) for i in range(3)])
+        torch.testing.assert_close(values, alone, msg=name)
+        assert len(set(values.tolist())) == 3, name
+
+
+class _IdentityFeatures(nn.Module):
+    """Stands in for the VGG19 trunk: layer ``"x"`` is the image itself."""
+
+    layers = ["x"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(1, 3, 1, 1))
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        return {"x": image}
+
+
+def test_style_distance_is_mean_unweighted_style_loss_over_images() -> None:
+    styles = [torch.tensor(Y[0] * 2).view(1, 3, 2, 2), torch.tensor(X[0] * 2).view(1, 3, 2, 2)]
+    images = torch.tensor([X[1] * 2, Y[1] * 2, X[0] + Y[0]]).view(3, 3, 2, 2)
+    metric = StyleDistance(_IdentityFeatures(), styles, "gram")  # type: ignore[arg-type]
+    metric.update(images[:2])
+    metric.update(images[2:])
+    blended = [
+        [(p + q) / 2 / 12 for p, q in zip(rp, rq, strict=True)]
+        for rp, rq in zip(*(_raw_gram(_rows(s)) for s in styles), strict=True)
+    ]
+    per_image = []
+    for image in images:
+        g = [[value / 12 for value in row] for row in _raw_gram(_rows(image[None]))]
+        per_image.append(sum((g[i][j] - blended[i][j]) ** 2 for i in range(3) for j in range(3)) / 9)
+    torch.testing.assert_close(metric.compute(), torch.tensor(sum(per_image) / 3))
