@@ -302,8 +302,9 @@ def texture_layers(settings: ReportSettings) -> Path:
     report.table(
         f"Gram texture synthesis from noise, {settings.steps} L-BFGS steps at {settings.size} px. 'steps to "
         f"{settings.fraction:g}×' counts the steps until the loss first falls to that fraction of its initial value. "
-        f"{HELD_OUT} 'conv1-16 Gram loss' is the conv1-16 setting's own objective (Gram over all 16 conv layers, "
-        "unit weights), so that setting is favoured on it by construction: it is shown, not ranked on.",
+        f"{HELD_OUT} 'conv1-16 Gram loss' is the conv1-16 setting's own objective up to a constant factor (Gram "
+        "over all 16 conv layers, each weighing 1/16), so that setting is favoured on it by construction: it is "
+        "shown, not ranked on.",
         ["setting", "layers", "initial loss", "final loss", "final/initial", f"steps to {settings.fraction:g}×",
          "spectrum distance (held out)", "colour distance (held out)", "conv1-16 Gram loss (conv1-16's objective)"],
         rows,
