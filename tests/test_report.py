@@ -129,7 +129,7 @@ def test_bad_experiment_and_layer_are_one_line(capsys: pytest.CaptureFixture[str
     assert not Path("reports/reconstruction/runs").exists()
 
 
-def test_texture_layers_compares_eight_settings_on_held_out_measures() -> None:
+def test_texture_layers_compares_eight_settings() -> None:
     out = report("texture_layers")
     [(caption, rows)] = tables(out / "report.md")
     settings = ["conv1-3", "conv1-6", "conv1-10", "conv1-16", "conv1", "conv4", "conv8", "conv16"]
