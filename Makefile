@@ -27,9 +27,10 @@ lint: $(STAMP)
 
 # The CPU report samples under docs/reports: the partial ImageNet VGG19 weights of ../shared (random weights beyond
 # relu3_1, labelled as such), the tests' tiny random Stable Diffusion pipeline, and Starry Night from ../shared as
-# the colour texture of gram_vs_meanvar and the style of the diffusion reports.
+# one of gram_vs_meanvar's textures (with scikit-image's samples) and the style of the diffusion reports.
 SAMPLE_WEIGHTS ?= ../shared/models/vgg19_imagenet_conv1_1-conv3_1.pth
 SAMPLE_STYLE ?= ../shared/data/style/starry_night.jpg
+TEXTURES := skimage:gravel, skimage:brick, skimage:grass, skimage:immunohistochemistry, skimage:coffee
 SAMPLES := --config configs/report_cpu.yaml --model reports/tiny-sd --progress_bar false
 STARRY := --style_prompt "in the style of Van Gogh's The Starry Night, swirling brushstrokes"
 
@@ -41,7 +42,7 @@ report-samples: $(STAMP) reports/tiny-sd
 	for experiment in reconstruction texture_layers; do \
 		$(VENV)/bin/lightning-nst report $$experiment $(SAMPLES) --out docs/reports/$$experiment || exit 1; \
 	done && \
-	$(VENV)/bin/lightning-nst report gram_vs_meanvar $(SAMPLES) --texture $(SAMPLE_STYLE) \
+	$(VENV)/bin/lightning-nst report gram_vs_meanvar $(SAMPLES) --textures "[$(SAMPLE_STYLE), $(TEXTURES)]" \
 		--out docs/reports/gram_vs_meanvar && \
 	for experiment in guided_vs_nst guided_vs_prompt; do \
 		$(VENV)/bin/lightning-nst report $$experiment $(SAMPLES) --style $(SAMPLE_STYLE) $(STARRY) \

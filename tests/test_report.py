@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from lightning_nst.cli import main
+from lightning_nst.report.experiments import colour_distance, spectrum_distance, timing_verdict
 from lightning_nst.report.figures import Series, line_plot
 from tests.conftest import MODELS
 from tests.tiny_pipeline import VGG, build_tiny_pipeline
@@ -130,12 +131,28 @@ def test_bad_experiment_and_layer_are_one_line(capsys: pytest.CaptureFixture[str
 
 def test_texture_layers_compares_eight_settings() -> None:
     out = report("texture_layers")
-    [(_, rows)] = tables(out / "report.md")
-    assert [row["setting"] for row in rows] == [
-        "conv1-3", "conv1-6", "conv1-10", "conv1-16", "conv1", "conv4", "conv8", "conv16",
-    ]  # fmt: skip
+    [(caption, rows)] = tables(out / "report.md")
+    settings = ["conv1-3", "conv1-6", "conv1-10", "conv1-16", "conv1", "conv4", "conv8", "conv16"]
+    assert [row["setting"] for row in rows] == settings
+    held_out = "spectrum distance (held out)"
     for row in rows:
-        assert_finite(row["initial loss"], row["final loss"], row["conv1-16 distance"])
+        assert_finite(row["initial loss"], row["final loss"], row[held_out], row["colour distance (held out)"])
+        assert_finite(row["conv1-16 Gram loss (conv1-16's objective)"])
+    assert "conv1-16 distance" not in rows[0]  # the old, self-favouring ranking column is gone
+    assert "optimised by no setting" in caption and "favoured on it by construction" in caption
+    # The claim and the ranking use the held-out measure, and the ranking lists every setting by it.
+    text = (out / "report.md").read_text()
+    ranking = re.search(
+        r"Ranking on the held-out spectrum distance \(closest to the texture first\): (.+?)\. On the held-out colour",
+        text,
+    )
+    assert ranking
+    ranked = re.findall(r"(conv[0-9-]+) ([0-9.e+-]+)", ranking.group(1))
+    assert sorted(name for name, _ in ranked) == sorted(settings)
+    assert [name for name, _ in ranked] == [
+        row["setting"] for row in sorted(rows, key=lambda row: float(row[held_out]))
+    ]
+    assert "More layers give better structure: the held-out spectrum distance" in text
     # Every setting's loss falls: final/initial measured at most 0.022 (conv8) and 0.080 (conv16) with the real
     # weights. With random ones, at most 0.010 (conv8), but conv16 stays exactly at its initial loss (ratio 1: the
     # image does not move, with L-BFGS's tolerance_grad=0 either).
@@ -147,17 +164,69 @@ def test_texture_layers_compares_eight_settings() -> None:
     assert_figure(out / "loss_by_step.png")
 
 
-def test_gram_vs_meanvar_reports_colours_and_seconds_per_step() -> None:
-    out = report("gram_vs_meanvar", "--texture=skimage:coffee")
-    [(_, colours), (_, costs)] = tables(out / "report.md")
-    assert [row["image"] for row in colours] == ["texture", "gram", "meanvar"]
-    assert [row["statistic"] for row in costs] == ["gram", "meanvar"]
+def test_held_out_measures_see_what_they_claim_to() -> None:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray((rng.uniform(0.2, 0.7, (32, 48, 3)) * 255).astype(np.uint8))
+    brighter = Image.fromarray(np.asarray(image) + np.uint8(40))
+    blurred = image.filter(ImageFilter.GaussianBlur(2))
+    assert spectrum_distance(image, image) == 0 and colour_distance(image, image) == 0
+    assert spectrum_distance(brighter, image) < 1e-6  # the spectrum ignores a colour shift ...
+    assert colour_distance(brighter, image) > 0.1  # ... the colour distance does not
+    assert spectrum_distance(blurred, image) > 0.5  # blur removes power at high frequencies
+
+
+def test_gram_vs_meanvar_counts_each_claim_over_textures_and_seeds() -> None:
+    out = report("gram_vs_meanvar", "--textures=[skimage:coffee, skimage:gravel]", "--seeds=[3]", "--timing_repeats=6")
+    [(_, colours), (_, convergence), (caption, timing)] = tables(out / "report.md")
+    cases = [("0-coffee", "3"), ("1-gravel", "3")]
+    for rows in (colours, convergence):
+        assert [(row["texture"], row["seed"]) for row in rows] == cases
     for row in colours:
-        assert_finite(row["luminance"], row["saturation"], row["R"], row["G"], row["B"])
-    for row in costs:
-        assert float(row["s/step (fit)"]) > 0 and float(row["s (VGG + loss)"]) > 0
-    assert "Mean/var is darker" in (out / "report.md").read_text()
+        assert_finite(row["luminance texture"], row["luminance Gram"], row["luminance mean/var"])
+        darker = float(row["luminance mean/var"]) < float(row["luminance Gram"])
+        assert row["mean/var darker"] == ("yes" if darker else "no")
+    for row in convergence:
+        assert float(row["s/step Gram"]) > 0 and float(row["s/step mean/var"]) > 0
+    assert [row["measure"] for row in timing] == ["Gram s", "mean/var s", "mean/var / Gram"]
+    assert "6 rounds" in caption and "alternately" in caption
+    for row in timing:
+        low, q1, median, q3, high = (float(row[key]) for key in ("min", "Q1", "median", "Q3", "max"))
+        assert 0 < low <= q1 <= median <= q3 <= high
+    text = (out / "report.md").read_text()
+    # Each per-case claim is stated as "holds on k of n", and the verdict matches the count.
+    darker = sum(row["mean/var darker"] == "yes" for row in colours)
+    verdict = {0: "does not hold", 1: "not shown", 2: "holds"}[darker]
+    claim = "Mean/var is darker: the mean/var synthesis has lower mean luminance than the Gram one; "
+    assert f"{claim}holds on **{darker} of 2** cases → **{verdict}**" in text
+    assert re.search(r"more steps to 0.01× .*holds on \*\*[0-2] of 2\*\* cases", text)
+    # The timing verdict follows the spreads: none where the interquartile ranges overlap.
+    gram, meanvar = ((float(row["Q1"]), float(row["Q3"])) for row in timing[:2])
+    if meanvar[0] <= gram[1] and gram[0] <= meanvar[1]:
+        assert "Mean/var is slower per step: **no measurable difference**" in text
+    else:
+        assert "the alternating timing finds mean/var" in text
+    assert len(list((out / "configs").glob("*.yaml"))) == 4  # Gram and mean/var for each of the 2 cases
     assert_figure(out / "textures.png")
+
+
+def test_timing_verdict_needs_separate_spreads() -> None:
+    assert timing_verdict([1.0, 1.1, 1.2, 1.3], [1.15, 1.25, 1.35, 1.4]) == "no measurable difference"
+    assert timing_verdict([1.0, 1.1, 1.2, 1.3], [2.0, 2.1, 2.2, 2.3]) == "slower"
+    assert timing_verdict([2.0, 2.1, 2.2, 2.3], [1.0, 1.1, 1.2, 1.3]) == "faster"
+
+
+def test_gram_vs_meanvar_bad_textures_or_seeds_are_one_line_before_any_run(capsys: pytest.CaptureFixture[str]) -> None:
+    for args, expected in (
+        (["--seeds=[]"], "seeds: give at least one seed"),
+        (["--textures=[]"], "textures: give at least one texture image"),
+        (["--textures=[skimage:coffee, missing.png]"], "textures[1] (missing.png)"),
+    ):
+        with pytest.raises(SystemExit) as error:
+            report("gram_vs_meanvar", *args)
+        assert error.value.code == 2
+        message = capsys.readouterr().err.strip()
+        assert message.startswith("lightning-nst: error:") and expected in message and "\n" not in message
+    assert not Path("reports/gram_vs_meanvar").exists()
 
 
 def test_guided_vs_nst_table_in_the_studys_shape(pipeline_dir: Path) -> None:

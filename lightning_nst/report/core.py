@@ -22,6 +22,8 @@ from lightning_nst.report.figures import captioned
 from lightning_nst.vgg import VGG19Features, VGGConfig
 
 STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+TEXTURES = ["skimage:gravel", "skimage:brick", "skimage:grass", "skimage:immunohistochemistry", "skimage:coffee"]
+"""Experiment 3's default textures: scikit-image's embedded samples, three grey and two in colour."""
 
 FILES = "report-files.json"
 """The list, inside a report folder, of every file the report wrote there: the only files it ever removes."""
@@ -41,7 +43,8 @@ class ReportSettings:
         steps: Optimisation steps of every image-optimisation run.
         vgg: VGG19 weights and pooling of every run and of the report's own style measurements.
         content: Content image of experiment 1.
-        texture: Texture image of experiments 2 and 3.
+        texture: Texture image of experiment 2.
+        textures: Texture images of experiment 3; each claim there is counted over every texture and seed.
         style: Style image of experiments 4 and 5.
         layers: Layers of experiment 1; by default all 37 (each conv with its relu, and the pools).
         style_layers: Style layers of experiments 3-5 and of the style loss all of them report.
@@ -55,6 +58,8 @@ class ReportSettings:
         style_prompt: Words appended to the prompt for the prompt-only baseline of experiment 5.
         negative_prompt: Negative prompt of every generation.
         seed: Seed of the generations (and of the noise of image optimisation).
+        seeds: Noise seeds of experiment 3's syntheses, each run on every texture.
+        timing_repeats: Interleaved repetitions of experiment 3's timing of VGG + loss for each statistic.
         sampling_steps: DDIM sampling steps.
         image_size: Side of the generated images, in pixels; ``null`` for the pipeline's native size.
         cfg_scale: Classifier-free guidance scale.
@@ -75,6 +80,7 @@ class ReportSettings:
     vgg: VGGConfig = field(default_factory=VGGConfig)
     content: str = "skimage:astronaut"
     texture: str = "skimage:gravel"
+    textures: list[str] = field(default_factory=lambda: list(TEXTURES))
     style: str = "skimage:immunohistochemistry"
     layers: list[str] | None = None
     style_layers: list[str] = field(default_factory=lambda: list(STYLE_LAYERS))
@@ -88,6 +94,8 @@ class ReportSettings:
     style_prompt: str = "in the style of a stained microscope slide, purple and brown blotches on white"
     negative_prompt: str = "blurry, low quality"
     seed: int = 0
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    timing_repeats: int = 30
     sampling_steps: int = 50
     image_size: int | None = 512
     cfg_scale: float = 7.5
@@ -101,13 +109,19 @@ class ReportSettings:
 
     def check(self) -> None:
         """Raise naming the first option out of range."""
-        for key in ("size", "steps", "sampling_steps", "guidance_size", "rows"):
+        for key in ("size", "steps", "sampling_steps", "guidance_size", "rows", "timing_repeats"):
             if getattr(self, key) < 1:
                 raise NSTError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 < self.fraction < 1:
             raise NSTError(f"fraction: must be between 0 and 1, got {self.fraction}")
         if not self.style_layers:
             raise NSTError("style_layers: give at least one VGG19 layer")
+        if not self.textures:
+            raise NSTError("textures: give at least one texture image")
+        if not self.seeds:
+            raise NSTError("seeds: give at least one seed")
+        if len(set(self.seeds)) < len(self.seeds):
+            raise NSTError(f"seeds: each seed once, got {self.seeds}")
 
 
 def _inside(name: object) -> bool:
@@ -315,9 +329,13 @@ class Report:
             raise NSTError(f"{path}: the run ended without writing {out / done}")
         return out
 
-    def fit(self, run: str, config: dict[str, Any]) -> dict[str, Any]:
-        """Run ``lightning-nst fit`` on ``config`` (once) and return its ``summary.json``."""
-        out = self._run("fit", run, {"seed_everything": self.settings.seed, **config}, "summary.json")
+    def fit(self, run: str, config: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+        """Run ``lightning-nst fit`` on ``config`` (once) and return its ``summary.json``.
+
+        ``seed`` seeds everything in the run; the settings' ``seed`` by default.
+        """
+        seed = self.settings.seed if seed is None else seed
+        out = self._run("fit", run, {"seed_everything": seed, **config}, "summary.json")
         return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
     def predict(self, run: str, config: dict[str, Any]) -> list[dict[str, Any]]:
