@@ -19,7 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.optim import Adam, Optimizer
+from torch.optim import LBFGS, Adam, Optimizer
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lightning_nst.data import ImageTargets
@@ -259,6 +259,12 @@ class ImageOptimization(L.LightningModule):
                 lr = group.get("lr")
                 if isinstance(lr, int | float) and not (math.isfinite(lr) and lr > 0):
                     raise NSTError(f"model.optimizer.init_args.lr: must be a finite number > 0, got {lr}")
+                # torch only checks this inside the first step, after the setup, as a RuntimeError traceback.
+                line_search = group.get("line_search_fn", None)
+                if isinstance(optimizer, LBFGS) and line_search not in (None, "strong_wolfe"):
+                    raise NSTError(
+                        f"model.optimizer.init_args.line_search_fn: must be strong_wolfe or null, got {line_search!r}"
+                    )
             optimizers.append(optimizer)
         return optimizers
 
