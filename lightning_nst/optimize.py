@@ -188,7 +188,7 @@ class ImageOptimization(L.LightningModule):
         self.best_images: Tensor | None = None
         self.best_loss: list[float] = []
         self.best_step: list[int] = []
-        self.stopped: list[bool] = []
+        self.stopped_at: list[int | None] = []
 
     # -- the pixels -------------------------------------------------------------------------------------------
 
@@ -324,7 +324,7 @@ class ImageOptimization(L.LightningModule):
             "best_images": self.best_images.detach().cpu() if self.best_images is not None else None,
             "best_loss": list(self.best_loss),
             "best_step": list(self.best_step),
-            "stopped": list(self.stopped),
+            "stopped_at": list(self.stopped_at),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
@@ -334,7 +334,7 @@ class ImageOptimization(L.LightningModule):
             self.best_images = state["best_images"]
             self.best_loss = list(state["best_loss"])
             self.best_step = list(state["best_step"])
-            self.stopped = list(state["stopped"])
+            self.stopped_at = list(state["stopped_at"])
 
     # -- the objective ----------------------------------------------------------------------------------------
 
@@ -380,7 +380,7 @@ class ImageOptimization(L.LightningModule):
         step = self.global_step
         counted = False
         for index, (objective, optimizer) in enumerate(zip(self.objectives, optimizers, strict=True)):
-            if self.stopped[index]:
+            if self.stopped_at[index] is not None:
                 continue
             parameter = self.images[index]
             before = parameter.detach().clone()
@@ -407,8 +407,9 @@ class ImageOptimization(L.LightningModule):
                 if bool(torch.isfinite(parameter).all()):
                     self._last_good[index] = self.decode(parameter[0])
                     self._has_good[index] = True
-                self.stopped[index] = torch.equal(before, parameter)
-        if not counted or all(self.stopped):
+                if torch.equal(before, parameter):
+                    self.stopped_at[index] = step
+        if not counted or all(at is not None for at in self.stopped_at):
             self.trainer.should_stop = True
         metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
         metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
@@ -450,7 +451,7 @@ class ImageOptimization(L.LightningModule):
             self.best_images = image.clone()
             self.best_loss = [math.inf] * len(self.objectives)
             self.best_step = [0] * len(self.objectives)
-            self.stopped = [False] * len(self.objectives)
+            self.stopped_at = [None] * len(self.objectives)
         self.best_images = self.best_images.to(self.device)
         if self.save_every and self.global_step == 0:
             self._save_steps()
@@ -537,7 +538,7 @@ class ImageOptimization(L.LightningModule):
             self.best_images = image.clone()
             self.best_loss = [math.inf] * len(self.objectives)
             self.best_step = [0] * len(self.objectives)
-            self.stopped = [False] * len(self.objectives)
+            self.stopped_at = [None] * len(self.objectives)
         best = self.best_images.to(image.device)
         last: dict[str, float] = {}
         for index, objective in enumerate(self.objectives):
@@ -565,7 +566,7 @@ class ImageOptimization(L.LightningModule):
                 "best_step": self.best_step[index],
                 "best_loss": self.best_loss[index],
                 "last_loss": last[objective.name],
-                "stopped_early": self.stopped[index],
+                "stopped_at_step": self.stopped_at[index],
                 "metrics": metrics,
                 "output": paths[objective.name].name,
             }

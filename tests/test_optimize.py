@@ -109,3 +109,10 @@ def test_unknown_line_search_is_refused_in_one_line(tmp_path: Path, capsys: pyte
     assert err.count("\n") == 0, err
     assert "model.optimizer.init_args.line_search_fn: must be strong_wolfe or null, got 'wolfe'" in err
     assert not (tmp_path / "logs/texture_gram/version_0/summary.json").exists()
+
+
+def test_a_converged_objective_stops_while_the_other_goes_on(tmp_path: Path) -> None:
+    objectives = fit([RECONSTRUCTION, TEXTURE], "lbfgs", tmp_path, steps=40)
+    first, second = (objectives[name]["stopped_at_step"] for name in ("conv1_1", "conv5_1"))
+    assert first is not None and (second is None or second > first), (first, second)
+    assert objectives["conv1_1"]["last_loss"] == objectives["conv1_1"]["best_loss"]  # not moved after it stopped
