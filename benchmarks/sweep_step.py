@@ -3,9 +3,8 @@
 "batched" is the design before per-objective optimizers, rebuilt here: one parameter holding all 16 images, one
 L-BFGS over it, and each step one VGG pass of the whole batch up to conv5_4. "per objective" is a real Lightning fit of
 :class:`~lightning_nst.ImageOptimization` (16 parameters, 16 L-BFGS, each step one VGG pass per objective that stops
-at its layer), timed per step after the first. Both use the sweep's old optimizer settings (lr 1, max_iter 1,
-history 20, no line search); the last row is the per-objective fit with the configs' new default (strong_wolfe,
-max_iter 1), whose step costs more evaluations.
+at its layer), timed per step after the first. Both use the sweep configs' optimizer settings (lr 1, max_iter 1,
+history 20, no line search); the last row adds a strong-Wolfe line search, whose step costs more evaluations.
 
     OMP_NUM_THREADS=1 python benchmarks/sweep_step.py --size 128 --steps 5
 """
@@ -102,7 +101,7 @@ def main() -> None:
     print(f"{'design':<40} {'s/step':>8}")
     print(f"{'batched, one L-BFGS (before)':<40} {before:>8.3f}")
     print(f"{'per objective, 16 L-BFGS (after)':<40} {after:>8.3f}")
-    print(f"{'per objective, strong_wolfe (default)':<40} {wolfe:>8.3f}")
+    print(f"{'per objective, strong_wolfe':<40} {wolfe:>8.3f}")
 
 
 if __name__ == "__main__":
