@@ -409,6 +409,10 @@ class ImageOptimization(L.LightningModule):
                     self._has_good[index] = True
                 if torch.equal(before, parameter):
                     self.stopped_at[index] = step
+                    rank_zero_info(
+                        f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
+                        f"(loss {start['total']:.4g})"
+                    )
         if not counted or all(at is not None for at in self.stopped_at):
             self.trainer.should_stop = True
         metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
