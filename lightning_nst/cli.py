@@ -246,7 +246,7 @@ def check_checkpoint(config: Namespace) -> bool:
     if not class_path.endswith("ImageOptimization"):
         return False
     state = checkpoint.get("lightning_nst")
-    if "image" not in checkpoint["state_dict"] or not isinstance(state, dict):
+    if "images.0" not in checkpoint["state_dict"] or not isinstance(state, dict):
         raise NSTError(f"ckpt_path: {path} is not a checkpoint of lightning_nst.ImageOptimization (no image state)")
     wanted = model.get("init_args") or Namespace()
     saved = checkpoint.get("hyper_parameters") or {}

@@ -6,7 +6,9 @@ import json
 import math
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.optim import Adam, Optimizer
+from torch.optim import LBFGS, Adam, Optimizer
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lightning_nst.data import ImageTargets
@@ -27,6 +29,9 @@ from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, 
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import file_digest, source_digest
 from lightning_nst.vgg import VGGConfig, check_layers, min_input_size
+
+# Checkpoints hold the state after the step of their global_step, which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -89,17 +94,24 @@ def _check_objectives(objectives: list[Objective]) -> None:
             _check_weight(getattr(objective, term), f"{key}.{term}")
 
 
+def _nothing() -> None:
+    pass
+
+
 def default_optimizer(params: Any) -> Optimizer:
     """Adam with learning rate 0.02, a good default for pixels in ``[0, 1]``."""
     return Adam(params, lr=0.02)
 
 
 class ImageOptimization(L.LightningModule):
-    """Optimise pixels so that VGG19 features match targets: one image per objective, all in one batch.
+    """Optimise pixels so that VGG19 features match targets: one image and one optimizer per objective.
 
-    Each training step runs one VGG pass over the batch of images (one per objective) up to the deepest layer any
-    objective uses, and sums every objective's loss; objectives do not interact because each image only enters its
-    own loss. Content and style targets are computed once at the start of fitting.
+    Each objective has its own image parameter and its own optimizer (L-BFGS history, step length, line search and
+    stopping), and each step evaluates every objective separately with a VGG pass that stops at that objective's
+    deepest layer. An objective therefore follows the same trajectory alone as inside any sweep. An objective whose
+    optimizer no longer moves its image (L-BFGS converged) stops while the others go on; the run ends when all have
+    stopped. The result of each objective is the best image seen (lowest total loss), not the last one. Content and
+    style targets are computed once at the start of fitting.
 
     Args:
         objectives: What to optimise; see :class:`Objective`. Several objectives make a sweep.
@@ -107,6 +119,7 @@ class ImageOptimization(L.LightningModule):
         init: ``"noise"`` (seeded uniform noise), ``"content"`` (the content image) or an image path/sample.
         init_seed: Seed of the noise initialisation.
         optimizer: Optimizer factory, e.g. ``torch.optim.LBFGS`` with its options in YAML; Adam(lr=0.02) by default.
+            It is called once per objective, over that objective's image.
         snapshot_every: Log the current images to TensorBoard every this many steps; 0 turns it off.
         save_every: Also save each objective's image as ``steps/<name>_<step>.png`` in the output folder every this
             many steps, and at step 0 (neural-style's ``-save_iter``); 0 turns it off. A resumed run replaces the
@@ -131,6 +144,7 @@ class ImageOptimization(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False  # one optimizer, closure and step per objective
         _check_objectives(objectives)
         self.objectives = objectives
         self.content_weights: dict[str, list[float]] = {}
@@ -158,7 +172,7 @@ class ImageOptimization(L.LightningModule):
         self.grid_columns = grid_columns
         self.output_dir = output_dir
         self.overwrite = overwrite
-        self.image: nn.Parameter | None = None
+        self.images = nn.ParameterList()
         self.content_losses = nn.ModuleDict()
         self.style_losses = nn.ModuleDict()
         self.strict_loading = False  # checkpoints leave out the frozen VGG weights
@@ -170,6 +184,32 @@ class ImageOptimization(L.LightningModule):
         self._has_good: list[bool] = []
         self._results_written = False
         self._inputs: dict[str, Any] | None = None
+        self._current: dict[str, dict[str, float]] = {}
+        self.best_images: Tensor | None = None
+        self.best_loss: list[float] = []
+        self.best_step: list[int] = []
+        self.stopped_at: list[int | None] = []
+
+    # -- the pixels -------------------------------------------------------------------------------------------
+
+    def _encode(self, image: Tensor) -> Tensor:
+        """The parameter that decodes to ``image``; see :meth:`decode`."""
+        return image.clamp(0, 1)
+
+    def decode(self, parameter: Tensor) -> Tensor:
+        """The image a parameter stands for, in ``[0, 1]``: what VGG sees and what is saved."""
+        return parameter.clamp(0, 1)
+
+    def _project_(self, parameter: Tensor) -> None:
+        """Keep the parameter in range after each step (projected gradient descent)."""
+        parameter.clamp_(0, 1)
+
+    @property
+    def image(self) -> Tensor | None:
+        """The current images, one per objective, as one ``(objectives, 3, H, W)`` tensor in ``[0, 1]``."""
+        if not len(self.images):
+            return None
+        return torch.cat([self.decode(parameter.detach()) for parameter in self.images])
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -180,8 +220,8 @@ class ImageOptimization(L.LightningModule):
         return data
 
     def setup(self, stage: str) -> None:
-        """Create the image parameter, shaped like the content image (or the first style image)."""
-        if self.image is not None:
+        """Create one image parameter per objective, shaped like the content image (or the first style image)."""
+        if len(self.images):
             return
         data = self._targets()
         for index, objective in enumerate(self.objectives):
@@ -202,21 +242,31 @@ class ImageOptimization(L.LightningModule):
         else:
             start = load_image(self.init, max(height, width), key="model.init")
             start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
-        self.image = nn.Parameter(start.clamp(0, 1).repeat(len(self.objectives), 1, 1, 1).contiguous())
+        for _ in self.objectives:
+            self.images.append(nn.Parameter(self._encode(start.clamp(0, 1)).clone().contiguous()))
 
-    def configure_optimizers(self) -> Optimizer:
-        """Build the optimizer chosen in the config over the image."""
-        try:
-            optimizer = self.optimizer_factory([self.image])
-        except (TypeError, ValueError) as error:  # torch's own checks, e.g. "Invalid learning rate: -1.0"
-            key = "model.optimizer.init_args.lr" if "learning rate" in str(error) else "model.optimizer"
-            raise NSTError(f"{key}: {error}") from None
-        for group in optimizer.param_groups:
-            # torch accepts lr=inf (and LBFGS any lr), which turns the image into NaN at the first step.
-            lr = group.get("lr")
-            if isinstance(lr, int | float) and not (math.isfinite(lr) and lr > 0):
-                raise NSTError(f"model.optimizer.init_args.lr: must be a finite number > 0, got {lr}")
-        return optimizer
+    def configure_optimizers(self) -> list[Optimizer]:
+        """Build the optimizer chosen in the config once per objective, each over that objective's image."""
+        optimizers = []
+        for parameter in self.images:
+            try:
+                optimizer = self.optimizer_factory([parameter])
+            except (TypeError, ValueError) as error:  # torch's own checks, e.g. "Invalid learning rate: -1.0"
+                key = "model.optimizer.init_args.lr" if "learning rate" in str(error) else "model.optimizer"
+                raise NSTError(f"{key}: {error}") from None
+            for group in optimizer.param_groups:
+                # torch accepts lr=inf (and LBFGS any lr), which turns the image into NaN at the first step.
+                lr = group.get("lr")
+                if isinstance(lr, int | float) and not (math.isfinite(lr) and lr > 0):
+                    raise NSTError(f"model.optimizer.init_args.lr: must be a finite number > 0, got {lr}")
+                # torch only checks this inside the first step, after the setup, as a RuntimeError traceback.
+                line_search = group.get("line_search_fn", None)
+                if isinstance(optimizer, LBFGS) and line_search not in (None, "strong_wolfe"):
+                    raise NSTError(
+                        f"model.optimizer.init_args.line_search_fn: must be strong_wolfe or null, got {line_search!r}"
+                    )
+            optimizers.append(optimizer)
+        return optimizers
 
     def input_digests(self) -> dict[str, Any]:
         """Content digests of the content, style and init images (see :func:`lightning_nst.outputs.source_digest`)."""
@@ -242,11 +292,6 @@ class ImageOptimization(L.LightningModule):
             for statistic, layer in self.style_weights:
                 target = [features[layer] for features in styles]
                 self.style_losses[f"{statistic}_{layer}"] = StyleLoss(target, statistic)
-        self._weight_tensors = {
-            "content": {layer: torch.tensor(w, device=self.device) for layer, w in self.content_weights.items()},
-            "style": {key: torch.tensor(w, device=self.device) for key, w in self.style_weights.items()},
-            "tv": torch.tensor(self.tv_weights, device=self.device),
-        }
         self._check_outputs_free()
         self._inputs = self.input_digests()
         self._started = time.perf_counter()
@@ -258,82 +303,130 @@ class ImageOptimization(L.LightningModule):
                 self.logger.experiment.add_text("vgg_weights", self.vgg.weights_used)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the frozen VGG weights and keep the initial losses.
+        """Drop the frozen VGG weights; keep the initial losses, the best images and which objectives stopped.
 
-        The weights come from the config and can be hundreds of MB; the initial losses let a resumed run report the
-        same reduction as an uninterrupted one.
+        The weights come from the config and can be hundreds of MB; the rest lets a resumed run end exactly as an
+        uninterrupted one. Lightning saves the per-objective optimizer states itself.
         """
         state = checkpoint["state_dict"]
         for key in [key for key in state if key.startswith("vgg.")]:
             del state[key]
         optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
         data = self._targets()
+        image = self.image
         checkpoint["lightning_nst"] = {
             "initial_loss": self._initial,
             # What the image depends on besides the hyperparameters: a resumed run refuses to continue if it changed.
             "inputs": self._inputs,
             "size": [data.size, data.style_size],
-            "image_shape": list(self.image.shape) if self.image is not None else None,
+            "image_shape": list(image.shape) if image is not None else None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "best_images": self.best_images.detach().cpu() if self.best_images is not None else None,
+            "best_loss": list(self.best_loss),
+            "best_step": list(self.best_step),
+            "stopped_at": list(self.stopped_at),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
-        self._initial = checkpoint.get("lightning_nst", {}).get("initial_loss")
+        state = checkpoint.get("lightning_nst", {})
+        self._initial = state.get("initial_loss")
+        if state.get("best_images") is not None:
+            self.best_images = state["best_images"]
+            self.best_loss = list(state["best_loss"])
+            self.best_step = list(state["best_step"])
+            self.stopped_at = list(state["stopped_at"])
 
     # -- the objective ----------------------------------------------------------------------------------------
 
-    def loss_terms(self, image: Tensor) -> dict[str, Tensor]:
-        """Weighted loss terms of every objective, each of shape ``(objectives,)``.
+    def _objective_layers(self, index: int) -> list[str]:
+        layers = [layer for layer, weights in self.content_weights.items() if weights[index] > 0]
+        return layers + [layer for (_, layer), weights in self.style_weights.items() if weights[index] > 0]
 
-        Keys are ``content_<layer>``, ``style_<statistic>_<layer>`` and ``tv``; an objective that does not use a term
-        has zero there.
+    def objective_loss(self, index: int, image: Tensor) -> dict[str, Tensor]:
+        """Weighted loss terms and their ``total`` for objective ``index`` at one image of shape ``(1, 3, H, W)``.
+
+        Keys are ``content_<layer>``, ``style_<statistic>_<layer>``, ``tv`` (the terms the objective uses) and
+        ``total``. The VGG pass stops at the objective's deepest layer, so the value does not depend on the other
+        objectives of the run.
         """
-        features = self.vgg(image)
-        weights = self._weight_tensors
+        features = self.vgg(image, self._objective_layers(index))
         terms: dict[str, Tensor] = {}
-        for layer, loss in self.content_losses.items():
-            terms[f"content_{layer}"] = weights["content"][layer] * loss(features[layer])
-        for (statistic, layer), weight in weights["style"].items():
-            terms[f"style_{statistic}_{layer}"] = weight * self.style_losses[f"{statistic}_{layer}"](features[layer])
-        if any(self.tv_weights):
-            terms["tv"] = weights["tv"] * total_variation(image)
+        for layer, weights in self.content_weights.items():
+            if weights[index] > 0 and layer in self.content_losses:
+                terms[f"content_{layer}"] = weights[index] * self.content_losses[layer](features[layer])[0]
+        for (statistic, layer), weights in self.style_weights.items():
+            if weights[index] > 0:
+                loss = self.style_losses[f"{statistic}_{layer}"](features[layer])[0]
+                terms[f"style_{statistic}_{layer}"] = weights[index] * loss
+        if self.tv_weights[index] > 0:
+            terms["tv"] = self.tv_weights[index] * total_variation(image)[0]
+        terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 
-    def _uses(self, index: int, term: str) -> bool:
-        if term == "tv":
-            return self.tv_weights[index] > 0
-        if term.startswith("content_"):
-            return self.content_weights[term.removeprefix("content_")][index] > 0
-        statistic, layer = term.removeprefix("style_").split("_", 1)
-        return self.style_weights[(statistic, layer)][index] > 0
+    def _closure(self, index: int, optimizer: Any, first: list[dict[str, Tensor]]) -> Tensor:
+        optimizer.zero_grad()
+        terms = self.objective_loss(index, self.decode(self.images[index]))
+        if not torch.isfinite(terms["total"]):
+            self._diverged(index, terms)
+        if not first:
+            first.append({term: value.detach() for term, value in terms.items()})
+        self.manual_backward(terms["total"])
+        return terms["total"].detach()
 
-    def _per_objective(self, terms: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        table: dict[str, dict[str, Tensor]] = {}
-        for index, objective in enumerate(self.objectives):
-            row = {term: value[index] for term, value in terms.items() if self._uses(index, term)}
-            row["total"] = torch.stack(list(row.values())).sum()
-            table[objective.name] = row
-        return table
-
-    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
-        """One evaluation of every objective; the optimizer sums them."""
-        table = self._per_objective(self.loss_terms(self.image))
-        loss = torch.stack([row["total"] for row in table.values()]).sum()
-        if not torch.isfinite(loss):
-            self._diverged(table)
-        if self._initial is None:
-            self._initial = {name: {term: value.item() for term, value in row.items()} for name, row in table.items()}
-        metrics = {f"{name}/{term}": value.detach() for name, row in table.items() for term, value in row.items()}
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """One optimizer step per objective that has not stopped, each with a closure over its own image only."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        step = self.global_step
+        counted = False
+        for index, (objective, optimizer) in enumerate(zip(self.objectives, optimizers, strict=True)):
+            if self.stopped_at[index] is not None:
+                continue
+            parameter = self.images[index]
+            before = parameter.detach().clone()
+            first: list[dict[str, Tensor]] = []
+            hooks = optimizer._on_before_step, optimizer._on_after_step
+            if counted:
+                # Lightning counts every manual optimizer.step as a global step; a step of all objectives is one.
+                optimizer._on_before_step = optimizer._on_after_step = _nothing
+            try:
+                optimizer.step(closure=partial(self._closure, index, optimizer, first))
+            finally:
+                optimizer._on_before_step, optimizer._on_after_step = hooks
+            counted = True
+            start = {term: value.item() for term, value in first[0].items()}
+            self._current[objective.name] = start
+            if step == 0:
+                self._initial = {**(self._initial or {}), objective.name: start}
+            if start["total"] < self.best_loss[index]:
+                self.best_loss[index] = start["total"]
+                self.best_step[index] = step
+                self.best_images[index] = self.decode(before[0])
+            with torch.no_grad():
+                self._project_(parameter)
+                if bool(torch.isfinite(parameter).all()):
+                    self._last_good[index] = self.decode(parameter[0])
+                    self._has_good[index] = True
+                if torch.equal(before, parameter):
+                    self.stopped_at[index] = step
+                    rank_zero_info(
+                        f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
+                        f"(loss {start['total']:.4g})"
+                    )
+        if not counted or all(at is not None for at in self.stopped_at):
+            self.trainer.should_stop = True
+        metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
+        metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self.log("loss", loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
-        return loss
+        total = sum(row["total"] for row in self._current.values())
+        self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
 
-    def _diverged(self, table: dict[str, dict[str, Tensor]]) -> None:
+    def _diverged(self, index: int, terms: dict[str, Tensor]) -> None:
         """Save the last finite images and stop with an error that names the step and the loss term."""
-        name, term, value = next(
-            (name, term, value.item()) for name, row in table.items() for term, value in row.items()
-            if not torch.isfinite(value) and term != "total"
-        )  # fmt: skip
+        term, value = next(
+            (term, value.item()) for term, value in terms.items() if not torch.isfinite(value) and term != "total"
+        )
+        name = self.objectives[index].name
         kept = ""
         if self.trainer.is_global_zero and self._last_good is not None:
             out = self._out_dir()
@@ -355,23 +448,17 @@ class ImageOptimization(L.LightningModule):
     def on_train_start(self) -> None:  # noqa: D102
         self._started = time.perf_counter()
         self._start_step = self.global_step
-        self._last_good = self.image.detach().clone()
-        self._has_good = self._finite_rows(self.image).tolist()
+        image = self.image
+        self._last_good = image.clone()
+        self._has_good = self._finite_rows(image).tolist()
+        if self.best_images is None:
+            self.best_images = image.clone()
+            self.best_loss = [math.inf] * len(self.objectives)
+            self.best_step = [0] * len(self.objectives)
+            self.stopped_at = [None] * len(self.objectives)
+        self.best_images = self.best_images.to(self.device)
         if self.save_every and self.global_step == 0:
             self._save_steps()
-
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        """Step, then clamp pixels to ``[0, 1]``.
-
-        Clamping here rather than in ``on_train_batch_end`` makes it part of the step, so checkpoints, which
-        callbacks save before that hook reaches the module, hold the clamped image.
-        """
-        super().optimizer_step(*args, **kwargs)
-        with torch.no_grad():
-            self.image.clamp_(0, 1)
-            finite = self._finite_rows(self.image)
-            self._last_good[finite] = self.image[finite]
-            self._has_good = [had or now for had, now in zip(self._has_good, finite.tolist(), strict=True)]
 
     @staticmethod
     def _finite_rows(images: Tensor) -> Tensor:
@@ -392,7 +479,7 @@ class ImageOptimization(L.LightningModule):
         if self.global_step == self._start_step + 1:
             self._first_step_done = time.perf_counter()
         if self.snapshot_every and self.global_step % self.snapshot_every == 0:
-            self._log_images("snapshot")
+            self._log_images("snapshot", self.image)
         if self.save_every and self.global_step % self.save_every == 0:
             self._save_steps()
 
@@ -400,12 +487,13 @@ class ImageOptimization(L.LightningModule):
         self._check_finite(f"steps/*_{self.global_step:05d}.png were not saved")
         if self.trainer.is_global_zero:
             folder = self._out_dir() / "steps"
+            image = self.image
             for index, objective in enumerate(self.objectives):
-                save_image(self.image[index], folder / f"{objective.name}_{self.global_step:05d}.png", overwrite=True)
+                save_image(image[index], folder / f"{objective.name}_{self.global_step:05d}.png", overwrite=True)
 
-    def _log_images(self, tag: str) -> None:
+    def _log_images(self, tag: str, images: Tensor) -> None:
         if isinstance(self.logger, TensorBoardLogger):
-            grid = labelled_grid(self.image, [objective.name for objective in self.objectives], nrow=self.grid_columns)
+            grid = labelled_grid(images, [objective.name for objective in self.objectives], nrow=self.grid_columns)
             self.logger.experiment.add_image(tag, torch.from_numpy(np.array(grid)), self.global_step, dataformats="HWC")
 
     def _out_dir(self) -> Path:
@@ -438,42 +526,63 @@ class ImageOptimization(L.LightningModule):
 
     @torch.no_grad()
     def write_results(self) -> None:
-        """Write one PNG per objective, a labelled grid and ``summary.json``, then say where they went."""
-        if self.image is None:
+        """Write each objective's best image as a PNG, a labelled grid and ``summary.json``, then say where they went.
+
+        The last step's image competes with the best ones seen during training; ``summary.json`` records, per
+        objective, the step and loss of the image saved (``best_step``, ``best_loss``, its terms in ``final_loss``)
+        and the loss of the last image (``last_loss``).
+        """
+        if not len(self.images):
             return
         self._check_finite("no result was saved")
         ended = time.perf_counter()
         steps = self.trainer.global_step
-        final = {
-            name: {term: value.item() for term, value in row.items()}
-            for name, row in self._per_objective(self.loss_terms(self.image)).items()
-        }
+        image = self.image
+        if self.best_images is None:  # a run that never trained
+            self.best_images = image.clone()
+            self.best_loss = [math.inf] * len(self.objectives)
+            self.best_step = [0] * len(self.objectives)
+            self.stopped_at = [None] * len(self.objectives)
+        best = self.best_images.to(image.device)
+        last: dict[str, float] = {}
+        for index, objective in enumerate(self.objectives):
+            total = self.objective_loss(index, image[index : index + 1])["total"].item()
+            last[objective.name] = total
+            if total < self.best_loss[index]:
+                self.best_loss[index], self.best_step[index] = total, steps
+                best[index] = image[index]
+        self.best_images = best
         if not self.trainer.is_global_zero:
             return
         data = self._targets()
         paths = self._output_paths()
         objectives: dict[str, Any] = {}
         for index, objective in enumerate(self.objectives):
-            image = self.image[index : index + 1].float()
-            metrics = self._metrics(objective, image, data)
-            save_image(image, paths[objective.name], overwrite=self.overwrite)
+            result = best[index : index + 1].float()
+            final = {term: value.item() for term, value in self.objective_loss(index, result).items()}
+            metrics = self._metrics(objective, result, data)
+            save_image(result, paths[objective.name], overwrite=self.overwrite)
             objectives[objective.name] = {
                 "sha256": file_digest(paths[objective.name]),
                 "objective": asdict(objective),
                 "initial_loss": (self._initial or {}).get(objective.name, {}),
-                "final_loss": final[objective.name],
+                "final_loss": final,
+                "best_step": self.best_step[index],
+                "best_loss": self.best_loss[index],
+                "last_loss": last[objective.name],
+                "stopped_at_step": self.stopped_at[index],
                 "metrics": metrics,
                 "output": paths[objective.name].name,
             }
-        grid = labelled_grid(self.image, [objective.name for objective in self.objectives], nrow=self.grid_columns)
+        grid = labelled_grid(best, [objective.name for objective in self.objectives], nrow=self.grid_columns)
         save_image(grid, paths["grid"], overwrite=self.overwrite)
-        self._log_images("result")
+        self._log_images("result", best)
         ran = steps - self._start_step
         timed = ended - self._first_step_done if self._first_step_done and ran > 1 else None
         summary = {
             "vgg_weights": self.vgg.weights_used,
             "pooling": self.vgg.pooling,
-            "image_size": list(self.image.shape[-2:]),
+            "image_size": list(image.shape[-2:]),
             "precision": str(self.trainer.precision),
             "device": str(self.device),
             "steps": steps,

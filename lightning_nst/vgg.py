@@ -257,15 +257,22 @@ class VGG19Features(nn.Module):
         """Smallest image side that keeps at least one pixel at the deepest layer."""
         return min_input_size(self.layers)
 
-    def forward(self, image: Tensor) -> dict[str, Tensor]:
-        """Map RGB images in ``[0, 1]`` of shape ``(B, 3, H, W)`` to ``{layer: features}``."""
-        wanted = set(self.layers)
+    def forward(self, image: Tensor, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
+        """Map RGB images in ``[0, 1]`` of shape ``(B, 3, H, W)`` to ``{layer: features}``.
+
+        Args:
+            image: The images.
+            layers: A subset of :attr:`layers` to return; the pass stops at the deepest of them. All by default.
+        """
+        wanted = set(self.layers if layers is None else layers)
         features: dict[str, Tensor] = {}
         x = (image - self.mean) / self.std
         for name, module in zip(self.names, self.trunk, strict=True):
             x = module(x)
             if name in wanted:
                 features[name] = x
+                if len(features) == len(wanted):
+                    break
         return features
 
 

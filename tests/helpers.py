@@ -42,4 +42,6 @@ class NaNGradientAtStep(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:  # noqa: D102
         if trainer.global_step == self.step:
-            pl_module.image.grad.fill_(float("nan"))
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad.fill_(float("nan"))
