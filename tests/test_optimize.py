@@ -61,22 +61,24 @@ def test_default_lbfgs_never_spikes_and_saves_the_best_image(tmp_path: Path) -> 
     csv_logger = f"{{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {{save_dir: {tmp_path}}}}}"
     main(
         [
-            "fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--data.init_args.size=64", "--trainer.max_steps=200",
+            "fit", "-c", str(CONFIGS / "texture_meanvar.yaml"), "--data.init_args.size=64", "--trainer.max_steps=200",
             "--model.init_args.vgg.weights=random", "--trainer.enable_progress_bar=false",
             f"--trainer.logger={csv_logger}",
         ]
     )  # fmt: skip
-    out = tmp_path / "texture_gram/version_0"
-    current, best = losses(out / "metrics.csv", "gram")
-    assert len(current) >= 20  # it may stop before 200 steps once L-BFGS has converged
+    out = tmp_path / "texture_meanvar/version_0"
+    current, best = losses(out / "metrics.csv", "meanvar")
+    # Mean/var texture synthesis on random weights runs all 200 steps (worst measured: 1.07x the best so far); Gram
+    # texture synthesis converges within ~20 steps there and would test little.
+    assert len(current) == 200
     running = np.minimum.accumulate(current)
     assert max(loss / low for loss, low in zip(current[1:], running[:-1], strict=True)) <= 2.0
     np.testing.assert_allclose(best, running, rtol=1e-6)
-    summary = json.loads((out / "summary.json").read_text())["objectives"]["gram"]
+    summary = json.loads((out / "summary.json").read_text())["objectives"]["meanvar"]
     assert summary["best_loss"] == pytest.approx(min(min(current), summary["last_loss"]), rel=1e-6)
     assert summary["final_loss"]["total"] == pytest.approx(summary["best_loss"], rel=1e-5)
     assert 0 <= summary["best_step"] <= 200
-    saved = np.asarray(Image.open(out / "gram.png"))
+    saved = np.asarray(Image.open(out / "meanvar.png"))
     assert saved.shape == (64, 64, 3) and saved.std() > 5
 
 
