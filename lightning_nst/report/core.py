@@ -148,7 +148,10 @@ def _damaged_outputs(out: Path, done: str) -> str | None:
 
 
 def lbfgs(history: int = 50) -> dict[str, Any]:
-    """L-BFGS with one function evaluation per Lightning step, as the shipped image configs use it."""
+    """L-BFGS with one function evaluation per Lightning step and no line search, as the shipped image configs use it.
+
+    Each objective of a run gets its own instance (see :class:`~lightning_nst.ImageOptimization`).
+    """
     return {
         "class_path": "torch.optim.LBFGS",
         "init_args": {"lr": 1.0, "max_iter": 1, "history_size": history, "line_search_fn": None},
