@@ -42,7 +42,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": "logs", "name": "lightning_nst", "default_hp_metric": False},
     },
     "max_steps": 500,
-    "max_epochs": -1,  # max_steps decides; with 1, a resumed run could not go on past the epoch it finished
+    "max_epochs": 1,  # ImageTargets yields max_steps items per epoch; a resumed fit lifts it (see NSTCLI)
     "log_every_n_steps": 1,
     "enable_model_summary": False,
 }
@@ -99,6 +99,10 @@ class NSTCLI(LightningCLI):
             config.trainer.inference_mode = False
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True
+        if self.subcommand == "fit" and config.get("ckpt_path") and config.trainer.max_epochs == 1:
+            # A checkpoint taken at the end of the one epoch would end a resumed run with a larger max_steps at
+            # once. Only here: with -1 everywhere, Lightning's progress bar would show "Epoch 0/-2".
+            config.trainer.max_epochs = -1
         preflight.check(config, self.subcommand)
 
     def _run_subcommand(self, subcommand: str) -> None:
