@@ -476,7 +476,8 @@ class GenerationWriter(BasePredictionWriter):
         directory, self.directory = self.directory, None
         failures, self._failures = self._failures, []
         # Summed over processes (every one tears down), so each exits alike however the failed items were spread.
-        failed = int(trainer.strategy.reduce(torch.tensor(float(len(failures))), reduce_op="sum").item())
+        count = torch.tensor(float(len(failures)), device=trainer.strategy.root_device)  # NCCL reduces CUDA only
+        failed = int(trainer.strategy.reduce(count, reduce_op="sum").item())
         if failed:
             total = len(self._names)
             key, detail = failures[0].split(": ", 1) if failures else ("GenerationWriter", "see the lines above")
