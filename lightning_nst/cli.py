@@ -24,14 +24,14 @@ import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import preflight
 from lightning_nst.errors import NSTError
 from lightning_nst.outputs import check_input_file, source_digest
-from lightning_nst.vgg import LAYER_NAMES
+from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
 
 DEBUG_ENV = "LIGHTNING_NST_DEBUG"
 """Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""
@@ -186,7 +186,7 @@ class StopOnSignal(L.Callback):
         elif trainer.predicting and trainer.world_size == 1:
             # Lightning skips callbacks' teardown on an exception; the writer merges its records there.
             for callback in trainer.callbacks:
-                if callback is not self and type(callback).__name__ == "GenerationWriter":
+                if isinstance(callback, BasePredictionWriter):
                     callback.teardown(trainer, pl_module, "predict")
 
     def report(self, trainer: L.Trainer) -> None:
@@ -200,7 +200,7 @@ class StopOnSignal(L.Callback):
                 f"--ckpt_path {shlex.quote(str(self.checkpoint))}"
             )
         else:
-            writer = next((c for c in trainer.callbacks if type(c).__name__ == "GenerationWriter"), None)
+            writer = next((c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)), None)
             folder = getattr(writer, "output_dir", None) or trainer.log_dir or "."
             what = (
                 f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
@@ -352,16 +352,8 @@ def _only_bookkeeping(folder: Path) -> bool:
 
 def print_layers() -> None:
     """Print every VGG19 feature module with its index, channels and stride."""
-    from torchvision.models.vgg import cfgs
-
     print(f"{'index':>5}  {'name':<8} {'channels':>8} {'stride':>6}")
-    widths = [entry for entry in cfgs["E"] if entry != "M"]
-    channels, stride, conv = 3, 1, 0
-    for index, name in enumerate(LAYER_NAMES):
-        if name.startswith("conv"):
-            channels, conv = widths[conv], conv + 1
-        elif name.startswith("pool"):
-            stride *= 2
+    for index, (name, (channels, stride)) in enumerate(zip(LAYER_NAMES, LAYER_GEOMETRY, strict=True)):
         print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
 
 

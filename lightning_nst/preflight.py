@@ -13,7 +13,7 @@ from typing import Any
 from lightning_nst.errors import NSTError
 from lightning_nst.images import check_source, source_size
 from lightning_nst.outputs import check_output_dir
-from lightning_nst.vgg import LAYER_NAMES
+from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
 
 BYTES_PER_FLOAT = 4
 
@@ -130,17 +130,8 @@ def activation_bytes(layers: Iterable[str], height: int, width: int, images: int
     Counts each module's output up to the deepest of ``layers`` in float32, a lower bound: the backward pass needs
     gradient buffers on top.
     """
-    from torchvision.models.vgg import cfgs
-
     depth = max(LAYER_NAMES.index(name) for name in layers) + 1
-    widths = iter(entry for entry in cfgs["E"] if entry != "M")
-    channels, stride, total = 3, 1, 0.0
-    for name in LAYER_NAMES[:depth]:
-        if name.startswith("conv"):
-            channels = next(widths)
-        elif name.startswith("pool"):
-            stride *= 2
-        total += channels * (height // stride) * (width // stride)
+    total = sum(channels * (height // stride) * (width // stride) for channels, stride in LAYER_GEOMETRY[:depth])
     return int(total + 3 * height * width) * images * BYTES_PER_FLOAT
 
 

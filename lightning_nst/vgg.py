@@ -62,6 +62,22 @@ def check_layers(layers: Iterable[str], key: str = "layers") -> list[str]:
     return layers
 
 
+def _layer_geometry() -> tuple[tuple[int, int], ...]:
+    channels, stride, widths = 3, 1, iter(entry for entry in cfgs["E"] if entry != "M")
+    geometry = []
+    for name in LAYER_NAMES:
+        if name.startswith("conv"):
+            channels = next(widths)
+        elif name.startswith("pool"):
+            stride *= 2
+        geometry.append((channels, stride))
+    return tuple(geometry)
+
+
+LAYER_GEOMETRY: tuple[tuple[int, int], ...] = _layer_geometry()
+"""``(channels, stride)`` of each layer's output, in the order of :data:`LAYER_NAMES`."""
+
+
 def min_input_size(layers: Iterable[str]) -> int:
     """Smallest image side for which every layer in ``layers`` still has at least one pixel."""
     deepest = max(layer_index(name) for name in layers)
