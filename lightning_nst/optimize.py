@@ -192,17 +192,9 @@ class ImageOptimization(L.LightningModule):
 
     # -- the pixels -------------------------------------------------------------------------------------------
 
-    def _encode(self, image: Tensor) -> Tensor:
-        """The parameter that decodes to ``image``; see :meth:`decode`."""
-        return image.clamp(0, 1)
-
     def decode(self, parameter: Tensor) -> Tensor:
-        """The image a parameter stands for, in ``[0, 1]``: what VGG sees and what is saved."""
+        """The image a parameter stands for, in ``[0, 1]``: what VGG sees (a line search's trial points too)."""
         return parameter.clamp(0, 1)
-
-    def _project_(self, parameter: Tensor) -> None:
-        """Keep the parameter in range after each step (projected gradient descent)."""
-        parameter.clamp_(0, 1)
 
     @property
     def image(self) -> Tensor | None:
@@ -243,7 +235,7 @@ class ImageOptimization(L.LightningModule):
             start = load_image(self.init, max(height, width), key="model.init")
             start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
         for _ in self.objectives:
-            self.images.append(nn.Parameter(self._encode(start.clamp(0, 1)).clone().contiguous()))
+            self.images.append(nn.Parameter(start.clamp(0, 1).clone().contiguous()))
 
     def configure_optimizers(self) -> list[Optimizer]:
         """Build the optimizer chosen in the config once per objective, each over that objective's image."""
@@ -403,7 +395,7 @@ class ImageOptimization(L.LightningModule):
                 self.best_step[index] = step
                 self.best_images[index] = self.decode(before[0])
             with torch.no_grad():
-                self._project_(parameter)
+                parameter.clamp_(0, 1)  # projected gradient descent: the parameter stays an image
                 if bool(torch.isfinite(parameter).all()):
                     self._last_good[index] = self.decode(parameter[0])
                     self._has_good[index] = True
@@ -445,6 +437,13 @@ class ImageOptimization(L.LightningModule):
 
     # -- progress and results ---------------------------------------------------------------------------------
 
+    def _start_best(self, image: Tensor) -> None:
+        """No best image yet: every objective's best is ``image``, at an infinite loss, and none has stopped."""
+        self.best_images = image.clone()
+        self.best_loss = [math.inf] * len(self.objectives)
+        self.best_step = [0] * len(self.objectives)
+        self.stopped_at = [None] * len(self.objectives)
+
     def on_train_start(self) -> None:  # noqa: D102
         self._started = time.perf_counter()
         self._start_step = self.global_step
@@ -452,10 +451,7 @@ class ImageOptimization(L.LightningModule):
         self._last_good = image.clone()
         self._has_good = self._finite_rows(image).tolist()
         if self.best_images is None:
-            self.best_images = image.clone()
-            self.best_loss = [math.inf] * len(self.objectives)
-            self.best_step = [0] * len(self.objectives)
-            self.stopped_at = [None] * len(self.objectives)
+            self._start_best(image)
         self.best_images = self.best_images.to(self.device)
         if self.save_every and self.global_step == 0:
             self._save_steps()
@@ -539,10 +535,7 @@ class ImageOptimization(L.LightningModule):
         steps = self.trainer.global_step
         image = self.image
         if self.best_images is None:  # a run that never trained
-            self.best_images = image.clone()
-            self.best_loss = [math.inf] * len(self.objectives)
-            self.best_step = [0] * len(self.objectives)
-            self.stopped_at = [None] * len(self.objectives)
+            self._start_best(image)
         best = self.best_images.to(image.device)
         last: dict[str, float] = {}
         for index, objective in enumerate(self.objectives):
