@@ -354,7 +354,7 @@ def texture_layers(settings: ReportSettings) -> Path:
 def colour_statistics(image: Image.Image) -> list[float]:
     """Mean luminance (Rec. 601), mean HSV saturation and the mean of R, G and B, all in ``[0, 1]``."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255
-    luminance = rgb @ np.array([0.299, 0.587, 0.114])
+    luminance = _luminance(image)
     saturation = np.asarray(image.convert("HSV"), dtype=np.float64)[..., 1] / 255
     return [float(luminance.mean()), float(saturation.mean()), *(float(c) for c in rgb.reshape(-1, 3).mean(0))]
 
@@ -501,9 +501,11 @@ def gram_vs_meanvar(settings: ReportSettings) -> Path:
         "rounds after one warm-up, which one goes first alternating), and their ratio within each round.",
         ["measure", "median", "Q1", "Q3", "min", "max"],
         [
-            [name, spread(values)[2], spread(values)[1], spread(values)[3], spread(values)[0], spread(values)[4]]
-            for name, values in (("Gram s", times["gram"]), ("mean/var s", times["meanvar"]),
-                                 ("mean/var / Gram", ratios))
+            [name, median, q1, q3, low, high]
+            for name, (low, q1, median, q3, high) in (
+                ("Gram s", spread(times["gram"])), ("mean/var s", spread(times["meanvar"])),
+                ("mean/var / Gram", spread(ratios)),
+            )
         ],
     )  # fmt: skip
     series = [
