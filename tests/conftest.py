@@ -8,6 +8,7 @@ behave as on a user's fresh machine, where it does not exist.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -70,3 +71,37 @@ def partial_random_weights(tmp_path: Path) -> Path:
     path = tmp_path / "vgg19_random_conv1_1-conv3_1.pth"
     torch.save(VGG19Features(["relu3_1"], weights="random").trunk.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch thread for a module of tiny-model tests.
+
+    The tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads can make each
+    op 50x slower when the other core is busy.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Stable Diffusion pipeline, saved with ``save_pretrained`` once per test module."""
+    from tests.tiny_pipeline import build_tiny_pipeline  # tiny_pipeline imports this module
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+
+
+def cli_error(capfd: pytest.CaptureFixture[str], args: list[str]) -> str:
+    """The one line a CLI run that must fail printed, after checking it exits 2 without a traceback."""
+    from lightning_nst.cli import main
+
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    stderr = capfd.readouterr().err.strip()
+    assert "Traceback" not in stderr
+    return stderr.splitlines()[-1]

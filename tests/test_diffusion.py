@@ -32,7 +32,6 @@ from tests.tiny_pipeline import (
     STEPS,
     VGG,
     build_tiny_autoencoder,
-    build_tiny_pipeline,
     records,
     tiny_args,
 )
@@ -45,19 +44,7 @@ PROMPT_ONLY = CONFIGS / "prompt_only_diffusion.yaml"
 GUIDED_RATIO = {"real": 0.5, "random": 0.8}[MODELS]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny models gain nothing from threads, and on a shared 2-core machine OpenMP's spinning threads can make
-    # each op 50x slower when the other core is busy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,35 +12,24 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import pytest
-import torch
 import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from lightning_nst.cli import main
-from tests.tiny_pipeline import REPO, build_tiny_pipeline, records, tiny_args
+from tests.conftest import cli_error
+from tests.tiny_pipeline import REPO, batch_args, records
 
 PROMPT = "a red house by a lake"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_diffusion.py: OpenMP threads crawl on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stall(L.Callback):
@@ -55,19 +44,6 @@ class Stall(L.Callback):
     ) -> None:
         if trainer.global_rank == self.rank and batch_idx + 1 >= self.batches:
             time.sleep(600)
-
-
-def batch_args(pipeline: Path, out: Path | None, seeds: int, *overrides: str) -> list[str]:
-    """A fast batch of ``seeds`` items (2 steps, no guidance) into the fixed folder ``out``, or the log folder."""
-    return tiny_args(
-        pipeline,
-        "batch",
-        *([f"--trainer.callbacks.init_args.output_dir={out}"] if out is not None else []),
-        f"--data.seeds=[{', '.join(str(seed) for seed in range(seeds))}]",
-        "--model.num_inference_steps=2",
-        "--model.guidance=null",
-        *overrides,
-    )
 
 
 def recorded(out: Path) -> list[str]:
@@ -248,17 +224,6 @@ def test_folder_of_other_settings_is_refused_and_kept(
     assert message.endswith("; choose another folder or set overwrite: true")
     assert {path.name: path.read_bytes() for path in out.iterdir()} == before
     assert not list(Path("logs").glob("batch/version_*"))  # the refused run left no log folder either
-
-
-def cli_error(capfd: pytest.CaptureFixture[str], args: list[str]) -> str:
-    """The one line a CLI run that must fail printed, after checking it exits 2 without a traceback."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    stderr = capfd.readouterr().err.strip()
-    assert "Traceback" not in stderr
-    return stderr.splitlines()[-1]
 
 
 # -- hostile and unusual prompts ------------------------------------------------------------------------------------

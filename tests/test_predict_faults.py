@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
@@ -18,44 +16,10 @@ from lightning_nst.cli import main
 from lightning_nst.diffusion import GuidedDiffusion
 from lightning_nst.errors import NSTError
 from lightning_nst.outputs import file_digest
-from tests.tiny_pipeline import build_tiny_pipeline, records, tiny_args
+from tests.conftest import cli_error
+from tests.tiny_pipeline import batch_args, records, tiny_args
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_diffusion.py: OpenMP threads crawl on a busy 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
-
-
-def fast_args(pipeline: Path, out: Path, seeds: int, *overrides: str) -> list[str]:
-    """``seeds`` items of 2 unguided steps into the fixed folder ``out``."""
-    return tiny_args(
-        pipeline,
-        "faults",
-        f"--trainer.callbacks.init_args.output_dir={out}",
-        f"--data.seeds=[{', '.join(str(seed) for seed in range(seeds))}]",
-        "--model.num_inference_steps=2",
-        "--model.guidance=null",
-        *overrides,
-    )
-
-
-def cli_error(capfd: pytest.CaptureFixture[str], args: list[str]) -> str:
-    """The one line a CLI run that must fail printed, after checking it exits 2 without a traceback."""
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    stderr = capfd.readouterr().err.strip()
-    assert "Traceback" not in stderr
-    return stderr.splitlines()[-1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mtimes(folder: Path) -> dict[str, int]:
@@ -121,7 +85,7 @@ def test_overflowing_cfg_scale_writes_no_image_and_exits_2(
 ) -> None:
     out = tmp_path / "out"
     with caplog.at_level(logging.ERROR):
-        message = cli_error(capfd, fast_args(pipeline_dir, out, 2, "--model.cfg_scale=1e38"))
+        message = cli_error(capfd, batch_args(pipeline_dir, out, 2, "--model.cfg_scale=1e38"))
     assert message.startswith("lightning-nst: error: model.cfg_scale: 2 of 2 items failed with values that are not ")
     assert "first: item 0 (00000_a-red-house-by-a-lake_0.png): step " in message
     for index in (0, 1):
@@ -147,7 +111,7 @@ def test_a_failed_item_is_not_recorded_and_a_rerun_makes_only_it(
     pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    args = fast_args(pipeline_dir, out, 3, "--data.batch_size=2")
+    args = batch_args(pipeline_dir, out, 3, "--data.batch_size=2")
     message = cli_error(capfd, [*args, "--trainer.callbacks+=tests.test_predict_faults.Poison"])
     assert message == (
         "lightning-nst: error: trainer.callbacks: 1 of 3 items failed with values that are not finite and were not "
@@ -174,7 +138,7 @@ def test_truncated_or_replaced_pngs_are_generated_again(
     pipeline_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     out = tmp_path / "out"
-    args = fast_args(pipeline_dir, out, 4)
+    args = batch_args(pipeline_dir, out, 4)
     main(args)
     lines = records(out)
     assert all(line["sha256"] == file_digest(out / line["image"]) for line in lines)
@@ -202,7 +166,7 @@ def test_style_image_edited_in_place_is_a_changed_item(
 ) -> None:
     style, out = tmp_path / "style.png", tmp_path / "out"
     Image.new("RGB", (32, 32), (20, 40, 200)).save(style)
-    args = fast_args(pipeline_dir, out, 1, f"--data.style=[{style}]")
+    args = batch_args(pipeline_dir, out, 1, f"--data.style=[{style}]")
     main(args)
     (line,) = records(out)
     assert line["style"] == str(style) and line["style_digest"] == file_digest(style)

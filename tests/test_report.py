@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageFilter
 
 from lightning_nst.cli import main
 from lightning_nst.report.experiments import colour_distance, spectrum_distance, timing_verdict
 from lightning_nst.report.figures import Series, line_plot
 from tests.conftest import MODELS
-from tests.tiny_pipeline import VGG, build_tiny_pipeline
+from tests.tiny_pipeline import VGG
 
 # The real ImageNet weights up to relu3_1 where ../shared holds them (random beyond), seeded random weights elsewhere;
 # thresholds that depend on them are given per MODELS, as measured.
@@ -33,17 +31,7 @@ TOY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models gain nothing from threads on a shared 2-core machine
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def diffusion(pipeline: Path) -> list[str]:

@@ -61,6 +61,19 @@ def tiny_args(
     ]
 
 
+def batch_args(pipeline: Path, out: Path | None, seeds: int, *overrides: str) -> list[str]:
+    """A fast batch of ``seeds`` items (2 steps, no guidance) into the fixed folder ``out``, or the log folder."""
+    return tiny_args(
+        pipeline,
+        "batch",
+        *([f"--trainer.callbacks.init_args.output_dir={out}"] if out is not None else []),
+        f"--data.seeds=[{', '.join(str(seed) for seed in range(seeds))}]",
+        "--model.num_inference_steps=2",
+        "--model.guidance=null",
+        *overrides,
+    )
+
+
 def records(folder: Path, manifest: str = "predictions.jsonl") -> list[dict[str, Any]]:
     """The manifest's JSON lines."""
     return [json.loads(line) for line in (folder / manifest).read_text(encoding="utf-8").splitlines()]
