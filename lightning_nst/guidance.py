@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_nst.errors import NSTError
 from lightning_nst.images import resize_long_edge
 from lightning_nst.losses import STATISTICS, LayerStyleLoss, Statistic
-from lightning_nst.vgg import VGGConfig, check_layers, layer_index, min_input_size
+from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, VGGConfig, layer_index, layer_weights, min_input_size
 
 Decoder = Literal["auto", "vae", "tiny"]
 
@@ -35,8 +35,6 @@ timesteps indexing ``alphas_cumprod`` and whose ``step`` keeps no history, so a 
 they need."""
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
-DEFAULT_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 
 
 def check_scheduler(scheduler: Any, key: str = "model.scheduler") -> None:
@@ -149,14 +147,13 @@ class StyleGuidance(nn.Module):
             raise NSTError(f"{key}.decoder: must be auto, vae or tiny, got {decoder!r}")
         if statistic not in STATISTICS:
             raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {statistic!r}")
-        layers = DEFAULT_LAYERS if layers is None else layers
+        layers = list(DEFAULT_STYLE_LAYERS) if layers is None else layers
         if not layers:
             raise NSTError(f"{key}.layers: give at least one VGG19 layer")
-        names = check_layers(list(layers), f"{key}.layers")
-        weights = {layer: float(layers[layer]) for layer in names} if isinstance(layers, Mapping) else None
-        for layer, weight in (weights or {}).items():
-            if not math.isfinite(weight) or weight < 0:
-                raise NSTError(f"{key}.layers.{layer}: weight must be a finite number >= 0, got {weight}")
+        parsed = layer_weights(layers, f"{key}.layers")
+        names = list(parsed)
+        # A list keeps LayerStyleLoss's own 1/len weighting (and the settings recorded in manifests) as it was.
+        weights = {layer: float(weight) for layer, weight in parsed.items()} if isinstance(layers, Mapping) else None
         deepest = max(names, key=layer_index)
         for name, size in (("guidance_size", guidance_size), ("style_size", style_size)):
             if size is not None and size < min_input_size(names):

@@ -28,7 +28,7 @@ from lightning_nst.images import labelled_grid, load_image, save_image, write_at
 from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import file_digest, source_digest
-from lightning_nst.vgg import VGGConfig, check_layers, min_input_size
+from lightning_nst.vgg import VGGConfig, check_weight, layer_weights, min_input_size
 
 # Checkpoints hold the state after the step of their global_step, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -62,19 +62,6 @@ class Objective:
     tv_weight: float = 0.0
 
 
-def _layer_weights(layers: list[str] | dict[str, float], key: str) -> dict[str, float]:
-    weights = dict(layers) if isinstance(layers, dict) else {layer: 1.0 / len(layers) for layer in layers}
-    check_layers(weights, key)
-    for layer, weight in weights.items():
-        _check_weight(weight, f"{key}.{layer}")
-    return weights
-
-
-def _check_weight(value: float, key: str) -> None:
-    if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise NSTError(f"{key}: must be a finite number >= 0, got {value!r}")
-
-
 def _check_objectives(objectives: list[Objective]) -> None:
     if not objectives:
         raise NSTError("model.objectives: give at least one objective")
@@ -91,7 +78,7 @@ def _check_objectives(objectives: list[Objective]) -> None:
         if objective.statistic not in STATISTICS:
             raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {objective.statistic!r}")
         for term in ("content_weight", "style_weight", "tv_weight"):
-            _check_weight(getattr(objective, term), f"{key}.{term}")
+            check_weight(getattr(objective, term), f"{key}.{term}")
 
 
 def _nothing() -> None:
@@ -151,11 +138,11 @@ class ImageOptimization(L.LightningModule):
         self.style_weights: dict[tuple[str, str], list[float]] = {}
         for index, objective in enumerate(objectives):
             key = f"model.objectives[{index}]"
-            for layer, weight in _layer_weights(objective.content_layers, f"{key}.content_layers").items():
+            for layer, weight in layer_weights(objective.content_layers, f"{key}.content_layers").items():
                 self.content_weights.setdefault(layer, [0.0] * len(objectives))[index] = (
                     objective.content_weight * weight
                 )
-            for layer, weight in _layer_weights(objective.style_layers, f"{key}.style_layers").items():
+            for layer, weight in layer_weights(objective.style_layers, f"{key}.style_layers").items():
                 slot = self.style_weights.setdefault((objective.statistic, layer), [0.0] * len(objectives))
                 slot[index] = objective.style_weight * weight
         self.tv_weights = [objective.tv_weight for objective in objectives]
@@ -600,7 +587,7 @@ class ImageOptimization(L.LightningModule):
             metrics["psnr"] = peak_signal_noise_ratio(image, target, data_range=1.0).item()
             metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
         if objective.style_layers:
-            layers = _layer_weights(objective.style_layers, "style_layers")
+            layers = layer_weights(objective.style_layers, "style_layers")
             distance = StyleDistance(self.vgg, data.style, objective.statistic, list(layers), layers)
             distance.update(image)
             metrics[f"style_distance_{objective.statistic}"] = distance.compute().item()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,6 +50,28 @@ _IMAGENET = VGG19_Weights.IMAGENET1K_V1
 def layer_index(name: str) -> int:
     """Index of a named layer in ``vgg19().features``."""
     return LAYER_NAMES.index(name)
+
+
+DEFAULT_STYLE_LAYERS: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+"""The style layers of Gatys et al. (2016): the first ReLU of each block."""
+
+
+def check_weight(value: float, key: str) -> None:
+    """Raise naming ``key`` unless ``value`` is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise NSTError(f"{key}: must be a finite number >= 0, got {value!r}")
+
+
+def layer_weights(layers: Sequence[str] | Mapping[str, float], key: str) -> dict[str, float]:
+    """``{layer: weight}`` of a layer list (each ``1 / len(layers)``) or mapping; raises naming ``key`` if invalid.
+
+    An empty list gives an empty mapping: whether a term may be empty is the caller's decision.
+    """
+    weights = dict(layers) if isinstance(layers, Mapping) else {layer: 1.0 / len(layers) for layer in layers}
+    check_layers(weights, key)
+    for layer, weight in weights.items():
+        check_weight(weight, f"{key}.{layer}")
+    return weights
 
 
 def check_layers(layers: Iterable[str], key: str = "layers") -> list[str]:

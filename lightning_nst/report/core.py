@@ -19,9 +19,8 @@ from lightning_nst.errors import NSTError
 from lightning_nst.images import save_image, write_atomic
 from lightning_nst.outputs import check_output_dir, file_digest
 from lightning_nst.report.figures import captioned
-from lightning_nst.vgg import VGG19Features, VGGConfig
+from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, VGG19Features, VGGConfig
 
-STYLE_LAYERS = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 TEXTURES = ["skimage:gravel", "skimage:brick", "skimage:grass", "skimage:immunohistochemistry", "skimage:coffee"]
 """Experiment 3's default textures: scikit-image's embedded samples, three grey and two in colour."""
 
@@ -83,7 +82,7 @@ class ReportSettings:
     textures: list[str] = field(default_factory=lambda: list(TEXTURES))
     style: str = "skimage:immunohistochemistry"
     layers: list[str] | None = None
-    style_layers: list[str] = field(default_factory=lambda: list(STYLE_LAYERS))
+    style_layers: list[str] = field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS))
     content_layer: str = "relu4_2"
     gram_weight: float = 1e6
     meanvar_weight: float = 1e3
