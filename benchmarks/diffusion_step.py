@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from lightning_nst.cli import main  # noqa: E402
+from lightning_nst.main import main  # noqa: E402
 from tests.tiny_pipeline import build_tiny_autoencoder, build_tiny_pipeline, tiny_args  # noqa: E402
 
 SETTINGS: dict[str, list[str]] = {

@@ -13,7 +13,7 @@ with ``save_pretrained`` into a temporary folder (about 4.3 GB) and loaded back 
 Components (median of ``--repeats`` rounds, each component once per round, interleaved): UNet forward with the
 classifier-free-guidance batch of 2, VAE decoder forward+backward, tiny decoder forward+backward, and VGG19 forward
 +backward to relu5_1 with the Gram style loss at the guidance size. The product: ``lightning-nst predict -c
-configs/guided_diffusion.yaml`` through ``lightning_nst.cli.main`` on that folder, once per setting per round, with
+configs/guided_diffusion.yaml`` through ``lightning_nst.main.main`` on that folder, once per setting per round, with
 the config's five style layers (relu1_1..relu5_1, random VGG weights) at ``--guidance-size``; each item's
 ``seconds_per_step`` comes from the manifest and the first item of each run is dropped as warm-up.
 ``--memory`` runs one guided item per setting in a fresh process and prints its peak resident set (and
@@ -50,9 +50,9 @@ from diffusers import (  # noqa: E402
 )
 from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
-from lightning_nst.cli import main as cli_main  # noqa: E402
 from lightning_nst.guidance import decode_latents  # noqa: E402
 from lightning_nst.losses import LayerStyleLoss  # noqa: E402
+from lightning_nst.main import main as cli_main  # noqa: E402
 from lightning_nst.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E402
 from lightning_nst.vgg import VGG19Features  # noqa: E402
 from tests.tiny_pipeline import tiny_args, tiny_tokenizer  # noqa: E402

@@ -1,5 +1,5 @@
 """``python -m lightning_nst``."""
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 
 main()

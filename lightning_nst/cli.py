@@ -1,11 +1,14 @@
-"""``lightning-nst``: LightningCLI entry point for image optimisation (``fit``) and guided diffusion (``predict``)."""
+"""The LightningCLI of image optimisation (``fit``) and guided diffusion (``predict``); :func:`run` for libraries.
+
+:mod:`lightning_nst.main` is the user-facing ``lightning-nst`` command around it (argv, ``--debug``, ``layers``,
+``report``, one-line errors).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import json
-import os
 import re
 import shlex
 import shutil
@@ -14,7 +17,7 @@ import sys
 import threading
 import warnings
 from argparse import ArgumentError
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,12 +32,8 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import preflight
-from lightning_nst.errors import NSTError
+from lightning_nst.errors import NSTError, StoppedBySignal
 from lightning_nst.outputs import check_input_file, source_digest
-from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
-
-DEBUG_ENV = "LIGHTNING_NST_DEBUG"
-"""Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
@@ -61,15 +60,22 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 class NSTCLI(LightningCLI):
     """LightningCLI with the project's trainer defaults; the model and data classes come from the config."""
 
-    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self, args: ArgsType = None, run: bool = True, stop: StopOnSignal | None = None, **kwargs: Any
+    ) -> None:
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs["parser_kwargs"] = {"description": DESCRIPTION, **kwargs.get("parser_kwargs", {})}
-        self.stop = StopOnSignal()
+        self.stop = stop or StopOnSignal()
         super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         """Parse as LightningCLI does, then let an ``objectives`` list from the command line replace the config's."""
-        super().parse_arguments(parser, args)
+        if isinstance(args, list):
+            # LightningCLI warns when it is given args while sys.argv holds others; :func:`run` always passes the
+            # list it was given (the command line itself for ``lightning-nst``, a run's for the report).
+            self.config = parser.parse_args(args)
+        else:
+            super().parse_arguments(parser, args)
         argv = list(args) if isinstance(args, list) else sys.argv[1:] if args is None else []
         _replace_listed_objectives(self.config, argv)
 
@@ -86,6 +92,10 @@ class NSTCLI(LightningCLI):
         super().after_instantiate_classes()
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
+            # The run folder is known here, before the run: the logger creates it once the run starts, and only
+            # whether it existed before tells a folder this run made from one the user had.
+            log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
+            self.trainer.callbacks.append(RemoveRefusedRunFolder(log_dir))
 
     def before_instantiate_classes(self) -> None:
         """Turn ``inference_mode`` off for ``predict`` and load checkpoints with ``weights_only=True`` by default.
@@ -105,33 +115,15 @@ class NSTCLI(LightningCLI):
             config.trainer.max_epochs = -1
         preflight.check(config, self.subcommand)
 
-    def _run_subcommand(self, subcommand: str) -> None:
-        # The logger creates its run folder before any setup hook; a run that fails on bad input must not leave
-        # that folder behind looking like a result. Folders holding anything else (a kept image) stay.
-        log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
-        existed = log_dir is not None and log_dir.exists()
-        try:
-            with self.stop.handling_signals():
-                super()._run_subcommand(subcommand)
-        except NSTError:
-            if log_dir is not None and not existed and self.trainer.is_global_zero and _only_bookkeeping(log_dir):
-                shutil.rmtree(log_dir, ignore_errors=True)
-            raise
-        except SystemExit:
-            if not self.stop.stopped:
-                raise
-        if self.stop.signum is not None and self.stop.stopped:
-            self.stop.report(self.trainer)
-            raise SystemExit(128 + self.stop.signum)
-
 
 class StopOnSignal(L.Callback):
     """Treat SIGTERM like Ctrl-C: stop after the current step (fit) or batch (predict) and keep what is done.
 
     Lightning's own SIGTERM handling (``trainer.received_sigterm``) stops ``fit`` without a checkpoint and exits 0,
     and does not stop ``predict`` at all; this callback stops both at a boundary where the state is whole, saves
-    ``last.ckpt`` where the run's ModelCheckpoint saves (else ``<run>/checkpoints``) during ``fit``, and lets the
-    CLI print how to resume and exit with ``128 + signal``. A second signal interrupts at once, as Ctrl-C does.
+    ``last.ckpt`` where the run's ModelCheckpoint saves (else ``<run>/checkpoints``) during ``fit``, and says in
+    :attr:`message` how to resume; :func:`run` then raises :class:`~lightning_nst.errors.StoppedBySignal`, which
+    ``lightning-nst`` prints, exiting with ``128 + signal``. A second signal interrupts at once, as Ctrl-C does.
     """
 
     def __init__(self) -> None:
@@ -139,6 +131,8 @@ class StopOnSignal(L.Callback):
         self.stopped = False
         self.checkpoint: Path | None = None
         self.step = 0
+        self.message = ""
+        """What was kept and how to resume, once the run has stopped."""
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
@@ -188,25 +182,41 @@ class StopOnSignal(L.Callback):
             for callback in trainer.callbacks:
                 if isinstance(callback, BasePredictionWriter):
                     callback.teardown(trainer, pl_module, "predict")
+        self.message = self._message(trainer)
 
-    def report(self, trainer: L.Trainer) -> None:
-        """Print one line saying what was kept and how to resume."""
-        if os.environ.get("LOCAL_RANK", "0") != "0" or self.signum is None:
-            return
-        name = signal.Signals(self.signum).name
+    def _message(self, trainer: L.Trainer) -> str:
+        """One line saying what was kept and how to resume."""
+        name = signal.Signals(self.signum or signal.SIGTERM).name
         if self.checkpoint is not None:
-            what = (
+            return (
                 f"stopped by {name} at step {self.step}; resume with the same command and "
                 f"--ckpt_path {shlex.quote(str(self.checkpoint))}"
             )
-        else:
-            writer = next((c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)), None)
-            folder = getattr(writer, "output_dir", None) or trainer.log_dir or "."
-            what = (
-                f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
-                f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(folder))} to generate the rest"
-            )
-        print(f"lightning-nst: {what}", file=sys.stderr, flush=True)
+        writer = next((c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)), None)
+        folder = getattr(writer, "output_dir", None) or trainer.log_dir or "."
+        return (
+            f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
+            f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(folder))} to generate the rest"
+        )
+
+
+class RemoveRefusedRunFolder(L.Callback):
+    """Remove the logger's run folder when bad input (an NSTError) stops the run, if the run made it.
+
+    The logger creates its run folder before any setup hook, where most checks run; a run refused there must not
+    leave that folder behind looking like a result. A folder that existed before, or that holds anything but the
+    config, hyperparameters and TensorBoard events (a kept image), stays.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.existed = folder is not None and folder.exists()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:  # noqa: D102
+        if self.folder is None or self.existed or NSTError.behind(exception) is None or not trainer.is_global_zero:
+            return
+        if self.folder.is_dir() and _only_bookkeeping(self.folder):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _plain(value: Any) -> Any:
@@ -350,13 +360,6 @@ def _only_bookkeeping(folder: Path) -> bool:
     return True
 
 
-def print_layers() -> None:
-    """Print every VGG19 feature module with its index, channels and stride."""
-    print(f"{'index':>5}  {'name':<8} {'channels':>8} {'stride':>6}")
-    for index, (name, (channels, stride)) in enumerate(zip(LAYER_NAMES, LAYER_GEOMETRY, strict=True)):
-        print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
-
-
 # LightningCLI's SaveConfigCallback refuses to replace the config.yaml of an earlier run with this RuntimeError.
 _CONFIG_EXISTS = re.compile(r"SaveConfigCallback expected (.+) to NOT exist")
 _KEY = re.compile(r'Parser key "([^"]+)":\s*(.*)')
@@ -473,7 +476,7 @@ def _check_yaml_text(text: str, what: str) -> None:
         raise NSTError(f"{what} is refused: {problem}")
 
 
-def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
+def _flag_values(argv: Sequence[str]) -> list[tuple[str, str]]:
     """``(flag, value)`` of each command-line value, for ``--flag value`` and ``--flag=value`` alike."""
     pairs: list[tuple[str, str]] = []
     for index, arg in enumerate(argv):
@@ -484,7 +487,7 @@ def _flag_values(argv: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_yaml_files(argv: list[str]) -> None:
+def check_yaml_files(argv: Sequence[str]) -> None:
     """Check all YAML that jsonargparse would read, before it reads any, naming the file, line and column.
 
     That is ``--config`` files, other ``.yaml``/``.yml`` files given as values (jsonargparse loads those as well),
@@ -511,53 +514,60 @@ def _check_yaml_files(argv: list[str]) -> None:
                 raise NSTError(f"{key}: the value is refused: {problem}")
 
 
-def main(args: ArgsType = None) -> None:
-    """Run the CLI: ``lightning-nst {fit,predict,report,layers} ...``. Bad input exits with status 2 and one line."""
-    debug = os.environ.get(DEBUG_ENV) == "1"
-    if args is None:
-        # LightningCLI reads sys.argv itself (and warns when given it as args), so strip our flag there.
-        debug = debug or "--debug" in sys.argv
-        sys.argv = [arg for arg in sys.argv if arg != "--debug"]
-        listed = sys.argv[1:]
-    elif isinstance(args, list):
-        debug = debug or "--debug" in args
-        args = listed = [arg for arg in args if arg != "--debug"]
-    else:
-        listed = []
-    if listed[:1] == ["layers"]:
-        print_layers()
-        return
-    NSTError.raised.clear()
-    try:
-        _check_yaml_files(listed)
-        if listed[:1] == ["report"]:
-            from lightning_nst.report import main as report
+COMMANDS = ("fit", "validate", "test", "predict", "report")
 
-            report(listed[1:])
-        else:
-            NSTCLI(args=args, parser_kwargs={"exit_on_error": False})
-    except (NSTError, ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
-        if debug:
+
+def nst_error(error: BaseException, args: Sequence[str]) -> NSTError | None:
+    """The one-line NSTError that stands for ``error`` raised by the CLI on ``args``, or ``None`` for a bug.
+
+    That is an NSTError itself or one jsonargparse wrapped, Lightning's refusal of a trainer option, LightningCLI's
+    refusal to overwrite an earlier run's config, and jsonargparse's own errors, condensed to the key and problem.
+    """
+    if found := NSTError.behind(error):
+        return found
+    if isinstance(error, MisconfigurationException):  # Lightning's own check of a trainer option
+        return NSTError("trainer: " + " ".join(str(error).split()))
+    if isinstance(error, RuntimeError):
+        if not (match := _CONFIG_EXISTS.search(str(error))):
+            return None
+        return NSTError(
+            f"trainer.default_root_dir: {match.group(1)} exists, so a run already wrote into "
+            f"{Path(match.group(1)).parent}; choose another folder, or keep a logger, which makes a new "
+            "version folder for every run"
+        )
+    if isinstance(error, ArgumentError) or (
+        isinstance(error, ValueError) and "Problem with given class_path" in str(error)
+    ):
+        command = args[0] if args and args[0] in COMMANDS else ""
+        return NSTError(f"{condense(str(error))} (see `lightning-nst {command} --help`)".replace("  ", " "))
+    return None
+
+
+def run(args: Sequence[str]) -> NSTCLI:
+    """Run ``lightning-nst <args>`` (``fit``, ``predict``, ...) in this process and return the finished CLI.
+
+    The library's entry point: it prints nothing of its own and raises instead of exiting.
+
+    Raises:
+        NSTError: On bad input, with the one line ``lightning-nst`` prints.
+        StoppedBySignal: When SIGINT or SIGTERM stopped the run after keeping what was done.
+    """
+    args = list(args)
+    check_yaml_files(args)
+    stop = StopOnSignal()
+    cli = None
+    try:
+        # Around the whole run, as the handlers must be in place before the trainer starts; a signal that comes
+        # before the first step stops the run after it.
+        with stop.handling_signals():
+            cli = NSTCLI(args=args, stop=stop, parser_kwargs={"exit_on_error": False})
+    except SystemExit:  # Lightning's SIGTERMException, once the stop is done
+        if not stop.stopped:
             raise
-        if isinstance(error, NSTError):
-            message = str(error)
-        elif isinstance(error, RuntimeError):
-            if not (match := _CONFIG_EXISTS.search(str(error))):
-                raise
-            message = (
-                f"trainer.default_root_dir: {match.group(1)} exists, so a run already wrote into "
-                f"{Path(match.group(1)).parent}; choose another folder, or keep a logger, which makes a new "
-                "version folder for every run"
-            )
-        elif cause := NSTError.behind(error):
-            message = str(cause)
-        elif isinstance(error, MisconfigurationException):  # Lightning's own check of a trainer option
-            message = "trainer: " + " ".join(str(error).split())
-        elif isinstance(error, ArgumentError) or "Problem with given class_path" in str(error):
-            command = listed[0] if listed and listed[0] in ("fit", "validate", "test", "predict", "report") else ""
-            message = f"{condense(str(error))} (see `lightning-nst {command} --help`)".replace("  ", " ")
-        else:
+    except (ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
+        if (found := nst_error(error, args)) is None:
             raise
-        if os.environ.get("LOCAL_RANK", "0") == "0":  # under DDP every process fails alike: say it once
-            print(f"lightning-nst: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise found from error
+    if stop.stopped or cli is None:  # only a stop ends the try without a CLI
+        raise StoppedBySignal(stop.signum or signal.SIGTERM, stop.message)
+    return cli

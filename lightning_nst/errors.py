@@ -1,23 +1,38 @@
-"""The one exception type whose message is shown to users without a traceback."""
+"""The exceptions whose message is shown to users without a traceback."""
 
 from __future__ import annotations
-
-from typing import ClassVar
 
 
 class NSTError(Exception):
     """Bad input named by file or config key; the CLI prints it as a single line and exits with status 2."""
 
-    raised: ClassVar[list[NSTError]] = []
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        # jsonargparse instantiates config classes inside Union branches that catch every exception and raise a
-        # multi-line ValueError quoting it; the CLI finds the original here to show the one line that matters.
-        NSTError.raised.append(self)
-
     @classmethod
     def behind(cls, error: BaseException) -> NSTError | None:
-        """The most recent NSTError whose message ``error`` quotes, if any."""
-        text = str(error)
-        return next((candidate for candidate in reversed(cls.raised) if str(candidate) in text), None)
+        """The NSTError ``error`` is or was raised from, if any.
+
+        jsonargparse instantiates config classes inside handlers that catch every exception and raise another one
+        (a ``ValueError`` quoting it, for a ``Union``) ``from`` it, so an NSTError raised in an ``__init__`` is found
+        down the ``__cause__``/``__context__`` chain.
+        """
+        seen: set[int] = set()
+        current: BaseException | None = error
+        while current is not None and id(current) not in seen:
+            if isinstance(current, NSTError):
+                return current
+            seen.add(id(current))
+            current = current.__cause__ or current.__context__
+        return None
+
+
+class StoppedBySignal(Exception):
+    """A run stopped by SIGINT or SIGTERM after keeping what was done; ``message`` says how to resume."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's status for death by this signal: ``128 + signum``."""
+        return 128 + self.signum

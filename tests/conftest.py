@@ -96,7 +96,7 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cli_error(capfd: pytest.CaptureFixture[str], args: list[str]) -> str:
     """The one line a CLI run that must fail printed, after checking it exits 2 without a traceback."""
-    from lightning_nst.cli import main
+    from lightning_nst.main import main
 
     capfd.readouterr()
     with pytest.raises(SystemExit) as exit_info:

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lightning_nst.outputs
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from lightning_nst.vgg import VGG19Features
 from tests.conftest import CONFIGS, REPO
 

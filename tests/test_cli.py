@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from tests.conftest import CONFIGS, require_shared
 
 SHIPPED = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from lightning_nst.vgg import VGG19Features
 from tests.conftest import CONFIGS
 from tests.test_images import _png_header

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.models.vgg import cfgs, make_layers
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from lightning_nst.outputs import file_digest
 from tests.conftest import CONFIGS, REPO
 from tests.tiny_pipeline import build_tiny_pipeline, records, tiny_args

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from lightning_nst.report.experiments import colour_distance, spectrum_distance, timing_verdict
 from lightning_nst.report.figures import Series, line_plot
 from tests.conftest import MODELS

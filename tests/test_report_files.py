@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 
 TOY = [
     "--size=32",
