@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lightning_nst.cli import run
+from lightning_nst.errors import NSTError
 from lightning_nst.main import main
 from lightning_nst.vgg import VGG19Features
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, cli_error
 from tests.test_images import _png_header
 
 TEXTURE = str(CONFIGS / "texture_gram.yaml")
@@ -143,3 +148,44 @@ def test_unusual_image_modes_are_converted(mode: str, tmp_path: Path) -> None:
     main(["fit", "-c", TEXTURE, *TOY, f"--data.init_args.style=[{path}]"])
     (result,) = Path("logs").glob("texture_gram/version_0/gram.png")
     assert Image.open(result).size == (32, 32)
+
+
+class Refusing(L.LightningModule):
+    """A model whose cheap validation in ``__init__`` refuses its input, as the package's modules do."""
+
+    def __init__(self, limit: int = 1) -> None:
+        super().__init__()
+        raise NSTError(f"model.limit: refused in __init__ (got {limit})")
+
+
+class Holding(L.LightningModule):
+    """A model with an optional part: jsonargparse instantiates the part inside its Union handling."""
+
+    def __init__(self, part: Refusing | None = None) -> None:
+        super().__init__()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "--model=tests.test_cli_errors.Refusing",
+        "--model={class_path: tests.test_cli_errors.Holding, init_args: {part: {class_path: tests.test_cli_errors.Refusing}}}",  # noqa: E501
+    ],
+)
+def test_nst_error_raised_in_init_is_one_line(model: str, capfd: pytest.CaptureFixture[str]) -> None:
+    assert cli_error(capfd, ["fit", model, "--trainer.logger=false"]) == (
+        "lightning-nst: error: model.limit: refused in __init__ (got 1)"
+    )
+
+
+def test_library_use_keeps_no_state_between_runs() -> None:
+    """``cli.run`` raises NSTError for bad input and nothing in the package holds on to the errors it raised."""
+    raised = []
+    for index in range(3):
+        with pytest.raises(NSTError, match=f"in/nope{index}.jpg") as error:
+            run(["fit", "-c", TRANSFER, *TOY, f"--data.init_args.content=in/nope{index}.jpg"])
+        raised.append(weakref.ref(error.value))
+        del error
+    gc.collect()
+    assert [ref() for ref in raised] == [None] * 3
+    assert not [name for name, value in vars(NSTError).items() if isinstance(value, list | dict | set)]
