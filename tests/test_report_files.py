@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lightning_nst.errors import NSTError
 from lightning_nst.main import main
+from lightning_nst.report import Report, ReportSettings, configs, experiments
+from lightning_nst.vgg import VGGConfig
+from tests.conftest import CONFIGS, REPO
 
 TOY = [
     "--size=32",
@@ -109,3 +119,99 @@ def test_a_finished_run_whose_image_was_damaged_is_run_again(tmp_path: Path) -> 
     untouched = (out / "runs" / "conv1_1" / "summary.json").stat().st_mtime_ns
     report(out)  # intact now: read back, not run
     assert (out / "runs" / "conv1_1" / "summary.json").stat().st_mtime_ns == untouched
+
+
+# -- the report as a client of the library --------------------------------------------------------------------------
+
+
+def test_report_help_and_an_image_experiment_do_not_import_diffusers(tmp_path: Path) -> None:
+    script = (
+        "import sys\n"
+        "from lightning_nst.main import main\n"
+        "try:\n"
+        "    main(['report', '--help'])\n"
+        "except SystemExit as stop:\n"
+        "    assert stop.code == 0, stop.code\n"
+        "assert 'diffusers' not in sys.modules, 'report --help imported diffusers'\n"
+        f"main(['report', 'reconstruction', *{TOY!r}, '--steps=1', '--out=out'])\n"
+        "assert 'diffusers' not in sys.modules, 'report reconstruction imported diffusers'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "report.md").is_file()
+
+
+def _toy_settings(tmp_path: Path, pipeline: str = "tiny-sd") -> ReportSettings:
+    return ReportSettings(out=str(tmp_path / "r"), size=32, steps=3, vgg=VGGConfig(weights="random"), model=pipeline)
+
+
+def test_run_configs_are_the_shipped_configs_with_the_reports_settings(tmp_path: Path) -> None:
+    report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"])
+    objective = [{"name": "x", "style_layers": ["relu1_1"]}]
+    fit = experiments._fit_config(report, "x", "texture_gram", objective, {"style": ["skimage:brick"]})
+    texture = yaml.safe_load((CONFIGS / "texture_gram.yaml").read_text())
+    assert fit["model"]["init_args"]["optimizer"] == texture["model"]["init_args"]["optimizer"]
+    assert fit["model"]["init_args"]["objectives"] == objective and fit["data"]["init_args"]["size"] == 32
+    assert fit["trainer"]["logger"]["init_args"]["save_dir"] == str(report.folder / "runs")
+    assert "callbacks" not in fit["trainer"]  # the shipped ModelCheckpoint is the user's, not the report's
+    for style_prompt, name in ((None, "guided_diffusion"), ("in oils", "prompt_only_diffusion")):
+        generation = experiments._generation_config(report, "g", 0.5, style_prompt=style_prompt)["model"]["init_args"]
+        model = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["init_args"]
+        assert generation["scheduler"] == model["scheduler"]
+        guidance, shipped_guidance = generation["guidance"]["init_args"], model["guidance"]["init_args"]
+        assert all(
+            guidance[key] == value
+            for key, value in shipped_guidance.items()
+            if key not in ("scale", "guidance_size", "layers", "vgg")
+        )
+        assert guidance["scale"] == 0.5 and generation["num_inference_steps"] == report.settings.sampling_steps
+
+
+def test_run_configs_follow_an_edited_shipped_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    edited = tmp_path / "configs"
+    shutil.copytree(CONFIGS, edited)
+    texture = edited / "texture_gram.yaml"
+    texture.write_text(texture.read_text().replace("history_size: 50", "history_size: 20"))
+    guided = edited / "guided_diffusion.yaml"
+    guided.write_text(guided.read_text().replace("scheduler: ddim", "scheduler: euler"))
+    monkeypatch.setattr(configs, "CONFIGS", edited)
+    report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"])
+    fit = experiments._fit_config(report, "x", "texture_gram", [{"name": "x"}], {"style": ["skimage:brick"]})
+    assert fit["model"]["init_args"]["optimizer"]["init_args"]["history_size"] == 20
+    assert experiments._generation_config(report, "g", 0.5)["model"]["init_args"]["scheduler"] == "euler"
+    (edited / "texture_gram.yaml").unlink()
+    with pytest.raises(NSTError, match="texture_gram.yaml: the report builds its runs from the shipped"):
+        experiments.run("texture_layers", _toy_settings(tmp_path))
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_report_all_reports_a_failed_experiment_and_runs_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fake(name: str, fails: BaseException | None = None) -> Callable[[ReportSettings], Path]:
+        def experiment(settings: ReportSettings) -> Path:
+            if fails is not None:
+                raise fails
+            path = Path(str(settings.out)) / "report.md"
+            path.parent.mkdir(parents=True)
+            path.write_text(name)
+            return path
+
+        return experiment
+
+    failures = {"texture_layers": NSTError("texture: not an image file: in/t.png"), "guided_vs_nst": KeyError("bug")}
+    for name in list(experiments.EXPERIMENTS):
+        monkeypatch.setitem(experiments.EXPERIMENTS, name, fake(name, failures.get(name)))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "all", f"--out={tmp_path / 'all'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "lightning-nst: report texture_layers failed: texture: not an image file: in/t.png" in err
+    assert "lightning-nst: report guided_vs_nst failed: KeyError('bug')" in err and "Traceback" in err  # a bug
+    assert err.strip().splitlines()[-1] == (
+        f"lightning-nst: error: experiment: texture_layers, guided_vs_nst failed (see above); the other reports "
+        f"are in {tmp_path / 'all'}"
+    )
+    written = sorted(path.parent.name for path in (tmp_path / "all").glob("*/report.md"))
+    assert written == ["gram_vs_meanvar", "guided_vs_prompt", "reconstruction"]

@@ -19,8 +19,10 @@ from lightning_nst.errors import NSTError
 from lightning_nst.images import SAMPLE_PREFIX, load_image, to_pil
 from lightning_nst.losses import LayerStyleLoss, Statistic
 from lightning_nst.metrics import StyleDistance
-from lightning_nst.report.core import Report, ReportSettings, lbfgs
+from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
+from lightning_nst.report.folder import Report
+from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
 
 CUMULATIVE = {f"conv1-{n}": list(CONV_LAYERS[:n]) for n in (3, 6, 10, 16)}
@@ -51,29 +53,29 @@ def _count_verdict(held: Sequence[bool]) -> str:
 def _fit_config(
     report: Report,
     run: str,
+    shipped: str,
     objectives: list[dict[str, Any]],
     data: dict[str, Any],
     init: str = "noise",
     save_every: int = 0,
     seed: int | None = None,
 ) -> dict[str, Any]:
+    """The shipped ``configs/<shipped>.yaml`` with the report's objectives, images and settings; its optimizer stays."""
     s = report.settings
-    return {
-        "trainer": report.trainer(run, max_steps=s.steps, enable_checkpointing=False),
-        "model": {
-            "class_path": "lightning_nst.ImageOptimization",
-            "init_args": {
-                "objectives": objectives,
-                "vgg": asdict(s.vgg),
-                "init": init,
-                "init_seed": s.seed if seed is None else seed,
-                "optimizer": lbfgs(),
-                "snapshot_every": 0,
-                "save_every": save_every,
-            },
-        },
-        "data": {"class_path": "lightning_nst.ImageTargets", "init_args": {**data, "size": s.size}},
+    model = {
+        "objectives": objectives,
+        "vgg": asdict(s.vgg),
+        "init": init,
+        "init_seed": s.seed if seed is None else seed,
+        "snapshot_every": 0,
+        "save_every": save_every,
     }
+    return run_config(
+        shipped,
+        report.trainer(run, max_steps=s.steps, enable_checkpointing=False),
+        model={"init_args": model},
+        data={"init_args": {**data, "size": s.size}},
+    )
 
 
 def _style_objective(name: str, layers: list[str], statistic: Statistic, settings: ReportSettings) -> dict[str, Any]:
@@ -116,6 +118,7 @@ def reconstruction(settings: ReportSettings) -> Path:
             _fit_config(
                 report,
                 layer,
+                "content_reconstruction",
                 [{"name": layer, "content_layers": [layer]}],
                 {"content": settings.content},
             ),
@@ -277,7 +280,11 @@ def texture_layers(settings: ReportSettings) -> Path:
         summary = report.fit(
             name,
             _fit_config(
-                report, name, [_style_objective(name, layers, "gram", settings)], {"style": [settings.texture]}
+                report,
+                name,
+                "texture_gram",
+                [_style_objective(name, layers, "gram", settings)],
+                {"style": [settings.texture]},
             ),
         )
         _, curves[name] = report.scalars(name, f"{name}/total")
@@ -429,7 +436,8 @@ def gram_vs_meanvar(settings: ReportSettings) -> Path:
         for statistic in ("gram", "meanvar"):
             run = f"{statistic}_{texture}_seed{seed}"
             objective = _style_objective(statistic, layers, statistic, settings)
-            summary = report.fit(run, _fit_config(report, run, [objective], {"style": [source]}, seed=seed), seed=seed)
+            config = _fit_config(report, run, f"texture_{statistic}", [objective], {"style": [source]}, seed=seed)
+            summary = report.fit(run, config, seed=seed)
             _, curve = report.scalars(run, f"{statistic}/total")
             image = _open(report.run_dir(run) / f"{statistic}.png")
             results[texture, seed][statistic] = {
@@ -560,6 +568,11 @@ def _generation_config(
     preview_every: int = 0,
     preview_steps: list[int] | None = None,
 ) -> dict[str, Any]:
+    """The shipped ``configs/guided_diffusion.yaml`` (``prompt_only_diffusion.yaml`` with a ``style_prompt``), changed.
+
+    The report sets the prompt, images, sizes and guidance scale; the sampler, the guidance schedule and the batch
+    size stay the shipped config's.
+    """
     s = report.settings
     logger = {
         "class_path": "lightning_nst.callbacks.TrajectoryLogger",
@@ -570,42 +583,27 @@ def _generation_config(
         },
     }
     writer = {"class_path": "lightning_nst.callbacks.GenerationWriter", "init_args": {"output_dir": None}}
-    guidance = {
-        "class_path": "lightning_nst.guidance.StyleGuidance",
-        "init_args": {
-            "scale": scale,
-            "guidance_size": s.guidance_size,
-            "layers": s.style_layers,
-            "statistic": "gram",
-            "vgg": asdict(s.vgg),
-        },
+    # Gram, whatever the shipped config says: the report's tables compare Gram style losses.
+    guidance = {"scale": scale, "guidance_size": s.guidance_size, "layers": s.style_layers, "statistic": "gram"}
+    guidance["vgg"] = asdict(s.vgg)
+    model = {
+        "model": s.model,
+        "tiny_vae": s.tiny_vae,
+        "num_inference_steps": s.sampling_steps,
+        "cfg_scale": s.cfg_scale,
+        "height": s.image_size,
+        "width": s.image_size,
+        "guidance": {"init_args": guidance},
     }
-    return {
-        "trainer": report.trainer(run, callbacks=[logger, writer]),
-        "model": {
-            "class_path": "lightning_nst.diffusion.GuidedDiffusion",
-            "init_args": {
-                "model": s.model,
-                "tiny_vae": s.tiny_vae,
-                "scheduler": "ddim",
-                "num_inference_steps": s.sampling_steps,
-                "cfg_scale": s.cfg_scale,
-                "height": s.image_size,
-                "width": s.image_size,
-                "guidance": guidance,
-            },
-        },
-        "data": {
-            "class_path": "lightning_nst.prompts.PromptGrid",
-            "init_args": {
-                "prompts": [s.prompt],
-                "seeds": [s.seed],
-                "style": [s.style],
-                "style_prompts": [style_prompt] if style_prompt else None,
-                "negative_prompt": s.negative_prompt,
-            },
-        },
-    }
+    data = {"prompts": [s.prompt], "seeds": [s.seed], "style": [s.style], "negative_prompt": s.negative_prompt}
+    if style_prompt:
+        data["style_prompts"] = [style_prompt]
+    return run_config(
+        "prompt_only_diffusion" if style_prompt else "guided_diffusion",
+        report.trainer(run, callbacks=[logger, writer]),
+        model={"init_args": model},
+        data={"init_args": data},
+    )
 
 
 def _generate(report: Report, run: str, **kwargs: Any) -> dict[str, Any]:
@@ -632,6 +630,7 @@ def guided_vs_nst(settings: ReportSettings) -> Path:
             _fit_config(
                 report,
                 f"nst_{statistic}",
+                f"style_transfer_{statistic}",
                 [objective],
                 {"content": str(plain_image), "style": [settings.style]},
                 init="content",
@@ -767,10 +766,21 @@ EXPERIMENTS: dict[str, Callable[[ReportSettings], Path]] = {
 }
 """The study's experiments by name, in the study's order."""
 
+SHIPPED = {
+    "reconstruction": ["content_reconstruction"],
+    "texture_layers": ["texture_gram"],
+    "gram_vs_meanvar": ["texture_gram", "texture_meanvar"],
+    "guided_vs_nst": ["guided_diffusion", "style_transfer_gram", "style_transfer_meanvar"],
+    "guided_vs_prompt": ["guided_diffusion", "prompt_only_diffusion"],
+}
+"""The shipped configs each experiment's runs are built from."""
+
 
 def run(experiment: str, settings: ReportSettings) -> Path:
     """Make the report of ``experiment`` and return its ``report.md``."""
     if experiment not in EXPERIMENTS:
         raise NSTError(f"experiment: {experiment!r} is not one of {', '.join(EXPERIMENTS)}")
     settings.check()
+    for name in SHIPPED.get(experiment, []):
+        shipped(name)  # before any run: a missing one is named at once
     return EXPERIMENTS[experiment](settings)

@@ -1,12 +1,11 @@
-"""What every report shares: its settings, its folder, the runs it makes through the CLI, and report.md."""
+"""A report folder: its files, the runs it makes through :func:`lightning_nst.cli.run`, and report.md."""
 
 from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -14,113 +13,16 @@ import yaml
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_nst.diffusion import DEFAULT_MODEL
+from lightning_nst import cli
 from lightning_nst.errors import NSTError
 from lightning_nst.images import save_image, write_atomic
 from lightning_nst.outputs import check_output_dir, file_digest
 from lightning_nst.report.figures import captioned
-from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, VGG19Features, VGGConfig
-
-TEXTURES = ["skimage:gravel", "skimage:brick", "skimage:grass", "skimage:immunohistochemistry", "skimage:coffee"]
-"""Experiment 3's default textures: scikit-image's embedded samples, three grey and two in colour."""
+from lightning_nst.report.settings import ReportSettings
+from lightning_nst.vgg import VGG19Features
 
 FILES = "report-files.json"
 """The list, inside a report folder, of every file the report wrote there: the only files it ever removes."""
-
-
-@dataclass
-class ReportSettings:
-    """Options of ``lightning-nst report``; each experiment uses those it needs.
-
-    The defaults are the study's full-size settings (for a GPU and ImageNet weights); ``configs/report_cpu.yaml``
-    shrinks them for a CPU.
-
-    Attributes:
-        out: Report folder; ``reports/<experiment>`` by default.
-        overwrite: Replace a report in ``out`` that was made with other settings.
-        size: Long edge, in pixels, of the optimised images (experiments 1-4).
-        steps: Optimisation steps of every image-optimisation run.
-        vgg: VGG19 weights and pooling of every run and of the report's own style measurements.
-        content: Content image of experiment 1.
-        texture: Texture image of experiment 2.
-        textures: Texture images of experiment 3; each claim there is counted over every texture and seed.
-        style: Style image of experiments 4 and 5.
-        layers: Layers of experiment 1; by default all 37 (each conv with its relu, and the pools).
-        style_layers: Style layers of experiments 3-5 and of the style loss all of them report.
-        content_layer: Content layer of the NST runs of experiment 4.
-        gram_weight: Style weight of Gram objectives.
-        meanvar_weight: Style weight of mean/variance objectives.
-        fraction: Experiment 2 counts the steps each layer set needs to reach this fraction of its initial loss.
-        model: Stable Diffusion pipeline of experiments 4 and 5: a hub id or a local folder.
-        tiny_vae: Optional ``AutoencoderTiny`` for the guidance gradient.
-        prompt: Prompt of experiments 4 and 5.
-        style_prompt: Words appended to the prompt for the prompt-only baseline of experiment 5.
-        negative_prompt: Negative prompt of every generation.
-        seed: Seed of the generations (and of the noise of image optimisation).
-        seeds: Noise seeds of experiment 3's syntheses, each run on every texture.
-        timing_repeats: Interleaved repetitions of experiment 3's timing of VGG + loss for each statistic.
-        sampling_steps: DDIM sampling steps.
-        image_size: Side of the generated images, in pixels; ``null`` for the pipeline's native size.
-        cfg_scale: Classifier-free guidance scale.
-        guidance_scale: Strength of the style guidance.
-        guidance_size: Long edge the decoded images are resized to before VGG, for guidance and for every style
-            loss in experiments 4 and 5.
-        rows: Rows (points in time) of the tables of experiment 4.
-        timesteps: Timesteps experiment 5 shows; each is matched to the nearest step of the sampler.
-        accelerator: Lightning accelerator of every run.
-        precision: Lightning precision of every run.
-        progress_bar: Show Lightning's progress bars.
-    """
-
-    out: str | None = None
-    overwrite: bool = False
-    size: int = 256
-    steps: int = 500
-    vgg: VGGConfig = field(default_factory=VGGConfig)
-    content: str = "skimage:astronaut"
-    texture: str = "skimage:gravel"
-    textures: list[str] = field(default_factory=lambda: list(TEXTURES))
-    style: str = "skimage:immunohistochemistry"
-    layers: list[str] | None = None
-    style_layers: list[str] = field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS))
-    content_layer: str = "relu4_2"
-    gram_weight: float = 1e6
-    meanvar_weight: float = 1e3
-    fraction: float = 0.01
-    model: str = DEFAULT_MODEL
-    tiny_vae: str | None = None
-    prompt: str = "a lighthouse on a rocky coast at dusk"
-    style_prompt: str = "in the style of a stained microscope slide, purple and brown blotches on white"
-    negative_prompt: str = "blurry, low quality"
-    seed: int = 0
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    timing_repeats: int = 30
-    sampling_steps: int = 50
-    image_size: int | None = 512
-    cfg_scale: float = 7.5
-    guidance_scale: float = 0.2
-    guidance_size: int = 256
-    rows: int = 5
-    timesteps: list[int] = field(default_factory=lambda: [999, 799, 599, 400, 200])
-    accelerator: str = "auto"
-    precision: str = "32-true"
-    progress_bar: bool = True
-
-    def check(self) -> None:
-        """Raise naming the first option out of range."""
-        for key in ("size", "steps", "sampling_steps", "guidance_size", "rows", "timing_repeats"):
-            if getattr(self, key) < 1:
-                raise NSTError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if not 0 < self.fraction < 1:
-            raise NSTError(f"fraction: must be between 0 and 1, got {self.fraction}")
-        if not self.style_layers:
-            raise NSTError("style_layers: give at least one VGG19 layer")
-        if not self.textures:
-            raise NSTError("textures: give at least one texture image")
-        if not self.seeds:
-            raise NSTError("seeds: give at least one seed")
-        if len(set(self.seeds)) < len(self.seeds):
-            raise NSTError(f"seeds: each seed once, got {self.seeds}")
 
 
 def _inside(name: object) -> bool:
@@ -146,17 +48,6 @@ def _damaged_outputs(out: Path, done: str) -> str | None:
     return None
 
 
-def lbfgs(history: int = 50) -> dict[str, Any]:
-    """L-BFGS with one function evaluation per Lightning step and no line search, as the shipped image configs use it.
-
-    Each objective of a run gets its own instance (see :class:`~lightning_nst.ImageOptimization`).
-    """
-    return {
-        "class_path": "torch.optim.LBFGS",
-        "init_args": {"lr": 1.0, "max_iter": 1, "history_size": history, "line_search_fn": None},
-    }
-
-
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; floats are printed with 4 significant digits."""
 
@@ -173,9 +64,9 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 class Report:
     """A report folder: ``report.md``, figures, ``configs/`` (one YAML per run) and ``runs/`` (their outputs).
 
-    Runs go through :func:`lightning_nst.cli.main`, exactly as ``lightning-nst fit|predict -c configs/<run>.yaml``
-    from the same working directory would run them. A finished run whose config is unchanged is read back instead
-    of being run again, so an interrupted report resumes where it stopped.
+    Runs go through :func:`lightning_nst.cli.run`, exactly as ``lightning-nst fit|predict -c configs/<run>.yaml``
+    from the same working directory would run them; bad input raises NSTError. A finished run whose config is
+    unchanged is read back instead of being run again, so an interrupted report resumes where it stopped.
     """
 
     def __init__(self, experiment: str, title: str, settings: ReportSettings, layers: Sequence[str]) -> None:
@@ -297,8 +188,6 @@ class Report:
         }
 
     def _run(self, subcommand: str, run: str, config: dict[str, Any], done: str) -> Path:
-        from lightning_nst.cli import main
-
         path = self.folder / "configs" / f"{run}.yaml"
         text = f"# {self.experiment} report, run {run}: lightning-nst {subcommand} -c {path}\n"
         text += yaml.safe_dump(config, sort_keys=False)
@@ -320,10 +209,7 @@ class Report:
         self._write(path, text.encode())
         print(f"[{self.experiment}] {run}: lightning-nst {subcommand} -c {path}")
         try:
-            with warnings.catch_warnings():
-                # LightningCLI warns when given args while sys.argv holds other ones: here they are the report's.
-                warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-                main([subcommand, "-c", str(path)])
+            cli.run([subcommand, "-c", str(path)])
         finally:
             # The run folder was empty or absent before the run, so everything in it now is the run's.
             self._own([file for file in out.rglob("*") if not file.is_dir()] if out.is_dir() else [])
