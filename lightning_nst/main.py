@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lightning_nst.cli import check_yaml_files, nst_error, run
+from lightning_nst.cli import nst_error, run
 from lightning_nst.errors import NSTError, StoppedBySignal
 from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
+from lightning_nst.yaml_checks import check_yaml_files
 
 DEBUG_ENV = "LIGHTNING_NST_DEBUG"
 """Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""

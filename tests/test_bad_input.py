@@ -260,7 +260,7 @@ def test_recursive_alias(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_merge_keys_and_shared_aliases_still_work() -> None:
-    from lightning_nst.cli import _check_yaml_text
+    from lightning_nst.yaml_checks import _check_yaml_text
 
     _check_yaml_text("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\nlist: [*b, *b]\n", "ok.yaml")
 
