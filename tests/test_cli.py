@@ -235,3 +235,26 @@ def test_save_every_keeps_the_image_of_every_nth_step() -> None:
         assert_real_image(path, (32, 32))
     with Image.open(steps / "meanvar_00008.png") as last, Image.open(steps.parent / "meanvar.png") as final:
         assert np.array_equal(np.asarray(last), np.asarray(final))
+
+
+def test_library_run_returns_the_cli_and_raises_on_a_signal() -> None:
+    """``cli.run`` is the library's entry point: it returns the CLI, and a signal is an exception, not an exit."""
+    import signal
+    import warnings
+
+    from lightning_nst.cli import NSTCLI, run
+    from lightning_nst.errors import StoppedBySignal
+
+    args = ["fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--data.init_args.size=32", "--trainer.max_steps=5"]
+    args += ["--model.init_args.vgg.weights=random", "--trainer.enable_progress_bar=false"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # LightningCLI's warning about args beside sys.argv
+        warnings.filterwarnings("ignore", message=".*(LeafSpec|litlogger|eval mode)")
+        cli = run(args)
+    assert isinstance(cli, NSTCLI) and cli.trainer.global_step == 5
+    before = signal.getsignal(signal.SIGTERM)
+    sender = "--trainer.callbacks+={class_path: tests.helpers.SignalAtStep, init_args: {step: 2, signum: 15}}"
+    with pytest.raises(StoppedBySignal) as stopped:
+        run([*args, sender])
+    assert stopped.value.exit_code == 143 and "stopped by SIGTERM at step 2" in stopped.value.message
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the caller's again
