@@ -93,6 +93,7 @@ class NSTCLI(LightningCLI):
         super().after_instantiate_classes()
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
+        if self.subcommand is not None:
             # The run folder is known here, before the run: the logger creates it once the run starts, and only
             # whether it existed before tells a folder this run made from one the user had.
             log_dir = Path(self.trainer.log_dir) if self.trainer.log_dir else None
