@@ -82,7 +82,8 @@ def test_last_good_image_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("save_every", [0, 1])
 def test_non_finite_image_is_never_saved(save_every: int, capsys: pytest.CaptureFixture[str]) -> None:
     nan_at_last = "--trainer.callbacks+={class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}"
-    args = [*TEXTURE, *TOY, QUIET, "--trainer.max_steps=3", f"--model.init_args.save_every={save_every}", nan_at_last]
+    args = [*TEXTURE, *TOY, QUIET, "--trainer.max_steps=3", f"--trainer.callbacks.init_args.save_every={save_every}"]
+    args.append(nan_at_last)
     err = fails(args, capsys)
     assert "the image of objective gram holds non-finite values" in err, err
     out = RUN / "version_0"
@@ -191,7 +192,7 @@ def test_resume_applies_safe_overrides(finished: Path) -> None:
             QUIET,
             EVERY_5,
             "--trainer.max_steps=12",
-            "--model.init_args.save_every=1",
+            "--trainer.callbacks+={class_path: lightning_nst.ImageWriter, init_args: {save_every: 1}}",
             f"--ckpt_path={finished}",
         ]
     )  # noqa: E501
