@@ -52,8 +52,9 @@ class ImageTargets(L.LightningDataModule):
             raise NSTError("data.style: the list of style images is empty")
         self.content_source = content
         self.style_sources = list(style or [])
-        self.size = size
-        self.style_size = style_size if style_size is not None else size
+        # Plain ints: jsonargparse passes PositiveInt instances, which checkpoints could not load with weights_only.
+        self.size = int(size) if size is not None else None
+        self.style_size = int(style_size) if style_size is not None else self.size
         self.content: Tensor | None = None
         self.style: list[Tensor] = []
 
