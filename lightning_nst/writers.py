@@ -79,24 +79,29 @@ class ImageWriter(L.Callback):
         return pl_module
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve the output folder and refuse to start if it holds results, unless ``overwrite``."""
-        module = self._module(pl_module)
+        """Resolve the output folder."""
+        self._module(pl_module)
         # Every rank: the logger's run folder is agreed on by a collective call.
         log_dir = trainer.log_dir or trainer.default_root_dir
         self.directory = Path(self.output_dir).expanduser() if self.output_dir is not None else Path(log_dir)
-        if self.overwrite or not trainer.is_global_zero:
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse to start if the folder holds results, unless ``overwrite``.
+
+        Here rather than in :meth:`setup`: Lightning's own check of a run folder (``SaveConfigCallback.setup``,
+        which names ``trainer.default_root_dir``) comes first, and the module has not computed its targets yet.
+        """
+        self._started = time.perf_counter()
+        self._start_step = trainer.global_step
+        if self.overwrite or not trainer.is_global_zero or self.directory is None:
             return
-        names = [result_file(objective.name) for objective in module.objectives] + [GRID, SUMMARY]
+        names = [result_file(objective.name) for objective in self._module(pl_module).objectives] + [GRID, SUMMARY]
         existing = [self.directory / name for name in names if (self.directory / name).exists()]
         if existing:
             raise NSTError(
                 f"ImageWriter.output_dir: {existing[0]} exists; choose another folder or set "
                 "--trainer.callbacks.init_args.overwrite true"
             )
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._started = time.perf_counter()
-        self._start_step = trainer.global_step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         self._started = time.perf_counter()
