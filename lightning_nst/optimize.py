@@ -421,6 +421,7 @@ class ImageOptimization(L.LightningModule):
             hooks = optimizer._on_before_step, optimizer._on_after_step
             if counted:
                 # Lightning counts every manual optimizer.step as a global step; a step of all objectives is one.
+                # Lightning 2.6 has no public switch for this: its manual loop installs these two hooks itself.
                 optimizer._on_before_step = optimizer._on_after_step = _nothing
             try:
                 optimizer.step(closure=partial(self._closure, index, optimizer, first))

@@ -74,7 +74,8 @@ def test_resuming_a_finished_run_writes_results_and_a_larger_max_steps_continues
 def test_last_good_image_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
     nan_at_2 = "--trainer.callbacks+={class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}"
     err = fails([*TEXTURE, *TOY, QUIET, nan_at_2], capsys)
-    assert "step 3: objective gram" in err and "*.last_good.png" in err, err
+    assert "step 3: objective gram" in err, err
+    assert err.endswith(f"; the last finite images are in {RUN / 'version_0'} as *.last_good.png"), err
     kept = pixels(RUN / "version_0/gram.last_good.png")
     assert kept.std() > 10  # the noise image of step 2, not the black of NaN
 
