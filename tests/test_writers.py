@@ -53,10 +53,22 @@ def test_a_writer_is_attached_by_default_and_the_module_writes_nothing_itself(tm
     assert (tmp_path / "mine/t.png").is_file() and not (tmp_path / "root").exists()
 
 
-def test_the_reported_style_distance_is_the_metrics_from_scratch(tmp_path: Path) -> None:
+def test_the_reported_style_distance_is_the_metrics_from_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+    init = StyleLoss.__init__
+
+    def counted(self: StyleLoss, target_features: object, statistic: str) -> None:
+        built.append(statistic)
+        init(self, target_features, statistic)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StyleLoss, "__init__", counted)
     model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
     data = targets()
     trainer(tmp_path).fit(model, data)
+    assert built == ["gram", "gram"]  # relu1_1 and relu2_1 once, in on_fit_start; the metric reuses them
+    monkeypatch.undo()
     record = FitSummary.read(tmp_path).objectives["t"]
     with Image.open(tmp_path / "t.png") as saved:
         image = torch.from_numpy(np.asarray(saved).copy()).permute(2, 0, 1)[None].float() / 255
