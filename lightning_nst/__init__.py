@@ -11,6 +11,7 @@ from lightning_nst.losses import ContentLoss, LayerStyleLoss, StyleLoss, gram_ma
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.optimize import ImageOptimization, Objective
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, VGG19Features, VGGConfig
+from lightning_nst.writers import ImageWriter
 
 # Imported on first use: diffusers and transformers add seconds to every start-up, and `fit` never needs them.
 _LAZY = {
@@ -38,6 +39,7 @@ __all__ = [
     "GuidedDiffusion",
     "ImageOptimization",
     "ImageTargets",
+    "ImageWriter",
     "LayerStyleLoss",
     "NSTError",
     "Objective",

@@ -6,6 +6,7 @@ import os
 
 import lightning as L
 import torch
+from jsonargparse.typing import PositiveInt
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -43,19 +44,17 @@ class ImageTargets(L.LightningDataModule):
         self,
         content: str | os.PathLike[str] | None = None,
         style: list[str | os.PathLike[str]] | None = None,
-        size: int | None = 256,
-        style_size: int | None = None,
+        size: PositiveInt | None = 256,
+        style_size: PositiveInt | None = None,
     ) -> None:
         super().__init__()
-        for key, value in (("data.size", size), ("data.style_size", style_size)):
-            if value is not None and value < 1:
-                raise NSTError(f"{key}: must be a positive number of pixels, got {value}")
         if style is not None and len(style) == 0:
             raise NSTError("data.style: the list of style images is empty")
         self.content_source = content
         self.style_sources = list(style or [])
-        self.size = size
-        self.style_size = style_size if style_size is not None else size
+        # Plain ints: jsonargparse passes PositiveInt instances, which checkpoints could not load with weights_only.
+        self.size = int(size) if size is not None else None
+        self.style_size = int(style_size) if style_size is not None else self.size
         self.content: Tensor | None = None
         self.style: list[Tensor] = []
 

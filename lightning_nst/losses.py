@@ -195,14 +195,15 @@ class LayerStyleLoss(nn.Module):
     and diffusion guidance.
 
     Args:
-        target_features: ``{layer: features}`` of the style image(s), as :class:`StyleLoss` takes them.
+        target_features: ``{layer: features}`` of the style image(s), as :class:`StyleLoss` takes them, or
+            ``{layer: StyleLoss}`` whose targets are already computed (of the same ``statistic``).
         statistic: ``"gram"`` or ``"meanvar"``.
         layer_weights: ``{layer: w_l}``; by default every layer weighs ``1 / len(layers)``.
     """
 
     def __init__(
         self,
-        target_features: Mapping[str, Tensor | Sequence[Tensor]],
+        target_features: Mapping[str, Tensor | Sequence[Tensor] | StyleLoss],
         statistic: Statistic,
         layer_weights: Mapping[str, float] | None = None,
     ) -> None:
@@ -214,7 +215,13 @@ class LayerStyleLoss(nn.Module):
         if missing:
             raise ValueError(f"layer weights given for layers without targets: {sorted(missing)}")
         self.layer_weights = {layer: float(layer_weights.get(layer, 0.0)) for layer in layers}
-        self.losses = nn.ModuleDict({layer: StyleLoss(target_features[layer], statistic) for layer in layers})
+        losses = {
+            layer: target if isinstance(target, StyleLoss) else StyleLoss(target, statistic)
+            for layer, target in target_features.items()
+        }
+        if any(loss.statistic != statistic for loss in losses.values()):
+            raise ValueError(f"every precomputed StyleLoss must use the statistic {statistic!r}")
+        self.losses = nn.ModuleDict(losses)
 
     def per_layer(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Unweighted loss of each layer, each of shape ``(B,)``."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_nst.losses import LayerStyleLoss, Statistic
+from lightning_nst.losses import LayerStyleLoss, Statistic, StyleLoss
 from lightning_nst.vgg import VGG19Features
 
 
@@ -29,7 +29,9 @@ class StyleDistance(Metric):
 
     Args:
         features: A VGG19 trunk that returns at least ``layers``.
-        style_images: ``(1, 3, H, W)`` images in ``[0, 1]``; several are blended by averaging their statistics.
+        style_images: ``(1, 3, H, W)`` images in ``[0, 1]``; several are blended by averaging their statistics. Or
+            ``{layer: StyleLoss}`` whose targets are already computed from them (e.g. an optimisation's), which
+            are then reused rather than computed again.
         statistic: ``"gram"`` or ``"meanvar"``.
         layers: Layers of the style loss; all of ``features.layers`` by default.
         layer_weights: ``{layer: w_l}``; equal weights summing to one by default.
@@ -42,7 +44,7 @@ class StyleDistance(Metric):
     def __init__(
         self,
         features: VGG19Features,
-        style_images: Sequence[Tensor],
+        style_images: Sequence[Tensor] | Mapping[str, StyleLoss],
         statistic: Statistic = "gram",
         layers: Sequence[str] | None = None,
         layer_weights: Mapping[str, float] | None = None,
@@ -50,11 +52,14 @@ class StyleDistance(Metric):
         super().__init__()
         layers = list(layers or features.layers)
         self.features = features
-        with torch.no_grad():
-            targets = [features(image.to(features.mean.device)) for image in style_images]
-        self.style_loss = LayerStyleLoss(
-            {layer: [target[layer] for target in targets] for layer in layers}, statistic, layer_weights
-        )
+        targets: dict[str, Sequence[Tensor] | StyleLoss]
+        if isinstance(style_images, Mapping):
+            targets = {layer: style_images[layer] for layer in layers}
+        else:
+            with torch.no_grad():
+                computed = [features(image.to(features.mean.device)) for image in style_images]
+            targets = {layer: [target[layer] for target in computed] for layer in layers}
+        self.style_loss = LayerStyleLoss(targets, statistic, layer_weights)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -24,11 +20,11 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from lightning_nst.data import ImageTargets
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, load_image, save_image, write_atomic
+from lightning_nst.images import load_image
 from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
 from lightning_nst.metrics import StyleDistance
-from lightning_nst.outputs import file_digest, source_digest
-from lightning_nst.vgg import VGGConfig, check_weight, layer_weights, min_input_size
+from lightning_nst.outputs import source_digest
+from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_weights, min_input_size
 
 # Checkpoints hold the state after the step of their global_step, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -85,6 +81,57 @@ def _nothing() -> None:
     pass
 
 
+class DivergenceError(NSTError):
+    """A loss term became non-finite: the message names the step, the objective and the term.
+
+    Whoever saves the last finite images (:class:`lightning_nst.writers.ImageWriter`, in its ``on_exception``)
+    records where with :meth:`kept`, and the message says so.
+    """
+
+    def __init__(self, step: int, objective: str, term: str, value: float) -> None:
+        self.step, self.objective, self.term, self.value = step, objective, term, value
+        self.kept_note = ""
+        super().__init__(str(self))
+
+    def kept(self, folder: str | None) -> None:
+        """Say that the last finite images are in ``folder`` as ``*.last_good.png``; ``None``: none was finite."""
+        if folder is None:
+            self.kept_note = "; no image was ever finite, so no *.last_good.png was written"
+        else:
+            self.kept_note = f"; the last finite images are in {folder} as *.last_good.png"
+
+    def __str__(self) -> str:
+        return (
+            f"step {self.step}: objective {self.objective}, loss term {self.term} is {self.value}; "
+            f"lower the learning rate (model.optimizer) or the weights (model.objectives){self.kept_note}"
+        )
+
+
+@dataclass
+class ObjectiveResult:
+    """What an objective ended with: the image to save and the numbers ``summary.json`` records about it.
+
+    Attributes:
+        image: The best image seen, ``(1, 3, H, W)`` in ``[0, 1]``.
+        initial_loss: Loss terms at step 0 (empty if unknown).
+        final_loss: Loss terms of ``image``.
+        best_step: Step of ``image``.
+        best_loss: Total loss of ``image``.
+        last_loss: Total loss of the last step's image.
+        stopped_at_step: Step at which the optimizer stopped moving the image, if it did.
+        metrics: PSNR and SSIM against the content image, style distance against the style image(s).
+    """
+
+    image: Tensor
+    initial_loss: dict[str, float]
+    final_loss: dict[str, float]
+    best_step: int
+    best_loss: float
+    last_loss: float
+    stopped_at_step: int | None
+    metrics: dict[str, float]
+
+
 def default_optimizer(params: Any) -> Optimizer:
     """Adam with learning rate 0.02, a good default for pixels in ``[0, 1]``."""
     return Adam(params, lr=0.02)
@@ -100,6 +147,11 @@ class ImageOptimization(L.LightningModule):
     stopped. The result of each objective is the best image seen (lowest total loss), not the last one. Content and
     style targets are computed once at the start of fitting.
 
+    The module computes and never writes files: :class:`lightning_nst.writers.ImageWriter` writes the results, and
+    is attached by default when the trainer has none (see :meth:`configure_callbacks`). The VGG trunk is built in
+    :meth:`configure_model`, which Lightning calls before restoring a checkpoint; used outside a trainer, the module
+    builds it on the first call of :meth:`objective_loss`.
+
     Args:
         objectives: What to optimise; see :class:`Objective`. Several objectives make a sweep.
         vgg: Weights and pooling of the VGG19 trunk.
@@ -107,13 +159,14 @@ class ImageOptimization(L.LightningModule):
         init_seed: Seed of the noise initialisation.
         optimizer: Optimizer factory, e.g. ``torch.optim.LBFGS`` with its options in YAML; Adam(lr=0.02) by default.
             It is called once per objective, over that objective's image.
-        snapshot_every: Log the current images to TensorBoard every this many steps; 0 turns it off.
-        save_every: Also save each objective's image as ``steps/<name>_<step>.png`` in the output folder every this
-            many steps, and at step 0 (neural-style's ``-save_iter``); 0 turns it off. A resumed run replaces the
-            files of the steps it repeats.
-        grid_columns: Columns of the labelled grid of results.
-        output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``).
-        overwrite: Replace existing result files in ``output_dir`` instead of refusing to start.
+
+    Attributes:
+        content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
+        style: The style images taken from the data module in :meth:`setup`.
+        inputs: Content digests of the content, style and init images (see
+            :func:`lightning_nst.outputs.source_digest`), recorded in checkpoints and ``summary.json``.
+        last_good: The last finite image of each objective, ``(objectives, 3, H, W)``, once training started.
+        has_good: Whether each objective's image was ever finite.
     """
 
     def __init__(
@@ -123,11 +176,6 @@ class ImageOptimization(L.LightningModule):
         init: str = "noise",
         init_seed: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
-        snapshot_every: int = 50,
-        save_every: int = 0,
-        grid_columns: int = 4,
-        output_dir: str | None = None,
-        overwrite: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -146,32 +194,24 @@ class ImageOptimization(L.LightningModule):
                 slot = self.style_weights.setdefault((objective.statistic, layer), [0.0] * len(objectives))
                 slot[index] = objective.style_weight * weight
         self.tv_weights = [objective.tv_weight for objective in objectives]
-        layers = sorted({*self.content_weights, *(layer for _, layer in self.style_weights)})
-        self.vgg = (vgg or VGGConfig()).build(layers, key="model.vgg")
-        for key, value in (("snapshot_every", snapshot_every), ("save_every", save_every)):
-            if value < 0:
-                raise NSTError(f"model.{key}: must be >= 0, got {value}")
+        self.layers = sorted({*self.content_weights, *(layer for _, layer in self.style_weights)})
+        self.vgg_config = vgg or VGGConfig()
+        self.vgg: VGG19Features | None = None  # built in configure_model: loading weights is the heavy part
         self.init = init
         self.init_seed = init_seed
         self.optimizer_factory = optimizer
-        self.snapshot_every = snapshot_every
-        self.save_every = save_every
-        self.grid_columns = grid_columns
-        self.output_dir = output_dir
-        self.overwrite = overwrite
         self.images = nn.ParameterList()
         self.content_losses = nn.ModuleDict()
         self.style_losses = nn.ModuleDict()
         self.strict_loading = False  # checkpoints leave out the frozen VGG weights
+        self.content: Tensor | None = None
+        self.style: list[Tensor] = []
+        self.inputs: dict[str, Any] | None = None
+        self._target_sizes: list[int | None] | None = None
         self._initial: dict[str, dict[str, float]] | None = None
-        self._started = 0.0
-        self._start_step = 0
-        self._first_step_done = 0.0
-        self._last_good: Tensor | None = None
-        self._has_good: list[bool] = []
-        self._results_written = False
-        self._inputs: dict[str, Any] | None = None
         self._current: dict[str, dict[str, float]] = {}
+        self.last_good: Tensor | None = None
+        self.has_good: list[bool] = []
         self.best_images: Tensor | None = None
         self.best_loss: list[float] = []
         self.best_step: list[int] = []
@@ -192,35 +232,59 @@ class ImageOptimization(L.LightningModule):
 
     # -- setup ------------------------------------------------------------------------------------------------
 
-    def _targets(self) -> ImageTargets:
+    def configure_model(self) -> None:
+        """Build the frozen VGG19 trunk for the objectives' layers (once)."""
+        if self.vgg is None:
+            self.vgg = self.vgg_config.build(self.layers, key="model.vgg")
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """An :class:`~lightning_nst.writers.ImageWriter` with its defaults, unless the trainer has one."""
+        from lightning_nst.writers import ImageWriter  # writers imports this module
+
+        if any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
+            return []
+        return [ImageWriter()]
+
+    def _take_targets_from_data_module(self) -> tuple[int, int]:
+        """Copy the target images, their digests and sizes from the trainer's ImageTargets; return the image shape.
+
+        The only place the module reads the data module: Lightning has run its ``setup`` already.
+        """
         data = self.trainer.datamodule if self._trainer is not None else None
         if not isinstance(data, ImageTargets):
             raise NSTError("data: ImageOptimization needs `data: {class_path: lightning_nst.ImageTargets, ...}`")
-        return data
-
-    def setup(self, stage: str) -> None:
-        """Create one image parameter per objective, shaped like the content image (or the first style image)."""
-        if len(self.images):
-            return
-        data = self._targets()
         for index, objective in enumerate(self.objectives):
             if objective.content_layers and data.content_source is None:
                 raise NSTError(f"model.objectives[{index}] ({objective.name}) has content layers: set data.content")
             if objective.style_layers and not data.style_sources:
                 raise NSTError(f"model.objectives[{index}] ({objective.name}) has style layers: set data.style")
-        data.setup(stage)
-        data.check_min_size(min_input_size(self.vgg.layers))
-        height, width = data.output_shape
+        data.check_min_size(min_input_size(self.layers))
+        self.content = data.content
+        self.style = list(data.style)
+        self._target_sizes = [data.size, data.style_size]
+        self.inputs = {
+            "data.content": source_digest(data.content_source) if data.content_source is not None else None,
+            "data.style": [source_digest(source) for source in data.style_sources],
+        }
+        return data.output_shape
+
+    def setup(self, stage: str) -> None:
+        """Create one image parameter per objective, shaped like the content image (or the first style image)."""
+        if len(self.images):
+            return
+        height, width = self._take_targets_from_data_module()
         if self.init == "noise":
             generator = torch.Generator().manual_seed(self.init_seed)
             start = torch.rand(1, 3, height, width, generator=generator)
         elif self.init == "content":
-            if data.content is None:
+            if self.content is None:
                 raise NSTError("model.init: 'content' needs data.content")
-            start = data.content
+            start = self.content
         else:
             start = load_image(self.init, max(height, width), key="model.init")
             start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
+            assert self.inputs is not None
+            self.inputs["model.init"] = source_digest(self.init)
         for _ in self.objectives:
             self.images.append(nn.Parameter(start.clamp(0, 1).clone().contiguous()))
 
@@ -247,39 +311,24 @@ class ImageOptimization(L.LightningModule):
             optimizers.append(optimizer)
         return optimizers
 
-    def input_digests(self) -> dict[str, Any]:
-        """Content digests of the content, style and init images (see :func:`lightning_nst.outputs.source_digest`)."""
-        data = self._targets()
-        digests: dict[str, Any] = {
-            "data.content": source_digest(data.content_source) if data.content_source is not None else None,
-            "data.style": [source_digest(source) for source in data.style_sources],
-        }
-        if self.init not in ("noise", "content"):
-            digests["model.init"] = source_digest(self.init)
-        return digests
-
     @torch.no_grad()
     def on_fit_start(self) -> None:
         """Compute target features once, on the training device, and report which VGG weights are in use."""
-        data = self._targets()
-        if data.content is not None and self.content_weights:
-            content = self.vgg(data.content.to(self.device))
+        vgg = self._trunk()
+        if self.content is not None and self.content_weights:
+            content = vgg(self.content.to(self.device))
             for layer in self.content_weights:
                 self.content_losses[layer] = ContentLoss(content[layer])
         if self.style_weights:
-            styles = [self.vgg(style.to(self.device)) for style in data.style]
+            styles = [vgg(style.to(self.device)) for style in self.style]
             for statistic, layer in self.style_weights:
                 target = [features[layer] for features in styles]
                 self.style_losses[f"{statistic}_{layer}"] = StyleLoss(target, statistic)
-        self._check_outputs_free()
-        self._inputs = self.input_digests()
-        self._started = time.perf_counter()
-        self._start_step = self.global_step
-        rank_zero_info(f"VGG19 weights: {self.vgg.weights_used}")
+        rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
         if self.logger is not None:
-            self.logger.log_hyperparams({"vgg_weights": self.vgg.weights_used})
+            self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
             if isinstance(self.logger, TensorBoardLogger):
-                self.logger.experiment.add_text("vgg_weights", self.vgg.weights_used)
+                self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen VGG weights; keep the initial losses, the best images and which objectives stopped.
@@ -291,13 +340,12 @@ class ImageOptimization(L.LightningModule):
         for key in [key for key in state if key.startswith("vgg.")]:
             del state[key]
         optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
-        data = self._targets()
         image = self.image
         checkpoint["lightning_nst"] = {
             "initial_loss": self._initial,
             # What the image depends on besides the hyperparameters: a resumed run refuses to continue if it changed.
-            "inputs": self._inputs,
-            "size": [data.size, data.style_size],
+            "inputs": self.inputs,
+            "size": self._target_sizes,
             "image_shape": list(image.shape) if image is not None else None,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "best_images": self.best_images.detach().cpu() if self.best_images is not None else None,
@@ -317,6 +365,11 @@ class ImageOptimization(L.LightningModule):
 
     # -- the objective ----------------------------------------------------------------------------------------
 
+    def _trunk(self) -> VGG19Features:
+        self.configure_model()
+        assert self.vgg is not None
+        return self.vgg
+
     def _objective_layers(self, index: int) -> list[str]:
         layers = [layer for layer, weights in self.content_weights.items() if weights[index] > 0]
         return layers + [layer for (_, layer), weights in self.style_weights.items() if weights[index] > 0]
@@ -326,9 +379,9 @@ class ImageOptimization(L.LightningModule):
 
         Keys are ``content_<layer>``, ``style_<statistic>_<layer>``, ``tv`` (the terms the objective uses) and
         ``total``. The VGG pass stops at the objective's deepest layer, so the value does not depend on the other
-        objectives of the run.
+        objectives of the run. Builds the VGG trunk first if :meth:`configure_model` has not run.
         """
-        features = self.vgg(image, self._objective_layers(index))
+        features = self._trunk()(image, self._objective_layers(index))
         terms: dict[str, Tensor] = {}
         for layer, weights in self.content_weights.items():
             if weights[index] > 0 and layer in self.content_losses:
@@ -346,7 +399,8 @@ class ImageOptimization(L.LightningModule):
         optimizer.zero_grad()
         terms = self.objective_loss(index, self.decode(self.images[index]))
         if not torch.isfinite(terms["total"]):
-            self._diverged(index, terms)
+            term, value = next((t, v.item()) for t, v in terms.items() if not torch.isfinite(v) and t != "total")
+            raise DivergenceError(self.global_step, self.objectives[index].name, term, value)
         if not first:
             first.append({term: value.detach() for term, value in terms.items()})
         self.manual_backward(terms["total"])
@@ -367,6 +421,7 @@ class ImageOptimization(L.LightningModule):
             hooks = optimizer._on_before_step, optimizer._on_after_step
             if counted:
                 # Lightning counts every manual optimizer.step as a global step; a step of all objectives is one.
+                # Lightning 2.6 has no public switch for this: its manual loop installs these two hooks itself.
                 optimizer._on_before_step = optimizer._on_after_step = _nothing
             try:
                 optimizer.step(closure=partial(self._closure, index, optimizer, first))
@@ -384,8 +439,8 @@ class ImageOptimization(L.LightningModule):
             with torch.no_grad():
                 parameter.clamp_(0, 1)  # projected gradient descent: the parameter stays an image
                 if bool(torch.isfinite(parameter).all()):
-                    self._last_good[index] = self.decode(parameter[0])
-                    self._has_good[index] = True
+                    self.last_good[index] = self.decode(parameter[0])
+                    self.has_good[index] = True
                 if torch.equal(before, parameter):
                     self.stopped_at[index] = step
                     rank_zero_info(
@@ -400,28 +455,6 @@ class ImageOptimization(L.LightningModule):
         total = sum(row["total"] for row in self._current.values())
         self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
 
-    def _diverged(self, index: int, terms: dict[str, Tensor]) -> None:
-        """Save the last finite images and stop with an error that names the step and the loss term."""
-        term, value = next(
-            (term, value.item()) for term, value in terms.items() if not torch.isfinite(value) and term != "total"
-        )
-        name = self.objectives[index].name
-        kept = ""
-        if self.trainer.is_global_zero and self._last_good is not None:
-            out = self._out_dir()
-            saved = [objective.name for index, objective in enumerate(self.objectives) if self._has_good[index]]
-            for index, objective in enumerate(self.objectives):
-                if self._has_good[index]:
-                    save_image(self._last_good[index], out / f"{objective.name}.last_good.png", overwrite=True)
-            if saved:
-                kept = f"; the last finite images are in {out} as *.last_good.png"
-            else:
-                kept = "; no image was ever finite, so no *.last_good.png was written"
-        raise NSTError(
-            f"step {self.global_step}: objective {name}, loss term {term} is {value}; "
-            f"lower the learning rate (model.optimizer) or the weights (model.objectives){kept}"
-        )
-
     # -- progress and results ---------------------------------------------------------------------------------
 
     def _start_best(self, image: Tensor) -> None:
@@ -432,23 +465,23 @@ class ImageOptimization(L.LightningModule):
         self.stopped_at = [None] * len(self.objectives)
 
     def on_train_start(self) -> None:  # noqa: D102
-        self._started = time.perf_counter()
-        self._start_step = self.global_step
         image = self.image
-        self._last_good = image.clone()
-        self._has_good = self._finite_rows(image).tolist()
+        self.last_good = image.clone()
+        self.has_good = self._finite_rows(image).tolist()
         if self.best_images is None:
             self._start_best(image)
         self.best_images = self.best_images.to(self.device)
-        if self.save_every and self.global_step == 0:
-            self._save_steps()
 
     @staticmethod
     def _finite_rows(images: Tensor) -> Tensor:
         return torch.isfinite(images.detach()).flatten(1).all(1)
 
-    def _check_finite(self, what: str) -> None:
-        """Raise instead of saving a NaN or infinite image, which a PNG would show as black."""
+    def check_finite(self, what: str) -> None:
+        """Raise instead of letting a NaN or infinite image be saved (a PNG would show it as black).
+
+        Args:
+            what: What therefore did not happen, e.g. ``"no result was saved"``; the message says it.
+        """
         finite = self._finite_rows(self.image).tolist()
         if not all(finite):
             names = ", ".join(o.name for o, ok in zip(self.objectives, finite, strict=True) if not ok)
@@ -457,138 +490,59 @@ class ImageOptimization(L.LightningModule):
                 f"lower the learning rate (model.optimizer) or the weights (model.objectives)"
             )
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Time the first step and log snapshots."""
-        if self.global_step == self._start_step + 1:
-            self._first_step_done = time.perf_counter()
-        if self.snapshot_every and self.global_step % self.snapshot_every == 0:
-            self._log_images("snapshot", self.image)
-        if self.save_every and self.global_step % self.save_every == 0:
-            self._save_steps()
-
-    def _save_steps(self) -> None:
-        self._check_finite(f"steps/*_{self.global_step:05d}.png were not saved")
-        if self.trainer.is_global_zero:
-            folder = self._out_dir() / "steps"
-            image = self.image
-            for index, objective in enumerate(self.objectives):
-                save_image(image[index], folder / f"{objective.name}_{self.global_step:05d}.png", overwrite=True)
-
-    def _log_images(self, tag: str, images: Tensor) -> None:
-        if isinstance(self.logger, TensorBoardLogger):
-            grid = labelled_grid(images, [objective.name for objective in self.objectives], nrow=self.grid_columns)
-            self.logger.experiment.add_image(tag, torch.from_numpy(np.array(grid)), self.global_step, dataformats="HWC")
-
-    def _out_dir(self) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
-
-    def _output_paths(self) -> dict[str, Path]:
-        out = self._out_dir()
-        paths = {objective.name: out / f"{objective.name}.png" for objective in self.objectives}
-        return {**paths, "grid": out / "grid.png", "summary": out / "summary.json"}
-
-    def _check_outputs_free(self) -> None:
-        paths = self._output_paths()  # every rank: the logger's run folder is agreed on by a collective call
-        if self.overwrite or not self.trainer.is_global_zero:
-            return
-        existing = [str(path) for path in paths.values() if path.exists()]
-        if existing:
-            raise NSTError(f"model.output_dir: {existing[0]} exists; choose another folder or set model.overwrite=true")
-
-    def on_train_end(self) -> None:
-        """Write the results; see :meth:`write_results`."""
-        self.write_results()
-
-    def on_fit_end(self) -> None:
-        """Write the results of a run resumed from a checkpoint at ``max_steps``, which skips the training loop."""
-        if not self._results_written and self.trainer.global_step >= self.trainer.max_steps:
-            self._start_step = self.trainer.global_step
-            self.write_results()
-
     @torch.no_grad()
-    def write_results(self) -> None:
-        """Write each objective's best image as a PNG, a labelled grid and ``summary.json``, then say where they went.
+    def results(self) -> list[ObjectiveResult]:
+        """Each objective's best image, its loss terms and metrics; raises if an image is not finite.
 
-        The last step's image competes with the best ones seen during training; ``summary.json`` records, per
-        objective, the step and loss of the image saved (``best_step``, ``best_loss``, its terms in ``final_loss``)
-        and the loss of the last image (``last_loss``).
+        The last step's image competes with the best ones seen during training (and becomes the best state when it
+        wins): ``best_step``/``best_loss`` are those of the image returned, ``last_loss`` is the last image's.
         """
-        if not len(self.images):
-            return
-        self._check_finite("no result was saved")
-        ended = time.perf_counter()
+        self.check_finite("no result was saved")
         steps = self.trainer.global_step
         image = self.image
         if self.best_images is None:  # a run that never trained
             self._start_best(image)
         best = self.best_images.to(image.device)
-        last: dict[str, float] = {}
-        for index, objective in enumerate(self.objectives):
+        last: list[float] = []
+        for index in range(len(self.objectives)):
             total = self.objective_loss(index, image[index : index + 1])["total"].item()
-            last[objective.name] = total
+            last.append(total)
             if total < self.best_loss[index]:
                 self.best_loss[index], self.best_step[index] = total, steps
                 best[index] = image[index]
         self.best_images = best
-        if not self.trainer.is_global_zero:
-            return
-        data = self._targets()
-        paths = self._output_paths()
-        objectives: dict[str, Any] = {}
+        results = []
         for index, objective in enumerate(self.objectives):
             result = best[index : index + 1].float()
-            final = {term: value.item() for term, value in self.objective_loss(index, result).items()}
-            metrics = self._metrics(objective, result, data)
-            save_image(result, paths[objective.name], overwrite=self.overwrite)
-            objectives[objective.name] = {
-                "sha256": file_digest(paths[objective.name]),
-                "objective": asdict(objective),
-                "initial_loss": (self._initial or {}).get(objective.name, {}),
-                "final_loss": final,
-                "best_step": self.best_step[index],
-                "best_loss": self.best_loss[index],
-                "last_loss": last[objective.name],
-                "stopped_at_step": self.stopped_at[index],
-                "metrics": metrics,
-                "output": paths[objective.name].name,
-            }
-        grid = labelled_grid(best, [objective.name for objective in self.objectives], nrow=self.grid_columns)
-        save_image(grid, paths["grid"], overwrite=self.overwrite)
-        self._log_images("result", best)
-        ran = steps - self._start_step
-        timed = ended - self._first_step_done if self._first_step_done and ran > 1 else None
-        summary = {
-            "vgg_weights": self.vgg.weights_used,
-            "pooling": self.vgg.pooling,
-            "image_size": list(image.shape[-2:]),
-            "precision": str(self.trainer.precision),
-            "device": str(self.device),
-            "steps": steps,
-            "resumed_at_step": self._start_step or None,
-            "wall_time_s": round(ended - self._started, 4),
-            "seconds_per_step": round((ended - self._started) / max(ran, 1), 5),
-            "seconds_per_step_after_first": round(timed / (ran - 1), 5) if timed else None,
-            "output_dir": str(self._out_dir().resolve()),
-            "objectives": objectives,
-            "grid": paths["grid"].name,
-            "grid_sha256": file_digest(paths["grid"]),
-            "inputs": self._inputs,
-        }
-        write_atomic(paths["summary"], json.dumps(summary, indent=2).encode(), overwrite=self.overwrite)
-        self._results_written = True
-        rank_zero_info(f"Results: {self._out_dir()} ({len(self.objectives)} PNG, grid.png, summary.json)")
+            results.append(
+                ObjectiveResult(
+                    image=result,
+                    initial_loss=(self._initial or {}).get(objective.name, {}),
+                    final_loss={term: value.item() for term, value in self.objective_loss(index, result).items()},
+                    best_step=self.best_step[index],
+                    best_loss=self.best_loss[index],
+                    last_loss=last[index],
+                    stopped_at_step=self.stopped_at[index],
+                    metrics=self.metrics(index, result),
+                )
+            )
+        return results
 
-    def _metrics(self, objective: Objective, image: Tensor, data: ImageTargets) -> dict[str, float]:
+    def metrics(self, index: int, image: Tensor) -> dict[str, float]:
+        """PSNR and SSIM against the content image, and the style distance, of objective ``index``'s ``image``.
+
+        The style distance reuses the style targets computed in :meth:`on_fit_start`.
+        """
+        objective = self.objectives[index]
         metrics: dict[str, float] = {}
-        if objective.content_layers and data.content is not None:
-            target = data.content.to(image.device)
+        if objective.content_layers and self.content is not None:
+            target = self.content.to(image.device)
             metrics["psnr"] = peak_signal_noise_ratio(image, target, data_range=1.0).item()
             metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
         if objective.style_layers:
             layers = layer_weights(objective.style_layers, "style_layers")
-            distance = StyleDistance(self.vgg, data.style, objective.statistic, list(layers), layers)
+            targets = {layer: self.style_losses[f"{objective.statistic}_{layer}"] for layer in layers}
+            distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
             distance.update(image)
             metrics[f"style_distance_{objective.statistic}"] = distance.compute().item()
         return metrics

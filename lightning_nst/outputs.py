@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 import stat
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from lightning_nst.errors import NSTError
 
@@ -91,3 +94,87 @@ def check_output_dir(path: str | os.PathLike[str], key: str, *, min_free: int = 
             f"{min_free / 2**20:.0f} MiB"
         )
     return path
+
+
+# -- image optimisation results ---------------------------------------------------------------------------------------
+
+GRID = "grid.png"
+"""The labelled grid of every objective's result, in a fit's output folder."""
+SUMMARY = "summary.json"
+"""A fit's record of its settings, losses, metrics and input and output digests; see :class:`FitSummary`."""
+
+
+def result_file(objective: str) -> str:
+    """The result PNG of an objective, relative to the output folder."""
+    return f"{objective}.png"
+
+
+def step_file(objective: str, step: int) -> str:
+    """The snapshot of an objective's image at ``step`` (``save_every``), relative to the output folder."""
+    return f"steps/{objective}_{step:05d}.png"
+
+
+def last_good_file(objective: str) -> str:
+    """The last finite image of an objective, kept when its loss became non-finite."""
+    return f"{objective}.last_good.png"
+
+
+@dataclass
+class ObjectiveRecord:
+    """One objective's entry of ``summary.json``.
+
+    Attributes:
+        sha256: SHA-256 of the result PNG.
+        objective: The :class:`~lightning_nst.Objective` as a mapping.
+        initial_loss: Loss terms at step 0 (empty for a run resumed after step 0 without them).
+        final_loss: Loss terms of the image saved.
+        best_step: Step of the image saved.
+        best_loss: Total loss of the image saved.
+        last_loss: Total loss of the last step's image.
+        stopped_at_step: Step at which the objective's optimizer stopped moving the image, if it did.
+        metrics: ``psnr``/``ssim`` against the content image, ``style_distance_<statistic>`` against the style.
+        output: File name of the result PNG (:func:`result_file`).
+    """
+
+    sha256: str
+    objective: dict[str, Any]
+    initial_loss: dict[str, float]
+    final_loss: dict[str, float]
+    best_step: int
+    best_loss: float
+    last_loss: float
+    stopped_at_step: int | None
+    metrics: dict[str, float]
+    output: str
+
+
+@dataclass
+class FitSummary:
+    """The whole ``summary.json`` of a fit; keys and their order are those of the file."""
+
+    vgg_weights: str
+    pooling: str
+    image_size: list[int]
+    precision: str
+    device: str
+    steps: int
+    resumed_at_step: int | None
+    wall_time_s: float
+    seconds_per_step: float
+    seconds_per_step_after_first: float | None
+    output_dir: str
+    objectives: dict[str, ObjectiveRecord]
+    grid: str
+    grid_sha256: str
+    inputs: dict[str, Any] | None
+
+    def to_json(self) -> str:
+        """The file's text."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> FitSummary:
+        """Read ``folder/summary.json``."""
+        data = json.loads((Path(folder) / SUMMARY).read_text())
+        objectives = {name: ObjectiveRecord(**record) for name, record in data.pop("objectives").items()}
+        return cls(**data, objectives=objectives)

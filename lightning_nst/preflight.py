@@ -56,8 +56,6 @@ def output_folders(config: Any, subcommand: str) -> Iterator[tuple[str, str]]:
         for option in ("output_dir", "save_dir", "dirpath"):
             if _get(args, option) is not None:
                 yield f"{name}.{option}", str(_get(args, option))
-    if subcommand == "fit" and _get(_get(_get(config, "model"), "init_args"), "output_dir") is not None:
-        yield "model.output_dir", str(config.model.init_args.output_dir)
 
 
 def check_outputs(config: Any, subcommand: str) -> None:

@@ -63,7 +63,7 @@ def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     [
         ("--trainer.logger.init_args.save_dir", "trainer.logger.save_dir"),
         ("--trainer.default_root_dir", "trainer.default_root_dir"),
-        ("--model.init_args.output_dir", "model.output_dir"),
+        ("--trainer.callbacks.init_args.output_dir", "ImageWriter.output_dir"),
     ],
 )
 def test_fit_output_folder_is_a_file(flag: str, key: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,8 +100,8 @@ def test_read_only_mount(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capture
 
     Path("mounted").mkdir()
     monkeypatch.setattr(lightning_nst.outputs.tempfile, "mkstemp", mkstemp)
-    err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.output_dir=mounted"], capsys)
-    assert "model.output_dir: cannot write to mounted: it is read-only" in err
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--trainer.callbacks.init_args.output_dir=mounted"], capsys)
+    assert "ImageWriter.output_dir: cannot write to mounted: it is read-only" in err
 
 
 @pytest.mark.usefixtures("no_heavy_work")

@@ -208,14 +208,14 @@ def test_gram_texture_with_real_weights_falls_100x(partial_weights: Path) -> Non
 
 def test_existing_results_are_not_overwritten(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "results"
-    args = ["--trainer.max_steps=2", "--data.init_args.size=32", f"--model.init_args.output_dir={out}"]
+    args = ["--trainer.max_steps=2", "--data.init_args.size=32", f"--trainer.callbacks.init_args.output_dir={out}"]
     base = ["fit", "-c", str(CONFIGS / "texture_gram.yaml"), "--model.init_args.vgg.weights=random", *args]
     main(base)
     first = (out / "summary.json").read_bytes()
     err = run_error(capsys, *base)
-    assert "model.output_dir:" in err and "exists" in err and "model.overwrite=true" in err
+    assert "ImageWriter.output_dir:" in err and "exists" in err and "callbacks.init_args.overwrite true" in err
     assert (out / "summary.json").read_bytes() == first
-    main([*base, "--model.init_args.overwrite=true"])
+    main([*base, "--trainer.callbacks.init_args.overwrite=true"])
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
@@ -228,7 +228,7 @@ def test_init_from_an_image_file_is_resized_to_the_content() -> None:
 
 
 def test_save_every_keeps_the_image_of_every_nth_step() -> None:
-    summary = fit("style_transfer_meanvar", "--model.init_args.save_every=4", steps=8)
+    summary = fit("style_transfer_meanvar", "--trainer.callbacks.init_args.save_every=4", steps=8)
     steps = Path(summary["output_dir"]) / "steps"
     assert sorted(path.name for path in steps.iterdir()) == [f"meanvar_{n:05d}.png" for n in (0, 4, 8)]
     for path in steps.iterdir():

@@ -74,7 +74,8 @@ def test_resuming_a_finished_run_writes_results_and_a_larger_max_steps_continues
 def test_last_good_image_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
     nan_at_2 = "--trainer.callbacks+={class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}"
     err = fails([*TEXTURE, *TOY, QUIET, nan_at_2], capsys)
-    assert "step 3: objective gram" in err and "*.last_good.png" in err, err
+    assert "step 3: objective gram" in err, err
+    assert err.endswith(f"; the last finite images are in {RUN / 'version_0'} as *.last_good.png"), err
     kept = pixels(RUN / "version_0/gram.last_good.png")
     assert kept.std() > 10  # the noise image of step 2, not the black of NaN
 
@@ -82,7 +83,8 @@ def test_last_good_image_is_finite(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("save_every", [0, 1])
 def test_non_finite_image_is_never_saved(save_every: int, capsys: pytest.CaptureFixture[str]) -> None:
     nan_at_last = "--trainer.callbacks+={class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}"
-    args = [*TEXTURE, *TOY, QUIET, "--trainer.max_steps=3", f"--model.init_args.save_every={save_every}", nan_at_last]
+    args = [*TEXTURE, *TOY, QUIET, "--trainer.max_steps=3", f"--trainer.callbacks.init_args.save_every={save_every}"]
+    args.append(nan_at_last)
     err = fails(args, capsys)
     assert "the image of objective gram holds non-finite values" in err, err
     out = RUN / "version_0"
@@ -191,7 +193,7 @@ def test_resume_applies_safe_overrides(finished: Path) -> None:
             QUIET,
             EVERY_5,
             "--trainer.max_steps=12",
-            "--model.init_args.save_every=1",
+            "--trainer.callbacks+={class_path: lightning_nst.ImageWriter, init_args: {save_every: 1}}",
             f"--ckpt_path={finished}",
         ]
     )  # noqa: E501

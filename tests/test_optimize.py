@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
 from lightning_nst.cli import main
 from tests.conftest import CONFIGS
 
@@ -28,14 +28,12 @@ OPTIMIZERS = {
 
 
 def fit(objectives: list[Objective], optimizer: str, folder: Path, steps: int = 8) -> dict[str, Any]:
-    model = ImageOptimization(
-        objectives, vgg=VGGConfig(weights="random"), optimizer=OPTIMIZERS[optimizer], snapshot_every=0,
-        output_dir=str(folder),
-    )  # fmt: skip
+    model = ImageOptimization(objectives, vgg=VGGConfig(weights="random"), optimizer=OPTIMIZERS[optimizer])
     data = ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=32)
     trainer = L.Trainer(
         max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(folder),
+        callbacks=[ImageWriter(output_dir=str(folder), snapshot_every=0)],
     )  # fmt: skip
     trainer.fit(model, data)
     return json.loads((folder / "summary.json").read_text())["objectives"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,7 +13,19 @@ import pytest
 
 import lightning_nst.outputs as outputs
 from lightning_nst.errors import NSTError
-from lightning_nst.outputs import check_input_file, check_output_dir, file_digest, source_digest
+from lightning_nst.outputs import (
+    GRID,
+    SUMMARY,
+    FitSummary,
+    ObjectiveRecord,
+    check_input_file,
+    check_output_dir,
+    file_digest,
+    last_good_file,
+    result_file,
+    source_digest,
+    step_file,
+)
 
 
 def test_a_missing_folder_is_accepted_but_not_created(tmp_path: Path) -> None:
@@ -72,3 +85,41 @@ def test_digests(tmp_path: Path) -> None:
     assert file_digest(tmp_path / "f") == hashlib.sha256(b"pixels").hexdigest()
     assert source_digest(tmp_path / "f") == file_digest(tmp_path / "f")
     assert source_digest("skimage:astronaut") == "skimage:astronaut"
+
+
+# -- image optimisation results ---------------------------------------------------------------------------------------
+
+# The keys of summary.json, in order, as ImageOptimization wrote them before FitSummary existed (commit 57ab18d).
+SUMMARY_KEYS = [
+    "vgg_weights", "pooling", "image_size", "precision", "device", "steps", "resumed_at_step", "wall_time_s",
+    "seconds_per_step", "seconds_per_step_after_first", "output_dir", "objectives", "grid", "grid_sha256", "inputs",
+]  # fmt: skip
+OBJECTIVE_KEYS = [
+    "sha256", "objective", "initial_loss", "final_loss", "best_step", "best_loss", "last_loss", "stopped_at_step",
+    "metrics", "output",
+]  # fmt: skip
+
+
+def test_fit_file_names() -> None:
+    assert (result_file("conv1-3"), GRID, SUMMARY) == ("conv1-3.png", "grid.png", "summary.json")
+    assert step_file("gram", 12) == "steps/gram_00012.png"
+    assert last_good_file("gram") == "gram.last_good.png"
+
+
+def test_fit_summary_keeps_the_keys_and_reads_back(tmp_path: Path) -> None:
+    record = ObjectiveRecord(
+        sha256="ab", objective={"name": "gram"}, initial_loss={"total": 2.0}, final_loss={"total": 1.0}, best_step=3,
+        best_loss=1.0, last_loss=1.5, stopped_at_step=None, metrics={"style_distance_gram": 0.5}, output="gram.png",
+    )  # fmt: skip
+    summary = FitSummary(
+        vgg_weights="random (seed 0)", pooling="avg", image_size=[32, 32], precision="32-true", device="cpu",
+        steps=4, resumed_at_step=None, wall_time_s=0.1, seconds_per_step=0.025, seconds_per_step_after_first=None,
+        output_dir="/out", objectives={"gram": record}, grid="grid.png", grid_sha256="cd",
+        inputs={"data.content": None, "data.style": ["skimage:gravel"]},
+    )  # fmt: skip
+    text = summary.to_json()
+    data = json.loads(text)
+    assert list(data) == SUMMARY_KEYS and list(data["objectives"]["gram"]) == OBJECTIVE_KEYS
+    assert text.startswith('{\n  "vgg_weights": "random (seed 0)",\n')  # indent 2, as before
+    (tmp_path / SUMMARY).write_text(text)
+    assert FitSummary.read(tmp_path) == summary and FitSummary.read(tmp_path).to_json() == text

@@ -1,0 +1,151 @@
+"""Writers: the module computes, a callback writes (fit: ImageWriter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, StyleDistance, VGGConfig
+from lightning_nst.cli import main
+from lightning_nst.errors import NSTError
+from lightning_nst.losses import StyleLoss
+from lightning_nst.outputs import FitSummary, file_digest
+from lightning_nst.vgg import layer_weights
+from tests.conftest import CONFIGS
+from tests.test_outputs import OBJECTIVE_KEYS, SUMMARY_KEYS
+
+# -- fit: ImageWriter ---------------------------------------------------------------------------------------------
+
+TRANSFER = Objective("t", content_layers=["relu2_1"], style_layers={"relu1_1": 0.3, "relu2_1": 0.7}, style_weight=1e3)
+TOY = ["--data.init_args.size=32", "--trainer.max_steps=3", "--model.init_args.vgg.weights=random"]
+QUIET = "--trainer.enable_progress_bar=false"
+
+
+def trainer(folder: Path, steps: int = 3, **kwargs: object) -> L.Trainer:
+    return L.Trainer(
+        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(folder), **kwargs,
+    )  # fmt: skip
+
+
+def targets() -> ImageTargets:
+    return ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=32)
+
+
+def test_a_writer_is_attached_by_default_and_the_module_writes_nothing_itself(tmp_path: Path) -> None:
+    model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
+    fit = trainer(tmp_path / "default")
+    fit.fit(model, targets())
+    assert [type(callback) for callback in fit.callbacks].count(ImageWriter) == 1
+    assert FitSummary.read(tmp_path / "default").objectives["t"].output == "t.png"
+
+    # A trainer's own writer is used as given, not joined by a second one.
+    writer = ImageWriter(output_dir=str(tmp_path / "mine"), snapshot_every=0)
+    fit = trainer(tmp_path / "root", callbacks=[writer])
+    fit.fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), targets())
+    assert [callback for callback in fit.callbacks if isinstance(callback, ImageWriter)] == [writer]
+    assert (tmp_path / "mine/t.png").is_file() and not (tmp_path / "root").exists()
+
+
+def test_the_reported_style_distance_is_the_metrics_from_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+    init = StyleLoss.__init__
+
+    def counted(self: StyleLoss, target_features: object, statistic: str) -> None:
+        built.append(statistic)
+        init(self, target_features, statistic)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(StyleLoss, "__init__", counted)
+    model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
+    data = targets()
+    trainer(tmp_path).fit(model, data)
+    assert built == ["gram", "gram"]  # relu1_1 and relu2_1 once, in on_fit_start; the metric reuses them
+    monkeypatch.undo()
+    record = FitSummary.read(tmp_path).objectives["t"]
+    with Image.open(tmp_path / "t.png") as saved:
+        image = torch.from_numpy(np.asarray(saved).copy()).permute(2, 0, 1)[None].float() / 255
+    # The summary measures the float image, the PNG holds it in 8 bits: recompute on what was measured.
+    result = model.best_images[:1].float()
+    assert torch.allclose(result, image, atol=1 / 255 + 1e-6)
+    weights = layer_weights(TRANSFER.style_layers, "style_layers")
+    scratch = StyleDistance(model.vgg, data.style, "gram", list(weights), weights)
+    scratch.update(result)
+    assert record.metrics["style_distance_gram"] == pytest.approx(scratch.compute().item(), rel=1e-6)
+
+
+def test_the_vgg_trunk_is_built_in_configure_model_not_in_init(tmp_path: Path) -> None:
+    missing = VGGConfig(weights=str(tmp_path / "nowhere.pth"))
+    model = ImageOptimization([TRANSFER], vgg=missing)  # cheap: nothing is loaded yet
+    assert model.vgg is None
+    with pytest.raises(NSTError, match=r"^model\.vgg\.weights: .*nowhere\.pth"):
+        model.configure_model()
+    with pytest.raises(NSTError, match=r"^model\.objectives\[0\]\.style_layers: unknown VGG19 layer 'relu9_1'"):
+        ImageOptimization([Objective("x", style_layers=["relu9_1"])], vgg=missing)  # layer names: still at once
+
+    # A library user need not call configure_model before objective_loss: the trunk is built on first use.
+    model = ImageOptimization([Objective("x", style_layers=["relu1_1"])], vgg=VGGConfig(weights="random"))
+    model.style_losses["gram_relu1_1"] = StyleLoss(torch.rand(1, 64, 8, 8), "gram")
+    assert model.vgg is None
+    terms = model.objective_loss(0, torch.rand(1, 3, 16, 16))
+    assert model.vgg is not None and model.vgg.layers == ["relu1_1"] and terms["total"] > 0
+
+
+def test_the_data_module_is_set_up_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    setup = ImageTargets.setup
+
+    def counted(self: ImageTargets, stage: str) -> None:
+        calls.append(stage)
+        setup(self, stage)
+
+    monkeypatch.setattr(ImageTargets, "setup", counted)
+    trainer(tmp_path, steps=1).fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), targets())
+    assert calls == ["fit"]
+
+
+def test_the_writer_flag_of_predict_sets_the_fit_folder(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    main(
+        [
+            "fit",
+            "-c",
+            str(CONFIGS / "texture_gram.yaml"),
+            *TOY,
+            QUIET,
+            "--trainer.callbacks.init_args.output_dir",
+            str(out),
+        ]
+    )
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == SUMMARY_KEYS and list(summary["objectives"]["gram"]) == OBJECTIVE_KEYS
+    assert summary["output_dir"] == str(out.resolve()) and summary["grid_sha256"] == file_digest(out / "grid.png")
+    assert not list(Path("logs").rglob("*.png"))  # nothing in the run's log folder
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--data.init_args.size=0", "data.size: Not of type PositiveInt"),
+        ("--data.init_args.style_size=-3", "data.style_size: Not of type PositiveInt"),
+        ("--trainer.callbacks.init_args.save_every=-1", "trainer.callbacks.save_every: Not of type NonNegativeInt"),
+        (
+            "--trainer.callbacks.init_args.snapshot_every=-1",
+            "trainer.callbacks.snapshot_every: Not of type NonNegativeInt",
+        ),
+    ],
+)
+def test_restricted_types_are_refused_naming_the_key(flag: str, message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(CONFIGS / "texture_gram.yaml"), *TOY, flag])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"lightning-nst: error: {message}"), err
+    assert not Path("logs").exists()
