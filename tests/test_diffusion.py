@@ -19,11 +19,12 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscrete
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_nst.callbacks import DenoisingCallback, slugify
 from lightning_nst.cli import main
+from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.errors import NSTError
 from lightning_nst.guidance import StyleGuidance, check_scheduler, decode_latents, predict_x0, rms_normalize
 from lightning_nst.images import load_image
+from lightning_nst.outputs import slugify
 from lightning_nst.prompts import PromptGrid
 from lightning_nst.vgg import VGGConfig
 from tests.conftest import CONFIGS, MODELS, REPO
