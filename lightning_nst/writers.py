@@ -88,6 +88,10 @@ class GenerationWriter(BasePredictionWriter):
     holding an item made from a different prompt, seed, style (path or content) or sampler setting is refused unless
     ``overwrite``.
 
+    The module must be a :class:`GenerationModule` (:class:`~lightning_nst.GuidedDiffusion` is): its
+    ``fingerprint_options`` enter each item's fingerprint, its ``manifest_settings`` each
+    :class:`~lightning_nst.outputs.GenerationRecord`.
+
     Args:
         output_dir: Folder of the images and the manifest; by default the logger's run folder
             (``logs/<name>/version_<n>``). A fixed folder lets a rerun of the same command finish an interrupted run.
