@@ -29,7 +29,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
 
 
 class Sigmoid(ImageOptimization):
@@ -74,15 +74,15 @@ def run(kind: str, objective: Objective, args: argparse.Namespace, folder: str) 
     line_search = "strong_wolfe" if "wolfe" in kind else None
     vgg = VGGConfig(weights=args.weights, fill_missing=args.fill_missing)
     model = module(
-        [objective], vgg=vgg, optimizer=partial(lbfgs, line_search_fn=line_search), snapshot_every=0,
-        output_dir=folder, overwrite=True,
+        [objective], vgg=vgg, optimizer=partial(lbfgs, line_search_fn=line_search),
     )  # fmt: skip
     content = "skimage:astronaut" if objective.content_layers else None
     data = ImageTargets(content=content, style=["skimage:gravel"] if objective.style_layers else None, size=args.size)
     curve = Curve()
     trainer = L.Trainer(
         max_steps=args.steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=folder, callbacks=[curve],
+        enable_model_summary=False, default_root_dir=folder,
+        callbacks=[curve, ImageWriter(output_dir=folder, overwrite=True, snapshot_every=0)],
     )  # fmt: skip
     trainer.fit(model, data)
     return curve.points

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
 from lightning_nst.vgg import VGG19Features, layer_index
 
 STYLE = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
@@ -58,7 +58,6 @@ def fit_seconds(task: str, statistic: str, size: int, steps: int, folder: str) -
         vgg=VGGConfig(weights="random"),
         init="content" if task == "transfer" else "noise",
         optimizer=lambda params: torch.optim.Adam(params, lr=0.02),
-        snapshot_every=0,
     )
     data = ImageTargets(
         content="skimage:astronaut" if task == "transfer" else None, style=["skimage:gravel"], size=size
@@ -70,6 +69,7 @@ def fit_seconds(task: str, statistic: str, size: int, steps: int, folder: str) -
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        callbacks=[ImageWriter(snapshot_every=0)],
     )
     trainer.fit(model, data)
     return json.loads((Path(trainer.log_dir) / "summary.json").read_text())

@@ -32,7 +32,7 @@ Settings of ours:
   ``<output_dir>/<name>.png`` and stage 2 starts from it with ``model.init``::
 
       lightning-nst fit -c configs/style_transfer_gram.yaml --data.size 128 --trainer.max_steps 150 \\
-          --model.output_dir out/coarse
+          --trainer.callbacks.init_args.output_dir out/coarse
       lightning-nst fit -c configs/style_transfer_gram.yaml --data.size 256 --model.init out/coarse/gram.png
 
 - ``Adam``: the product's default optimizer (Adam, lr 0.02) at full size, stopped at ``--adam-cap`` × the

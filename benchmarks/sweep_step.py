@@ -25,7 +25,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
 from lightning_nst.vgg import LAYER_NAMES
 
 CONVS = [name for name in LAYER_NAMES if name.startswith("conv")]
@@ -40,9 +40,6 @@ def per_objective(size: int, steps: int, folder: str, line_search_fn: str | None
         [Objective(name, content_layers=[name]) for name in CONVS],
         vgg=VGGConfig(weights="random"),
         optimizer=partial(lbfgs, line_search_fn=line_search_fn),
-        snapshot_every=0,
-        output_dir=folder,
-        overwrite=True,
     )
     data = ImageTargets(content="skimage:astronaut", size=size)
     trainer = L.Trainer(
@@ -53,6 +50,7 @@ def per_objective(size: int, steps: int, folder: str, line_search_fn: str | None
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=folder,
+        callbacks=[ImageWriter(output_dir=folder, overwrite=True, snapshot_every=0)],
     )
     trainer.fit(model, data)
     summary = json.loads((Path(folder) / "summary.json").read_text())

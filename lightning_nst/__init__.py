@@ -18,8 +18,8 @@ _LAZY = {
     "GuidedDiffusion": "lightning_nst.diffusion",
     "StyleGuidance": "lightning_nst.guidance",
     "PromptGrid": "lightning_nst.prompts",
-    "DenoisingCallback": "lightning_nst.callbacks",
-    "GenerationWriter": "lightning_nst.callbacks",
+    "DenoisingCallback": "lightning_nst.diffusion",
+    "GenerationWriter": "lightning_nst.writers",
     "TrajectoryLogger": "lightning_nst.callbacks",
 }
 

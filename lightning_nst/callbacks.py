@@ -1,67 +1,31 @@
-"""Callbacks of the guided-diffusion predict loop: per-step hooks, TensorBoard trajectories and the output writer."""
+"""Logging callbacks of the guided-diffusion predict loop: per-step TensorBoard trajectories and previews.
+
+The hook they implement, :class:`~lightning_nst.diffusion.DenoisingCallback`, belongs to the sampling loop that calls
+it; the writer of the results is :class:`~lightning_nst.writers.GenerationWriter` (also importable from here, the
+path configs written before the two moved name).
+"""
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import io
-import json
-import logging
 import math
-import os
-import re
-import shlex
-import unicodedata
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 
+from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, save_image, to_pil, write_atomic
-from lightning_nst.outputs import file_digest
-from lightning_nst.prompts import PromptGrid
+from lightning_nst.images import labelled_grid, save_image
+from lightning_nst.outputs import preview_file
+from lightning_nst.writers import GenerationWriter
 
-log = logging.getLogger(__name__)
-
-
-class DenoisingCallback(Callback):
-    """A Lightning callback that also sees every sampling step of :class:`~lightning_nst.GuidedDiffusion`.
-
-    Add subclasses to ``trainer.callbacks`` in YAML like any other callback.
-    """
-
-    def on_denoising_step(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        step_index: int,
-        timestep: int,
-        callback_kwargs: dict[str, Any],
-    ) -> dict[str, Any] | None:
-        """Called after each scheduler step, with diffusers' ``callback_on_step_end`` contract.
-
-        Args:
-            trainer: The trainer.
-            pl_module: The sampling module.
-            step_index: Index of the step, from 0.
-            timestep: The scheduler's timestep of the step.
-            callback_kwargs: ``latents`` (after the step), ``noise_pred`` (as the scheduler used it), ``index``
-                (item numbers) and ``style_index``; with style guidance also ``style_loss`` ``(B,)``, ``x0_image``
-                (the decoded clean prediction the loss was measured on) and ``guided``.
-
-        Returns:
-            ``None``, or a dict whose ``latents`` replace the sampler's.
-        """
-        return None
+__all__ = ["DenoisingCallback", "GenerationWriter", "TrajectoryLogger"]
 
 
 class TrajectoryLogger(DenoisingCallback):
@@ -77,7 +41,8 @@ class TrajectoryLogger(DenoisingCallback):
         preview_every: Steps between previews; 0 logs scalars only (and the ``preview_steps``).
         table_columns: Columns of the preview table.
         preview_steps: Step indices previewed as well, e.g. ``[0, 10, 20, 30, 40]`` to match a study's table.
-        save_dir: Also write each preview as ``{index:05d}_x0_{step:03d}.png`` into this folder. A rerun that
+        save_dir: Also write each preview as ``{index:05d}_x0_{step:03d}.png``
+            (:func:`~lightning_nst.outputs.preview_file`) into this folder. A rerun that
             generates an item again replaces its previews.
     """
 
@@ -139,7 +104,7 @@ class TrajectoryLogger(DenoisingCallback):
                 image = torch.nan_to_num(images[row].detach().float(), 0.0).clamp(0, 1).cpu()
                 self._writer.add_image(f"x0/{tag}", image, step_index)
                 if self.save_dir is not None:
-                    save_image(image, self.save_dir / f"{tag}_x0_{step_index:03d}.png", overwrite=True)
+                    save_image(image, self.save_dir / preview_file(index, step_index), overwrite=True)
                 loss = losses[row] if losses is not None else math.nan
                 self._previews.setdefault(index, []).append((step_index, timestep, loss, image))
         return None
@@ -177,333 +142,3 @@ class TrajectoryLogger(DenoisingCallback):
         if self._own_writer and self._writer is not None:
             self._writer.close()
         self._writer, self._own_writer = None, False
-
-
-def slugify(text: str, max_length: int = 40) -> str:
-    """A file-name-safe slug of ``text``: ASCII letters and digits joined by ``-``, at most ``max_length`` long."""
-    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
-    return slug[:max_length].strip("-") or "image"
-
-
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _png_bytes(image: Tensor) -> bytes:
-    """The PNG file of one ``(3, H, W)`` image in ``[0, 1]``, as :func:`~lightning_nst.images.save_image` writes it."""
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class GenerationWriter(BasePredictionWriter):
-    """Write each generated image as a PNG and one JSON line per image to a manifest; finish interrupted runs.
-
-    Images are named ``{index:05d}_{prompt slug}_{seed}.png``: the index makes each name unique and the slug holds
-    only ASCII letters, digits and ``-``, so no prompt can place a file outside the output folder. Each PNG is
-    written atomically (temporary file, then rename) and only then is its record appended to this process's hidden
-    part file, flushed to disk after every batch. When prediction ends, rank 0 merges the records into the manifest,
-    one per item in index order, and removes the part files. A record holds the prompt, negative prompt, seed, style
-    image and its content digest, sampling and guidance settings, the final style loss, the per-step style-loss
-    trajectory, the image path relative to the manifest, the ``sha256`` of the PNG's bytes and the item's
-    ``fingerprint``: a hash of everything that defines its image.
-
-    An item whose sampling produced a NaN or infinity (see ``failures`` in
-    :meth:`~lightning_nst.GuidedDiffusion.predict_step`) is neither written nor recorded: one error line names it,
-    its file and the config key most likely at fault. The other items are finished and merged as usual, and then
-    the run raises :class:`~lightning_nst.errors.NSTError` (exit status 2), so a rerun generates only the failed ones.
-
-    A rerun into the same ``output_dir`` generates only what is missing. Items recorded in the manifest, or in part
-    files a killed run left behind, whose PNG still has the recorded ``sha256`` and whose fingerprint matches the
-    current config are kept; the others, including PNGs without a record and truncated or replaced PNGs, are
-    generated again, spread over all processes. When nothing is missing, the pipeline is not even loaded. A folder
-    holding an item made from a different prompt, seed, style (path or content) or sampler setting is refused unless
-    ``overwrite``.
-
-    Args:
-        output_dir: Folder of the images and the manifest; by default the logger's run folder
-            (``logs/<name>/version_<n>``). A fixed folder lets a rerun of the same command finish an interrupted run.
-        manifest: File name of the manifest inside ``output_dir``.
-        overwrite: Generate every item again, replacing the folder's images of the same names and its manifest.
-    """
-
-    def __init__(
-        self, output_dir: str | None = None, manifest: str = "predictions.jsonl", overwrite: bool = False
-    ) -> None:
-        super().__init__("batch")
-        if Path(manifest).name != manifest or manifest in ("", ".", ".."):
-            raise NSTError(f"GenerationWriter.manifest: must be a plain file name, got {manifest!r}")
-        self.output_dir = output_dir
-        self.manifest = manifest
-        self.overwrite = overwrite
-        self.directory: Path | None = None
-        self._names: dict[int, str] = {}
-        self._fingerprints: dict[int, str] = {}
-        self._kept = 0
-        self._failures: list[str] = []
-        self._limit_predict_batches: int | float | None = None
-        self._name = re.compile(r"\d{5,}_[a-z0-9-]+_\d+\.png")
-        # write_atomic's temporary files: ".<name>.<random>.tmp"
-        self._temporary = re.compile(rf"\.({self._name.pattern}|{re.escape(manifest)})\..+\.tmp")
-
-    def file_name(self, index: int, prompt: str, seed: int) -> str:
-        """The PNG name of one item: unique by ``index``, readable by prompt slug and seed."""
-        return f"{index:05d}_{slugify(prompt)}_{seed}.png"
-
-    def _part(self, rank: int) -> Path:
-        assert self.directory is not None
-        return self.directory / f".{self.manifest}.rank{rank}.part"
-
-    def _parts(self) -> list[Path]:
-        assert self.directory is not None
-        return sorted(self.directory.glob(f".{glob.escape(self.manifest)}.rank*.part"))
-
-    @property
-    def _flag(self) -> str:
-        # How the shipped configs, which list the writer last, set its folder on the command line.
-        return f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(self.directory))}"
-
-    def _refuse(self, problem: str) -> NSTError:
-        return NSTError(
-            f"GenerationWriter.output_dir: {self.directory} {problem}; choose another folder or set overwrite: true"
-        )
-
-    # -- setup: what is finished already ------------------------------------------------------------------------
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve the output folder, keep the items it finished already, and have the data skip them."""
-        log_dir = trainer.log_dir  # a collective call: every rank must make it
-        self.directory = Path(self.output_dir).expanduser() if self.output_dir is not None else Path(log_dir or ".")
-        if self.directory.exists() and not self.directory.is_dir():
-            raise NSTError(f"GenerationWriter.output_dir: {self.directory} exists and is not a folder")
-        data = trainer.datamodule
-        if not isinstance(data, PromptGrid):
-            raise NSTError("data: GenerationWriter needs `data: {class_path: lightning_nst.PromptGrid, ...}`")
-        spec = pl_module.spec() if hasattr(pl_module, "spec") else {}
-        self._names = {item.index: self.file_name(item.index, item.base_prompt, item.seed) for item in data.items}
-        self._fingerprints = {item.index: item.fingerprint(spec) for item in data.items}
-        # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
-        # stops each of them alike instead of leaving the others waiting at a barrier.
-        finished, damaged = ({}, []) if self.overwrite else self._finished()
-        trainer.strategy.barrier("GenerationWriter.scan")
-        if trainer.is_global_zero:
-            self._tidy(finished)
-        trainer.strategy.barrier("GenerationWriter.tidy")
-        data.skip(finished)
-        self._kept = len(finished)
-        self._failures = []
-        if damaged:
-            shown = ", ".join(self._names[index] for index in damaged[:3]) + (", ..." if len(damaged) > 3 else "")
-            rank_zero_info(
-                f"{len(damaged)} finished item{'s' * (len(damaged) != 1)} in {self.directory} no longer match the "
-                f"recorded sha256 of their PNG ({shown}): generating {'them' if len(damaged) != 1 else 'it'} again"
-            )
-        total = len(data.items)
-        if self._kept == total:
-            rank_zero_info(f"All {total} items in {self.directory} are finished; nothing to generate")
-            # Lightning's switch for "no predict batches": no dataloader, no predict_step, no empty-loader warning.
-            self._limit_predict_batches = trainer.limit_predict_batches
-            trainer.limit_predict_batches = 0
-            return
-        kept = f"; {self._kept} finished earlier are kept" if self._kept else ""
-        hint = "" if self.output_dir is not None else f"; to finish it if interrupted, rerun with {self._flag}"
-        rank_zero_info(f"Generating {total - self._kept} of {total} items into {self.directory}{kept}{hint}")
-
-    def _records(self, path: Path, strict: bool) -> Iterator[tuple[int, dict[str, Any], str]]:
-        """``(index, record, line)`` of each record in ``path``.
-
-        A line that is not a record is an error if ``strict``, else skipped: it is the last line of a part file that
-        a killed process left half-written.
-        """
-        text = path.read_text(encoding="utf-8", errors="replace")
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            index = record.get("index") if isinstance(record, dict) else None
-            if isinstance(index, int) and not isinstance(index, bool):
-                yield index, record, line
-            elif strict:
-                raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
-
-    def _check(self, index: int, record: dict[str, Any]) -> bool | None:
-        """Whether the recorded item ``index`` is finished; raises if the record is not of the current item.
-
-        Returns:
-            ``True``; ``False`` if its PNG is missing; ``None`` if the PNG's bytes are not the ones recorded
-            (truncated, replaced, or recorded before digests were kept).
-        """
-        assert self.directory is not None
-        if index not in self._names:
-            count = len(self._names)
-            raise self._refuse(f"holds item {index}, but the data defines only {count} item{'s' * (count != 1)}")
-        image = record.get("image")
-        if record.get("fingerprint") != self._fingerprints[index] or image != self._names[index]:
-            shown = f" ({image})" if isinstance(image, str) and self._name.fullmatch(image) else ""
-            raise self._refuse(
-                f"holds item {index}{shown} made from a different prompt, seed, style or sampler setting than now"
-            )
-        path = self.directory / self._names[index]
-        if not path.is_file():
-            return False
-        return True if record.get("sha256") == file_digest(path) else None
-
-    def _finished(self) -> tuple[dict[int, str], list[int]]:
-        """Manifest lines of the finished items by index, and the recorded items whose PNG no longer matches."""
-        assert self.directory is not None
-        manifest = self.directory / self.manifest
-        if manifest.exists() and not manifest.is_file():
-            raise NSTError(f"GenerationWriter.manifest: {manifest} exists and is not a file")
-        sources = ([(manifest, True)] if manifest.is_file() else []) + [(part, False) for part in self._parts()]
-        finished: dict[int, str] = {}
-        damaged: set[int] = set()
-        for path, strict in sources:
-            for index, record, line in self._records(path, strict):
-                status = self._check(index, record)
-                if status:
-                    finished.setdefault(index, line)
-                elif status is None:
-                    damaged.add(index)
-        return finished, sorted(damaged - finished.keys())
-
-    def _tidy(self, finished: dict[int, str]) -> None:
-        """Rank 0: make the manifest hold exactly the finished items; remove part and temporary files left over."""
-        assert self.directory is not None
-        manifest = self.directory / self.manifest
-        text = "".join(finished[index] + "\n" for index in sorted(finished))
-        # Only files of this writer's own names are touched: the manifest, which holds nothing but its records (a
-        # stranger line is refused in _finished), is rewritten, never removed; part and temporary files it made are.
-        if manifest.is_file() and manifest.read_text(encoding="utf-8", errors="replace") != text:
-            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
-        elif text and not manifest.is_file():
-            write_atomic(manifest, text.encode("utf-8"))
-        for part in self._parts():
-            part.unlink()
-        for temporary in self.directory.glob(".*.tmp"):
-            if self._temporary.fullmatch(temporary.name):
-                temporary.unlink(missing_ok=True)
-
-    # -- writing --------------------------------------------------------------------------------------------------
-
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: Any,
-        batch_indices: Any,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int,
-    ) -> None:
-        """Save the batch's PNGs, then append the records of those written to this rank's part file.
-
-        Failed items (``prediction["failures"]``, or an image holding NaN or infinity) are reported and skipped.
-        """
-        assert self.directory is not None
-        settings = pl_module.settings() if hasattr(pl_module, "settings") else {}
-        trajectory = prediction.get("style_loss")
-        final = prediction.get("final_style_loss")
-        nsfw = prediction.get("nsfw")
-        failures = prediction.get("failures") or [None] * len(batch["index"])
-        self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
-        lines = []
-        try:
-            for row, index in enumerate(batch["index"]):
-                name = self._names[index]
-                image = prediction["images"][row]
-                failure = failures[row]
-                if failure is None and not torch.isfinite(image).all():
-                    failure = ("model", "the image is not finite")
-                if failure is not None:
-                    key, problem = failure
-                    message = f"{key}: item {index} ({name}): {problem}"
-                    log.error(f"{message}; it is not written")
-                    self._failures.append(message)
-                    continue
-                data = _png_bytes(image)
-                # Only unfinished items reach this point, so an existing file of this name is an unrecorded leftover
-                # of an interrupted run, a PNG that no longer matched its record, or overwrite is on: replacing it
-                # loses nothing.
-                write_atomic(self.directory / name, data, overwrite=True)
-                record = {
-                    "index": index,
-                    "image": name,
-                    "sha256": hashlib.sha256(data).hexdigest(),
-                    "fingerprint": self._fingerprints[index],
-                    "prompt": batch["prompt"][row],
-                    "base_prompt": batch["base_prompt"][row],
-                    "style_prompt": batch["style_prompt"][row],
-                    "negative_prompt": batch["negative_prompt"][row],
-                    "seed": batch["seed"][row],
-                    "style": batch["style"][row],
-                    "style_digest": batch["style_digest"][row],
-                    **settings,
-                    "final_style_loss": _finite(float(final[row])) if final is not None else None,
-                    "style_loss": [_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
-                    "timesteps": prediction["timesteps"],
-                    "guided": prediction["guided"],
-                    "nsfw": nsfw[row] if nsfw is not None else None,
-                    "seconds_per_step": prediction["seconds_per_step"],
-                    "rank": trainer.global_rank,
-                }
-                lines.append(json.dumps(record) + "\n")
-        except OSError as error:
-            raise NSTError(
-                f"GenerationWriter.output_dir: cannot write {self.directory / name}: {error.strerror or error}"
-            ) from None
-        finally:
-            # The items written before a failed write are recorded: a rerun keeps them.
-            if lines:
-                with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
-                    stream.write("".join(lines))
-                    stream.flush()
-                    os.fsync(stream.fileno())
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
-        if self.directory is None:
-            return
-        if self._limit_predict_batches is not None:
-            trainer.limit_predict_batches, self._limit_predict_batches = self._limit_predict_batches, None
-        # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
-        # but every process tears down.
-        trainer.strategy.barrier("GenerationWriter.merge")
-        recorded = self._merge() if trainer.is_global_zero else 0
-        directory, self.directory = self.directory, None
-        failures, self._failures = self._failures, []
-        # Summed over processes (every one tears down), so each exits alike however the failed items were spread.
-        count = torch.tensor(float(len(failures)), device=trainer.strategy.root_device)  # NCCL reduces CUDA only
-        failed = int(trainer.strategy.reduce(count, reduce_op="sum").item())
-        if failed:
-            total = len(self._names)
-            key, detail = failures[0].split(": ", 1) if failures else ("GenerationWriter", "see the lines above")
-            kept = f"; the {recorded} finished are in {directory}" if recorded else ""
-            raise NSTError(
-                f"{key}: {failed} of {total} item{'s' * (total != 1)} failed with values that are not finite and were "
-                f"not written (first: {detail}){kept}; a rerun into the same folder generates only what is missing"
-            )
-
-    def _merge(self) -> int:
-        """Rank 0: write the manifest from the finished and the new records; returns how many it holds."""
-        assert self.directory is not None
-        manifest = self.directory / self.manifest
-        parts = self._parts()
-        records: dict[int, str] = {}
-        for path in ([manifest] if manifest.is_file() else []) + parts:
-            for index, _, line in self._records(path, strict=False):
-                if index in self._names and (self.directory / self._names[index]).is_file():
-                    records.setdefault(index, line)
-        if parts:
-            text = "".join(records[index] + "\n" for index in sorted(records))
-            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
-            for part in parts:
-                part.unlink()
-        new = len(records) - self._kept
-        kept = f", {self._kept} kept from an earlier run" if self._kept and new else ""
-        if records:
-            rank_zero_info(f"Results: {self.directory} ({len(records)} PNG{kept}, {self.manifest})")
-        return len(records)

@@ -12,18 +12,16 @@ import torch
 from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils import deprecation_utils
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_nst.callbacks import DenoisingCallback
 from lightning_nst.errors import NSTError
 from lightning_nst.guidance import StyleGuidance, check_scheduler
+from lightning_nst.hub import DEFAULT_MODEL
 from lightning_nst.prompts import PromptGrid
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
-
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 MAX_SIDE = 8192
 """Largest ``model.height`` and ``model.width``: 16 times Stable Diffusion 1.x's native 512 px."""
@@ -91,12 +89,35 @@ def _local_train_timesteps(source: str, scheduler: str) -> int | None:
     return steps if isinstance(steps, int) else None
 
 
-def build_scheduler(name: str, current: Any) -> Any:
-    """The scheduler named by ``model.scheduler``, configured from the pipeline's own (betas, offsets, spacing)."""
-    _check_scheduler_name(name)
-    scheduler = current if name == "pipeline" else SCHEDULERS[name].from_config(current.config)
-    check_scheduler(scheduler)
-    return scheduler
+class DenoisingCallback(Callback):
+    """A Lightning callback that also sees every sampling step of :class:`~lightning_nst.GuidedDiffusion`.
+
+    Add subclasses to ``trainer.callbacks`` in YAML like any other callback.
+    """
+
+    def on_denoising_step(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        step_index: int,
+        timestep: int,
+        callback_kwargs: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        """Called after each scheduler step, with diffusers' ``callback_on_step_end`` contract.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The sampling module.
+            step_index: Index of the step, from 0.
+            timestep: The scheduler's timestep of the step.
+            callback_kwargs: ``latents`` (after the step), ``noise_pred`` (as the scheduler used it), ``index``
+                (item numbers) and ``style_index``; with style guidance also ``style_loss`` ``(B,)``, ``x0_image``
+                (the decoded clean prediction the loss was measured on) and ``guided``.
+
+        Returns:
+            ``None``, or a dict whose ``latents`` replace the sampler's.
+        """
+        return None
 
 
 class Failure(NamedTuple):
@@ -168,10 +189,9 @@ class GuidedDiffusion(L.LightningModule):
         for key, value in (("model.height", height), ("model.width", width)):
             if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
                 raise NSTError(f"{key}: must be a multiple of 8 pixels from 8 to {MAX_SIDE}, got {value}")
-        if dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise NSTError(f"model.dtype: must be auto, float32, float16 or bfloat16, got {dtype!r}")
-        if guidance is not None and guidance.decoder == "tiny" and tiny_vae is None:
-            raise NSTError("model.guidance.decoder: 'tiny' needs model.tiny_vae (an AutoencoderTiny folder or hub id)")
+        # dtype is not checked by hand: it is a Literal, which the CLI's parser enforces naming model.dtype.
+        if guidance is not None:
+            guidance.check_decoder(tiny_vae)
         _check_scheduler_name(scheduler)
         self.model_source = model
         self.guidance = guidance
@@ -212,13 +232,17 @@ class GuidedDiffusion(L.LightningModule):
         return data
 
     def setup(self, stage: str) -> None:
-        """Check the data fits the model before anything heavy is loaded."""
+        """Check the data fits the model before anything heavy is loaded, then build the guidance's VGG19 trunk."""
         data = self._data()
         if self.guidance is not None and not data.style_sources:
             raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
         train_timesteps = _local_train_timesteps(self.model_source, self.scheduler_name)
         if train_timesteps is not None:
             check_steps(self.num_inference_steps, train_timesteps, self.model_source)
+        if self.guidance is not None:
+            # Here rather than in configure_model, whose default device and dtype (Lightning's init contexts) would
+            # change the random weights of `weights: random` from one accelerator to another.
+            self.guidance.configure()
 
     def configure_model(self) -> None:
         """Load the pipeline (and the tiny decoder) once; Lightning then moves them to the device.
@@ -228,7 +252,7 @@ class GuidedDiffusion(L.LightningModule):
         if self.pipeline is not None:
             return
         data = self.trainer.datamodule if self._trainer is not None else None
-        if isinstance(data, PromptGrid) and data.items and not data.pending:
+        if isinstance(data, PromptGrid) and data.all_finished:
             return
         torch_dtype = torch.get_default_dtype() if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
         extra: dict[str, Any] = (
@@ -245,7 +269,11 @@ class GuidedDiffusion(L.LightningModule):
             **{_DTYPE_KWARG: torch_dtype},
             **extra,
         )
-        pipe.scheduler = build_scheduler(self.scheduler_name, pipe.scheduler)
+        # The pipeline's own scheduler, or the one named by model.scheduler configured from it (betas, offsets,
+        # spacing); the name was checked in __init__.
+        if self.scheduler_name != "pipeline":
+            pipe.scheduler = SCHEDULERS[self.scheduler_name].from_config(pipe.scheduler.config)
+        check_scheduler(pipe.scheduler)
         check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
         pipe.set_progress_bar_config(disable=True)
         if self.tiny_vae_source is not None:
@@ -270,13 +298,13 @@ class GuidedDiffusion(L.LightningModule):
                 "No prediction writer in trainer.callbacks: images are not saved; add lightning_nst.GenerationWriter"
             )
 
-    def spec(self) -> dict[str, Any]:
+    def fingerprint_options(self) -> dict[str, Any]:
         """The options that define the images, as configured and known before the pipeline loads.
 
         Together with an item's prompt, seed and style they make its fingerprint, by which a rerun recognises the
         items an earlier run finished. Batching, the number of processes and callbacks are left out, since they do
         not change an image, and so is the accelerator, so that a batch begun on one machine can be finished on
-        another.
+        another. With guidance, the VGG19 trunk is built here if it was not yet: the weights in use are part of it.
         """
         return {
             "model": self.model_source,
@@ -294,17 +322,18 @@ class GuidedDiffusion(L.LightningModule):
             "guidance": self.guidance.settings() if self.guidance is not None else None,
         }
 
-    def settings(self) -> dict[str, Any]:
-        """The sampling options as plain values, for manifests and logs."""
+    def manifest_settings(self) -> dict[str, Any]:
+        """The sampling settings a manifest line records, as the loaded pipeline resolved them.
+
+        Model, steps, scales and guidance are those of :meth:`fingerprint_options`; the scheduler is named by its
+        class, the size in pixels and the dtype by the UNet's.
+        """
+        options = self.fingerprint_options()
         return {
-            "model": self.model_source,
+            **{key: options[key] for key in ("model", "num_inference_steps", "cfg_scale", "eta", "guidance")},
             "scheduler": type(self.scheduler).__name__,
-            "num_inference_steps": self.num_inference_steps,
-            "cfg_scale": self.cfg_scale,
-            "eta": self.eta,
             "size": list(self.image_size()),
             "dtype": str(self.unet.dtype).removeprefix("torch.") if self.unet is not None else self.dtype_name,
-            "guidance": self.guidance.settings() if self.guidance is not None else None,
         }
 
     def image_size(self) -> tuple[int, int]:

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from lightning_nst.errors import NSTError
 from lightning_nst.images import resize_long_edge
 from lightning_nst.losses import STATISTICS, LayerStyleLoss, Statistic
-from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, VGGConfig, layer_index, layer_weights, min_input_size
+from lightning_nst.vgg import (
+    DEFAULT_STYLE_LAYERS,
+    VGG19Features,
+    VGGConfig,
+    layer_index,
+    layer_weights,
+    min_input_size,
+)
 
 Decoder = Literal["auto", "vae", "tiny"]
 
@@ -118,7 +125,8 @@ class StyleGuidance(nn.Module):
         style_size: Longer edge of the style images before VGG; defaults to ``guidance_size``.
         layers: VGG19 layers of the style loss, each weighing ``1 / len(layers)``, or ``{layer: weight}``.
         statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
-        vgg: Weights and pooling of the VGG19 trunk.
+        vgg: Weights and pooling of the VGG19 trunk, which is built (and its weights loaded) by :meth:`configure`,
+            not here.
     """
 
     def __init__(
@@ -143,8 +151,8 @@ class StyleGuidance(nn.Module):
             raise NSTError(f"{key}.window: need 0 <= start <= end <= 1, got [{start}, {end}]")
         if every_k < 1:
             raise NSTError(f"{key}.every_k: must be >= 1, got {every_k}")
-        if decoder not in ("auto", "vae", "tiny"):
-            raise NSTError(f"{key}.decoder: must be auto, vae or tiny, got {decoder!r}")
+        # decoder is not checked by hand: it is a Literal, which the CLI's parser enforces naming the key. statistic
+        # is, since LayerStyleLoss would only find it out once the trunk is built, with a message naming no key.
         if statistic not in STATISTICS:
             raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {statistic!r}")
         layers = list(DEFAULT_STYLE_LAYERS) if layers is None else layers
@@ -171,31 +179,49 @@ class StyleGuidance(nn.Module):
         self.layers = names
         self.layer_weights = weights
         self.statistic = statistic
-        self.vgg = (vgg or VGGConfig()).build(names, key=f"{key}.vgg")
+        self.vgg_config = vgg or VGGConfig()
+        self.vgg: VGG19Features | None = None
         self.targets = nn.ModuleList()
 
     # -- setup --------------------------------------------------------------------------------------------------
 
+    def configure(self) -> VGG19Features:
+        """Build the VGG19 trunk, loading its weights, unless it is built already; returns it.
+
+        Not done in ``__init__``, so a config is checked cheaply before anything heavy is loaded.
+        :class:`~lightning_nst.GuidedDiffusion` calls it in ``setup``; otherwise the first :meth:`set_styles`,
+        :meth:`settings` or style loss does.
+        """
+        if self.vgg is None:
+            self.vgg = self.vgg_config.build(self.layers, key="model.guidance.vgg")
+        return self.vgg
+
     @torch.no_grad()
     def set_styles(self, images: Sequence[Tensor]) -> None:
         """Compute the target statistics of each ``(1, 3, H, W)`` style image in ``[0, 1]``, once."""
-        device, dtype = self.vgg.mean.device, next(self.vgg.parameters()).dtype
+        vgg = self.configure()
+        device, dtype = vgg.mean.device, next(vgg.parameters()).dtype
         self.targets = nn.ModuleList()
         for image in images:
-            features = self.vgg(resize_long_edge(image, self.style_size).to(device=device, dtype=dtype))
+            features = vgg(resize_long_edge(image, self.style_size).to(device=device, dtype=dtype))
             self.targets.append(
                 LayerStyleLoss({layer: features[layer] for layer in self.layers}, self.statistic, self.layer_weights)
             )
 
+    def check_decoder(self, tiny_vae: object | None) -> None:
+        """Raise if ``decoder`` is ``tiny`` but there is no tiny autoencoder (``model.tiny_vae``)."""
+        if self.decoder == "tiny" and tiny_vae is None:
+            raise NSTError("model.guidance.decoder: 'tiny' needs model.tiny_vae (an AutoencoderTiny folder or hub id)")
+
     def decoder_of(self, pipeline: Any) -> nn.Module:
         r"""The module that decodes :math:`\hat x_0` for the gradient."""
         tiny = getattr(pipeline, "tiny_vae", None)
-        if self.decoder == "tiny" and tiny is None:
-            raise NSTError("model.guidance.decoder: 'tiny' needs model.tiny_vae (an AutoencoderTiny folder or hub id)")
+        self.check_decoder(tiny)
         return tiny if tiny is not None and self.decoder != "vae" else pipeline.vae
 
     def settings(self) -> dict[str, Any]:
-        """The options as plain values, for manifests and logs."""
+        """The options as plain values, for manifests, fingerprints and logs; builds the trunk to name its weights."""
+        vgg = self.configure()
         return {
             "scale": self.scale,
             "window": list(self.window),
@@ -206,8 +232,8 @@ class StyleGuidance(nn.Module):
             "style_size": self.style_size,
             "layers": self.layer_weights or self.layers,
             "statistic": self.statistic,
-            "vgg_weights": self.vgg.weights_used,
-            "pooling": self.vgg.pooling,
+            "vgg_weights": vgg.weights_used,
+            "pooling": vgg.pooling,
         }
 
     # -- the step -----------------------------------------------------------------------------------------------
@@ -224,8 +250,9 @@ class StyleGuidance(nn.Module):
         """
         if not len(self.targets):
             raise RuntimeError("StyleGuidance.set_styles() must run before the style loss is measured")
+        vgg = self.configure()
         image = resize_long_edge(images, self.guidance_size)
-        features = self.vgg(image.to(next(self.vgg.parameters()).dtype))
+        features = vgg(image.to(next(vgg.parameters()).dtype))
         loss = torch.zeros(len(images), device=images.device, dtype=torch.float32)
         for style in style_index.unique().tolist():
             rows = (style_index == style).nonzero().squeeze(1)

@@ -6,10 +6,13 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
-from dataclasses import asdict, dataclass
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +178,112 @@ class FitSummary:
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> FitSummary:
         """Read ``folder/summary.json``."""
-        data = json.loads((Path(folder) / SUMMARY).read_text())
+        data = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
         objectives = {name: ObjectiveRecord(**record) for name, record in data.pop("objectives").items()}
         return cls(**data, objectives=objectives)
+
+
+# -- generation results -----------------------------------------------------------------------------------------------
+
+MANIFEST = "predictions.jsonl"
+"""Default file name of a generation folder's manifest: one JSON line per finished item, in index order."""
+
+
+def slugify(text: str, max_length: int = 40) -> str:
+    """A file-name-safe slug of ``text``: ASCII letters and digits joined by ``-``, at most ``max_length`` long."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_length].strip("-") or "image"
+
+
+ITEM_FILE = re.compile(r"\d{5,}_[a-z0-9-]+_\d+\.png")
+"""What every :func:`item_file` name looks like."""
+
+
+def item_file(index: int, prompt: str, seed: int) -> str:
+    """The PNG of one generated item: unique by ``index``, readable by prompt slug and seed.
+
+    The slug holds only ASCII letters, digits and ``-``, so no prompt can place a file outside the folder.
+    """
+    return f"{index:05d}_{slugify(prompt)}_{seed}.png"
+
+
+def preview_file(index: int, step: int) -> str:
+    r"""The preview of item ``index``'s clean prediction :math:`\hat x_0` at sampling step ``step``."""
+    return f"{index:05d}_x0_{step:03d}.png"
+
+
+@dataclass
+class GenerationRecord:
+    """One line of the manifest: what one finished item is and how it was made.
+
+    Attributes:
+        index: The item's number, which names its PNG.
+        image: The PNG's path relative to the manifest (:func:`item_file`).
+        sha256: SHA-256 of the PNG's bytes.
+        fingerprint: Hash of everything that defines the image (see ``GenerationItem.fingerprint``).
+        prompt: The text sent to the text encoder.
+        base_prompt: The prompt as configured.
+        style_prompt: Text appended to the prompt for the style image, or ``None``.
+        negative_prompt: The negative prompt.
+        seed: Seed of the initial latents.
+        style: The style image source, or ``None``.
+        style_digest: What identifies the style image's content, or ``None``.
+        model: The pipeline's Hub id or folder.
+        scheduler: The scheduler's class name.
+        num_inference_steps: Sampling steps.
+        cfg_scale: Classifier-free guidance scale.
+        eta: DDIM's eta.
+        size: ``[height, width]`` of the image.
+        dtype: The UNet's dtype.
+        guidance: The style-guidance options (``StyleGuidance.settings``), or ``None`` without guidance.
+        final_style_loss: Style loss of the written image, or ``None`` (no guidance, or not finite).
+        style_loss: Style loss of each step's clean prediction (``None`` where not finite), or ``None``.
+        timesteps: The scheduler's timestep of each step.
+        guided: Whether each step was corrected.
+        nsfw: The safety checker's verdict, or ``None`` without one.
+        seconds_per_step: Sampling time per step of the item's batch.
+        rank: The process that generated the item.
+    """
+
+    index: int
+    image: str
+    sha256: str
+    fingerprint: str
+    prompt: str
+    base_prompt: str
+    style_prompt: str | None
+    negative_prompt: str
+    seed: int
+    style: str | None
+    style_digest: str | None
+    model: str
+    scheduler: str
+    num_inference_steps: int
+    cfg_scale: float
+    eta: float
+    size: list[int]
+    dtype: str
+    guidance: dict[str, Any] | None
+    final_style_loss: float | None
+    style_loss: list[float | None] | None
+    timesteps: list[int]
+    guided: list[bool]
+    nsfw: bool | None
+    seconds_per_step: float
+    rank: int
+
+    def to_json(self) -> str:
+        """The manifest line, without its newline."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> GenerationRecord:
+        """The record of a parsed manifest line; raises ``KeyError`` naming a missing key, ignores unknown ones."""
+        return cls(**{field.name: record[field.name] for field in fields(cls)})
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[GenerationRecord]:
+    """The records of a finished manifest, in file order (item order, as the writer leaves it)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [GenerationRecord.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]

@@ -6,6 +6,7 @@ import codecs
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,10 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_nst.errors import NSTError
 from lightning_nst.images import SAMPLE_PREFIX, load_image
 from lightning_nst.outputs import source_digest
+
+# An empty predict dataloader is how a rerun with every item finished runs no predict step; Lightning's warning about it
+# ("Please make sure this was your intention") would only alarm the user.
+warnings.filterwarnings("ignore", message=r"Total length of `DataLoader` across ranks is zero")
 
 
 @dataclass(frozen=True)
@@ -54,15 +59,15 @@ class GenerationItem:
         The style enters by path and by content digest, so a style image edited in place changes the fingerprint.
 
         Args:
-            sampler: The sampling options, e.g. :meth:`~lightning_nst.GuidedDiffusion.spec`.
+            sampler: The sampling options, e.g. :meth:`~lightning_nst.GuidedDiffusion.fingerprint_options`.
         """
         fields = {key: value for key, value in asdict(self).items() if key != "index"}
         text = json.dumps({"item": fields, "sampler": sampler}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
-class GenerationItems(Dataset[GenerationItem]):
-    """A map-style dataset over a fixed list of items, so Lightning can split it across ranks by index."""
+class ItemDataset(Dataset[GenerationItem]):
+    """The items to generate as a map-style dataset, so Lightning can split it across ranks by index."""
 
     def __init__(self, items: list[GenerationItem]) -> None:
         self.items = items
@@ -83,7 +88,7 @@ class RankSlice(DistributedSampler[GenerationItem]):
     kept as it is by Lightning.
     """
 
-    def __init__(self, dataset: GenerationItems, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: ItemDataset, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
         self.total_size = len(dataset)
         self.num_samples = len(range(rank, self.total_size, num_replicas))
@@ -203,7 +208,6 @@ class PromptGrid(L.LightningDataModule):
         if prompts_file is not None and not file_prompts:
             raise NSTError(f"data.prompts_file: {Path(prompts_file).expanduser()} holds no prompts")
         self.prompts = list(prompts or []) + file_prompts
-        self.prompts_file = prompts_file
         self.seeds = seeds
         self.style_prompts = list(style_prompts) if style_prompts is not None else None
         self.negative_prompt = negative_prompt
@@ -249,7 +253,11 @@ class PromptGrid(L.LightningDataModule):
             ]
 
     def skip(self, indices: Iterable[int]) -> None:
-        """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished."""
+        """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished.
+
+        The one way a writer tells the data what is done already (:class:`~lightning_nst.writers.GenerationWriter`
+        calls it in its ``setup``, after this module's).
+        """
         self.skipped = set(indices)
 
     @property
@@ -257,9 +265,18 @@ class PromptGrid(L.LightningDataModule):
         """The items to generate: all of them but the skipped ones, in order."""
         return [item for item in self.items if item.index not in self.skipped]
 
+    @property
+    def all_finished(self) -> bool:
+        """Whether the items are expanded and every one of them is skipped: there is nothing to generate."""
+        return bool(self.items) and not self.pending
+
     def predict_dataloader(self) -> DataLoader[GenerationItem]:
-        """Pending items in order, ``batch_size`` at a time, this process's share only."""
-        dataset = GenerationItems(self.pending)
+        """Pending items in order, ``batch_size`` at a time, this process's share only.
+
+        With nothing pending the dataloader is empty on every process alike, and Lightning skips the predict loop:
+        no predict step runs and the module loads no pipeline.
+        """
+        dataset = ItemDataset(self.pending)
         trainer = self.trainer
         distributed = trainer is not None and trainer.world_size > 1
         return DataLoader(

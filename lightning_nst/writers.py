@@ -1,33 +1,49 @@
-"""Callbacks that write a run's results: the module computes, a writer writes."""
+"""Writers of results: the callbacks that save what a run computed, so the modules only compute."""
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, save_image, write_atomic
+from lightning_nst.images import labelled_grid, save_image, to_pil, write_atomic
 from lightning_nst.optimize import DivergenceError, ImageOptimization
 from lightning_nst.outputs import (
     GRID,
+    ITEM_FILE,
+    MANIFEST,
     SUMMARY,
     FitSummary,
+    GenerationRecord,
     ObjectiveRecord,
     file_digest,
+    item_file,
     last_good_file,
     result_file,
     step_file,
 )
+from lightning_nst.prompts import PromptGrid
 
 # -- image optimisation (fit) ---------------------------------------------------------------------------------------
 
@@ -218,3 +234,349 @@ class ImageWriter(L.Callback):
         write_atomic(out / SUMMARY, summary.to_json().encode(), overwrite=self.overwrite)
         self._written = True
         rank_zero_info(f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY})")
+
+
+log = logging.getLogger(__name__)
+
+# -- predict: GenerationWriter --------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class GenerationModule(Protocol):
+    """What :class:`GenerationWriter` needs of the module: :class:`~lightning_nst.GuidedDiffusion` provides it."""
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        """The options that define an image, known before anything is loaded: part of each item's fingerprint."""
+        ...
+
+    def manifest_settings(self) -> dict[str, Any]:
+        """The sampling settings a manifest line records, as :class:`~lightning_nst.outputs.GenerationRecord` fields."""
+        ...
+
+
+def _generation_module(pl_module: L.LightningModule) -> GenerationModule:
+    if not isinstance(pl_module, GenerationModule):
+        raise NSTError(
+            "model: GenerationWriter needs a module that defines fingerprint_options() and manifest_settings(), "
+            "such as lightning_nst.GuidedDiffusion"
+        )
+    return pl_module
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _png_bytes(image: Tensor) -> bytes:
+    """The PNG file of one ``(3, H, W)`` image in ``[0, 1]``, as :func:`~lightning_nst.images.save_image` writes it."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class GenerationWriter(BasePredictionWriter):
+    """Write each generated image as a PNG and one JSON line per image to a manifest; finish interrupted runs.
+
+    Images are named ``{index:05d}_{prompt slug}_{seed}.png``: the index makes each name unique and the slug holds
+    only ASCII letters, digits and ``-``, so no prompt can place a file outside the output folder. Each PNG is
+    written atomically (temporary file, then rename) and only then is its record appended to this process's hidden
+    part file, flushed to disk after every batch. When prediction ends, rank 0 merges the records into the manifest,
+    one per item in index order, and removes the part files. A record holds the prompt, negative prompt, seed, style
+    image and its content digest, sampling and guidance settings, the final style loss, the per-step style-loss
+    trajectory, the image path relative to the manifest, the ``sha256`` of the PNG's bytes and the item's
+    ``fingerprint``: a hash of everything that defines its image.
+
+    An item whose sampling produced a NaN or infinity (see ``failures`` in
+    :meth:`~lightning_nst.GuidedDiffusion.predict_step`) is neither written nor recorded: one error line names it,
+    its file and the config key most likely at fault. The other items are finished and merged as usual, and then
+    the run raises :class:`~lightning_nst.errors.NSTError` (exit status 2), so a rerun generates only the failed ones.
+
+    A rerun into the same ``output_dir`` generates only what is missing. Items recorded in the manifest, or in part
+    files a killed run left behind, whose PNG still has the recorded ``sha256`` and whose fingerprint matches the
+    current config are kept; the others, including PNGs without a record and truncated or replaced PNGs, are
+    generated again, spread over all processes. When nothing is missing, the pipeline is not even loaded. A folder
+    holding an item made from a different prompt, seed, style (path or content) or sampler setting is refused unless
+    ``overwrite``.
+
+    The module must be a :class:`GenerationModule` (:class:`~lightning_nst.GuidedDiffusion` is): its
+    ``fingerprint_options`` enter each item's fingerprint, its ``manifest_settings`` each
+    :class:`~lightning_nst.outputs.GenerationRecord`.
+
+    Args:
+        output_dir: Folder of the images and the manifest; by default the logger's run folder
+            (``logs/<name>/version_<n>``). A fixed folder lets a rerun of the same command finish an interrupted run.
+        manifest: File name of the manifest inside ``output_dir``.
+        overwrite: Generate every item again, replacing the folder's images of the same names and its manifest.
+    """
+
+    def __init__(self, output_dir: str | None = None, manifest: str = MANIFEST, overwrite: bool = False) -> None:
+        super().__init__("batch")
+        if Path(manifest).name != manifest or manifest in ("", ".", ".."):
+            raise NSTError(f"GenerationWriter.manifest: must be a plain file name, got {manifest!r}")
+        self.output_dir = output_dir
+        self.manifest = manifest
+        self.overwrite = overwrite
+        self.directory: Path | None = None
+        self._names: dict[int, str] = {}
+        self._fingerprints: dict[int, str] = {}
+        self._kept = 0
+        self._failures: list[str] = []
+        # write_atomic's temporary files: ".<name>.<random>.tmp"
+        self._temporary = re.compile(rf"\.({ITEM_FILE.pattern}|{re.escape(manifest)})\..+\.tmp")
+
+    def _part(self, rank: int) -> Path:
+        assert self.directory is not None
+        return self.directory / f".{self.manifest}.rank{rank}.part"
+
+    def _parts(self) -> list[Path]:
+        assert self.directory is not None
+        return sorted(self.directory.glob(f".{glob.escape(self.manifest)}.rank*.part"))
+
+    @property
+    def _flag(self) -> str:
+        # How the shipped configs, which list the writer last, set its folder on the command line.
+        return f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(self.directory))}"
+
+    def _refuse(self, problem: str) -> NSTError:
+        return NSTError(
+            f"GenerationWriter.output_dir: {self.directory} {problem}; choose another folder or set overwrite: true"
+        )
+
+    # -- setup: what is finished already ------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Resolve the output folder, keep the items it finished already, and have the data skip them.
+
+        :meth:`PromptGrid.skip <lightning_nst.PromptGrid.skip>` is the one channel from the writer to the data: with
+        nothing left, the data module's ``predict_dataloader`` is empty, so Lightning runs no predict step and the
+        module loads no pipeline.
+        """
+        log_dir = trainer.log_dir  # a collective call: every rank must make it
+        self.directory = Path(self.output_dir).expanduser() if self.output_dir is not None else Path(log_dir or ".")
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NSTError(f"GenerationWriter.output_dir: {self.directory} exists and is not a folder")
+        data = trainer.datamodule
+        if not isinstance(data, PromptGrid):
+            raise NSTError("data: GenerationWriter needs `data: {class_path: lightning_nst.PromptGrid, ...}`")
+        options = _generation_module(pl_module).fingerprint_options()
+        self._names = {item.index: item_file(item.index, item.base_prompt, item.seed) for item in data.items}
+        self._fingerprints = {item.index: item.fingerprint(options) for item in data.items}
+        # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
+        # stops each of them alike instead of leaving the others waiting at a barrier.
+        finished, damaged = ({}, []) if self.overwrite else self._finished()
+        trainer.strategy.barrier("GenerationWriter.scan")
+        if trainer.is_global_zero:
+            self._tidy(finished)
+        trainer.strategy.barrier("GenerationWriter.tidy")
+        data.skip(finished)
+        self._kept = len(finished)
+        self._failures = []
+        if damaged:
+            shown = ", ".join(self._names[index] for index in damaged[:3]) + (", ..." if len(damaged) > 3 else "")
+            rank_zero_info(
+                f"{len(damaged)} finished item{'s' * (len(damaged) != 1)} in {self.directory} no longer match the "
+                f"recorded sha256 of their PNG ({shown}): generating {'them' if len(damaged) != 1 else 'it'} again"
+            )
+        total = len(data.items)
+        if self._kept == total:
+            rank_zero_info(f"All {total} items in {self.directory} are finished; nothing to generate")
+            return
+        kept = f"; {self._kept} finished earlier are kept" if self._kept else ""
+        hint = "" if self.output_dir is not None else f"; to finish it if interrupted, rerun with {self._flag}"
+        rank_zero_info(f"Generating {total - self._kept} of {total} items into {self.directory}{kept}{hint}")
+
+    def _records(self, path: Path, strict: bool) -> Iterator[tuple[int, dict[str, Any], str]]:
+        """``(index, record, line)`` of each record in ``path``.
+
+        A line that is not a record is an error if ``strict``, else skipped: it is the last line of a part file that
+        a killed process left half-written.
+        """
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                record = None
+            index = record.get("index") if isinstance(record, dict) else None
+            if isinstance(index, int) and not isinstance(index, bool):
+                yield index, record, line
+            elif strict:
+                raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
+
+    def _check(self, index: int, record: dict[str, Any]) -> bool | None:
+        """Whether the recorded item ``index`` is finished; raises if the record is not of the current item.
+
+        Returns:
+            ``True``; ``False`` if its PNG is missing; ``None`` if the PNG's bytes are not the ones recorded
+            (truncated, replaced, or recorded before digests were kept).
+        """
+        assert self.directory is not None
+        if index not in self._names:
+            count = len(self._names)
+            raise self._refuse(f"holds item {index}, but the data defines only {count} item{'s' * (count != 1)}")
+        image = record.get("image")
+        if record.get("fingerprint") != self._fingerprints[index] or image != self._names[index]:
+            shown = f" ({image})" if isinstance(image, str) and ITEM_FILE.fullmatch(image) else ""
+            raise self._refuse(
+                f"holds item {index}{shown} made from a different prompt, seed, style or sampler setting than now"
+            )
+        path = self.directory / self._names[index]
+        if not path.is_file():
+            return False
+        return True if record.get("sha256") == file_digest(path) else None
+
+    def _finished(self) -> tuple[dict[int, str], list[int]]:
+        """Manifest lines of the finished items by index, and the recorded items whose PNG no longer matches."""
+        assert self.directory is not None
+        manifest = self.directory / self.manifest
+        if manifest.exists() and not manifest.is_file():
+            raise NSTError(f"GenerationWriter.manifest: {manifest} exists and is not a file")
+        sources = ([(manifest, True)] if manifest.is_file() else []) + [(part, False) for part in self._parts()]
+        finished: dict[int, str] = {}
+        damaged: set[int] = set()
+        for path, strict in sources:
+            for index, record, line in self._records(path, strict):
+                status = self._check(index, record)
+                if status:
+                    finished.setdefault(index, line)
+                elif status is None:
+                    damaged.add(index)
+        return finished, sorted(damaged - finished.keys())
+
+    def _tidy(self, finished: dict[int, str]) -> None:
+        """Rank 0: make the manifest hold exactly the finished items; remove part and temporary files left over."""
+        assert self.directory is not None
+        manifest = self.directory / self.manifest
+        text = "".join(finished[index] + "\n" for index in sorted(finished))
+        # Only files of this writer's own names are touched: the manifest, which holds nothing but its records (a
+        # stranger line is refused in _finished), is rewritten, never removed; part and temporary files it made are.
+        if manifest.is_file() and manifest.read_text(encoding="utf-8", errors="replace") != text:
+            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
+        elif text and not manifest.is_file():
+            write_atomic(manifest, text.encode("utf-8"))
+        for part in self._parts():
+            part.unlink()
+        for temporary in self.directory.glob(".*.tmp"):
+            if self._temporary.fullmatch(temporary.name):
+                temporary.unlink(missing_ok=True)
+
+    # -- writing --------------------------------------------------------------------------------------------------
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Save the batch's PNGs, then append the records of those written to this rank's part file.
+
+        Failed items (``prediction["failures"]``, or an image holding NaN or infinity) are reported and skipped.
+        """
+        assert self.directory is not None
+        settings = _generation_module(pl_module).manifest_settings()
+        trajectory = prediction.get("style_loss")
+        final = prediction.get("final_style_loss")
+        nsfw = prediction.get("nsfw")
+        failures = prediction.get("failures") or [None] * len(batch["index"])
+        self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
+        lines = []
+        try:
+            for row, index in enumerate(batch["index"]):
+                name = self._names[index]
+                image = prediction["images"][row]
+                failure = failures[row]
+                if failure is None and not torch.isfinite(image).all():
+                    failure = ("model", "the image is not finite")
+                if failure is not None:
+                    key, problem = failure
+                    message = f"{key}: item {index} ({name}): {problem}"
+                    log.error(f"{message}; it is not written")
+                    self._failures.append(message)
+                    continue
+                data = _png_bytes(image)
+                # Only unfinished items reach this point, so an existing file of this name is an unrecorded leftover
+                # of an interrupted run, a PNG that no longer matched its record, or overwrite is on: replacing it
+                # loses nothing.
+                write_atomic(self.directory / name, data, overwrite=True)
+                record = GenerationRecord(
+                    index=index,
+                    image=name,
+                    sha256=hashlib.sha256(data).hexdigest(),
+                    fingerprint=self._fingerprints[index],
+                    prompt=batch["prompt"][row],
+                    base_prompt=batch["base_prompt"][row],
+                    style_prompt=batch["style_prompt"][row],
+                    negative_prompt=batch["negative_prompt"][row],
+                    seed=batch["seed"][row],
+                    style=batch["style"][row],
+                    style_digest=batch["style_digest"][row],
+                    **settings,
+                    final_style_loss=_finite(float(final[row])) if final is not None else None,
+                    style_loss=[_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
+                    timesteps=prediction["timesteps"],
+                    guided=prediction["guided"],
+                    nsfw=nsfw[row] if nsfw is not None else None,
+                    seconds_per_step=prediction["seconds_per_step"],
+                    rank=trainer.global_rank,
+                )
+                lines.append(record.to_json() + "\n")
+        except OSError as error:
+            raise NSTError(
+                f"GenerationWriter.output_dir: cannot write {self.directory / name}: {error.strerror or error}"
+            ) from None
+        finally:
+            # The items written before a failed write are recorded: a rerun keeps them.
+            if lines:
+                with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
+                    stream.write("".join(lines))
+                    stream.flush()
+                    os.fsync(stream.fileno())
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
+        if self.directory is None:
+            return
+        # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
+        # but every process tears down.
+        trainer.strategy.barrier("GenerationWriter.merge")
+        recorded = self._merge() if trainer.is_global_zero else 0
+        directory, self.directory = self.directory, None
+        failures, self._failures = self._failures, []
+        # Summed over processes (every one tears down), so each exits alike however the failed items were spread.
+        count = torch.tensor(float(len(failures)), device=trainer.strategy.root_device)  # NCCL reduces CUDA only
+        failed = int(trainer.strategy.reduce(count, reduce_op="sum").item())
+        if failed:
+            total = len(self._names)
+            key, detail = failures[0].split(": ", 1) if failures else ("GenerationWriter", "see the lines above")
+            kept = f"; the {recorded} finished are in {directory}" if recorded else ""
+            raise NSTError(
+                f"{key}: {failed} of {total} item{'s' * (total != 1)} failed with values that are not finite and were "
+                f"not written (first: {detail}){kept}; a rerun into the same folder generates only what is missing"
+            )
+
+    def _merge(self) -> int:
+        """Rank 0: write the manifest from the finished and the new records; returns how many it holds."""
+        assert self.directory is not None
+        manifest = self.directory / self.manifest
+        parts = self._parts()
+        records: dict[int, str] = {}
+        for path in ([manifest] if manifest.is_file() else []) + parts:
+            for index, _, line in self._records(path, strict=False):
+                if index in self._names and (self.directory / self._names[index]).is_file():
+                    records.setdefault(index, line)
+        if parts:
+            text = "".join(records[index] + "\n" for index in sorted(records))
+            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
+            for part in parts:
+                part.unlink()
+        new = len(records) - self._kept
+        kept = f", {self._kept} kept from an earlier run" if self._kept and new else ""
+        if records:
+            rank_zero_info(f"Results: {self.directory} ({len(records)} PNG{kept}, {self.manifest})")
+        return len(records)

@@ -1,4 +1,7 @@
-"""Style-guided Stable Diffusion end to end, on a tiny random pipeline saved to disk and run through the real CLI."""
+"""Style-guided Stable Diffusion end to end, on a tiny random pipeline saved to disk and run through the real CLI.
+
+The parts have their own modules: test_guidance.py, test_prompts.py and test_writers.py.
+"""
 
 from __future__ import annotations
 
@@ -14,23 +17,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pytest
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_nst.callbacks import DenoisingCallback, slugify
-from lightning_nst.cli import main
-from lightning_nst.errors import NSTError
-from lightning_nst.guidance import StyleGuidance, check_scheduler, decode_latents, predict_x0, rms_normalize
-from lightning_nst.images import load_image
-from lightning_nst.prompts import PromptGrid
-from lightning_nst.vgg import VGGConfig
-from tests.conftest import CONFIGS, MODELS, REPO
+from lightning_nst.diffusion import DenoisingCallback
+from lightning_nst.main import main
+from tests.conftest import CONFIGS, MODELS, REPO, cli_error
 from tests.tiny_pipeline import (
     GUIDED,
     STEPS,
-    VGG,
     build_tiny_autoencoder,
     records,
     tiny_args,
@@ -224,17 +219,6 @@ def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None
 # -- errors -----------------------------------------------------------------------------------------------------------
 
 
-def cli_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    stderr = capsys.readouterr().err.strip()
-    assert "Traceback" not in stderr
-    last = stderr.splitlines()[-1]
-    assert last.startswith("lightning-nst: error: ")
-    return last
-
-
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -244,17 +228,24 @@ def cli_error(capsys: pytest.CaptureFixture[str], args: list[str]) -> str:
         ("--model.model=nobody/no-such-pipeline", "pass a local folder instead"),
         ("--model.guidance.init_args.decoder=tiny", "model.guidance.decoder: 'tiny' needs model.tiny_vae"),
         ("--data.prompts=[]", "data.prompts: the list of prompts is empty"),
+        # Found when the run sets up (the trunk is built then, not while the config is read), still before any output.
+        ("--model.guidance.init_args.vgg.weights=missing.pth", "model.guidance.vgg.weights: weights file not found"),
+        # Literal types: the parser's own message names the key (no hand check repeats it).
+        ("--model.dtype=float8", "model.dtype: expected typing.Literal['auto', 'float32', 'float16', 'bfloat16']"),
+        ("--model.guidance.init_args.decoder=big", "model.guidance.decoder: expected typing.Literal['auto', 'vae'"),
+        ("--model.guidance.init_args.statistic=median", "model.guidance.statistic: expected typing.Literal"),
     ],
 )
 def test_bad_input_gives_one_line_error(
-    pipeline_dir: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str
+    pipeline_dir: Path, capfd: pytest.CaptureFixture[str], override: str, expected: str
 ) -> None:
-    assert expected in cli_error(capsys, tiny_args(pipeline_dir, "bad", override))
+    message = cli_error(capfd, tiny_args(pipeline_dir, "bad", override))
+    assert message.startswith("lightning-nst: error: ") and expected in message
     assert not list(Path("logs").glob("bad/version_*"))  # no run folder left behind looking like a result
 
 
 def test_unsupported_pipeline_scheduler_is_named(
-    pipeline_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     euler = tmp_path / "euler-pipeline"
     shutil.copytree(pipeline_dir, euler)
@@ -262,156 +253,6 @@ def test_unsupported_pipeline_scheduler_is_named(
     index.write_text(
         json.dumps({**json.loads(index.read_text()), "scheduler": ["diffusers", "EulerDiscreteScheduler"]})
     )
-    message = cli_error(capsys, tiny_args(euler, "euler", "--model.scheduler=pipeline"))
+    message = cli_error(capfd, tiny_args(euler, "euler", "--model.scheduler=pipeline"))
     assert "model.scheduler: EulerDiscreteScheduler is not supported" in message
     assert not Path("logs", "euler").exists() or not any(Path("logs", "euler").iterdir())
-
-
-# -- units ----------------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("scheduler_class", [DDIMScheduler, DDPMScheduler])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_predict_x0_matches_the_scheduler(scheduler_class: type, prediction_type: str) -> None:
-    scheduler = scheduler_class(beta_schedule="scaled_linear", prediction_type=prediction_type, clip_sample=False)
-    scheduler.set_timesteps(10)
-    generator = torch.Generator().manual_seed(0)
-    sample, output = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
-    for t in scheduler.timesteps[[0, 5, -1]]:
-        expected = scheduler.step(output, t, sample, generator=generator).pred_original_sample
-        torch.testing.assert_close(predict_x0(scheduler, output, sample, t), expected)
-
-
-def test_only_ddim_and_ddpm_are_accepted() -> None:
-    check_scheduler(DDIMScheduler())
-    with pytest.raises(NSTError, match="EulerDiscreteScheduler is not supported"):
-        check_scheduler(EulerDiscreteScheduler())
-
-
-class _Pipeline:
-    """What the guidance callback needs from its pipeline: a scheduler, decoders and the step count."""
-
-    def __init__(self) -> None:
-        torch.manual_seed(0)
-        self.vae = AutoencoderKL(
-            block_out_channels=[4, 8],
-            down_block_types=["DownEncoderBlock2D"] * 2,
-            up_block_types=["UpDecoderBlock2D"] * 2,
-            latent_channels=4,
-            norm_num_groups=2,
-        ).requires_grad_(False)
-        self.tiny_vae = None
-        self.scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False)
-        self.scheduler.set_timesteps(10)
-        self.num_timesteps = 10
-
-
-def test_one_guided_step_lowers_the_style_loss_of_x0() -> None:
-    pipeline = _Pipeline()
-    guidance = StyleGuidance(scale=0.05, guidance_size=32, layers=["relu1_1", "relu2_1"], vgg=VGGConfig(VGG))
-    guidance.set_styles([load_image("skimage:immunohistochemistry", 64)])
-    generator = torch.Generator().manual_seed(0)
-    latents, noise = torch.randn(2, 4, 16, 16, generator=generator), torch.randn(2, 4, 16, 16, generator=generator)
-    t = pipeline.scheduler.timesteps[5]
-    kwargs = {"latents": latents, "noise_pred": noise, "style_index": torch.tensor([0, 0])}
-    with torch.no_grad():  # as in Lightning's predict loop: the callback must enable gradients itself
-        out = guidance(pipeline, 5, t, kwargs)
-        after = guidance.style_loss(
-            decode_latents(pipeline.vae, predict_x0(pipeline.scheduler, out["noise_pred"], latents, t)),
-            kwargs["style_index"],
-        )
-    # Measured after/before: 0.83 and 0.84 with the real weights, 0.948 and 0.952 with random ones.
-    assert out["guided"] and (after < out["style_loss"]).all()
-    correction = (noise - out["noise_pred"]) / 0.05
-    torch.testing.assert_close(correction.square().flatten(1).mean(1).sqrt(), torch.ones(2))  # unit RMS per sample
-    assert out["x0_image"].shape == (2, 3, 32, 32)
-    assert not any(parameter.grad is not None for parameter in pipeline.vae.parameters())
-
-
-@pytest.mark.parametrize("magnitude", [1e-20, 1e-6, 1.0, 1e20])
-def test_rms_normalize_gives_unit_rms_per_sample_at_any_scale(magnitude: float) -> None:
-    # The style gradient is ~1e-12 on random VGG weights; its correction must still be a unit step, not 1e-12/eps.
-    gradient = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    gradient = gradient * torch.tensor([magnitude, 1.0, 0.0]).view(-1, 1, 1, 1)
-    out = rms_normalize(gradient)
-    torch.testing.assert_close(out[:2].square().flatten(1).mean(1).sqrt(), torch.ones(2))
-    exact = gradient[0].double() / gradient[0].double().square().mean().sqrt()
-    torch.testing.assert_close(out[0].double(), exact, rtol=1e-5, atol=1e-6)  # the direction is kept
-    assert out.dtype == gradient.dtype and not out[2].any()  # an all-zero gradient stays zero, not NaN
-
-
-def test_window_and_every_k_choose_the_guided_steps() -> None:
-    guidance = StyleGuidance(window=(0.2, 0.8), every_k=2, layers=["relu1_1"], vgg=VGGConfig("random"))
-    assert [step for step in range(10) if guidance.is_active(step, 10)] == [2, 4, 6]
-    assert not any(
-        StyleGuidance(scale=0, layers=["relu1_1"], vgg=VGGConfig("random")).is_active(s, 10) for s in range(10)
-    )
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"window": (0.5, 0.2)}, "model.guidance.window"),
-        ({"every_k": 0}, "model.guidance.every_k"),
-        ({"layers": ["relu9_9"]}, "model.guidance.layers: unknown VGG19 layer 'relu9_9'"),
-        (
-            {"guidance_size": 8, "layers": ["relu5_1"]},
-            "model.guidance.guidance_size: 8 px is too small for layer relu5_1",
-        ),
-        ({"statistic": "median"}, "model.guidance.statistic"),
-    ],
-)
-def test_guidance_options_are_checked(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(NSTError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        StyleGuidance(**{"vgg": VGGConfig("random"), **kwargs})
-
-
-# -- data and file names --------------------------------------------------------------------------------------------
-
-
-def test_prompt_grid_expands_prompts_styles_and_seeds(tmp_path: Path) -> None:
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a cat\n\n  a dog  \n")
-    grid = PromptGrid(
-        prompts=["a fox"],
-        prompts_file=str(prompts),
-        seeds=[3, 4],
-        style=["skimage:brick", "skimage:grass"],
-        style_prompts=["in brick", "in grass"],
-    )
-    grid.setup("predict")
-    items = grid.items
-    assert len(items) == 3 * 2 * 2 and [item.index for item in items] == list(range(12))
-    assert [(item.base_prompt, item.style_index, item.seed) for item in items[:4]] == [
-        ("a fox", 0, 3),
-        ("a fox", 0, 4),
-        ("a fox", 1, 3),
-        ("a fox", 1, 4),
-    ]
-    assert items[-1].prompt == "a dog, in grass" and items[-1].style == "skimage:grass"
-    assert len(grid.style_images) == 2 and grid.style_images[0].shape[:2] == (1, 3)
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"prompts": []}, "data.prompts: the list of prompts is empty"),
-        ({"prompts": ["a"], "style": []}, "data.style: the list of style images is empty"),
-        ({"prompts": ["a"], "style": ["nope.png"]}, "data.style[0]: image file not found"),
-        ({"prompts": ["a"], "seeds": []}, "data.seeds: the list of seeds is empty"),
-        ({"prompts": ["a"], "style": ["skimage:brick"], "style_prompts": []}, "data.style_prompts: give one entry"),
-        ({"prompts_file": "missing.txt"}, "data.prompts_file: file not found"),
-    ],
-)
-def test_prompt_grid_errors_name_the_key(kwargs: dict[str, Any], message: str) -> None:
-    with pytest.raises(NSTError) as error:
-        PromptGrid(**kwargs).setup("predict")
-    assert message in str(error.value)
-
-
-def test_file_names_from_prompts_are_safe() -> None:
-    assert slugify("../../etc/passwd") == "etc-passwd"
-    assert slugify("Crème brûlée / at noon") == "creme-brulee-at-noon"
-    assert slugify("日本語") == "image"
-    long = slugify("word " * 100)
-    assert len(long) <= 40 and not long.endswith("-")

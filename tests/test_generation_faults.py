@@ -22,7 +22,7 @@ import yaml
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from tests.conftest import cli_error
 from tests.tiny_pipeline import REPO, batch_args, records
 

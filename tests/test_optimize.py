@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from tests.conftest import CONFIGS
 
 RECONSTRUCTION = Objective("conv1_1", content_layers=["conv1_1"])

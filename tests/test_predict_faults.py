@@ -11,10 +11,9 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from lightning_nst.callbacks import DenoisingCallback
-from lightning_nst.cli import main
-from lightning_nst.diffusion import GuidedDiffusion
+from lightning_nst.diffusion import DenoisingCallback, GuidedDiffusion
 from lightning_nst.errors import NSTError
+from lightning_nst.main import main
 from lightning_nst.outputs import file_digest
 from tests.conftest import cli_error
 from tests.tiny_pipeline import batch_args, records, tiny_args

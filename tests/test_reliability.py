@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_nst.cli import main
+from lightning_nst.main import main
 from tests.conftest import CONFIGS, REPO
 
 TOY = ["--data.init_args.size=32", "--trainer.max_steps=10", "--model.init_args.vgg.weights=random"]

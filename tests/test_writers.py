@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -12,13 +16,18 @@ import torch
 from PIL import Image
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, StyleDistance, VGGConfig
-from lightning_nst.cli import main
+from lightning_nst.diffusion import GuidedDiffusion
 from lightning_nst.errors import NSTError
+from lightning_nst.guidance import StyleGuidance
 from lightning_nst.losses import StyleLoss
-from lightning_nst.outputs import FitSummary, file_digest
+from lightning_nst.main import main
+from lightning_nst.outputs import MANIFEST, FitSummary, GenerationRecord, file_digest, preview_file, read_manifest
+from lightning_nst.prompts import GenerationItem, PromptGrid
 from lightning_nst.vgg import layer_weights
+from lightning_nst.writers import GenerationWriter
 from tests.conftest import CONFIGS
 from tests.test_outputs import OBJECTIVE_KEYS, SUMMARY_KEYS
+from tests.tiny_pipeline import REPO, batch_args, tiny_args
 
 # -- fit: ImageWriter ---------------------------------------------------------------------------------------------
 
@@ -149,3 +158,124 @@ def test_restricted_types_are_refused_naming_the_key(flag: str, message: str, ca
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"lightning-nst: error: {message}"), err
     assert not Path("logs").exists()
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The keys of a manifest line, in order, as written before the records were typed: readers of earlier folders rely
+# on them.
+MANIFEST_KEYS = [
+    "index",
+    "image",
+    "sha256",
+    "fingerprint",
+    "prompt",
+    "base_prompt",
+    "style_prompt",
+    "negative_prompt",
+    "seed",
+    "style",
+    "style_digest",
+    "model",
+    "scheduler",
+    "num_inference_steps",
+    "cfg_scale",
+    "eta",
+    "size",
+    "dtype",
+    "guidance",
+    "final_style_loss",
+    "style_loss",
+    "timesteps",
+    "guided",
+    "nsfw",
+    "seconds_per_step",
+    "rank",
+]
+
+
+def test_manifest_lines_keep_their_keys_and_previews_their_names(pipeline_dir: Path, tmp_path: Path) -> None:
+    out, previews = tmp_path / "out", tmp_path / "previews"
+    Path("callbacks.yaml").write_text(
+        "trainer:\n  callbacks:\n"
+        f"    - {{class_path: lightning_nst.callbacks.TrajectoryLogger, init_args: {{preview_every: 1, save_dir: "
+        f"{previews}}}}}\n"
+        f"    - {{class_path: lightning_nst.writers.GenerationWriter, init_args: {{output_dir: {out}}}}}\n"
+    )
+    main(tiny_args(pipeline_dir, "keys", "-c", "callbacks.yaml", "--model.num_inference_steps=2"))
+    (line,) = (out / MANIFEST).read_text(encoding="utf-8").splitlines()
+    assert list(json.loads(line)) == MANIFEST_KEYS
+    (record,) = read_manifest(out / MANIFEST)
+    assert record.to_json() == line  # the typed record reads and writes the line as it is
+    assert record.image == "00000_a-red-house-by-a-lake_0.png" and record.size == [64, 64]
+    assert record.guidance is not None and record.guidance["layers"] == ["relu1_1", "relu2_1", "relu3_1"]
+    assert sorted(path.name for path in previews.iterdir()) == [preview_file(0, 0), preview_file(0, 1)]
+
+
+def test_a_record_missing_a_key_is_named() -> None:
+    with pytest.raises(KeyError, match="rank"):
+        GenerationRecord.from_dict({key: None for key in MANIFEST_KEYS if key != "rank"})
+
+
+ITEM = GenerationItem(7, "a cat, in oil", "a cat", "blurry", 3, "skimage:brick", 0, "in oil", "skimage:brick")
+
+
+@pytest.mark.parametrize(
+    ("model", "fingerprint"),
+    [
+        (lambda: GuidedDiffusion("some/model", None, height=64, width=64, num_inference_steps=6), "243dc9f823f0e4de"),
+        (
+            lambda: GuidedDiffusion(
+                "some/model",
+                StyleGuidance(scale=0.3, layers=["relu1_1", "relu2_1"], vgg=VGGConfig("random")),
+                height=64,
+                width=64,
+                num_inference_steps=6,
+            ),
+            "86ef12a0e99b7cf1",
+        ),
+        (
+            lambda: GuidedDiffusion(
+                "some/model",
+                StyleGuidance(
+                    layers={"relu1_1": 2, "relu2_1": 1},
+                    statistic="meanvar",
+                    vgg=VGGConfig("random", pooling="avg"),
+                ),
+                dtype="bfloat16",
+                scheduler="ddpm",
+                eta=0.5,
+                cfg_scale=3.0,
+            ),
+            "645592d0ead26239",
+        ),
+    ],
+)
+def test_fingerprints_of_earlier_folders_are_unchanged(model: object, fingerprint: str) -> None:
+    # Hashes computed by the code before fingerprint_options() replaced spec(): a folder finished by an earlier version
+    # must still be recognised as finished, not refused as made with other settings.
+    module = model()  # type: ignore[operator]
+    assert ITEM.fingerprint(module.fingerprint_options()) == fingerprint
+
+
+def test_writer_refuses_a_module_it_cannot_describe(tmp_path: Path) -> None:
+    grid = PromptGrid(prompts=["a"])
+    grid.setup("predict")
+    trainer = SimpleNamespace(log_dir=str(tmp_path), datamodule=grid)
+    with pytest.raises(NSTError, match=r"^model: GenerationWriter needs a module that defines fingerprint_options"):
+        GenerationWriter().setup(trainer, L.LightningModule(), "predict")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_rerun_with_every_item_finished_runs_no_step_and_warns_nothing(pipeline_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "batch"
+    main(batch_args(pipeline_dir, out, 1))
+    before = {path.name: path.stat().st_mtime_ns for path in out.iterdir()}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "lightning_nst", *batch_args(pipeline_dir, out, 1)]
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"All 1 items in {out} are finished; nothing to generate" in rerun.stderr
+    # Lightning warns about an empty predict dataloader, which is what "nothing to generate" is here.
+    assert "Please make sure this was your intention" not in rerun.stderr, rerun.stderr
+    assert {path.name: path.stat().st_mtime_ns for path in out.iterdir()} == before

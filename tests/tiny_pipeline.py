@@ -18,7 +18,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from lightning_nst.callbacks import DenoisingCallback
+from lightning_nst.diffusion import DenoisingCallback
 
 try:
     from tests.conftest import CLIP_TOKENIZER, PARTIAL_WEIGHTS, REAL_MODELS, REPO

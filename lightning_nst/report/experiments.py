@@ -19,6 +19,7 @@ from lightning_nst.errors import NSTError
 from lightning_nst.images import SAMPLE_PREFIX, load_image, to_pil
 from lightning_nst.losses import LayerStyleLoss, Statistic
 from lightning_nst.metrics import StyleDistance
+from lightning_nst.outputs import GenerationRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
 from lightning_nst.report.folder import Report
@@ -67,12 +68,11 @@ def _fit_config(
         "vgg": asdict(s.vgg),
         "init": init,
         "init_seed": s.seed if seed is None else seed,
-        "snapshot_every": 0,
-        "save_every": save_every,
     }
+    writer = {"class_path": "lightning_nst.ImageWriter", "init_args": {"snapshot_every": 0, "save_every": save_every}}
     return run_config(
         shipped,
-        report.trainer(run, max_steps=s.steps, enable_checkpointing=False),
+        report.trainer(run, max_steps=s.steps, enable_checkpointing=False, callbacks=[writer]),
         model={"init_args": model},
         data={"init_args": {**data, "size": s.size}},
     )
@@ -123,9 +123,9 @@ def reconstruction(settings: ReportSettings) -> Path:
                 {"content": settings.content},
             ),
         )
-        objective = summary["objectives"][layer]
+        objective = summary.objectives[layer]
         results[layer] = objective
-        metrics, initial, final = objective["metrics"], objective["initial_loss"]["total"], objective["final_loss"]
+        metrics, initial, final = objective.metrics, objective.initial_loss["total"], objective.final_loss
         rows.append(
             [
                 layer,
@@ -152,7 +152,7 @@ def reconstruction(settings: ReportSettings) -> Path:
         row, note = [], []
         for kind in kinds:
             layer = next((name for name in layers if name.startswith(kind) and conv_depth(name) == depth), None)
-            row.append(_open(report.run_dir(layer) / f"{layer}.png") if layer else None)
+            row.append(_open(report.run_dir(layer) / result_file(layer)) if layer else None)
             note.append(f"{layer} {results[layer]['metrics']['psnr']:.1f} dB" if layer else "")
         cells.append(row)
         notes.append(note)
@@ -290,16 +290,16 @@ def texture_layers(settings: ReportSettings) -> Path:
         _, curves[name] = report.scalars(name, f"{name}/total")
         real = sum(layer in report.features.pretrained_layers for layer in layers)
         reached = _steps_to(curves[name], settings.fraction)
-        objective = summary["objectives"][name]
-        result = report.run_dir(name) / f"{name}.png"
+        objective = summary.objectives[name]
+        result = report.run_dir(name) / result_file(name)
         image = _open(result)
         rows.append(
             [
                 name,
                 f"{real}/{len(layers)} real",
-                objective["initial_loss"]["total"],
-                objective["final_loss"]["total"],
-                objective["final_loss"]["total"] / objective["initial_loss"]["total"],
+                objective.initial_loss["total"],
+                objective.final_loss["total"],
+                objective.final_loss["total"] / objective.initial_loss["total"],
                 reached if reached is not None else f"> {len(curves[name]) - 1}",
                 spectrum_distance(image, texture),
                 colour_distance(image, texture),
@@ -316,8 +316,8 @@ def texture_layers(settings: ReportSettings) -> Path:
          "spectrum distance (held out)", "colour distance (held out)", "conv1-16 Gram loss (conv1-16's objective)"],
         rows,
     )  # fmt: skip
-    cells = [[texture] + [_open(report.run_dir(name) / f"{name}.png") for name in CUMULATIVE]]
-    cells.append([None] + [_open(report.run_dir(name) / f"{name}.png") for name in SINGLE])
+    cells = [[texture] + [_open(report.run_dir(name) / result_file(name)) for name in CUMULATIVE]]
+    cells.append([None] + [_open(report.run_dir(name) / result_file(name)) for name in SINGLE])
     notes = [["texture", *CUMULATIVE], ["", *SINGLE]]
     report.figure(
         "textures.png",
@@ -439,12 +439,12 @@ def gram_vs_meanvar(settings: ReportSettings) -> Path:
             config = _fit_config(report, run, f"texture_{statistic}", [objective], {"style": [source]}, seed=seed)
             summary = report.fit(run, config, seed=seed)
             _, curve = report.scalars(run, f"{statistic}/total")
-            image = _open(report.run_dir(run) / f"{statistic}.png")
+            image = _open(report.run_dir(run) / result_file(statistic))
             results[texture, seed][statistic] = {
                 "image": image,
                 "colour": colour_statistics(image),
                 "curve": curve,
-                "seconds": summary["seconds_per_step_after_first"] or summary["seconds_per_step"],
+                "seconds": summary.seconds_per_step_after_first or summary.seconds_per_step,
             }
     first = settings.seeds[0]
     report.figure(
@@ -582,7 +582,7 @@ def _generation_config(
             "save_dir": str(report.run_dir(run) / "x0"),
         },
     }
-    writer = {"class_path": "lightning_nst.callbacks.GenerationWriter", "init_args": {"output_dir": None}}
+    writer = {"class_path": "lightning_nst.writers.GenerationWriter", "init_args": {"output_dir": None}}
     # Gram, whatever the shipped config says: the report's tables compare Gram style losses.
     guidance = {"scale": scale, "guidance_size": s.guidance_size, "layers": s.style_layers, "statistic": "gram"}
     guidance["vgg"] = asdict(s.vgg)
@@ -606,7 +606,7 @@ def _generation_config(
     )
 
 
-def _generate(report: Report, run: str, **kwargs: Any) -> dict[str, Any]:
+def _generate(report: Report, run: str, **kwargs: Any) -> GenerationRecord:
     (record,) = report.predict(run, _generation_config(report, run, **kwargs))
     return record
 
@@ -621,7 +621,7 @@ def guided_vs_nst(settings: ReportSettings) -> Path:
     nst_steps = sorted({round(f * settings.steps) for f in fractions})
     guided = _generate(report, "guided", scale=settings.guidance_scale, preview_steps=sample_steps)
     plain = _generate(report, "plain", scale=0.0)
-    plain_image = report.run_dir("plain") / plain["image"]
+    plain_image = report.run_dir("plain") / plain.image
     save_every = math.gcd(settings.steps, *nst_steps)
     for statistic in ("gram", "meanvar"):
         objective = {**_style_objective(statistic, layers, statistic, settings), "content_layers": content}
@@ -645,18 +645,18 @@ def guided_vs_nst(settings: ReportSettings) -> Path:
     cells, notes, labels, rows = [], [], [], []
     for index, fraction in enumerate(fractions):
         step, nst_step = round(fraction * settings.sampling_steps), round(fraction * settings.steps)
-        x0 = report.run_dir("guided") / "x0" / f"{guided['index']:05d}_x0_{step:03d}.png"
-        snaps = [report.run_dir(f"nst_{s}") / "steps" / f"{s}_{nst_step:05d}.png" for s in ("gram", "meanvar")]
+        x0 = report.run_dir("guided") / "x0" / preview_file(guided.index, step)
+        snaps = [report.run_dir(f"nst_{s}") / step_file(s, nst_step) for s in ("gram", "meanvar")]
         losses = [gram(path) for path in (x0, *snaps)]
-        t = guided["timesteps"][step] if step < len(guided["timesteps"]) else "end"
+        t = guided.timesteps[step] if step < len(guided.timesteps) else "end"
         cells.append([_open(path) for path in (x0, *snaps)])
         notes.append([f"L={value:.3g}" for value in losses])
         labels.append(f"{index}: step {step} / NST {nst_step}")
         rows.append([f"{step} (t={t})", losses[0], nst_step, losses[1], losses[2]])
     finals = {
-        "guided": report.run_dir("guided") / guided["image"],
-        "NST Gram": report.run_dir("nst_gram") / "gram.png",
-        "NST mean/var": report.run_dir("nst_meanvar") / "meanvar.png",
+        "guided": report.run_dir("guided") / guided.image,
+        "NST Gram": report.run_dir("nst_gram") / result_file("gram"),
+        "NST mean/var": report.run_dir("nst_meanvar") / result_file("meanvar"),
         "plain sample": plain_image,
     }
     final_losses = {name: {s: meter(path) for s, meter in meters.items()} for name, path in finals.items()}
@@ -702,24 +702,21 @@ def guided_vs_prompt(settings: ReportSettings) -> Path:
         "prompt-only": _generate(report, "prompt_only", scale=0.0, style_prompt=settings.style_prompt, preview_every=1),
     }
     runs = {"guided": "guided", "prompt-only": "prompt_only"}
-    timesteps = records["guided"]["timesteps"]
+    timesteps = records["guided"].timesteps
     chosen: dict[int, int] = {}  # step -> the first timestep asked for that it is nearest to
     for target in settings.timesteps:
         chosen.setdefault(min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - target)), target)
     cells, notes, labels, rows = [], [], [], []
     for step, target in chosen.items():
-        losses = [records[name]["style_loss"][step] for name in records]
+        losses = [records[name].style_loss[step] for name in records]
         cells.append(
-            [
-                _open(report.run_dir(runs[name]) / "x0" / f"{records[name]['index']:05d}_x0_{step:03d}.png")
-                for name in records
-            ]
+            [_open(report.run_dir(runs[name]) / "x0" / preview_file(records[name].index, step)) for name in records]
         )
         notes.append([f"L={value:.3g}" for value in losses])
         labels.append(f"t={timesteps[step]}")
         rows.append([target, f"{timesteps[step]} (step {step})", *losses])
-    finals = [records[name]["final_style_loss"] for name in records]
-    cells.append([_open(report.run_dir(runs[name]) / records[name]["image"]) for name in records])
+    finals = [records[name].final_style_loss for name in records]
+    cells.append([_open(report.run_dir(runs[name]) / records[name].image) for name in records])
     notes.append([f"L={value:.3g}" for value in finals])
     labels.append("final")
     rows.append(["final image", "", *finals])
@@ -727,7 +724,7 @@ def guided_vs_prompt(settings: ReportSettings) -> Path:
         "guided_vs_prompt.png",
         image_table(cells, ["guided", "prompt-only"], labels, notes),
         f"x0 previews of '{settings.prompt}' (seed {settings.seed}): style guidance (scale {settings.guidance_scale}) "
-        f"against the prompt '{records['prompt-only']['prompt']}'",
+        f"against the prompt '{records['prompt-only'].prompt}'",
         [
             f"L: Gram style loss over {', '.join(layers)} at {settings.guidance_size} px against {settings.style}",
             f"Stable Diffusion pipeline: {settings.model}",
@@ -748,7 +745,7 @@ def guided_vs_prompt(settings: ReportSettings) -> Path:
             else "(the prompt alone matches it as well)."
         )
     )
-    series = [Series(name, range(len(record["style_loss"])), record["style_loss"]) for name, record in records.items()]
+    series = [Series(name, range(len(record.style_loss)), record.style_loss) for name, record in records.items()]
     report.figure(
         "style_loss_by_step.png",
         line_plot(series, "sampling step", "style loss of x0", log_y=True),

@@ -16,7 +16,15 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from lightning_nst import cli
 from lightning_nst.errors import NSTError
 from lightning_nst.images import save_image, write_atomic
-from lightning_nst.outputs import check_output_dir, file_digest
+from lightning_nst.outputs import (
+    MANIFEST,
+    SUMMARY,
+    FitSummary,
+    GenerationRecord,
+    check_output_dir,
+    file_digest,
+    read_manifest,
+)
 from lightning_nst.report.figures import captioned
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import VGG19Features
@@ -33,14 +41,13 @@ def _inside(name: object) -> bool:
 def _damaged_outputs(out: Path, done: str) -> str | None:
     """The first output of a finished run that is missing or differs from the sha256 its run recorded, if any."""
     try:
-        if done == "summary.json":
-            summary = json.loads((out / done).read_text(encoding="utf-8"))
-            recorded = [(item["output"], item.get("sha256")) for item in summary["objectives"].values()]
-            recorded.append((summary["grid"], summary.get("grid_sha256")))
+        if done == SUMMARY:
+            summary = FitSummary.read(out)
+            recorded = [(item.output, item.sha256) for item in summary.objectives.values()]
+            recorded.append((summary.grid, summary.grid_sha256))
         else:
-            lines = (out / done).read_text(encoding="utf-8").splitlines()
-            recorded = [(record["image"], record.get("sha256")) for record in map(json.loads, lines)]
-    except (OSError, ValueError, KeyError, TypeError):
+            recorded = [(record.image, record.sha256) for record in read_manifest(out / done)]
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, not JSON, or not of this version's records
         return done
     for name, digest in recorded:
         if digest is None or not (out / name).is_file() or file_digest(out / name) != digest:
@@ -217,21 +224,18 @@ class Report:
             raise NSTError(f"{path}: the run ended without writing {out / done}")
         return out
 
-    def fit(self, run: str, config: dict[str, Any], seed: int | None = None) -> dict[str, Any]:
+    def fit(self, run: str, config: dict[str, Any], seed: int | None = None) -> FitSummary:
         """Run ``lightning-nst fit`` on ``config`` (once) and return its ``summary.json``.
 
         ``seed`` seeds everything in the run; the settings' ``seed`` by default.
         """
         seed = self.settings.seed if seed is None else seed
-        out = self._run("fit", run, {"seed_everything": seed, **config}, "summary.json")
-        return json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        return FitSummary.read(self._run("fit", run, {"seed_everything": seed, **config}, SUMMARY))
 
-    def predict(self, run: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    def predict(self, run: str, config: dict[str, Any]) -> list[GenerationRecord]:
         """Run ``lightning-nst predict`` on ``config`` (once) and return its manifest's records."""
         config = {"seed_everything": self.settings.seed, "return_predictions": False, **config}
-        out = self._run("predict", run, config, "predictions.jsonl")
-        lines = (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines]
+        return read_manifest(self._run("predict", run, config, MANIFEST) / MANIFEST)
 
     def scalars(self, run: str, tag: str) -> tuple[list[int], list[float]]:
         """Steps and values of a TensorBoard scalar of run ``run``."""
