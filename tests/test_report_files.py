@@ -154,7 +154,8 @@ def test_run_configs_are_the_shipped_configs_with_the_reports_settings(tmp_path:
     assert fit["model"]["init_args"]["optimizer"] == texture["model"]["init_args"]["optimizer"]
     assert fit["model"]["init_args"]["objectives"] == objective and fit["data"]["init_args"]["size"] == 32
     assert fit["trainer"]["logger"]["init_args"]["save_dir"] == str(report.folder / "runs")
-    assert "callbacks" not in fit["trainer"]  # the shipped ModelCheckpoint is the user's, not the report's
+    # The shipped ModelCheckpoint is the user's, not the report's: the report's run keeps only its writer.
+    assert [callback["class_path"] for callback in fit["trainer"]["callbacks"]] == ["lightning_nst.ImageWriter"]
     for style_prompt, name in ((None, "guided_diffusion"), ("in oils", "prompt_only_diffusion")):
         generation = experiments._generation_config(report, "g", 0.5, style_prompt=style_prompt)["model"]["init_args"]
         model = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["init_args"]

@@ -19,7 +19,7 @@ from lightning_nst.errors import NSTError
 from lightning_nst.images import SAMPLE_PREFIX, load_image, to_pil
 from lightning_nst.losses import LayerStyleLoss, Statistic
 from lightning_nst.metrics import StyleDistance
-from lightning_nst.outputs import GenerationRecord, preview_file, result_file, step_file
+from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
 from lightning_nst.report.folder import Report
@@ -111,7 +111,8 @@ def reconstruction(settings: ReportSettings) -> Path:
     """Reconstruct the content image from noise at each layer; PSNR and SSIM by layer."""
     layers = check_layers(settings.layers or list(LAYER_NAMES), "layers")
     report = Report("reconstruction", "Content reconstruction by layer", settings, layers)
-    rows, results = [], {}
+    rows: list[list[Any]] = []
+    results: dict[str, ObjectiveRecord] = {}
     for layer in layers:
         summary = report.fit(
             layer,
@@ -153,7 +154,7 @@ def reconstruction(settings: ReportSettings) -> Path:
         for kind in kinds:
             layer = next((name for name in layers if name.startswith(kind) and conv_depth(name) == depth), None)
             row.append(_open(report.run_dir(layer) / result_file(layer)) if layer else None)
-            note.append(f"{layer} {results[layer]['metrics']['psnr']:.1f} dB" if layer else "")
+            note.append(f"{layer} {results[layer].metrics['psnr']:.1f} dB" if layer else "")
         cells.append(row)
         notes.append(note)
     report.figure(
@@ -166,7 +167,7 @@ def reconstruction(settings: ReportSettings) -> Path:
             Series(
                 kind,
                 [conv_depth(layer) for layer in layers if layer.startswith(kind)],
-                [results[layer]["metrics"][metric] for layer in layers if layer.startswith(kind)],
+                [results[layer].metrics[metric] for layer in layers if layer.startswith(kind)],
             )
             for kind in kinds
         ]
@@ -179,9 +180,9 @@ def reconstruction(settings: ReportSettings) -> Path:
     return report.write()
 
 
-def _reconstruction_claims(report: Report, layers: list[str], results: dict[str, Any]) -> None:
-    ssim = {layer: results[layer]["metrics"]["ssim"] for layer in layers}
-    psnr = {layer: results[layer]["metrics"]["psnr"] for layer in layers}
+def _reconstruction_claims(report: Report, layers: list[str], results: dict[str, ObjectiveRecord]) -> None:
+    ssim = {layer: results[layer].metrics["ssim"] for layer in layers}
+    psnr = {layer: results[layer].metrics["psnr"] for layer in layers}
     shallow, deep = min(layers, key=layer_index), max(layers, key=layer_index)
     lines = [
         "## The study's claims on these weights",
