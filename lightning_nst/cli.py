@@ -33,7 +33,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import preflight
 from lightning_nst.errors import NSTError, StoppedBySignal
+from lightning_nst.optimize import ImageOptimization
 from lightning_nst.outputs import source_digest
+from lightning_nst.writers import ImageWriter
 from lightning_nst.yaml_checks import check_yaml_files
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -91,6 +93,11 @@ class NSTCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:  # noqa: D102
         super().after_instantiate_classes()
+        if self.subcommand == "fit" and isinstance(self.model, ImageOptimization):
+            # The module computes, a writer writes, as on predict; a config that lists no writer gets the default
+            # one. Before the clean-up callback: on an error the writer keeps the last finite images first.
+            if not any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
+                self.trainer.callbacks.append(ImageWriter())
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
         if self.subcommand is not None:

@@ -147,8 +147,9 @@ class ImageOptimization(L.LightningModule):
     stopped. The result of each objective is the best image seen (lowest total loss), not the last one. Content and
     style targets are computed once at the start of fitting.
 
-    The module computes and never writes files: :class:`lightning_nst.writers.ImageWriter` writes the results, and
-    is attached by default when the trainer has none (see :meth:`configure_callbacks`). The VGG trunk is built in
+    The module computes and never writes files: a :class:`lightning_nst.writers.ImageWriter` in the trainer's
+    callbacks writes the results (``lightning-nst fit`` adds one when the config lists none; a trainer built in
+    Python writes only what its own callbacks write, and :meth:`results` returns the images). The VGG trunk is built in
     :meth:`configure_model`, which Lightning calls before restoring a checkpoint; used outside a trainer, the module
     builds it on the first call of :meth:`objective_loss`.
 
@@ -236,14 +237,6 @@ class ImageOptimization(L.LightningModule):
         """Build the frozen VGG19 trunk for the objectives' layers (once)."""
         if self.vgg is None:
             self.vgg = self.vgg_config.build(self.layers, key="model.vgg")
-
-    def configure_callbacks(self) -> list[L.Callback]:
-        """An :class:`~lightning_nst.writers.ImageWriter` with its defaults, unless the trainer has one."""
-        from lightning_nst.writers import ImageWriter  # writers imports this module
-
-        if any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
-            return []
-        return [ImageWriter()]
 
     def _take_targets_from_data_module(self) -> tuple[int, int]:
         """Copy the target images, their digests and sizes from the trainer's ImageTargets; return the image shape.

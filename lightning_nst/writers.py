@@ -51,9 +51,9 @@ from lightning_nst.prompts import PromptGrid
 class ImageWriter(L.Callback):
     """Write what :class:`~lightning_nst.ImageOptimization` computes: result PNGs, a grid, ``summary.json``.
 
-    :class:`~lightning_nst.ImageOptimization` attaches one with these defaults when the trainer has none; the
-    shipped configs list it as the last callback, so ``--trainer.callbacks.init_args.output_dir DIR`` sets its
-    folder, as for ``predict``'s writer. File names are those of :mod:`lightning_nst.outputs`.
+    ``lightning-nst fit`` adds one with these defaults when the config lists none; the shipped configs list it as
+    the last callback, so ``--trainer.callbacks.init_args.output_dir DIR`` sets its folder, as for ``predict``'s
+    writer. File names are those of :mod:`lightning_nst.outputs`.
 
     It refuses to start when result files exist in the folder (unless ``overwrite``), saves step snapshots and logs
     TensorBoard images while the run goes on, and keeps each objective's last finite image as

@@ -47,12 +47,20 @@ def targets() -> ImageTargets:
     return ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=32)
 
 
-def test_a_writer_is_attached_by_default_and_the_module_writes_nothing_itself(tmp_path: Path) -> None:
+def test_the_cli_adds_a_writer_and_the_module_writes_nothing_itself(tmp_path: Path) -> None:
+    # The CLI adds the default writer to a config that lists none.
+    main(["fit", "-c", str(CONFIGS / "texture_gram.yaml"), *TOY, "--trainer.callbacks=[]", "--trainer.logger=false",
+          f"--trainer.default_root_dir={tmp_path / 'cli'}", "--trainer.max_steps=2"])  # fmt: skip
+    assert FitSummary.read(tmp_path / "cli").objectives["gram"].output == "gram.png"
+
+    # A trainer built in Python without a writer writes nothing; the results are the module's to return.
     model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
-    fit = trainer(tmp_path / "default")
+    fit = trainer(tmp_path / "bare")
     fit.fit(model, targets())
-    assert [type(callback) for callback in fit.callbacks].count(ImageWriter) == 1
-    assert FitSummary.read(tmp_path / "default").objectives["t"].output == "t.png"
+    assert not any(isinstance(callback, ImageWriter) for callback in fit.callbacks)
+    assert not (tmp_path / "bare").exists() or not any((tmp_path / "bare").rglob("*.png"))
+    (result,) = model.results()
+    assert result.image.shape[:2] == (1, 3) and bool(result.image.isfinite().all())
 
     # A trainer's own writer is used as given, not joined by a second one.
     writer = ImageWriter(output_dir=str(tmp_path / "mine"), snapshot_every=0)
@@ -75,7 +83,7 @@ def test_the_reported_style_distance_is_the_metrics_from_scratch(
     monkeypatch.setattr(StyleLoss, "__init__", counted)
     model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
     data = targets()
-    trainer(tmp_path).fit(model, data)
+    trainer(tmp_path, callbacks=[ImageWriter(output_dir=str(tmp_path))]).fit(model, data)
     assert built == ["gram", "gram"]  # relu1_1 and relu2_1 once, in on_fit_start; the metric reuses them
     monkeypatch.undo()
     record = FitSummary.read(tmp_path).objectives["t"]
