@@ -413,8 +413,29 @@ def condense(message: str) -> str:
     text = re.sub(r"^Expected an? ", "expected ", text)
     if match := _OPTION.search(text):
         path, text = f"{path}.{match.group(1)}".lstrip("."), f"unknown option{f' of {cls}' if cls else ''}"
+    text = _plain_words(text)
     suffix = f" (got {given})" if given and given not in text else ""
     return f"{path}: {text}{suffix}" if path else f"{text}{suffix}"
+
+
+_RESTRICTED = re.compile(r"^Not of type (\w+): (.*)$")
+_RESTRICTIONS = {"PositiveInt": "an integer > 0", "NonNegativeInt": "an integer >= 0"}
+_LITERAL = re.compile(r"^expected typing\.Literal\[(.*)\]$")
+
+
+def _plain_words(text: str) -> str:
+    """The rule a restricted or ``Literal`` type states, in plain words and with the value given, if jsonargparse's."""
+    if match := _RESTRICTED.match(text):
+        kind, detail = match.groups()
+        rule = f"must be {_RESTRICTIONS.get(kind, kind)}"
+        if got := re.match(r"^(\S+) does not conform", detail):
+            return f"{rule} (got {got.group(1)})"
+        if got := re.search(r"invalid literal for int\(\) with base 10: (.+)$", detail):
+            return f"{rule} (got {got.group(1)})"
+        return rule
+    if match := _LITERAL.match(text):
+        return "must be one of " + ", ".join(choice.strip().strip("'\"") for choice in match.group(1).split(","))
+    return text
 
 
 COMMANDS = ("fit", "validate", "test", "predict", "report")

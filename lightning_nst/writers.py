@@ -45,6 +45,8 @@ from lightning_nst.outputs import (
 )
 from lightning_nst.prompts import PromptGrid
 
+log = logging.getLogger(__name__)
+
 # -- image optimisation (fit) ---------------------------------------------------------------------------------------
 
 
@@ -235,8 +237,6 @@ class ImageWriter(L.Callback):
         self._written = True
         rank_zero_info(f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY})")
 
-
-log = logging.getLogger(__name__)
 
 # -- predict: GenerationWriter --------------------------------------------------------------------------------------
 

@@ -150,12 +150,15 @@ def test_the_writer_flag_of_predict_sets_the_fit_folder(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("flag", "message"),
     [
-        ("--data.init_args.size=0", "data.size: Not of type PositiveInt"),
-        ("--data.init_args.style_size=-3", "data.style_size: Not of type PositiveInt"),
-        ("--trainer.callbacks.init_args.save_every=-1", "trainer.callbacks.save_every: Not of type NonNegativeInt"),
+        ("--data.init_args.size=0", "data.size: must be an integer > 0"),
+        ("--data.init_args.style_size=-3", "data.style_size: must be an integer > 0 (got -3)"),
+        (
+            "--trainer.callbacks.init_args.save_every=-1",
+            "trainer.callbacks.save_every: must be an integer >= 0 (got -1)",
+        ),
         (
             "--trainer.callbacks.init_args.snapshot_every=-1",
-            "trainer.callbacks.snapshot_every: Not of type NonNegativeInt",
+            "trainer.callbacks.snapshot_every: must be an integer >= 0 (got -1)",
         ),
     ],
 )
