@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -405,11 +405,11 @@ class GenerationWriter(BasePredictionWriter):
             elif strict:
                 raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
 
-    def _check(self, index: int, record: dict[str, Any]) -> bool | None:
-        """Whether the recorded item ``index`` is finished; raises if the record is not of the current item.
+    def _recorded_state(self, index: int, record: dict[str, Any]) -> Literal["finished", "missing", "damaged"]:
+        """What became of the recorded item ``index``; raises if the record is not of the current item.
 
         Returns:
-            ``True``; ``False`` if its PNG is missing; ``None`` if the PNG's bytes are not the ones recorded
+            ``finished``; ``missing`` if its PNG is gone; ``damaged`` if the PNG's bytes are not the ones recorded
             (truncated, replaced, or recorded before digests were kept).
         """
         assert self.directory is not None
@@ -424,8 +424,8 @@ class GenerationWriter(BasePredictionWriter):
             )
         path = self.directory / self._names[index]
         if not path.is_file():
-            return False
-        return True if record.get("sha256") == file_digest(path) else None
+            return "missing"
+        return "finished" if record.get("sha256") == file_digest(path) else "damaged"
 
     def _finished(self) -> tuple[dict[int, str], list[int]]:
         """Manifest lines of the finished items by index, and the recorded items whose PNG no longer matches."""
@@ -438,10 +438,10 @@ class GenerationWriter(BasePredictionWriter):
         damaged: set[int] = set()
         for path, strict in sources:
             for index, record, line in self._records(path, strict):
-                status = self._check(index, record)
-                if status:
+                state = self._recorded_state(index, record)
+                if state == "finished":
                     finished.setdefault(index, line)
-                elif status is None:
+                elif state == "damaged":
                     damaged.add(index)
         return finished, sorted(damaged - finished.keys())
 
