@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from lightning_nst import vgg
 from lightning_nst.errors import NSTError
 from lightning_nst.main import main
 from lightning_nst.report import Report, ReportSettings, configs, experiments
@@ -319,3 +321,26 @@ def test_a_report_shows_run_k_of_n_and_states_its_weights_once(
     report(out, "--layers=[conv1_1, relu1_1, pool1]")  # read back: the count still runs to 3
     lines = [line for line in capsys.readouterr().out.splitlines() if " run " in line]
     assert lines[2].startswith("[reconstruction] run 3/3: pool1: finished earlier")
+
+
+def test_auto_weights_that_fall_back_to_random_are_refused_or_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def offline(key: str = "model.vgg.weights") -> None:
+        raise NSTError(f"{key}: the ImageNet VGG19 weights cannot be downloaded (offline)")
+
+    monkeypatch.setattr(vgg, "_imagenet_state", offline)
+    auto = [arg.replace("--vgg.weights=random", "--vgg.weights=auto") for arg in TOY]
+    out = tmp_path / "report"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the suite makes lightning_nst's warnings errors; here they are counted
+        with pytest.raises(SystemExit):
+            main(["report", "reconstruction", *auto, "--allow_random_weights=false", f"--out={out}"])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lightning-nst: error: vgg.weights: 'auto' gives random VGG19 weights (random (seed 0")
+        assert "\n" not in err and not out.exists()
+        main(["report", "reconstruction", *auto, "--layers=[conv1_1, relu1_1]", f"--out={out}"])
+    assert [str(w.message) for w in caught if "RANDOM" in str(w.message)] == []  # not once per run, nor at all
+    assert "VGG19 weights: random (seed 0, chosen by auto: ImageNet unavailable)" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="using RANDOM weights"):  # outside a report the warning is as before
+        vgg.VGG19Features(["conv1_1"], weights="auto")

@@ -17,7 +17,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from lightning_nst.errors import NSTError, StoppedBySignal
 from lightning_nst.images import write_atomic
 from lightning_nst.report.experiments import EXPERIMENTS, run
-from lightning_nst.report.folder import Report, report_features
+from lightning_nst.report.folder import Report, report_features, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
 
 __all__ = ["EXPERIMENTS", "Report", "ReportSettings", "main", "run"]
@@ -61,7 +61,8 @@ def main(args: list[str]) -> list[Path]:
     index = root / INDEX
     if index.exists() and not _is_index(index):
         raise NSTError(f"out: {index} exists and was not written by lightning-nst report all; move it or choose --out")
-    report_features(ReportSettings(**settings), ["conv1_1"])  # random weights refused once, before any report
+    with weights_stated_once():
+        report_features(ReportSettings(**settings), ["conv1_1"])  # random weights refused once, before any report
     written, failed = [], {}
     for name in EXPERIMENTS:
         try:

@@ -22,7 +22,7 @@ from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
-from lightning_nst.report.folder import Report
+from lightning_nst.report.folder import Report, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
 
@@ -783,4 +783,5 @@ def run(experiment: str, settings: ReportSettings) -> Path:
     settings.check()
     for name in SHIPPED.get(experiment, []):
         shipped(name)  # before any run: a missing one is named at once
-    return EXPERIMENTS[experiment](settings)
+    with weights_stated_once():
+        return EXPERIMENTS[experiment](settings)

@@ -83,13 +83,22 @@ def weights_stated_once() -> Iterator[None]:
     """
     loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
     quiet = _WithoutWeightsLine()
+    shown = warnings.showwarning
+
+    # Not warnings.catch_warnings or filterwarnings: any change of the filters makes Python show again every warning
+    # it has shown once (Lightning's deprecations, say), so each report would repeat them. Replacing showwarning is
+    # the documented hook that leaves the filters alone.
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not str(message).startswith(RANDOM_WARNING):
+            shown(message, category, *args, **kwargs)
+
     for logger in loggers:
         logger.addFilter(quiet)
+    warnings.showwarning = show
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=RANDOM_WARNING)
-            yield
+        yield
     finally:
+        warnings.showwarning = shown
         for logger in loggers:
             logger.removeFilter(quiet)
 
@@ -97,11 +106,12 @@ def weights_stated_once() -> Iterator[None]:
 def report_features(settings: ReportSettings, layers: Sequence[str]) -> VGG19Features:
     """The report's VGG19 trunk for ``layers``: the weights every run of the report uses.
 
+    The random-weights warning of ``weights: auto`` is left to :func:`weights_stated_once` around the report.
+
     Raises:
         NSTError: If the weights resolve to random ones and ``allow_random_weights`` is not set.
     """
-    with weights_stated_once():
-        features = settings.vgg.build(list(layers), key="vgg")
+    features = settings.vgg.build(list(layers), key="vgg")
     if features.weights_used.startswith("random") and not settings.allow_random_weights:
         raise NSTError(
             f"vgg.weights: {settings.vgg.weights!r} gives random VGG19 weights ({features.weights_used}), on which "
@@ -296,8 +306,7 @@ class Report:
         print(f"{progress} (ETA {eta}): lightning-nst {subcommand} -c {path}", flush=True)
         started = time.monotonic()
         try:
-            with weights_stated_once():
-                cli.run([subcommand, "-c", str(path)])
+            cli.run([subcommand, "-c", str(path)])
         finally:
             self._seconds.append(time.monotonic() - started)
             # The run folder was empty or absent before the run, so everything in it now is the run's.
