@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image, ImageFilter
 
 from lightning_nst.main import main
 from lightning_nst.report.experiments import colour_distance, spectrum_distance, timing_verdict
-from lightning_nst.report.figures import Series, line_plot
+from lightning_nst.report.figures import Series, finish, line_plot, render
 from tests.conftest import MODELS
 from tests.tiny_pipeline import VGG
 
@@ -24,6 +25,7 @@ TOY = [
     "--steps=6",
     f"--vgg.weights={WEIGHTS}",
     "--vgg.fill_missing=true",
+    "--allow_random_weights=true",  # needed where ../shared is missing and WEIGHTS is random
     "--style_layers=[relu1_1, relu2_1, relu3_1]",
     "--content_layer=relu3_1",
     "--accelerator=cpu",
@@ -82,6 +84,8 @@ def test_reconstruction_table_has_a_row_per_layer_and_labels_weights() -> None:
     assert shallow > deep + 3
     for name in ("reconstructions.png", "psnr_by_layer.png", "ssim_by_layer.png"):
         assert_figure(out / name)
+    for name in ("psnr_by_layer.svg", "ssim_by_layer.svg"):
+        ElementTree.parse(out / name)
     assert sorted(path.stem for path in (out / "configs").glob("*.yaml")) == sorted(layers)
     text = (out / "report.md").read_text()
     assert "## The study's claims on these weights" in text and "conv ≈ relu" in text
@@ -163,8 +167,11 @@ def test_held_out_measures_see_what_they_claim_to() -> None:
     assert spectrum_distance(blurred, image) > 0.5  # blur removes power at high frequencies
 
 
-def test_gram_vs_meanvar_counts_each_claim_over_textures_and_seeds() -> None:
+def test_gram_vs_meanvar_counts_each_claim_over_textures_and_seeds(capsys: pytest.CaptureFixture[str]) -> None:
     out = report("gram_vs_meanvar", "--textures=[skimage:coffee, skimage:gravel]", "--seeds=[3]", "--timing_repeats=6")
+    progress = re.findall(r"^\[gram_vs_meanvar\] run (\d+)/(\d+): (\S+) \(ETA", capsys.readouterr().out, re.M)
+    assert [(k, n) for k, n, _ in progress] == [("1", "4"), ("2", "4"), ("3", "4"), ("4", "4")]
+    assert progress[3][2] == "meanvar_1-gravel_seed3"
     [(_, colours), (_, convergence), (caption, timing)] = tables(out / "report.md")
     cases = [("0-coffee", "3"), ("1-gravel", "3")]
     for rows in (colours, convergence):
@@ -217,8 +224,12 @@ def test_gram_vs_meanvar_bad_textures_or_seeds_are_one_line_before_any_run(capsy
     assert not Path("reports/gram_vs_meanvar").exists()
 
 
-def test_guided_vs_nst_table_in_the_studys_shape(pipeline_dir: Path) -> None:
+def test_guided_vs_nst_table_in_the_studys_shape(pipeline_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = report("guided_vs_nst", *diffusion(pipeline_dir))
+    printed = capsys.readouterr().out
+    progress = re.findall(r"^\[guided_vs_nst\] run (\d+/\d+): (\S+) \(ETA", printed, re.M)
+    assert progress == [("1/4", "guided"), ("2/4", "plain"), ("3/4", "nst_gram"), ("4/4", "nst_meanvar")]
+    assert printed.count("VGG19 weights:") == 1
     [(caption, steps), (_, finals)] = tables(out / "report.md")
     assert [row["sampling step"].split()[0] for row in steps] == ["0", "2", "3"]  # rows 0, 1/3 and 2/3 of 5 steps
     assert [row["NST step"] for row in steps] == ["0", "2", "4"]
@@ -247,8 +258,35 @@ def test_guided_vs_prompt_previews_at_the_studys_timesteps(pipeline_dir: Path) -
     assert_figure(out / "style_loss_by_step.png")
 
 
-def test_line_plot_skips_what_a_log_axis_cannot_show() -> None:
-    plot = line_plot(
+def test_line_plot_skips_what_a_log_axis_cannot_show_and_labels_its_ticks() -> None:
+    figure = line_plot(
         [Series("a", [0, 1, 2], [1.0, 0.0, float("nan")]), Series("b", [0, 1], [1e-3, 1e2])], "x", "y", True
     )
-    assert plot.size == (640, 400) and np.asarray(plot).std() > 5
+    finish(figure, "A plot", ["VGG19 weights: random (seed 0)"])
+    figure.canvas.draw()
+    (ax,) = figure.axes
+    assert ax.get_yscale() == "log"
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [[1.0], [1e-3, 1e2]]
+    low, high = ax.get_ylim()
+    assert low < 1e-3 and high > 1e2  # margins: no point on the frame
+    shown = [label for label in ax.get_yticklabels() if label.get_text() and low <= label.get_position()[1] <= high]
+    assert len(shown) > 2  # 1e-3 ... 1e2, a label per decade
+    assert ax.yaxis.get_minor_locator().tick_values(low, high).size > len(shown)  # minor ticks between the decades
+    line_a, line_b = ax.get_lines()
+    assert (line_a.get_marker(), line_a.get_linestyle()) != (line_b.get_marker(), line_b.get_linestyle())
+    assert [text.get_text() for text in ax.get_legend().get_texts()] == ["a", "b"]
+    assert ElementTree.fromstring(render(figure, "svg")).tag == "{http://www.w3.org/2000/svg}svg"
+    assert render(figure, "png").startswith(b"\x89PNG")
+
+
+def test_a_narrow_log_axis_still_has_labelled_ticks() -> None:
+    figure = line_plot([Series("loss", range(100), [0.5 + 0.004 * i for i in range(100)])], "step", "loss", True)
+    figure.canvas.draw()
+    (ax,) = figure.axes
+    low, high = ax.get_ylim()
+    shown = [
+        label
+        for label in ax.yaxis.get_ticklabels(which="both")
+        if label.get_text() and low <= label.get_position()[1] <= high
+    ]
+    assert len(shown) > 2  # within one decade: the minor ticks carry the labels

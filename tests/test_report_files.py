@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
+import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
+from lightning_nst import vgg
 from lightning_nst.errors import NSTError
 from lightning_nst.main import main
 from lightning_nst.report import Report, ReportSettings, configs, experiments
@@ -23,6 +29,7 @@ TOY = [
     "--size=32",
     "--steps=3",
     "--vgg.weights=random",
+    "--allow_random_weights=true",
     "--layers=[conv1_1]",
     "--accelerator=cpu",
     "--progress_bar=false",
@@ -48,6 +55,12 @@ def test_overwrite_removes_only_the_reports_own_files(tmp_path: Path) -> None:
     listed = json.loads((out / "report-files.json").read_text())["files"]
     assert {"report.md", "report.yaml", "reconstructions.png", "configs/conv1_1.yaml"} <= set(listed)
     assert "runs/conv1_1/conv1_1.png" in listed and "runs/conv1_1/summary.json" in listed
+    for plot in ("psnr_by_layer", "ssim_by_layer"):  # each plot as PNG and SVG, both the report's own
+        assert {f"{plot}.png", f"{plot}.svg"} <= set(listed)
+        assert ElementTree.parse(out / f"{plot}.svg").getroot().tag == "{http://www.w3.org/2000/svg}svg"
+        with Image.open(out / f"{plot}.png") as image:
+            assert image.format == "PNG"
+        assert f"({plot}.png)" in (out / "report.md").read_text() and f"({plot}.svg)" in (out / "report.md").read_text()
     (out / "notes.txt").write_text("mine")
     (out / "configs" / "my_config.yaml").write_text("mine: 1\n")
     report(out, "--seed=1", "--overwrite=true")
@@ -143,11 +156,18 @@ def test_report_help_and_an_image_experiment_do_not_import_diffusers(tmp_path: P
 
 
 def _toy_settings(tmp_path: Path, pipeline: str = "tiny-sd") -> ReportSettings:
-    return ReportSettings(out=str(tmp_path / "r"), size=32, steps=3, vgg=VGGConfig(weights="random"), model=pipeline)
+    return ReportSettings(
+        out=str(tmp_path / "r"),
+        size=32,
+        steps=3,
+        vgg=VGGConfig(weights="random"),
+        allow_random_weights=True,
+        model=pipeline,
+    )
 
 
 def test_run_configs_are_the_shipped_configs_with_the_reports_settings(tmp_path: Path) -> None:
-    report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"])
+    report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"], runs=1)
     objective = [{"name": "x", "style_layers": ["relu1_1"]}]
     fit = experiments._fit_config(report, "x", "texture_gram", objective, {"style": ["skimage:brick"]})
     texture = yaml.safe_load((CONFIGS / "texture_gram.yaml").read_text())
@@ -177,7 +197,7 @@ def test_run_configs_follow_an_edited_shipped_config(tmp_path: Path, monkeypatch
     guided = edited / "guided_diffusion.yaml"
     guided.write_text(guided.read_text().replace("scheduler: ddim", "scheduler: euler"))
     monkeypatch.setattr(configs, "CONFIGS", edited)
-    report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"])
+    report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"], runs=1)
     fit = experiments._fit_config(report, "x", "texture_gram", [{"name": "x"}], {"style": ["skimage:brick"]})
     assert fit["model"]["init_args"]["optimizer"]["init_args"]["history_size"] == 20
     assert experiments._generation_config(report, "g", 0.5)["model"]["init_args"]["scheduler"] == "euler"
@@ -205,7 +225,7 @@ def test_report_all_reports_a_failed_experiment_and_runs_the_others(
     for name in list(experiments.EXPERIMENTS):
         monkeypatch.setitem(experiments.EXPERIMENTS, name, fake(name, failures.get(name)))
     with pytest.raises(SystemExit) as exit_info:
-        main(["report", "all", f"--out={tmp_path / 'all'}"])
+        main(["report", "all", f"--out={tmp_path / 'all'}", "--vgg.weights=random", "--allow_random_weights=true"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "lightning-nst: report texture_layers failed: texture: not an image file: in/t.png" in err
@@ -216,3 +236,111 @@ def test_report_all_reports_a_failed_experiment_and_runs_the_others(
     )
     written = sorted(path.parent.name for path in (tmp_path / "all").glob("*/report.md"))
     assert written == ["gram_vs_meanvar", "guided_vs_prompt", "reconstruction"]
+    # index.md links each report that was written, and names those that failed and why.
+    index = (tmp_path / "all" / "index.md").read_text().splitlines()
+    links = [re.search(r"\[(.+?)\]\((.+?)\)", line) for line in index if line.startswith("- ")]
+    assert [(m.group(1), m.group(2)) if m else None for m in links] == [
+        ("reconstruction", "reconstruction/report.md"),
+        None,
+        ("gram_vs_meanvar", "gram_vs_meanvar/report.md"),
+        None,
+        ("guided_vs_prompt", "guided_vs_prompt/report.md"),
+    ]
+    assert "`texture_layers`" in index[3] and "**Failed**: texture: not an image file: in/t.png" in index[3]
+    assert "`guided_vs_nst`" in index[5] and "**Failed**: KeyError('bug')" in index[5]
+
+
+def test_report_all_index_links_every_report_md_with_its_title(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, experiment in list(experiments.EXPERIMENTS.items()):
+
+        def fake(settings: ReportSettings, name: str = name) -> Path:
+            path = Path(str(settings.out)) / "report.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"# Title of {name}\n\ntext\n")
+            return path
+
+        fake.__doc__ = experiment.__doc__
+        monkeypatch.setitem(experiments.EXPERIMENTS, name, fake)
+    out = tmp_path / "all"
+    main(["report", "all", f"--out={out}", "--vgg.weights=random", "--allow_random_weights=true"])
+    index = (out / "index.md").read_text()
+    for name, experiment in experiments.EXPERIMENTS.items():
+        summary = experiment.__doc__.strip().splitlines()[0]
+        assert f"- [Title of {name}]({name}/report.md) (`{name}`): {summary}" in index
+        assert (out / name / "report.md").is_file()
+    main(["report", "all", f"--out={out}", "--vgg.weights=random", "--allow_random_weights=true"])  # its own: replaced
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.md").write_text("# my notes\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", "all", f"--out={mine}", "--vgg.weights=random", "--allow_random_weights=true"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lightning-nst: error: out: {mine / 'index.md'} exists and was not written by lightning-nst report all; "
+        "move it or choose --out"
+    )
+    assert (mine / "index.md").read_text() == "# my notes\n" and sorted(p.name for p in mine.iterdir()) == ["index.md"]
+
+
+# -- random weights, progress and the weights line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experiment", ["reconstruction", "all"])
+def test_random_weights_are_refused_without_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], experiment: str
+) -> None:
+    out = tmp_path / "report"
+    toy = [arg for arg in TOY if not arg.startswith("--allow_random_weights")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", experiment, *toy, f"--out={out}"])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("lightning-nst: error: vgg.weights: 'random' gives random VGG19 weights") and "\n" not in err
+    assert "--allow_random_weights=true" in err
+    assert "run 1/" not in captured.out and not out.exists()
+
+
+def test_a_report_shows_run_k_of_n_and_states_its_weights_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "report"
+    with caplog.at_level(logging.INFO):
+        report(out, "--layers=[conv1_1, relu1_1, pool1]")
+    printed = capsys.readouterr()
+    lines = [line for line in printed.out.splitlines() if " run " in line]
+    assert re.fullmatch(r"\[reconstruction\] run 1/3: conv1_1 \(ETA --:--\): lightning-nst fit -c .*", lines[0])
+    assert re.fullmatch(r"\[reconstruction\] run 2/3: relu1_1 \(ETA \d\d:\d\d\): lightning-nst fit .*", lines[1])
+    assert re.fullmatch(r"\[reconstruction\] run 3/3: pool1 \(ETA \d\d:\d\d\): lightning-nst fit .*", lines[2])
+    assert len(lines) == 3
+    everything = printed.out + printed.err + "\n".join(caplog.messages)
+    assert everything.count("VGG19 weights:") == 1
+    assert "[reconstruction] VGG19 weights: random (seed 0) (allowed by --allow_random_weights)" in printed.out
+    report(out, "--layers=[conv1_1, relu1_1, pool1]")  # read back: the count still runs to 3
+    lines = [line for line in capsys.readouterr().out.splitlines() if " run " in line]
+    assert lines[2].startswith("[reconstruction] run 3/3: pool1: finished earlier")
+
+
+def test_auto_weights_that_fall_back_to_random_are_refused_or_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def offline(key: str = "model.vgg.weights") -> None:
+        raise NSTError(f"{key}: the ImageNet VGG19 weights cannot be downloaded (offline)")
+
+    monkeypatch.setattr(vgg, "_imagenet_state", offline)
+    auto = [arg.replace("--vgg.weights=random", "--vgg.weights=auto") for arg in TOY]
+    out = tmp_path / "report"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the suite makes lightning_nst's warnings errors; here they are counted
+        with pytest.raises(SystemExit):
+            main(["report", "reconstruction", *auto, "--allow_random_weights=false", f"--out={out}"])
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("lightning-nst: error: vgg.weights: 'auto' gives random VGG19 weights (random (seed 0")
+        assert "\n" not in err and not out.exists()
+        main(["report", "reconstruction", *auto, "--layers=[conv1_1, relu1_1]", f"--out={out}"])
+    assert [str(w.message) for w in caught if "RANDOM" in str(w.message)] == []  # not once per run, nor at all
+    assert "VGG19 weights: random (seed 0, chosen by auto: ImageNet unavailable)" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="using RANDOM weights"):  # outside a report the warning is as before
+        vgg.VGG19Features(["conv1_1"], weights="auto")

@@ -15,8 +15,9 @@ from pathlib import Path
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from lightning_nst.errors import NSTError, StoppedBySignal
+from lightning_nst.images import write_atomic
 from lightning_nst.report.experiments import EXPERIMENTS, run
-from lightning_nst.report.folder import Report
+from lightning_nst.report.folder import Report, report_features, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
 
 __all__ = ["EXPERIMENTS", "Report", "ReportSettings", "main", "run"]
@@ -25,9 +26,15 @@ DESCRIPTION = """\
 Run one of the study's experiments (or `all`) and write a report folder: captioned PNG figures, report.md with the
 numbers, configs/ with one YAML per run (each rerunnable with `lightning-nst fit|predict -c`), and runs/ with their
 outputs and TensorBoard events. A finished run is read back rather than run again, so an interrupted report resumes.
-`all` goes on past an experiment that fails and exits with status 2 naming it. Options may come from YAML:
+`all` goes on past an experiment that fails and exits with status 2 naming it, and writes index.md linking the
+five. Random VGG weights are refused unless --allow_random_weights=true. Options may come from YAML:
 `--config configs/report_cpu.yaml`.
 """
+
+INDEX = "index.md"
+"""The page ``report all`` writes in its folder, linking the five reports."""
+INDEX_TITLE = "# The study's reports (lightning-nst report all)"
+"""The first line of :data:`INDEX`: how ``report all`` knows the file as its own, to replace it."""
 
 
 def parser() -> ArgumentParser:
@@ -51,7 +58,12 @@ def main(args: list[str]) -> list[Path]:
     if config.experiment != "all":
         return [run(config.experiment, ReportSettings(**settings))]
     root = Path(settings["out"] or "reports")
-    written, failed = [], []
+    index = root / INDEX
+    if index.exists() and not _is_index(index):
+        raise NSTError(f"out: {index} exists and was not written by lightning-nst report all; move it or choose --out")
+    with weights_stated_once():
+        report_features(ReportSettings(**settings), ["conv1_1"])  # random weights refused once, before any report
+    written, failed = [], {}
     for name in EXPERIMENTS:
         try:
             written.append(run(name, ReportSettings(**{**settings, "out": str(root / name)})))
@@ -61,8 +73,11 @@ def main(args: list[str]) -> list[Path]:
             found = NSTError.behind(error)
             if found is None:
                 traceback.print_exc()  # a bug, not bad input: its traceback
-            print(f"lightning-nst: report {name} failed: {found if found else repr(error)}", file=sys.stderr)
-            failed.append(name)
+            failed[name] = str(found) if found else repr(error)
+            print(f"lightning-nst: report {name} failed: {failed[name]}", file=sys.stderr)
+    if written:
+        write_atomic(index, _index(root, written, failed).encode(), overwrite=True)
+        print(f"[all] index: {index}")
     if failed:
         raise NSTError(
             f"experiment: {', '.join(failed)} failed (see above); the other reports are in {root}"
@@ -70,3 +85,26 @@ def main(args: list[str]) -> list[Path]:
             else f"experiment: every experiment failed ({', '.join(failed)}; see above)"
         )
     return written
+
+
+def _is_index(path: Path) -> bool:
+    try:
+        return path.is_file() and path.read_text(encoding="utf-8").startswith(INDEX_TITLE + "\n")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _index(root: Path, written: list[Path], failed: dict[str, str]) -> str:
+    """``index.md``: each experiment's title, what it does in one line, and a link to its report.md (or why not)."""
+    reports = {path.parent.name: path for path in written}
+    lines = [INDEX_TITLE, ""]
+    for name, experiment in EXPERIMENTS.items():
+        summary = ((experiment.__doc__ or "").strip().splitlines() or [""])[0]
+        if name in reports:
+            title = reports[name].read_text(encoding="utf-8").splitlines()[0].removeprefix("# ")
+            link = reports[name].relative_to(root).as_posix()
+            lines.append(f"- [{title}]({link}) (`{name}`): {summary}")
+        else:
+            reason = (failed.get(name, "not made").splitlines() or [""])[0]
+            lines.append(f"- `{name}`: {summary} **Failed**: {reason}")
+    return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
-from lightning_nst.report.folder import Report
+from lightning_nst.report.folder import Report, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
 
@@ -110,7 +110,7 @@ def _steps_to(values: Sequence[float], fraction: float) -> int | None:
 def reconstruction(settings: ReportSettings) -> Path:
     """Reconstruct the content image from noise at each layer; PSNR and SSIM by layer."""
     layers = check_layers(settings.layers or list(LAYER_NAMES), "layers")
-    report = Report("reconstruction", "Content reconstruction by layer", settings, layers)
+    report = Report("reconstruction", "Content reconstruction by layer", settings, layers, runs=len(layers))
     rows: list[list[Any]] = []
     results: dict[str, ObjectiveRecord] = {}
     for layer in layers:
@@ -171,7 +171,7 @@ def reconstruction(settings: ReportSettings) -> Path:
             )
             for kind in kinds
         ]
-        report.figure(
+        report.plot(
             f"{metric}_by_layer.png",
             line_plot(series, "conv # (depth of the layer)", label, log_y=log),
             f"{label} of the reconstruction against the target, by depth",
@@ -271,8 +271,8 @@ HELD_OUT = (
 
 def texture_layers(settings: ReportSettings) -> Path:
     """Gram texture synthesis from cumulative and single conv layer sets; convergence by setting."""
-    report = Report("texture_layers", "Gram texture synthesis by layer set", settings, list(CONV_LAYERS))
     sets = {**CUMULATIVE, **SINGLE}
+    report = Report("texture_layers", "Gram texture synthesis by layer set", settings, list(CONV_LAYERS), len(sets))
     curves: dict[str, list[float]] = {}
     own = StyleMeter(report, settings.texture, CONV_LAYERS, "gram", settings.size)
     texture = to_pil(load_image(settings.texture, settings.size, key="texture"))
@@ -326,7 +326,7 @@ def texture_layers(settings: ReportSettings) -> Path:
         f"Gram textures from cumulative conv layer sets (top) and single conv layers (bottom), {settings.steps} steps",
     )
     series = [Series(name, range(len(values)), [v / values[0] for v in values]) for name, values in curves.items()]
-    report.figure(
+    report.plot(
         "loss_by_step.png",
         line_plot(series, "step", "style loss / initial", log_y=True),
         "Style loss against step, each setting relative to its own initial loss",
@@ -428,8 +428,9 @@ def gram_vs_meanvar(settings: ReportSettings) -> Path:
         )
         for index, source in enumerate(settings.textures)
     }
-    report = Report("gram_vs_meanvar", "Gram against mean/variance texture synthesis", settings, layers)
     cases = [(texture, seed) for texture in textures for seed in settings.seeds]
+    title = "Gram against mean/variance texture synthesis"
+    report = Report("gram_vs_meanvar", title, settings, layers, runs=2 * len(cases))  # Gram and mean/var per case
     results: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for texture, seed in cases:
         source = textures[texture][0]
@@ -523,7 +524,7 @@ def gram_vs_meanvar(settings: ReportSettings) -> Path:
         if seed == first
         for s, r in result.items()
     ]
-    report.figure(
+    report.plot(
         "loss_by_step.png",
         line_plot(series, "step", "style loss / initial", log_y=True),
         f"Style loss against step, each run relative to its initial loss (seed {first})",
@@ -616,7 +617,8 @@ def guided_vs_nst(settings: ReportSettings) -> Path:
     """Guided sampling against Gatys NST (Gram and mean/var) started from the plain sample of the same seed."""
     layers = check_layers(settings.style_layers, "style_layers")
     content = check_layers([settings.content_layer], "content_layer")
-    report = Report("guided_vs_nst", "Style-guided diffusion against neural style transfer", settings, layers + content)
+    title = "Style-guided diffusion against neural style transfer"
+    report = Report("guided_vs_nst", title, settings, layers + content, runs=4)  # guided, plain, NST Gram, mean/var
     fractions = [i / settings.rows for i in range(settings.rows)]
     sample_steps = sorted({round(f * settings.sampling_steps) for f in fractions})
     nst_steps = sorted({round(f * settings.steps) for f in fractions})
@@ -697,7 +699,7 @@ def guided_vs_nst(settings: ReportSettings) -> Path:
 def guided_vs_prompt(settings: ReportSettings) -> Path:
     """Guided sampling against asking for the style in words, same prompt and seed."""
     layers = check_layers(settings.style_layers, "style_layers")
-    report = Report("guided_vs_prompt", "Style guidance against prompt-only styling", settings, layers)
+    report = Report("guided_vs_prompt", "Style guidance against prompt-only styling", settings, layers, runs=2)
     records = {
         "guided": _generate(report, "guided", scale=settings.guidance_scale, preview_every=1),
         "prompt-only": _generate(report, "prompt_only", scale=0.0, style_prompt=settings.style_prompt, preview_every=1),
@@ -747,7 +749,7 @@ def guided_vs_prompt(settings: ReportSettings) -> Path:
         )
     )
     series = [Series(name, range(len(record.style_loss)), record.style_loss) for name, record in records.items()]
-    report.figure(
+    report.plot(
         "style_loss_by_step.png",
         line_plot(series, "sampling step", "style loss of x0", log_y=True),
         "Style loss of the clean prediction x0 at every sampling step",
@@ -781,4 +783,5 @@ def run(experiment: str, settings: ReportSettings) -> Path:
     settings.check()
     for name in SHIPPED.get(experiment, []):
         shipped(name)  # before any run: a missing one is named at once
-    return EXPERIMENTS[experiment](settings)
+    with weights_stated_once():
+        return EXPERIMENTS[experiment](settings)

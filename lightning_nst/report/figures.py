@@ -1,21 +1,28 @@
-"""Report figures drawn with Pillow: captioned image tables and line plots.
+"""Report figures: captioned image tables drawn with Pillow, and line plots drawn with matplotlib (PNG and SVG).
 
-The package's dependencies hold no plotting library (matplotlib would be one more for a few plots), so the plots
-are drawn here; they only need axes, ticks, lines and a legend.
+The plots use matplotlib's object API (:class:`~matplotlib.figure.Figure`, no ``pyplot``): no global state, no
+display, and saving picks the Agg (PNG) or SVG backend by format.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import re
 import textwrap
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import AutoMinorLocator, LogLocator, MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
 
-WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (200, 200, 200)
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]  # fmt: skip
+WHITE, BLACK = (255, 255, 255), (0, 0, 0)
+COLOURS = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray",
+           "tab:olive", "tab:cyan"]  # fmt: skip
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h"]
+LINESTYLES = ["-", "--", "-.", ":"]
 MIN_CELL = 128
 """Images smaller than this many pixels on their long edge are enlarged (nearest neighbour) for display."""
 
@@ -97,71 +104,69 @@ class Series(NamedTuple):
     y: Sequence[float]
 
 
-def _ticks(low: float, high: float, count: int = 5) -> list[float]:
-    if high <= low:
-        return [low]
-    step = 10 ** math.floor(math.log10((high - low) / count))
-    for multiple in (1, 2, 5, 10):
-        if (high - low) / (step * multiple) <= count:
-            step *= multiple
-            break
-    return [step * k for k in range(math.ceil(low / step), math.floor(high / step) + 1)]
+def short_weights(weights: str) -> str:
+    """A VGG weights description (``weights_used``) on one short line: a weights file by its name, not its path."""
+    return re.sub(r"^file (.+?) \(sha256", lambda match: f"file {match.group(1).rsplit('/', 1)[-1]} (sha256", weights)
 
 
-def _label(value: float, log: bool) -> str:
-    return f"1e{round(value)}" if log else f"{value:g}"
+def line_plot(series: Sequence[Series], xlabel: str, ylabel: str, log_y: bool = False) -> Figure:
+    """Lines with markers, a (log) y axis with minor ticks, and a legend beside the axes.
 
-
-def line_plot(
-    series: Sequence[Series], xlabel: str, ylabel: str, log_y: bool = False, size: tuple[int, int] = (640, 400)
-) -> Image.Image:
-    """Lines with markers, axes, ticks and a legend; points a (log) axis cannot show are skipped."""
-    points = [
-        [(float(x), math.log10(y) if log_y else float(y)) for x, y in zip(s.x, s.y, strict=True)
-         if y is not None and math.isfinite(y) and (y > 0 or not log_y)]
-        for s in series
-    ]  # fmt: skip
-    xs = [x for line in points for x, _ in line] or [0.0, 1.0]
-    ys = [y for line in points for _, y in line] or [0.0, 1.0]
-    x0, x1 = min(xs), max(xs)
-    y0, y1 = min(ys), max(ys)
-    if log_y:
-        y0, y1 = math.floor(y0), math.ceil(y1)
-    if x1 == x0:
-        x0, x1 = x0 - 1, x1 + 1
-    if y1 == y0:
-        y0, y1 = y0 - 1, y1 + 1
-    width, height = size
-    left, right, top, bottom = 70, 170, 28, 48
-    plot = Image.new("RGB", size, WHITE)
-    draw = ImageDraw.Draw(plot)
-
-    def at(x: float, y: float) -> tuple[float, float]:
-        return (
-            left + (x - x0) / (x1 - x0) * (width - left - right),
-            height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom),
+    Each series gets its own colour, marker and line style, so overlapping ones stay apart; long series carry a
+    marker every few points. Points a log axis cannot show (zero, negative) and non-finite ones are skipped.
+    """
+    figure = Figure(figsize=(8.0, 4.2), layout="constrained")
+    ax = figure.add_subplot()
+    integers = True
+    for index, line in enumerate(series):
+        points = [
+            (float(x), float(y)) for x, y in zip(line.x, line.y, strict=True)
+            if y is not None and math.isfinite(y) and (y > 0 or not log_y)
+        ]  # fmt: skip
+        xs, ys = [x for x, _ in points], [y for _, y in points]
+        integers = integers and all(x.is_integer() for x in xs)
+        ax.plot(
+            xs,
+            ys,
+            label=line.label,
+            color=COLOURS[index % len(COLOURS)],
+            marker=MARKERS[index % len(MARKERS)],
+            linestyle=LINESTYLES[index % len(LINESTYLES)],
+            markevery=max(1, len(points) // 12),
+            markersize=5,
+            linewidth=1.5,
         )
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_minor_locator(LogLocator(subs="auto"))
+    else:
+        ax.yaxis.set_minor_locator(AutoMinorLocator())
+    if integers:  # steps and layer numbers: no ticks between them
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    else:
+        ax.xaxis.set_minor_locator(AutoMinorLocator())
+    ax.margins(x=0.03, y=0.08)
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if series:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=8, frameon=False)
+    return figure
 
-    for tick in _ticks(y0, y1) if not log_y else list(range(int(y0), int(y1) + 1)):
-        _, y = at(x0, tick)
-        draw.line([(left, y), (width - right, y)], fill=GREY)
-        draw.text((left - 6, y), _label(tick, log_y), fill=BLACK, font=font(11), anchor="rm")
-    for tick in _ticks(x0, x1):
-        x, _ = at(tick, y0)
-        draw.line([(x, height - bottom), (x, height - bottom + 4)], fill=BLACK)
-        draw.text((x, height - bottom + 6), _label(tick, False), fill=BLACK, font=font(11), anchor="mt")
-    draw.rectangle([left, top, width - right, height - bottom], outline=BLACK)
-    draw.text(((left + width - right) / 2, height - 6), xlabel, fill=BLACK, font=font(12), anchor="ms")
-    draw.text((left, 8), ylabel, fill=BLACK, font=font(12))
-    for index, (line, info) in enumerate(zip(points, series, strict=True)):
-        colour = COLOURS[index % len(COLOURS)]
-        coords = [at(x, y) for x, y in line]
-        if len(coords) > 1:
-            draw.line(coords, fill=colour, width=2)
-        if len(coords) <= 40:
-            for x, y in coords:
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        legend_y = top + 6 + index * 18
-        draw.line([(width - right + 10, legend_y + 6), (width - right + 30, legend_y + 6)], fill=colour, width=3)
-        draw.text((width - right + 36, legend_y), info.label[:20], fill=BLACK, font=font(12))
-    return plot
+
+def finish(figure: Figure, title: str, footer: Sequence[str] = ()) -> None:
+    """Put ``title`` (wrapped) above the plot and the ``footer`` lines (e.g. which VGG weights) below it."""
+    figure.suptitle(textwrap.fill(title, 90), fontsize=10)
+    if footer:
+        lines = [textwrap.fill(line, 150) for line in footer]
+        figure.supxlabel("\n".join(lines), fontsize=7, color="0.3", x=0.0, ha="left")
+
+
+def render(figure: Figure, format: str) -> bytes:
+    """``figure`` as PNG or SVG bytes; the SVG without a date and with fixed element ids, so reruns match."""
+    buffer = io.BytesIO()
+    metadata = {"Date": None} if format == "svg" else {"Software": None}
+    with matplotlib.rc_context({"svg.hashsalt": "lightning-nst"}):
+        figure.savefig(buffer, format=format, dpi=120, metadata=metadata, bbox_inches="tight", pad_inches=0.1)
+    return buffer.getvalue()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
-from collections.abc import Sequence
+import statistics
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,9 +31,18 @@ from lightning_nst.outputs import (
     file_digest,
     read_manifest,
 )
-from lightning_nst.report.figures import captioned
+from lightning_nst.report.figures import captioned, finish, render, short_weights
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import VGG19Features
+
+RANDOM_WARNING = "VGG19 ImageNet weights are unavailable"
+"""The start of the warning :class:`~lightning_nst.vgg.VGG19Features` gives when ``auto`` falls back to random."""
+RUN_LOGGERS = (
+    "lightning_utilities.core.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+"""The loggers of Lightning's ``rank_zero_info``, which says ``VGG19 weights: ...`` at the start of every fit."""
 
 FILES = "report-files.json"
 """The list, inside a report folder, of every file the report wrote there: the only files it ever removes."""
@@ -55,6 +70,63 @@ def _damaged_outputs(out: Path, done: str) -> str | None:
     return None
 
 
+class _WithoutWeightsLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("VGG19 weights:")
+
+
+@contextmanager
+def weights_stated_once() -> Iterator[None]:
+    """Silence what each run says about its VGG weights (the report states them once, at its start).
+
+    That is the fit's ``VGG19 weights: ...`` log line and the random-weights warning of ``weights: auto``.
+    """
+    loggers = [logging.getLogger(name) for name in RUN_LOGGERS]
+    quiet = _WithoutWeightsLine()
+    shown = warnings.showwarning
+
+    # Not warnings.catch_warnings or filterwarnings: any change of the filters makes Python show again every warning
+    # it has shown once (Lightning's deprecations, say), so each report would repeat them. Replacing showwarning is
+    # the documented hook that leaves the filters alone.
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not str(message).startswith(RANDOM_WARNING):
+            shown(message, category, *args, **kwargs)
+
+    for logger in loggers:
+        logger.addFilter(quiet)
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        for logger in loggers:
+            logger.removeFilter(quiet)
+
+
+def report_features(settings: ReportSettings, layers: Sequence[str]) -> VGG19Features:
+    """The report's VGG19 trunk for ``layers``: the weights every run of the report uses.
+
+    The random-weights warning of ``weights: auto`` is left to :func:`weights_stated_once` around the report.
+
+    Raises:
+        NSTError: If the weights resolve to random ones and ``allow_random_weights`` is not set.
+    """
+    features = settings.vgg.build(list(layers), key="vgg")
+    if features.weights_used.startswith("random") and not settings.allow_random_weights:
+        raise NSTError(
+            f"vgg.weights: {settings.vgg.weights!r} gives random VGG19 weights ({features.weights_used}), on which "
+            "the report's figures and verdicts say nothing about the study; give a weights file (--vgg.weights=PATH, "
+            "or $LIGHTNING_NST_VGG_WEIGHTS with weights auto) or pass --allow_random_weights=true"
+        )
+    return features
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes:02d}:{seconds:02d}"
+
+
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A Markdown table; floats are printed with 4 significant digits."""
 
@@ -76,23 +148,34 @@ class Report:
     unchanged is read back instead of being run again, so an interrupted report resumes where it stopped.
     """
 
-    def __init__(self, experiment: str, title: str, settings: ReportSettings, layers: Sequence[str]) -> None:
+    def __init__(self, experiment: str, title: str, settings: ReportSettings, layers: Sequence[str], runs: int) -> None:
         self.experiment = experiment
+        self.runs = runs
+        """How many runs the report makes, for its progress lines ``run k/N``."""
+        self._started = 0
+        self._seconds: list[float] = []
         self.settings = settings
         self.folder = Path(settings.out or Path("reports") / experiment)
         self.lines: list[str] = [f"# {title}", ""]
         self.figures: list[str] = []
         self._owned: set[str] = set()
         replace = self._check_folder()
-        self.features: VGG19Features = settings.vgg.build(list(layers), key="vgg")
+        self.features: VGG19Features = report_features(settings, layers)
         """The report's own VGG19 trunk for ``layers``, with the weights every run uses."""
         self.weights = self.features.weights_used
+        allowed = " (allowed by --allow_random_weights)" if self.weights.startswith("random") else ""
+        print(f"[{experiment}] VGG19 weights: {self.weights}{allowed}")
         if replace:
             self._remove_owned(self.folder)
         self._write(self.folder / "report.yaml", self._settings_yaml().encode())
 
     def _settings_yaml(self) -> str:
-        settings = {key: value for key, value in asdict(self.settings).items() if key != "overwrite"}
+        # Neither option changes what the report holds, so a rerun with them is the same report.
+        settings = {
+            key: value
+            for key, value in asdict(self.settings).items()
+            if key not in ("overwrite", "allow_random_weights")
+        }
         return yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
 
     def _check_folder(self) -> bool:
@@ -199,12 +282,14 @@ class Report:
         text = f"# {self.experiment} report, run {run}: lightning-nst {subcommand} -c {path}\n"
         text += yaml.safe_dump(config, sort_keys=False)
         out = self.run_dir(run)
+        self._started += 1
+        progress = f"[{self.experiment}] run {self._started}/{self.runs}: {run}"
         if (out / done).is_file() and path.is_file() and path.read_text(encoding="utf-8") == text:
             damaged = _damaged_outputs(out, done)
             if not damaged:
-                print(f"[{self.experiment}] {run}: finished earlier, reading {out}")
+                print(f"{progress}: finished earlier, reading {out}")
                 return out
-            print(f"[{self.experiment}] {run}: {damaged} no longer matches its recorded sha256; running it again")
+            print(f"{progress}: {damaged} no longer matches its recorded sha256; running it again")
         if out.exists():  # a run of this report that did not finish, or was made by an older config
             self._remove_owned(out)
             left = sorted(str(file) for file in out.rglob("*") if not file.is_dir())
@@ -214,10 +299,16 @@ class Report:
                     f"list them?), e.g. {left[0]}; remove {out} by hand to run it again"
                 )
         self._write(path, text.encode())
-        print(f"[{self.experiment}] {run}: lightning-nst {subcommand} -c {path}")
+        # The mean duration of the runs made so far, times the runs left (this one included); runs read back from an
+        # earlier report take no time and are not counted.
+        left = max(self.runs - self._started + 1, 1)
+        eta = _clock(statistics.fmean(self._seconds) * left) if self._seconds else "--:--"
+        print(f"{progress} (ETA {eta}): lightning-nst {subcommand} -c {path}", flush=True)
+        started = time.monotonic()
         try:
             cli.run([subcommand, "-c", str(path)])
         finally:
+            self._seconds.append(time.monotonic() - started)
             # The run folder was empty or absent before the run, so everything in it now is the run's.
             self._own([file for file in out.rglob("*") if not file.is_dir()] if out.is_dir() else [])
         if not (out / done).is_file():
@@ -259,11 +350,22 @@ class Report:
     def figure(self, name: str, image: Image.Image, title: str, notes: Sequence[str] = ()) -> None:
         """Save a captioned PNG (title above; notes and the VGG weights below) and link it from ``report.md``."""
         self._own([self.folder / name])
-        save_image(
-            captioned(image, title, [*notes, f"VGG19 weights: {self.weights}"]), self.folder / name, overwrite=True
-        )
+        save_image(captioned(image, title, [*notes, self._weights_line]), self.folder / name, overwrite=True)
         self.figures.append(name)
         self.text(f"![{title}]({name})")
+
+    def plot(self, name: str, figure: Figure, title: str, notes: Sequence[str] = ()) -> None:
+        """Save a plot as ``name`` (PNG) and beside it as SVG, titled, with the notes and the VGG weights below."""
+        finish(figure, title, [*notes, self._weights_line])
+        svg = Path(name).with_suffix(".svg").as_posix()
+        self._write(self.folder / name, render(figure, "png"))
+        self._write(self.folder / svg, render(figure, "svg"))
+        self.figures.append(name)
+        self.text(f"![{title}]({name})", f"[SVG]({svg})")
+
+    @property
+    def _weights_line(self) -> str:
+        return f"VGG19 weights: {short_weights(self.weights)}"
 
     def write(self) -> Path:
         """Write ``report.md`` and say where the report is."""

@@ -25,6 +25,10 @@ class ReportSettings:
         size: Long edge, in pixels, of the optimised images (experiments 1-4).
         steps: Optimisation steps of every image-optimisation run.
         vgg: VGG19 weights and pooling of every run and of the report's own style measurements.
+        allow_random_weights: Make the report even when ``vgg.weights`` resolves to random weights (``random``, or
+            ``auto`` with neither ImageNet nor ``$LIGHTNING_NST_VGG_WEIGHTS``); otherwise it is refused before any
+            run, since its figures and verdicts would say nothing about the study. A partial weights file with
+            ``fill_missing`` is not random: its figures and tables label the layers beyond it.
         content: Content image of experiment 1.
         texture: Texture image of experiment 2.
         textures: Texture images of experiment 3; each claim there is counted over every texture and seed.
@@ -61,6 +65,7 @@ class ReportSettings:
     size: int = 256
     steps: int = 500
     vgg: VGGConfig = field(default_factory=VGGConfig)
+    allow_random_weights: bool = False
     content: str = "skimage:astronaut"
     texture: str = "skimage:gravel"
     textures: list[str] = field(default_factory=lambda: list(TEXTURES))
