@@ -364,3 +364,22 @@ def test_ckpt_path_that_is_not_a_checkpoint_is_refused(make: object, capsys: pyt
     err = fails([*TEXTURE, *TOY, f"--ckpt_path={path}"], capsys)
     assert f"ckpt_path: {'checkpoint not found: ' if make is None else ''}{path}" in err, err
     assert not Path("logs").exists()
+
+
+def test_loading_a_checkpoint_of_another_shape_or_weights_is_one_error_in_python_too() -> None:
+    """A trainer built in Python has no CLI check before it: the module's own hook refuses, naming both."""
+    from lightning_nst import ImageOptimization
+    from lightning_nst.errors import NSTError
+    from lightning_nst.optimize import Objective
+    from lightning_nst.vgg import VGGConfig
+
+    module = ImageOptimization([Objective("gram", style_layers=["relu1_1"])], vgg=VGGConfig(weights="random"))
+    module.images.append(torch.nn.Parameter(torch.zeros(1, 3, 40, 40)))
+    module.configure_model()
+    with pytest.raises(NSTError, match=r"^checkpoint holds a 32x32 image, this run's data makes 40x40"):
+        module.on_load_checkpoint({"state_dict": {"images.0": torch.zeros(1, 3, 32, 32)}, "lightning_nst": {}})
+    other = {"state_dict": {"images.0": torch.zeros(1, 3, 40, 40)}, "lightning_nst": {"vgg_weights": "imagenet"}}
+    with pytest.raises(NSTError, match=r"made with VGG weights imagenet, but this run's .* gives random \(seed 0\)"):
+        module.on_load_checkpoint(other)
+    module.on_load_checkpoint({**other, "lightning_nst": {"vgg_weights": "random (seed 0, chosen by auto: ...)"}})
+    module.on_load_checkpoint({**other, "lightning_nst": {}})  # saved before the weights were recorded: loads
