@@ -29,12 +29,14 @@ from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import preflight
 from lightning_nst.errors import NSTError, StoppedBySignal
+from lightning_nst.images import load_image
 from lightning_nst.optimize import ImageOptimization
-from lightning_nst.outputs import source_digest
+from lightning_nst.outputs import SUMMARY, file_digest, source_digest
 from lightning_nst.writers import ImageWriter
 from lightning_nst.yaml_checks import check_yaml_files
 
@@ -100,6 +102,8 @@ class NSTCLI(LightningCLI):
                 self.trainer.callbacks.append(ImageWriter())
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
+        if self.subcommand == "fit" and self.config.fit.get("ckpt_path"):
+            resume_in_run_folder(self.trainer, str(self.config.fit.ckpt_path), self.stop)
         if self.subcommand is not None:
             # The run folder is known here, before the run: the logger creates it once the run starts, and only
             # whether it existed before tells a folder this run made from one the user had.
@@ -135,10 +139,15 @@ class StopOnSignal(L.Callback):
     ``lightning-nst`` prints, exiting with ``128 + signal``. A second signal interrupts at once, as Ctrl-C does.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, args: Sequence[str] | None = None) -> None:
+        self.args = list(args) if args is not None else None
+        """The command's arguments, for the resume command in :attr:`message`; ``None``: unknown."""
         self.signum: int | None = None
         self.stopped = False
         self.checkpoint: Path | None = None
+        self.checkpoint_dir: Path | None = None
+        """Where to save ``last.ckpt`` instead of the run's ModelCheckpoint folder (a resumed run's own)."""
+        self.interrupted: Path | None = None
         self.step = 0
         self.message = ""
         """What was kept and how to resume, once the run has stopped."""
@@ -180,12 +189,15 @@ class StopOnSignal(L.Callback):
         self.stopped = True
         self.step = trainer.global_step
         if trainer.training:
-            folder = None
-            if isinstance(trainer.checkpoint_callback, ModelCheckpoint):
+            folder = self.checkpoint_dir
+            if folder is None and isinstance(trainer.checkpoint_callback, ModelCheckpoint):
                 folder = trainer.checkpoint_callback.dirpath
             folder = Path(folder) if folder else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
             self.checkpoint = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
             trainer.save_checkpoint(self.checkpoint)
+            writer = next((c for c in trainer.callbacks if isinstance(c, ImageWriter)), None)
+            if writer is not None:
+                self.interrupted = writer.save_interrupted(trainer, pl_module)
         elif trainer.predicting and trainer.world_size == 1:
             # Lightning skips callbacks' teardown on an exception; the writer merges its records there.
             for callback in trainer.callbacks:
@@ -197,16 +209,57 @@ class StopOnSignal(L.Callback):
         """One line saying what was kept and how to resume."""
         name = signal.Signals(self.signum or signal.SIGTERM).name
         if self.checkpoint is not None:
-            return (
-                f"stopped by {name} at step {self.step}; resume with the same command and "
-                f"--ckpt_path {shlex.quote(str(self.checkpoint))}"
-            )
+            kept = f"; the current images are in {self.interrupted} as *.interrupted.png" if self.interrupted else ""
+            if self.args is None:
+                resume = f"resume with the same command and --ckpt_path {shlex.quote(str(self.checkpoint))}"
+            else:
+                resume = f"resume with: {resume_command(self.args, self.checkpoint)}"
+            return f"stopped by {name} at step {self.step}{kept}; {resume}"
         writer = next((c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)), None)
         folder = getattr(writer, "output_dir", None) or trainer.log_dir or "."
         return (
             f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
             f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(folder))} to generate the rest"
         )
+
+
+def resume_command(args: Sequence[str], checkpoint: Path) -> str:
+    """The shell command that resumes ``lightning-nst <args>`` from ``checkpoint``: the same arguments, quoted."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return shlex.join(["lightning-nst", *kept, "--ckpt_path", str(checkpoint)])
+
+
+def resume_in_run_folder(trainer: L.Trainer, ckpt_path: str, stop: StopOnSignal) -> None:
+    """Let a run resumed from ``<run>/checkpoints/*.ckpt`` write its results into ``<run>``, if that holds none.
+
+    The logger still starts a new version folder (TensorBoard's curves of the resumed steps), but the images of an
+    interrupted run belong next to its ``*.interrupted.png``: the ImageWriter, when its ``output_dir`` is unset,
+    writes into the interrupted run's folder, and a second stop saves ``last.ckpt`` back into its ``checkpoints``.
+    A finished run's folder (it holds ``summary.json``) is never written into: its results stay, the new ones go to
+    the new run folder. One info line says which.
+    """
+    path = Path(ckpt_path).expanduser()
+    writer = next((c for c in trainer.callbacks if isinstance(c, ImageWriter)), None)
+    if writer is None or writer.output_dir is not None or path.parent.name != "checkpoints":
+        return
+    folder = path.parent.parent
+    if not (folder / "config.yaml").is_file() and not (folder / "hparams.yaml").is_file():
+        return  # not a run folder of lightning-nst or Lightning
+    if (folder / SUMMARY).exists():
+        rank_zero_info(f"Resuming the finished run {folder}: results go to this run's folder {trainer.log_dir}")
+        return
+    writer.output_dir = str(folder)
+    writer.directory = folder
+    stop.checkpoint_dir = path.parent
+    rank_zero_info(f"Resuming {folder}: results go there, TensorBoard logs to {trainer.log_dir}")
 
 
 class RemoveRefusedRunFolder(L.Callback):
@@ -276,21 +329,92 @@ def check_checkpoint(config: Namespace) -> bool:
     changed = [
         f"model.{key}" for key in UNSAFE_ON_RESUME if key in saved and _plain(wanted.get(key)) != _plain(saved[key])
     ]
+    if "model.vgg" in changed and state.get("vgg_weights") and _same_but_weights(wanted.get("vgg"), saved["vgg"]):
+        changed.remove("model.vgg")  # the weights themselves are compared below, whichever way they were named
     optimizer = wanted.get("optimizer")
     name = optimizer.get("class_path", "") if isinstance(optimizer, Namespace) else "Adam"
     if state.get("optimizer") and name.rsplit(".", 1)[-1] != state["optimizer"]:
         changed.append("model.optimizer")
-    data = (config.get("data") or Namespace()).get("init_args") or Namespace()
+    data_config = config.get("data") or Namespace()
+    data = data_config.get("init_args") or Namespace()
     size = data.get("size")
     if state.get("size") and [size, data.get("style_size") or size] != list(state["size"]):
         changed.append("data.size")
-    if changed:
+    if changed and changed != ["data.size"]:
         raise NSTError(
             f"ckpt_path: {path} was saved with other {', '.join(changed)} than this command; a resumed run cannot "
             f"change them (start a new run without --ckpt_path, or give the checkpoint's values)"
         )
+    _check_weights(path, state.get("vgg_weights"), wanted.get("vgg"))
     _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
+    if str(data_config.get("class_path", "")).endswith("ImageTargets"):
+        _check_image_shape(path, checkpoint["state_dict"]["images.0"].shape, state.get("size"), data)
+    if changed:  # the same image shape, but other style targets (style_size)
+        raise NSTError(
+            f"ckpt_path: {path} was saved with other data.size than this command; a resumed run cannot change it "
+            f"(start a new run without --ckpt_path, or give the checkpoint's values)"
+        )
     return True
+
+
+def _same_but_weights(wanted: Any, saved: Any) -> bool:
+    """Whether two ``model.vgg`` configs differ at most in how they name the weights."""
+    wanted, saved = _plain(wanted) or {}, _plain(saved) or {}
+    if not isinstance(wanted, dict) or not isinstance(saved, dict):
+        return False
+    fields = set(wanted) | set(saved)
+    return all(wanted.get(field) == saved.get(field) for field in fields - {"weights"})
+
+
+def _check_image_shape(path: Path, saved: Sequence[int], sizes: Sequence[int | None] | None, data: Namespace) -> None:
+    """Refuse when this command's data makes an image of another shape than the checkpoint's.
+
+    The shape follows from the reference image (content, else the first style image) and its size, loaded here as
+    ImageTargets will load it; a shape mismatch would otherwise surface as a traceback when Lightning restores the
+    image parameters. Also covers checkpoints that do not record ``data.size``.
+    """
+    style = list(data.get("style") or [])
+    size = data.get("size")
+    if data.get("content") is not None:
+        height, width = load_image(data.content, size, key="data.content").shape[-2:]
+    elif style:
+        height, width = load_image(style[0], data.get("style_size") or size, key="data.style[0]").shape[-2:]
+    else:
+        return  # the data module names what is missing
+    if (height, width) != tuple(saved[-2:]):
+        made_with = f" (data.size {sizes[0]})" if sizes else ""
+        raise NSTError(
+            f"ckpt_path: {path} holds a {saved[-1]}x{saved[-2]} image{made_with}, this command's data makes "
+            f"{width}x{height} (data.size {size}); a resumed run cannot change the image size (start a new run "
+            "without --ckpt_path, or give the checkpoint's data.size)"
+        )
+
+
+def _check_weights(path: Path, recorded: str | None, vgg: Any) -> None:
+    """Refuse when this command's ``model.vgg.weights`` names other weights than the checkpoint's were.
+
+    Checkpoints saved before the weights were recorded hold no record and are not checked. ``auto`` is left to
+    :meth:`ImageOptimization.on_load_checkpoint`, which knows what it resolved to once the trunk is built; a named
+    file is compared here by its content digest, without loading it.
+    """
+    if not recorded or vgg is None:
+        return
+    choice = str(vgg.get("weights", "auto"))
+    if choice == "random":
+        wanted = f"random (seed {vgg.get('seed', 0)})"
+    elif choice == "imagenet":
+        wanted = "imagenet"
+    elif choice != "auto" and Path(choice).expanduser().is_file():
+        file = Path(choice).expanduser()
+        wanted = f"file {file.resolve()} (sha256 {file_digest(file)[:12]})"
+    else:
+        return  # auto, or a missing file, which the trunk names with its own key
+    if ImageOptimization.weights_identity(recorded) != ImageOptimization.weights_identity(wanted):
+        raise NSTError(
+            f"ckpt_path: {path} was made with VGG weights {recorded}, but this command's model.vgg.weights gives "
+            f"{wanted}; a resumed run cannot change the weights (start a new run without --ckpt_path, or give the "
+            "checkpoint's weights)"
+        )
 
 
 def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, init: str | None) -> None:
@@ -478,7 +602,7 @@ def run(args: Sequence[str]) -> NSTCLI:
     """
     args = list(args)
     check_yaml_files(args)
-    stop = StopOnSignal()
+    stop = StopOnSignal(args)
     cli = None
     try:
         # Around the whole run, as the handlers must be in place before the trainer starts; a signal that comes

@@ -345,10 +345,50 @@ class ImageOptimization(L.LightningModule):
             "best_loss": list(self.best_loss),
             "best_step": list(self.best_step),
             "stopped_at": list(self.stopped_at),
+            # The weights actually loaded (a file's with its sha256 prefix), not the config's choice, e.g. ``auto``.
+            "vgg_weights": self.vgg.weights_used if self.vgg is not None else None,
         }
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:  # noqa: D102
+    @staticmethod
+    def weights_identity(description: str) -> tuple[str, ...]:
+        """What identifies the weights a :attr:`~lightning_nst.vgg.VGG19Features.weights_used` description names.
+
+        ``("imagenet",)``, ``("random", seed)`` or ``("file", sha256 prefix)``: the same weights chosen another way
+        (``auto`` or by name, a file moved) are the same.
+        """
+        if description.startswith("random"):
+            seed = re.search(r"seed (\d+)", description)
+            return ("random", seed.group(1) if seed else "")
+        if description.startswith("file"):
+            digest = re.search(r"sha256 ([0-9a-f]+)", description)
+            return ("file", digest.group(1) if digest else description)
+        return (description.split(" ", 1)[0],)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made for another image shape or other VGG weights; restore the best images.
+
+        :func:`lightning_nst.cli.check_checkpoint` refuses most of this before any heavy work; here, after
+        :meth:`setup` and :meth:`configure_model`, the shape and the weights actually loaded are known for certain
+        (``auto`` resolved), also for a trainer built in Python.
+        """
         state = checkpoint.get("lightning_nst", {})
+        where = f"ckpt_path: {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        for index, parameter in enumerate(self.images):
+            saved = checkpoint.get("state_dict", {}).get(f"images.{index}")
+            if saved is not None and saved.shape != parameter.shape:
+                raise NSTError(
+                    f"{where} holds a {saved.shape[-1]}x{saved.shape[-2]} image, this run's data makes "
+                    f"{parameter.shape[-1]}x{parameter.shape[-2]}; a resumed run cannot change the image size "
+                    "(start a new run without --ckpt_path, or give the checkpoint's data.size)"
+                )
+        recorded = state.get("vgg_weights")  # None in checkpoints saved before it was recorded: those still load
+        used = self.vgg.weights_used if self.vgg is not None else None
+        if recorded and used and self.weights_identity(recorded) != self.weights_identity(used):
+            raise NSTError(
+                f"{where} was made with VGG weights {recorded}, but this run's model.vgg.weights gives {used}; a "
+                "resumed run cannot change the weights (start a new run without --ckpt_path, or give the "
+                "checkpoint's weights)"
+            )
         self._initial = state.get("initial_loss")
         if state.get("best_images") is not None:
             self.best_images = state["best_images"]

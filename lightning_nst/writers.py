@@ -162,6 +162,25 @@ class ImageWriter(L.Callback):
                 kept = True
         exception.kept(str(self.directory) if kept else None)
 
+    def save_interrupted(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        """Save each objective's current image as ``<name>.interrupted.png``; return the folder, or ``None``.
+
+        Called when a signal stops the run (:class:`lightning_nst.cli.StopOnSignal`, on Lightning's
+        ``SIGTERMException``), beside the checkpoint that resumes it. A non-finite image is not saved.
+        """
+        if not isinstance(pl_module, ImageOptimization) or not trainer.is_global_zero or self.directory is None:
+            return None
+        image = pl_module.image
+        if image is None:
+            return None
+        saved = False
+        for index, objective in enumerate(pl_module.objectives):
+            if bool(torch.isfinite(image[index]).all()):
+                # The file of a stopped run's current image, beside last_good_file (outputs.py's contract).
+                save_image(image[index], self.directory / f"{objective.name}.interrupted.png", overwrite=True)
+                saved = True
+        return self.directory if saved else None
+
     def _save_steps(self, trainer: L.Trainer, module: ImageOptimization) -> None:
         step = trainer.global_step
         module.check_finite(f"steps/*_{step:05d}.png were not saved")

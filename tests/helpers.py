@@ -21,12 +21,19 @@ class KillAtStep(L.Callback):
 
 
 class SignalAtStep(L.Callback):
-    """Send ``signum`` (SIGTERM by default) to this process once ``trainer.global_step`` reaches ``step``."""
+    """Send ``signum`` (SIGTERM by default) to this process once ``trainer.global_step`` reaches ``step``.
+
+    A run resumed at or after ``step`` sends nothing, so the resume command a stopped run prints, which repeats this
+    callback, runs to the end.
+    """
 
     def __init__(self, step: int, signum: int = signal.SIGTERM) -> None:
         self.step = step
         self.signum = signum
         self.sent = False
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
+        self.sent = trainer.global_step >= self.step
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
         if trainer.global_step >= self.step and not self.sent:

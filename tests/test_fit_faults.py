@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ from PIL import Image
 from torchvision.models.vgg import cfgs, make_layers
 
 from lightning_nst.main import main
-from lightning_nst.outputs import file_digest
+from lightning_nst.outputs import FitSummary, file_digest
 from tests.conftest import CONFIGS, REPO
 from tests.tiny_pipeline import build_tiny_pipeline, records, tiny_args
 
@@ -35,6 +39,17 @@ def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-nst:")]
     assert len(lines) == 1 and lines[0].startswith("lightning-nst: error: "), lines
     return lines[0]
+
+
+@contextlib.contextmanager
+def info_lines(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Capture Lightning's info lines (its logger does not propagate to the root logger that caplog watches)."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def summary(version: int) -> dict:
@@ -57,8 +72,14 @@ def finished() -> Path:
 # -- 1. results after the last checkpoint ------------------------------------------------------------------------
 
 
-def test_resuming_a_finished_run_writes_results_and_a_larger_max_steps_continues(finished: Path) -> None:
-    main([*TEXTURE, *TOY, QUIET, EVERY_5, f"--ckpt_path={finished}"])
+def test_resuming_a_finished_run_writes_results_and_a_larger_max_steps_continues(
+    finished: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = file_digest(RUN / "version_0/gram.png")
+    with info_lines(caplog):
+        main([*TEXTURE, *TOY, QUIET, EVERY_5, f"--ckpt_path={finished}"])
+    assert f"Resuming the finished run {RUN / 'version_0'}: results go to this run's folder" in caplog.text
+    assert file_digest(RUN / "version_0/gram.png") == before  # a finished run's results are never replaced
     assert (RUN / "version_1/gram.png").is_file() and summary(1)["steps"] == 10
     np.testing.assert_array_equal(pixels(RUN / "version_1/gram.png"), pixels(RUN / "version_0/gram.png"))
 
@@ -142,7 +163,9 @@ def test_resume_refuses_a_changed_style_image(capsys: pytest.CaptureFixture[str]
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_signal_during_fit_saves_a_checkpoint_and_says_how_to_resume(signum: int, status: int) -> None:
+def test_signal_during_fit_keeps_the_images_and_prints_the_command_that_resumes(
+    signum: int, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
     sender = (
         f"--trainer.callbacks+={{class_path: tests.helpers.SignalAtStep, init_args: {{step: 3, signum: {signum}}}}}"
     )
@@ -150,14 +173,42 @@ def test_signal_during_fit_saves_a_checkpoint_and_says_how_to_resume(signum: int
     command = [sys.executable, "-m", "lightning_nst", *TEXTURE, *TOY, QUIET, sender]
     stopped = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert stopped.returncode == status, stopped.stderr[-2000:]
-    checkpoint = RUN / "version_0/checkpoints/last.ckpt"
-    assert f"resume with the same command and --ckpt_path {checkpoint}" in stopped.stderr
-    assert checkpoint.is_file() and not (RUN / "version_0/summary.json").exists()
+    run = RUN / "version_0"
+    checkpoint = run / "checkpoints/last.ckpt"
+    assert checkpoint.is_file() and not (run / "summary.json").exists()
+    interrupted = pixels(run / "gram.interrupted.png")
+    assert interrupted.shape == (32, 32, 3) and interrupted.std() > 10  # the image of step 3, not a blank
+    (line,) = [line for line in stopped.stderr.splitlines() if line.startswith("lightning-nst: stopped by")]
+    assert f"the current images are in {run} as *.interrupted.png; resume with: lightning-nst fit -c" in line
+    resume = shlex.split(line.split("resume with: ", 1)[1])
+    assert resume[0] == "lightning-nst" and resume[-2:] == ["--ckpt_path", str(checkpoint)]
 
-    main([*TEXTURE, *TOY, QUIET, f"--ckpt_path={checkpoint}"])
+    with info_lines(caplog):
+        main(resume[1:])  # the printed command, as a shell would split it (the sender does not fire again)
+    assert f"Resuming {run}: results go there, TensorBoard logs to {RUN / 'version_1'}" in caplog.text
     main([*TEXTURE, *TOY, QUIET])
-    assert summary(1)["resumed_at_step"] == 3 and summary(1)["steps"] == 10
-    np.testing.assert_array_equal(pixels(RUN / "version_1/gram.png"), pixels(RUN / "version_2/gram.png"))
+    resumed = FitSummary.read(run)  # the interrupted run's folder; the logger's new one has only the curves
+    assert resumed.resumed_at_step == 3 and resumed.steps == 10 and not (RUN / "version_1/gram.png").exists()
+    np.testing.assert_array_equal(pixels(run / "gram.png"), pixels(RUN / "version_2/gram.png"))
+
+
+def test_a_second_stop_keeps_the_chain_in_the_first_runs_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    def sender(step: int) -> str:
+        return (
+            f"--trainer.callbacks+={{class_path: tests.helpers.SignalAtStep, init_args: {{step: {step}, signum: 2}}}}"  # noqa: E501
+        )
+
+    with pytest.raises(SystemExit) as first:
+        main([*TEXTURE, *TOY, QUIET, sender(3)])
+    assert first.value.code == 130
+    checkpoint = RUN / "version_0/checkpoints/last.ckpt"
+    with pytest.raises(SystemExit):
+        main([*TEXTURE, *TOY, QUIET, sender(6), f"--ckpt_path={checkpoint}"])
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert "stopped by SIGINT at step 6" in line and line.endswith(f"--ckpt_path {checkpoint}"), line
+    main(shlex.split(line.split("resume with: ", 1)[1])[1:])
+    assert FitSummary.read(RUN / "version_0").steps == 10
+    assert not any(RUN.glob("version_[12]/*.png"))
 
 
 def test_sigterm_during_predict_keeps_finished_items(tmp_path: Path) -> None:
@@ -207,7 +258,6 @@ def test_resume_applies_safe_overrides(finished: Path) -> None:
         ("--model.init_args.vgg.pooling=max", "model.vgg"),
         ("--model.init_args.init_seed=3", "model.init_seed"),
         ("--model.init_args.optimizer=torch.optim.Adam", "model.optimizer"),
-        ("--data.init_args.size=40", "data.size"),
     ],
 )
 def test_resume_refuses_unsafe_overrides(
@@ -216,6 +266,61 @@ def test_resume_refuses_unsafe_overrides(
     err = fails([*TEXTURE, *TOY, QUIET, override, f"--ckpt_path={finished}"], capsys)
     assert f"ckpt_path: {finished} was saved with other {named}" in err, err
     assert not (RUN / "version_1").exists()
+
+
+def test_resume_refuses_another_image_size_in_one_line(finished: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails([*TEXTURE, *TOY, QUIET, "--data.init_args.size=40", f"--ckpt_path={finished}"], capsys)
+    assert f"ckpt_path: {finished} holds a 32x32 image (data.size 32), this command's data makes 40x40" in err, err
+    assert not (RUN / "version_1").exists()
+
+    # A checkpoint that does not record data.size (older ones): the shape still decides, before any heavy work.
+    checkpoint = torch.load(finished, weights_only=True)
+    del checkpoint["lightning_nst"]["size"]
+    torch.save(checkpoint, "old.ckpt")
+    err = fails([*TEXTURE, *TOY, QUIET, "--data.init_args.size=40", "--ckpt_path=old.ckpt"], capsys)
+    assert "ckpt_path: old.ckpt holds a 32x32 image, this command's data makes 40x40 (data.size 40)" in err, err
+    assert not (RUN / "version_1").exists()
+
+
+def _weights_file(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    torch.save({k: v for k, v in make_layers(cfgs["E"]).state_dict().items() if k.startswith("0.")}, path)
+    return path
+
+
+ONE_LAYER = "--model.init_args.objectives=[{name: gram, style_layers: [relu1_1], style_weight: 1e6}]"
+
+
+def test_resume_refuses_a_changed_weights_file(capsys: pytest.CaptureFixture[str]) -> None:
+    weights = _weights_file(Path("vgg.pth"), 0)
+    args = [*TEXTURE, *TOY, QUIET, EVERY_5, ONE_LAYER, f"--model.init_args.vgg.weights={weights}"]
+    main(args)
+    recorded = torch.load(RUN / "version_0/checkpoints/last.ckpt", weights_only=True)["lightning_nst"]["vgg_weights"]
+    assert f"sha256 {file_digest(weights)[:12]}" in recorded
+    _weights_file(weights, 1)  # the same path, other weights
+    err = fails([*args, f"--ckpt_path={RUN / 'version_0/checkpoints/last.ckpt'}"], capsys)
+    assert f"was made with VGG weights {recorded}, but this command's model.vgg.weights gives file" in err, err
+    assert f"sha256 {file_digest(weights)[:12]}" in err and not (RUN / "version_1").exists()
+
+
+def test_resume_refuses_other_weights_chosen_by_auto(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr("lightning_nst.vgg._imagenet_state", _offline)  # no download attempt in a test
+    monkeypatch.setenv("LIGHTNING_NST_VGG_WEIGHTS", str(_weights_file(Path("a.pth"), 0)))
+    args = [*TEXTURE, *TOY, QUIET, EVERY_5, ONE_LAYER, "--model.init_args.vgg.weights=auto"]
+    main(args)
+    monkeypatch.setenv("LIGHTNING_NST_VGG_WEIGHTS", str(_weights_file(Path("b.pth"), 1)))
+    err = fails([*args, f"--ckpt_path={RUN / 'version_0/checkpoints/last.ckpt'}"], capsys)
+    assert f"{Path('a.pth').resolve()} (sha256 {file_digest('a.pth')[:12]}" in err, err
+    assert f"but this run's model.vgg.weights gives file {Path('b.pth').resolve()}" in err, err
+    assert not (RUN / "version_1").exists()
+
+
+def _offline(key: str) -> dict:
+    from lightning_nst.errors import NSTError
+
+    raise NSTError(f"{key}: offline")
 
 
 def test_command_line_objectives_replace_the_configs() -> None:
@@ -259,3 +364,22 @@ def test_ckpt_path_that_is_not_a_checkpoint_is_refused(make: object, capsys: pyt
     err = fails([*TEXTURE, *TOY, f"--ckpt_path={path}"], capsys)
     assert f"ckpt_path: {'checkpoint not found: ' if make is None else ''}{path}" in err, err
     assert not Path("logs").exists()
+
+
+def test_loading_a_checkpoint_of_another_shape_or_weights_is_one_error_in_python_too() -> None:
+    """A trainer built in Python has no CLI check before it: the module's own hook refuses, naming both."""
+    from lightning_nst import ImageOptimization
+    from lightning_nst.errors import NSTError
+    from lightning_nst.optimize import Objective
+    from lightning_nst.vgg import VGGConfig
+
+    module = ImageOptimization([Objective("gram", style_layers=["relu1_1"])], vgg=VGGConfig(weights="random"))
+    module.images.append(torch.nn.Parameter(torch.zeros(1, 3, 40, 40)))
+    module.configure_model()
+    with pytest.raises(NSTError, match=r"^checkpoint holds a 32x32 image, this run's data makes 40x40"):
+        module.on_load_checkpoint({"state_dict": {"images.0": torch.zeros(1, 3, 32, 32)}, "lightning_nst": {}})
+    other = {"state_dict": {"images.0": torch.zeros(1, 3, 40, 40)}, "lightning_nst": {"vgg_weights": "imagenet"}}
+    with pytest.raises(NSTError, match=r"made with VGG weights imagenet, but this run's .* gives random \(seed 0\)"):
+        module.on_load_checkpoint(other)
+    module.on_load_checkpoint({**other, "lightning_nst": {"vgg_weights": "random (seed 0, chosen by auto: ...)"}})
+    module.on_load_checkpoint({**other, "lightning_nst": {}})  # saved before the weights were recorded: loads
