@@ -32,10 +32,8 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import preflight
-from lightning_nst.errors import NSTError, StoppedBySignal
-from lightning_nst.optimize import ImageOptimization
+from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.outputs import source_digest
-from lightning_nst.writers import ImageWriter
 from lightning_nst.yaml_checks import check_yaml_files
 
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -93,11 +91,6 @@ class NSTCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:  # noqa: D102
         super().after_instantiate_classes()
-        if self.subcommand == "fit" and isinstance(self.model, ImageOptimization):
-            # The module computes, a writer writes, as on predict; a config that lists no writer gets the default
-            # one. Before the clean-up callback: on an error the writer keeps the last finite images first.
-            if not any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
-                self.trainer.callbacks.append(ImageWriter())
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
         if self.subcommand is not None:
@@ -222,7 +215,11 @@ class RemoveRefusedRunFolder(L.Callback):
         self.existed = folder is not None and folder.exists()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:  # noqa: D102
-        if self.folder is None or self.existed or NSTError.behind(exception) is None or not trainer.is_global_zero:
+        error = NSTError.behind(exception)
+        # A diverged run was not refused: it ran, and its error names the folder of its *.last_good.png.
+        if self.folder is None or self.existed or error is None or isinstance(error, DivergenceError):
+            return
+        if not trainer.is_global_zero:
             return
         if self.folder.is_dir() and _only_bookkeeping(self.folder):
             shutil.rmtree(self.folder, ignore_errors=True)
