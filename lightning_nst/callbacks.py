@@ -49,8 +49,8 @@ class TrajectoryLogger(DenoisingCallback):
     holds the previews side by side labelled with step index, timestep and style loss, ``image/<index>`` the final
     image, ``final_style_loss/<index>`` its style loss and ``prompt/<index>`` (text) its prompt, seed, style image
     and sampling settings. Every tag is ``<kind>/<index>``: TensorBoard groups cards by the part before the first
-    ``/``, so a batch of any size makes these seven groups, each with one card per item. Needs a ``TensorBoardLogger``; under DDP, ranks other than
-    0 write their own event files into the same run folder.
+    ``/``, so a batch of any size makes these seven groups, each with one card per item. Needs a
+    ``TensorBoardLogger``; under DDP, ranks other than 0 write their own event files into the same run folder.
 
     Args:
         preview_every: Steps between previews; 0 logs scalars only (and the ``preview_steps``).
