@@ -7,6 +7,7 @@ path configs written before the two moved name).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,21 @@ from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.errors import NSTError
 from lightning_nst.images import labelled_grid, save_image
 from lightning_nst.outputs import preview_file
-from lightning_nst.writers import GenerationWriter
+from lightning_nst.writers import GenerationModule, GenerationWriter
 
 __all__ = ["DenoisingCallback", "GenerationWriter", "TrajectoryLogger"]
+
+
+def _item_text(batch: dict[str, Any], row: int, pl_module: L.LightningModule) -> str:
+    """One item's prompt and settings as Markdown, for TensorBoard's text tab."""
+    lines = [f"**{batch['prompt'][row]}**", ""]
+    for key in ("negative_prompt", "seed", "style"):
+        if key in batch:
+            lines.append(f"- {key}: `{batch[key][row]}`")
+    if isinstance(pl_module, GenerationModule):
+        for key, value in pl_module.manifest_settings().items():
+            lines.append(f"- {key}: `{json.dumps(value, default=str)}`")
+    return "\n".join(lines)
 
 
 class TrajectoryLogger(DenoisingCallback):
@@ -34,8 +47,10 @@ class TrajectoryLogger(DenoisingCallback):
     Scalars go to ``style_loss/<index>`` and ``timestep/<index>`` against the step index; every ``preview_every``
     steps (and at the last step) the clean prediction goes to ``x0/<index>``. After each batch, ``x0_table/<index>``
     holds the previews side by side labelled with step index, timestep and style loss, ``image/<index>`` the final
-    image and ``final_style_loss/<index>`` its style loss. Needs a ``TensorBoardLogger``; under DDP, ranks other than
-    0 write their own event files into the same run folder.
+    image, ``final_style_loss/<index>`` its style loss and ``prompt/<index>`` (text) its prompt, seed, style image
+    and sampling settings. Every tag is ``<kind>/<index>``: TensorBoard groups cards by the part before the first
+    ``/``, so a batch of any size makes these seven groups, each with one card per item. Needs a
+    ``TensorBoardLogger``; under DDP, ranks other than 0 write their own event files into the same run folder.
 
     Args:
         preview_every: Steps between previews; 0 logs scalars only (and the ``preview_steps``).
@@ -130,6 +145,7 @@ class TrajectoryLogger(DenoisingCallback):
                 self._writer.add_image(f"image/{tag}", outputs["images"][row], steps)
             if final is not None and failures[row] is None:
                 self._writer.add_scalar(f"final_style_loss/{tag}", float(final[row]), steps)
+            self._writer.add_text(f"prompt/{tag}", _item_text(batch, row, pl_module), steps)
             previews = self._previews.pop(index, [])
             if previews:
                 labels = [f"{step} t={t} L={loss:.3g}" for step, t, loss, _ in previews]

@@ -33,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import preflight
-from lightning_nst.errors import NSTError, StoppedBySignal
+from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import load_image
 from lightning_nst.optimize import ImageOptimization
 from lightning_nst.outputs import SUMMARY, file_digest, source_digest
@@ -96,8 +96,8 @@ class NSTCLI(LightningCLI):
     def after_instantiate_classes(self) -> None:  # noqa: D102
         super().after_instantiate_classes()
         if self.subcommand == "fit" and isinstance(self.model, ImageOptimization):
-            # The module computes, a writer writes, as on predict; a config that lists no writer gets the default
-            # one. Before the clean-up callback: on an error the writer keeps the last finite images first.
+            # The module would attach its default writer itself (configure_callbacks), but only once the run starts:
+            # added here, it is in place for resume_in_run_folder and keeps its last images before the clean-up.
             if not any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
                 self.trainer.callbacks.append(ImageWriter())
         if self.subcommand in ("fit", "predict"):
@@ -275,7 +275,11 @@ class RemoveRefusedRunFolder(L.Callback):
         self.existed = folder is not None and folder.exists()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:  # noqa: D102
-        if self.folder is None or self.existed or NSTError.behind(exception) is None or not trainer.is_global_zero:
+        error = NSTError.behind(exception)
+        # A diverged run was not refused: it ran, and its error names the folder of its *.last_good.png.
+        if self.folder is None or self.existed or error is None or isinstance(error, DivergenceError):
+            return
+        if not trainer.is_global_zero:
             return
         if self.folder.is_dir() and _only_bookkeeping(self.folder):
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -36,3 +36,29 @@ class StoppedBySignal(Exception):
     def exit_code(self) -> int:
         """The shell's status for death by this signal: ``128 + signum``."""
         return 128 + self.signum
+
+
+class DivergenceError(NSTError):
+    """A loss term became non-finite: the message names the step, the objective and the term.
+
+    Whoever saves the last finite images (:class:`lightning_nst.writers.ImageWriter`, in its ``on_exception``)
+    records where with :meth:`kept`, and the message says so.
+    """
+
+    def __init__(self, step: int, objective: str, term: str, value: float) -> None:
+        self.step, self.objective, self.term, self.value = step, objective, term, value
+        self.kept_note = ""
+        super().__init__(str(self))
+
+    def kept(self, folder: str | None) -> None:
+        """Say that the last finite images are in ``folder`` as ``*.last_good.png``; ``None``: none was finite."""
+        if folder is None:
+            self.kept_note = "; no image was ever finite, so no *.last_good.png was written"
+        else:
+            self.kept_note = f"; the last finite images are in {folder} as *.last_good.png"
+
+    def __str__(self) -> str:
+        return (
+            f"step {self.step}: objective {self.objective}, loss term {self.term} is {self.value}; "
+            f"lower the learning rate (model.optimizer) or the weights (model.objectives){self.kept_note}"
+        )

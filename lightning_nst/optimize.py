@@ -19,12 +19,15 @@ from torch.optim import LBFGS, Adam, Optimizer
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lightning_nst.data import ImageTargets
-from lightning_nst.errors import NSTError
+from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.images import load_image
 from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import source_digest
 from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_weights, min_input_size
+from lightning_nst.writers import ImageWriter
+
+__all__ = ["DivergenceError", "ImageOptimization", "Objective", "ObjectiveResult", "default_optimizer"]
 
 # Checkpoints hold the state after the step of their global_step, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
@@ -81,32 +84,6 @@ def _nothing() -> None:
     pass
 
 
-class DivergenceError(NSTError):
-    """A loss term became non-finite: the message names the step, the objective and the term.
-
-    Whoever saves the last finite images (:class:`lightning_nst.writers.ImageWriter`, in its ``on_exception``)
-    records where with :meth:`kept`, and the message says so.
-    """
-
-    def __init__(self, step: int, objective: str, term: str, value: float) -> None:
-        self.step, self.objective, self.term, self.value = step, objective, term, value
-        self.kept_note = ""
-        super().__init__(str(self))
-
-    def kept(self, folder: str | None) -> None:
-        """Say that the last finite images are in ``folder`` as ``*.last_good.png``; ``None``: none was finite."""
-        if folder is None:
-            self.kept_note = "; no image was ever finite, so no *.last_good.png was written"
-        else:
-            self.kept_note = f"; the last finite images are in {folder} as *.last_good.png"
-
-    def __str__(self) -> str:
-        return (
-            f"step {self.step}: objective {self.objective}, loss term {self.term} is {self.value}; "
-            f"lower the learning rate (model.optimizer) or the weights (model.objectives){self.kept_note}"
-        )
-
-
 @dataclass
 class ObjectiveResult:
     """What an objective ended with: the image to save and the numbers ``summary.json`` records about it.
@@ -148,8 +125,9 @@ class ImageOptimization(L.LightningModule):
     style targets are computed once at the start of fitting.
 
     The module computes and never writes files: a :class:`lightning_nst.writers.ImageWriter` in the trainer's
-    callbacks writes the results (``lightning-nst fit`` adds one when the config lists none; a trainer built in
-    Python writes only what its own callbacks write, and :meth:`results` returns the images). The VGG trunk is built in
+    callbacks writes the results, and :meth:`configure_callbacks` adds one with its defaults to a trainer that has
+    none, so a trainer built in Python writes into its logger's run folder as ``lightning-nst fit`` does;
+    :meth:`results` also returns the images. The VGG trunk is built in
     :meth:`configure_model`, which Lightning calls before restoring a checkpoint; used outside a trainer, the module
     builds it on the first call of :meth:`objective_loss`.
 
@@ -164,6 +142,8 @@ class ImageOptimization(L.LightningModule):
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
         style: The style images taken from the data module in :meth:`setup`.
+        content_source: The content image's source (a path or ``skimage:NAME``) as the data module names it.
+        style_sources: The style images' sources.
         inputs: Content digests of the content, style and init images (see
             :func:`lightning_nst.outputs.source_digest`), recorded in checkpoints and ``summary.json``.
         last_good: The last finite image of each objective, ``(objectives, 3, H, W)``, once training started.
@@ -207,6 +187,8 @@ class ImageOptimization(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen VGG weights
         self.content: Tensor | None = None
         self.style: list[Tensor] = []
+        self.content_source: str | None = None
+        self.style_sources: list[str] = []
         self.inputs: dict[str, Any] | None = None
         self._target_sizes: list[int | None] | None = None
         self._initial: dict[str, dict[str, float]] | None = None
@@ -254,6 +236,8 @@ class ImageOptimization(L.LightningModule):
         data.check_min_size(min_input_size(self.layers))
         self.content = data.content
         self.style = list(data.style)
+        self.content_source = str(data.content_source) if data.content_source is not None else None
+        self.style_sources = [str(source) for source in data.style_sources]
         self._target_sizes = [data.size, data.style_size]
         self.inputs = {
             "data.content": source_digest(data.content_source) if data.content_source is not None else None,
@@ -280,6 +264,16 @@ class ImageOptimization(L.LightningModule):
             self.inputs["model.init"] = source_digest(self.init)
         for _ in self.objectives:
             self.images.append(nn.Parameter(start.clamp(0, 1).clone().contiguous()))
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A default :class:`~lightning_nst.writers.ImageWriter` when the trainer has none, so results are written.
+
+        Only then: Lightning replaces a trainer's callbacks of the type returned here, and a writer given to the
+        trainer (or by a config) must be kept with its options.
+        """
+        if any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
+            return []
+        return [ImageWriter()]
 
     def configure_optimizers(self) -> list[Optimizer]:
         """Build the optimizer chosen in the config once per objective, each over that objective's image."""

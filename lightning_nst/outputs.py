@@ -117,6 +117,11 @@ def step_file(objective: str, step: int) -> str:
     return f"steps/{objective}_{step:05d}.png"
 
 
+def interrupted_file(objective: str) -> str:
+    """The image an objective had when a signal stopped the run (SIGINT, SIGTERM), beside its checkpoint."""
+    return f"{objective}.interrupted.png"
+
+
 def last_good_file(objective: str) -> str:
     """The last finite image of an objective, kept when its loss became non-finite."""
     return f"{objective}.last_good.png"
@@ -153,7 +158,12 @@ class ObjectiveRecord:
 
 @dataclass
 class FitSummary:
-    """The whole ``summary.json`` of a fit; keys and their order are those of the file."""
+    """The whole ``summary.json`` of a fit; keys and their order are those of the file.
+
+    ``inputs`` holds the content digests that checkpoints also keep (:func:`source_digest`); ``images`` names the
+    content and style images: ``{"content": {"path", "sha256"} or None, "style": [{"path", "sha256"}, ...]}``, with
+    the absolute path and the SHA-256 of a file, or the source as given and ``None`` for an embedded sample.
+    """
 
     vgg_weights: str
     pooling: str
@@ -170,6 +180,7 @@ class FitSummary:
     grid: str
     grid_sha256: str
     inputs: dict[str, Any] | None
+    images: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         """The file's text."""

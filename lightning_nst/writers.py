@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -25,10 +25,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torch.nn import functional
 
-from lightning_nst.errors import NSTError
+from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.images import labelled_grid, save_image, to_pil, write_atomic
-from lightning_nst.optimize import DivergenceError, ImageOptimization
 from lightning_nst.outputs import (
     GRID,
     ITEM_FILE,
@@ -38,6 +38,7 @@ from lightning_nst.outputs import (
     GenerationRecord,
     ObjectiveRecord,
     file_digest,
+    interrupted_file,
     item_file,
     last_good_file,
     result_file,
@@ -50,25 +51,98 @@ log = logging.getLogger(__name__)
 # -- image optimisation (fit) ---------------------------------------------------------------------------------------
 
 
+@runtime_checkable
+class OptimizationModule(Protocol):
+    """What :class:`ImageWriter` needs of the module: :class:`~lightning_nst.ImageOptimization` provides it.
+
+    A protocol rather than the class, so that the module can attach a default writer (its ``configure_callbacks``)
+    without the two modules importing each other.
+    """
+
+    objectives: Sequence[Any]
+    vgg: Any
+    device: torch.device
+    inputs: dict[str, Any] | None
+    content: Tensor | None
+    style: list[Tensor]
+    content_source: str | None
+    style_sources: list[str]
+    last_good: Tensor | None
+    has_good: list[bool]
+
+    @property
+    def image(self) -> Tensor | None:
+        """The current images, one per objective, ``(objectives, 3, H, W)`` in ``[0, 1]``."""
+        ...
+
+    def check_finite(self, what: str) -> None:
+        """Raise, saying ``what`` therefore did not happen, if an image holds NaN or infinity."""
+        ...
+
+    def results(self) -> Sequence[Any]:
+        """Each objective's result (``ObjectiveResult``): the best image, its loss terms and metrics."""
+        ...
+
+
+def _fit_tile(image: Tensor, height: int, width: int) -> Tensor:
+    """``image`` ``(1, 3, h, w)`` scaled to fit ``height`` x ``width``, keeping its aspect, centred on white."""
+    h, w = image.shape[-2:]
+    scale = min(height / h, width / w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    image = functional.interpolate(image.float(), size=size, mode="bilinear", antialias=True).clamp(0, 1)
+    top, left = (height - size[0]) // 2, (width - size[1]) // 2
+    return functional.pad(image, (left, width - size[1] - left, top, height - size[0] - top), value=1.0)
+
+
+def _source_record(source: str) -> dict[str, str | None]:
+    """An input image's ``path`` (absolute, for a file) and the ``sha256`` of its bytes (``None`` for a sample)."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"path": str(path.resolve()), "sha256": file_digest(path)}
+    return {"path": source, "sha256": None}
+
+
+def _close_progress_bar(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    """Have the progress bar draw its last frame now, so that a line printed next comes below it.
+
+    Lightning tears callbacks down in list order with its own progress bar after the configured callbacks, and the
+    Rich bar draws its last frame in its ``teardown``; the progress bars' teardown may run twice.
+    """
+    bar = trainer.progress_bar_callback
+    if bar is not None:
+        bar.teardown(trainer, pl_module, stage)
+
+
+def _finite_floats(values: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in values.items() if math.isfinite(float(value))}
+
+
 class ImageWriter(L.Callback):
     """Write what :class:`~lightning_nst.ImageOptimization` computes: result PNGs, a grid, ``summary.json``.
 
-    ``lightning-nst fit`` adds one with these defaults when the config lists none; the shipped configs list it as
-    the last callback, so ``--trainer.callbacks.init_args.output_dir DIR`` sets its folder, as for ``predict``'s
-    writer. File names are those of :mod:`lightning_nst.outputs`.
+    :meth:`ImageOptimization.configure_callbacks <lightning_nst.ImageOptimization.configure_callbacks>` adds one
+    with these defaults to a trainer that has none (from ``lightning-nst fit`` or Python alike); the shipped configs
+    list it as the last callback, so ``--trainer.callbacks.init_args.output_dir DIR`` sets its folder, as for
+    ``predict``'s writer. File names are those of :mod:`lightning_nst.outputs`.
 
     It refuses to start when result files exist in the folder (unless ``overwrite``), saves step snapshots and logs
     TensorBoard images while the run goes on, and keeps each objective's last finite image as
-    ``<name>.last_good.png`` when a loss becomes non-finite.
+    ``<name>.last_good.png`` when a loss becomes non-finite. To TensorBoard it logs the content and style images
+    once (``inputs/content``, ``inputs/style_<i>``), snapshots from step 0, the results, and at the end the
+    objectives' settings as hyperparameters with their final losses and metrics (``final/<objective>/<name>``), so
+    the HParams tab compares runs.
 
     Args:
-        output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``).
+        output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``), or
+            ``trainer.default_root_dir`` without a logger.
         overwrite: Replace existing result files in ``output_dir`` instead of refusing to start.
         save_every: Also save each objective's image as ``steps/<name>_<step>.png`` every this many steps, and at
             step 0 (neural-style's ``-save_iter``); 0 turns it off. A resumed run replaces the files of the steps it
             repeats.
-        snapshot_every: Log the current images to TensorBoard every this many steps; 0 turns it off.
+        snapshot_every: Log the current images to TensorBoard at step 0 and every this many steps; 0 turns it off.
         grid_columns: Columns of the labelled grid of results.
+        grid_inputs: With a single objective, show the content and style images left of the result in
+            ``grid.png`` (``content | style | result``); sweeps' grids show the results only.
     """
 
     def __init__(
@@ -78,21 +152,24 @@ class ImageWriter(L.Callback):
         save_every: NonNegativeInt = 0,
         snapshot_every: NonNegativeInt = 50,
         grid_columns: PositiveInt = 4,
+        grid_inputs: bool = True,
     ) -> None:
         self.output_dir = output_dir
         self.overwrite = overwrite
         self.save_every = int(save_every)
         self.snapshot_every = int(snapshot_every)
         self.grid_columns = int(grid_columns)
+        self.grid_inputs = grid_inputs
         self.directory = Path(output_dir).expanduser() if output_dir is not None else None
         self._started = 0.0
         self._start_step = 0
         self._first_step_done = 0.0
         self._written = False
+        self._announce: str | None = None
 
     @staticmethod
-    def _module(pl_module: L.LightningModule) -> ImageOptimization:
-        if not isinstance(pl_module, ImageOptimization):
+    def _module(pl_module: L.LightningModule) -> OptimizationModule:
+        if not isinstance(pl_module, OptimizationModule):
             raise NSTError(f"ImageWriter: writes the results of ImageOptimization, not of {type(pl_module).__name__}")
         return pl_module
 
@@ -111,6 +188,7 @@ class ImageWriter(L.Callback):
         """
         self._started = time.perf_counter()
         self._start_step = trainer.global_step
+        self._written, self._announce = False, None
         if self.overwrite or not trainer.is_global_zero or self.directory is None:
             return
         names = [result_file(objective.name) for objective in self._module(pl_module).objectives] + [GRID, SUMMARY]
@@ -121,11 +199,23 @@ class ImageWriter(L.Callback):
                 "--trainer.callbacks.init_args.overwrite true"
             )
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """At step 0 (not on resuming): log the input images and a first snapshot, and save the step-0 images."""
+        module = self._module(pl_module)
         self._started = time.perf_counter()
         self._start_step = trainer.global_step
-        if self.save_every and trainer.global_step == 0:
-            self._save_steps(trainer, self._module(pl_module))
+        if trainer.global_step != 0:
+            return
+        experiment = self._experiment(trainer)
+        if experiment is not None:
+            if module.content is not None:
+                experiment.add_image("inputs/content", module.content[0].float().clamp(0, 1).cpu(), 0)
+            for index, style in enumerate(module.style):
+                experiment.add_image(f"inputs/style_{index}", style[0].float().clamp(0, 1).cpu(), 0)
+        if self.snapshot_every:
+            self._log_images(trainer, module, "snapshot", module.image)
+        if self.save_every:
+            self._save_steps(trainer, module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         """Time the first step, log snapshots to TensorBoard and save step images."""
@@ -148,9 +238,16 @@ class ImageWriter(L.Callback):
             self._start_step = trainer.global_step
             self.write_results(trainer, self._module(pl_module))
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Say where the results went, below the progress bar's last frame."""
+        if self._announce is not None:
+            _close_progress_bar(trainer, pl_module, stage)
+            rank_zero_info(self._announce)
+            self._announce = None
+
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On a non-finite loss, save each objective's last finite image and name where in the error."""
-        if not isinstance(exception, DivergenceError) or not isinstance(pl_module, ImageOptimization):
+        if not isinstance(exception, DivergenceError) or not isinstance(pl_module, OptimizationModule):
             return
         if not trainer.is_global_zero or pl_module.last_good is None or self.directory is None:
             return
@@ -168,7 +265,7 @@ class ImageWriter(L.Callback):
         Called when a signal stops the run (:class:`lightning_nst.cli.StopOnSignal`, on Lightning's
         ``SIGTERMException``), beside the checkpoint that resumes it. A non-finite image is not saved.
         """
-        if not isinstance(pl_module, ImageOptimization) or not trainer.is_global_zero or self.directory is None:
+        if not isinstance(pl_module, OptimizationModule) or not trainer.is_global_zero or self.directory is None:
             return None
         image = pl_module.image
         if image is None:
@@ -176,32 +273,76 @@ class ImageWriter(L.Callback):
         saved = False
         for index, objective in enumerate(pl_module.objectives):
             if bool(torch.isfinite(image[index]).all()):
-                # The file of a stopped run's current image, beside last_good_file (outputs.py's contract).
-                save_image(image[index], self.directory / f"{objective.name}.interrupted.png", overwrite=True)
+                save_image(image[index], self.directory / interrupted_file(objective.name), overwrite=True)
                 saved = True
         return self.directory if saved else None
 
-    def _save_steps(self, trainer: L.Trainer, module: ImageOptimization) -> None:
+    def _save_steps(self, trainer: L.Trainer, module: OptimizationModule) -> None:
         step = trainer.global_step
         module.check_finite(f"steps/*_{step:05d}.png were not saved")
-        if trainer.is_global_zero and self.directory is not None:
-            image = module.image
+        image = module.image
+        if trainer.is_global_zero and self.directory is not None and image is not None:
             for index, objective in enumerate(module.objectives):
                 save_image(image[index], self.directory / step_file(objective.name, step), overwrite=True)
 
-    def _log_images(self, trainer: L.Trainer, module: ImageOptimization, tag: str, images: Tensor) -> None:
-        if isinstance(trainer.logger, TensorBoardLogger):
-            grid = labelled_grid(images, [objective.name for objective in module.objectives], nrow=self.grid_columns)
-            trainer.logger.experiment.add_image(
-                tag, torch.from_numpy(np.array(grid)), trainer.global_step, dataformats="HWC"
-            )
+    @staticmethod
+    def _experiment(trainer: L.Trainer) -> Any:
+        """The TensorBoard ``SummaryWriter`` of rank 0, or ``None``."""
+        if trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+            return trainer.logger.experiment
+        return None
 
-    def write_results(self, trainer: L.Trainer, module: ImageOptimization) -> None:
-        """Write each objective's best image as a PNG, a labelled grid and ``summary.json``, then say where.
+    def _log_images(self, trainer: L.Trainer, module: OptimizationModule, tag: str, images: Tensor | None) -> None:
+        experiment = self._experiment(trainer)
+        if experiment is not None and images is not None:
+            grid = labelled_grid(images, [objective.name for objective in module.objectives], nrow=self.grid_columns)
+            experiment.add_image(tag, torch.from_numpy(np.array(grid)), trainer.global_step, dataformats="HWC")
+
+    def _grid(self, module: OptimizationModule, best: Tensor, names: list[str]) -> Any:
+        """The labelled grid: ``content | style | result`` for one objective (``grid_inputs``), else the results."""
+        if not self.grid_inputs or len(names) != 1:
+            return labelled_grid(best, names, nrow=self.grid_columns)
+        height, width = best.shape[-2:]
+        tiles = [best.float().cpu()]
+        labels = list(names)
+        styles = module.style
+        inputs = ([("content", module.content)] if module.content is not None else []) + [
+            ("style" if len(styles) == 1 else f"style {index + 1}", style) for index, style in enumerate(styles)
+        ]
+        for label, image in reversed(inputs):
+            tiles.insert(0, _fit_tile(image.cpu(), height, width))
+            labels.insert(0, label)
+        return labelled_grid(torch.cat(tiles), labels, nrow=len(tiles))
+
+    def _log_hparams(self, trainer: L.Trainer, module: OptimizationModule, summary: FitSummary) -> None:
+        """The objectives' settings as hyperparameters with their final losses and metrics, for the HParams tab."""
+        params: dict[str, Any] = {
+            "vgg_weights": summary.vgg_weights,
+            "pooling": summary.pooling,
+            "image_size": "x".join(map(str, summary.image_size)),
+            "steps": summary.steps,
+        }
+        metrics: dict[str, float] = {}
+        for name, record in summary.objectives.items():
+            params.update({f"{name}/{key}": value for key, value in record.objective.items() if key != "name"})
+            final = {"best_loss": record.best_loss, "last_loss": record.last_loss, "best_step": record.best_step}
+            final.update({key: value for key, value in record.final_loss.items() if key != "total"})
+            final.update(record.metrics)
+            metrics.update({f"final/{name}/{key}": value for key, value in _finite_floats(final).items()})
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.log_hyperparams(params, metrics)  # logs the metrics too, as scalars at step 0
+            else:
+                logger.log_hyperparams(params)
+                logger.log_metrics(metrics, summary.steps)
+
+    def write_results(self, trainer: L.Trainer, module: OptimizationModule) -> None:
+        """Write each objective's best image as a PNG, a labelled grid and ``summary.json``; log them to TensorBoard.
 
         ``summary.json`` (:class:`~lightning_nst.outputs.FitSummary`) records, per objective, the step and loss of
         the image saved (``best_step``, ``best_loss``, its terms in ``final_loss``) and the loss of the last image
-        (``last_loss``).
+        (``last_loss``), and the content and style files (``images``). Where the results went is printed in
+        :meth:`teardown`, after the progress bar.
         """
         if module.image is None or self.directory is None:
             return
@@ -228,7 +369,7 @@ class ImageWriter(L.Callback):
             )
         best = torch.cat([result.image for result in results])
         names = [objective.name for objective in module.objectives]
-        save_image(labelled_grid(best, names, nrow=self.grid_columns), out / GRID, overwrite=self.overwrite)
+        save_image(self._grid(module, best, names), out / GRID, overwrite=self.overwrite)
         self._log_images(trainer, module, "result", best)
         steps = trainer.global_step
         ran = steps - self._start_step
@@ -251,10 +392,15 @@ class ImageWriter(L.Callback):
             grid=GRID,
             grid_sha256=file_digest(out / GRID),
             inputs=module.inputs,
+            images={
+                "content": _source_record(module.content_source) if module.content_source is not None else None,
+                "style": [_source_record(source) for source in module.style_sources],
+            },
         )
         write_atomic(out / SUMMARY, summary.to_json().encode(), overwrite=self.overwrite)
+        self._log_hparams(trainer, module, summary)
         self._written = True
-        rank_zero_info(f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY})")
+        self._announce = f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY})"
 
 
 # -- predict: GenerationWriter --------------------------------------------------------------------------------------
@@ -564,6 +710,7 @@ class GenerationWriter(BasePredictionWriter):
         # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
         # but every process tears down.
         trainer.strategy.barrier("GenerationWriter.merge")
+        _close_progress_bar(trainer, pl_module, stage)  # the Results line comes below it
         recorded = self._merge() if trainer.is_global_zero else 0
         directory, self.directory = self.directory, None
         failures, self._failures = self._failures, []

@@ -93,6 +93,7 @@ def test_digests(tmp_path: Path) -> None:
 SUMMARY_KEYS = [
     "vgg_weights", "pooling", "image_size", "precision", "device", "steps", "resumed_at_step", "wall_time_s",
     "seconds_per_step", "seconds_per_step_after_first", "output_dir", "objectives", "grid", "grid_sha256", "inputs",
+    "images",
 ]  # fmt: skip
 OBJECTIVE_KEYS = [
     "sha256", "objective", "initial_loss", "final_loss", "best_step", "best_loss", "last_loss", "stopped_at_step",
@@ -116,6 +117,7 @@ def test_fit_summary_keeps_the_keys_and_reads_back(tmp_path: Path) -> None:
         steps=4, resumed_at_step=None, wall_time_s=0.1, seconds_per_step=0.025, seconds_per_step_after_first=None,
         output_dir="/out", objectives={"gram": record}, grid="grid.png", grid_sha256="cd",
         inputs={"data.content": None, "data.style": ["skimage:gravel"]},
+        images={"content": None, "style": [{"path": "skimage:gravel", "sha256": None}]},
     )  # fmt: skip
     text = summary.to_json()
     data = json.loads(text)
@@ -123,3 +125,7 @@ def test_fit_summary_keeps_the_keys_and_reads_back(tmp_path: Path) -> None:
     assert text.startswith('{\n  "vgg_weights": "random (seed 0)",\n')  # indent 2, as before
     (tmp_path / SUMMARY).write_text(text)
     assert FitSummary.read(tmp_path) == summary and FitSummary.read(tmp_path).to_json() == text
+    # A summary written before `images` existed still reads.
+    del data["images"]
+    (tmp_path / SUMMARY).write_text(json.dumps(data))
+    assert FitSummary.read(tmp_path).images is None

@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, StyleDistance, VGGConfig
@@ -47,27 +48,84 @@ def targets() -> ImageTargets:
     return ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=32)
 
 
-def test_the_cli_adds_a_writer_and_the_module_writes_nothing_itself(tmp_path: Path) -> None:
-    # The CLI adds the default writer to a config that lists none.
+def test_a_trainer_without_a_writer_gets_the_default_one(tmp_path: Path) -> None:
+    # The CLI, through the module's configure_callbacks, adds the default writer to a config that lists none.
     main(["fit", "-c", str(CONFIGS / "texture_gram.yaml"), *TOY, "--trainer.callbacks=[]", "--trainer.logger=false",
           f"--trainer.default_root_dir={tmp_path / 'cli'}", "--trainer.max_steps=2"])  # fmt: skip
     assert FitSummary.read(tmp_path / "cli").objectives["gram"].output == "gram.png"
 
-    # A trainer built in Python without a writer writes nothing; the results are the module's to return.
-    model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
-    fit = trainer(tmp_path / "bare")
-    fit.fit(model, targets())
-    assert not any(isinstance(callback, ImageWriter) for callback in fit.callbacks)
-    assert not (tmp_path / "bare").exists() or not any((tmp_path / "bare").rglob("*.png"))
+    # A trainer built in Python writes into its logger's run folder, and a second fit (a new version folder) runs.
+    for version in (0, 1):
+        model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
+        fit = L.Trainer(max_steps=2, max_epochs=-1, logger=TensorBoardLogger(tmp_path / "tb", name="notebook"),
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        fit.fit(model, targets())
+        run = tmp_path / f"tb/notebook/version_{version}"
+        assert FitSummary.read(run).output_dir == str(run.resolve()) and Image.open(run / "t.png").size == (32, 32)
     (result,) = model.results()
     assert result.image.shape[:2] == (1, 3) and bool(result.image.isfinite().all())
 
+    # Without a logger, it writes into default_root_dir.
+    trainer(tmp_path / "root", steps=2).fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), targets())
+    assert (tmp_path / "root/t.png").is_file()
+
     # A trainer's own writer is used as given, not joined by a second one.
     writer = ImageWriter(output_dir=str(tmp_path / "mine"), snapshot_every=0)
-    fit = trainer(tmp_path / "root", callbacks=[writer])
+    fit = trainer(tmp_path / "other", callbacks=[writer])
     fit.fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), targets())
     assert [callback for callback in fit.callbacks if isinstance(callback, ImageWriter)] == [writer]
-    assert (tmp_path / "mine/t.png").is_file() and not (tmp_path / "root").exists()
+    assert (tmp_path / "mine/t.png").is_file() and not (tmp_path / "other").exists()
+
+
+def test_a_diverged_run_without_a_listed_writer_keeps_its_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    # The default writer comes after the CLI's clean-up callback; a divergence is no refused run to remove.
+    nan_at_2 = "--trainer.callbacks=[{class_path: tests.helpers.NaNGradientAtStep, init_args: {step: 2}}]"
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(CONFIGS / "texture_gram.yaml"), *TOY, QUIET, "--trainer.max_steps=5", nan_at_2])
+    assert "as *.last_good.png" in capsys.readouterr().err
+    run = Path("logs/texture_gram/version_0")
+    assert (run / "gram.last_good.png").is_file() and (run / "config.yaml").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+
+
+def test_the_grid_of_one_objective_shows_content_style_and_result(tmp_path: Path) -> None:
+    content = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(content)
+    data = ImageTargets(content=str(content), style=["skimage:gravel"], size=32)
+    fit = trainer(tmp_path / "with", steps=1)
+    fit.fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), data)
+    summary = FitSummary.read(tmp_path / "with")
+    assert summary.images == {
+        "content": {"path": str(content.resolve()), "sha256": file_digest(content)},
+        "style": [{"path": "skimage:gravel", "sha256": None}],
+    }
+    height, width = Image.open(tmp_path / "with/t.png").size[::-1]
+    with Image.open(tmp_path / "with/grid.png") as grid:
+        assert grid.size == (3 * width + 4 * 2, height + 2 * 2)  # content | style | result, make_grid's padding 2
+        tiles = np.asarray(grid.convert("RGB"))
+    with Image.open(tmp_path / "with/t.png") as result:
+        last = tiles[2 + 16 : 2 + height, 2 + 2 * (width + 2) : 2 + 2 * (width + 2) + width]  # below the label
+        assert np.array_equal(last, np.asarray(result)[16:])
+
+    writer = ImageWriter(grid_inputs=False)
+    trainer(tmp_path / "without", steps=1, callbacks=[writer]).fit(
+        ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), data
+    )
+    assert Image.open(tmp_path / "without/grid.png").size == (width, height)  # make_grid: one image, no padding
+    # Sweeps keep the grid of results.
+    sweep = ImageOptimization([TRANSFER, Objective("c", content_layers=["relu1_1"])], vgg=VGGConfig(weights="random"))
+    trainer(tmp_path / "sweep", steps=1).fit(sweep, data)
+    assert Image.open(tmp_path / "sweep/grid.png").size == (2 * width + 6, height + 4)
+
+
+def test_results_line_comes_after_the_progress_bar(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = ["fit", "-c", str(CONFIGS / "texture_gram.yaml"), *TOY, "--trainer.max_steps=2"]
+    done = subprocess.run([sys.executable, "-m", "lightning_nst", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    tail = done.stdout[done.stdout.index("Results: ") :]
+    assert "Epoch" not in tail and "it/s" not in tail, done.stdout[-600:]
 
 
 def test_the_reported_style_distance_is_the_metrics_from_scratch(
