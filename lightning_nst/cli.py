@@ -73,7 +73,7 @@ class NSTCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """``fit`` and ``predict``: this project has no validation or test step, so ``validate``/``test`` are not offered."""
+        """``fit`` and ``predict``: nothing here validates or tests, so ``validate``/``test`` are not offered."""
         return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "predict")}
 
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:

@@ -1,4 +1,4 @@
-"""``lightning-nst stylize|texture|generate``: flat flags for the everyday runs, on the same path as ``fit``/``predict``.
+"""``lightning-nst stylize|texture|generate``: flat flags for everyday runs, on the same path as ``fit``/``predict``.
 
 Each shortcut is a shipped config with the flags as overrides (:func:`stylize_config`, :func:`texture_config`,
 :func:`generate_config`), run through :func:`lightning_nst.cli.run` as ``fit -c <that config>`` or
@@ -27,6 +27,10 @@ ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
 """``--optimizer adam``: the learning rate of :func:`lightning_nst.optimize.default_optimizer`."""
 
 
+STATISTICS = ("gram", "meanvar")
+OPTIMIZERS = ("lbfgs", "adam")
+
+
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are :class:`NSTError`, so ``lightning-nst`` prints them as one line."""
 
@@ -40,8 +44,8 @@ def _common(parser: argparse.ArgumentParser, size_default: str, init_default: st
     parser.add_argument("--size", type=int, help=f"long edge of the result in pixels (default: {size_default})")
     parser.add_argument("--steps", type=int, help="optimisation steps (default: the config's, 500)")
     parser.add_argument("--style-weight", type=float, help="weight of the style term (default: the config's)")
-    parser.add_argument("--statistic", choices=("gram", "meanvar"), default="gram", help="style statistic (gram)")
-    parser.add_argument("--optimizer", choices=("lbfgs", "adam"), default="lbfgs", help="optimizer (lbfgs)")
+    parser.add_argument("--statistic", choices=STATISTICS, default="gram", help="style statistic (gram)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="lbfgs", help="optimizer (lbfgs)")
     parser.add_argument("--init", default=init_default, help=f"noise, content or an image path ({init_default})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run and of a noise start (0)")
     parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
@@ -117,6 +121,12 @@ def _optimisation_config(
     """The shipped config ``name`` with the flags ``stylize`` and ``texture`` share, ``data`` and ``objective``."""
     _positive(options.size, "--size")
     _positive(options.steps, "--steps")
+    for flag, value, choices in (
+        ("--statistic", options.statistic, STATISTICS),
+        ("--optimizer", options.optimizer, OPTIMIZERS),
+    ):
+        if value not in choices:
+            raise NSTError(f"{flag}: must be one of {', '.join(choices)} (got {value})")
     config = _shipped(name)
     config["seed_everything"] = options.seed
     trainer = config["trainer"]
