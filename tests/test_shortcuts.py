@@ -166,16 +166,15 @@ def test_a_single_style_image_is_a_plain_string(tmp_path: Path) -> None:
     assert (tmp_path / "logs" / "texture_gram" / "version_0" / "gram.png").is_file()
 
 
-def test_layers_help_and_a_closed_pipe() -> None:
+def test_layers_help_and_a_closed_pipe(capsys: pytest.CaptureFixture[str]) -> None:
+    main(["layers", "--help"])
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: lightning-nst layers") and "conv1_1" not in help_text
+    # `lightning-nst layers | head -1`, the reader gone before the first line is written: every write fails.
     command = [sys.executable, "-m", "lightning_nst", "layers"]
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    help_text = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, check=True).stdout
-    assert help_text.startswith("usage: lightning-nst layers") and "conv1_1" not in help_text
-    # The reader leaves before the first line is written (as `head` does once it has its lines): every write fails.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     assert process.stdout is not None and process.stderr is not None
     process.stdout.close()
     stderr = process.stderr.read()
-    assert process.wait(timeout=60) in (0, 1) and stderr == ""
-    head = subprocess.run(["bash", "-c", f"{' '.join(command)} | head -1"], capture_output=True, text=True, env=env)
-    assert head.stdout.split() == ["index", "name", "channels", "stride"] and head.stderr == ""
+    assert process.wait(timeout=60) == 1 and stderr == ""
