@@ -178,3 +178,11 @@ def test_layers_help_and_a_closed_pipe(capsys: pytest.CaptureFixture[str]) -> No
     process.stdout.close()
     stderr = process.stderr.read()
     assert process.wait(timeout=60) == 1 and stderr == ""
+
+
+def test_prompt_grid_takes_a_single_style_image(tmp_path: Path) -> None:
+    from lightning_nst.prompts import PromptGrid
+
+    _, style = write_images(tmp_path)
+    assert PromptGrid(prompts=["a house"], style=style).style_sources == [style]
+    assert PromptGrid(prompts=["a house"], style=[style, style]).style_sources == [style, style]
