@@ -94,6 +94,8 @@ def _command(argv: list[str]) -> None:
         report(argv[1:])
     elif command in ("fit", "predict"):
         run(argv)
+    elif str(command).startswith("-"):
+        raise NSTError(f"{command}: unknown option; options go after the command (`lightning-nst COMMAND --help`)")
     else:
         raise NSTError(f"{command}: not a command of lightning-nst; the commands are {', '.join(COMMANDS)}")
 

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import lightning_nst
+from lightning_nst.main import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,6 +29,10 @@ def test_stylize_returns_the_image_and_writes_nothing(tmp_path: Path, monkeypatc
     assert isinstance(image, Image.Image) and image.size == (48, 24) and image.mode == "RGB"
     again = lightning_nst.stylize(inputs / "photo.png", [inputs / "painting.png"], size=48, steps=3, weights="random")
     assert np.array_equal(np.asarray(image), np.asarray(again))  # a notebook cell runs again, and alike
+    main(["stylize", str(inputs / "photo.png"), str(inputs / "painting.png"), "-o", "../cli.png", "--size", "48",
+          "--steps", "3", "--weights", "random", "--logs", "../logs"])  # fmt: skip
+    with Image.open(tmp_path / "cli.png") as cli:
+        assert np.array_equal(np.asarray(cli), np.asarray(image))  # the settings of `lightning-nst stylize`
     texture = lightning_nst.texture(inputs / "painting.png", size=32, steps=2, weights="random", statistic="meanvar")
     assert texture.size == (32, 32)
     assert list(work.iterdir()) == []

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lightning_nst import __version__
 from tests.conftest import REPO
 
 SOURCES = ("pyproject.toml", "README.md", "lightning_nst", "configs")
@@ -36,7 +37,7 @@ def build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
             shutil.copy2(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")], tmp_path, env)
-    (wheel,) = (tmp_path / "dist").glob("lightning_nst-*.whl")
+    (wheel,) = (tmp_path / "dist").glob(f"lightning_nst-{__version__}-*.whl")  # --version says what pip installs
     return wheel
 
 
