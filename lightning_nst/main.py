@@ -78,7 +78,11 @@ def print_configs(argv: Sequence[str] = ()) -> None:
 
 def _command(argv: list[str]) -> None:
     """Run the command ``argv`` names."""
-    command = argv[0] if argv else None
+    command = argv[0]
+    if command.startswith("-"):
+        raise NSTError(f"{command}: unknown option; options go after the command (`lightning-nst COMMAND --help`)")
+    if command not in COMMANDS:
+        raise NSTError(f"{command}: not a command of lightning-nst; the commands are {', '.join(COMMANDS)}")
     if command in ("layers", "configs"):
         (print_layers if command == "layers" else print_configs)(argv[1:])
         return
@@ -92,12 +96,8 @@ def _command(argv: list[str]) -> None:
         from lightning_nst.report import main as report  # the only import of the report in the package
 
         report(argv[1:])
-    elif command in ("fit", "predict"):
-        run(argv)
-    elif str(command).startswith("-"):
-        raise NSTError(f"{command}: unknown option; options go after the command (`lightning-nst COMMAND --help`)")
     else:
-        raise NSTError(f"{command}: not a command of lightning-nst; the commands are {', '.join(COMMANDS)}")
+        run(argv)
 
 
 def _say(line: str) -> None:

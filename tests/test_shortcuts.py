@@ -124,6 +124,9 @@ def test_help_lists_exactly_the_commands_that_work(capsys: pytest.CaptureFixture
         assert line.startswith(
             f"lightning-nst: error: {command}: not a command of lightning-nst; the commands are fit,"
         )
+    assert cli_error(capsys, ["-c", "texture_gram", "fit"]).endswith(
+        "-c: unknown option; options go after the command (`lightning-nst COMMAND --help`)"
+    )
     from lightning_nst.cli import run
 
     with pytest.raises(SystemExit) as exit_info:
