@@ -35,6 +35,7 @@ def build_wheel(tmp_path: Path, env: dict[str, str]) -> Path:
             shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(REPO / name, source / name)
+    pytest.importorskip("setuptools", reason="building the wheel offline (--no-build-isolation) needs setuptools")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     run([*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist")], tmp_path, env)
     (wheel,) = (tmp_path / "dist").glob(f"lightning_nst-{__version__}-*.whl")  # --version says what pip installs
