@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from lightning_nst.api import stylize, texture
 from lightning_nst.data import ImageTargets
 from lightning_nst.errors import NSTError
 from lightning_nst.losses import ContentLoss, LayerStyleLoss, StyleLoss, gram_matrix, mean_std, total_variation
@@ -52,6 +53,8 @@ __all__ = [
     "VGGConfig",
     "gram_matrix",
     "mean_std",
+    "stylize",
+    "texture",
     "total_variation",
 ]
 __version__ = "0.1.0"

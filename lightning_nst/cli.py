@@ -73,6 +73,11 @@ class NSTCLI(LightningCLI):
         self.stop = stop or StopOnSignal()
         super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``predict``: nothing here validates or tests, so ``validate``/``test`` are not offered."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in ("fit", "predict")}
+
     def parse_arguments(self, parser: Any, args: ArgsType) -> None:
         """Parse as LightningCLI does, then let an ``objectives`` list from the command line replace the config's."""
         if isinstance(args, list):

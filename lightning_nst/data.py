@@ -35,7 +35,7 @@ class ImageTargets(L.LightningDataModule):
 
     Args:
         content: Content image: a path or ``skimage:NAME``. Needed by objectives with content layers.
-        style: Style or texture images; several are blended by averaging their statistics.
+        style: Style or texture images (one may be given alone); several are blended by averaging their statistics.
         size: Longer edge of the content image in pixels; ``None`` keeps the file's size.
         style_size: Longer edge of the style images; defaults to ``size``. Controls the scale of the style.
     """
@@ -43,11 +43,12 @@ class ImageTargets(L.LightningDataModule):
     def __init__(
         self,
         content: str | os.PathLike[str] | None = None,
-        style: list[str | os.PathLike[str]] | None = None,
+        style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         size: PositiveInt | None = 256,
         style_size: PositiveInt | None = None,
     ) -> None:
         super().__init__()
+        style = [style] if isinstance(style, str | os.PathLike) else style
         if style is not None and len(style) == 0:
             raise NSTError("data.style: the list of style images is empty")
         self.content_source = content

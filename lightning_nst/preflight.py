@@ -154,7 +154,8 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
         raise NSTError(f"trainer.max_steps: set a positive number of optimisation steps, got {steps}")
     data = _get(_get(config, "data"), "init_args")
     content = _get(data, "content")
-    styles = list(_get(data, "style") or [])
+    styles = _get(data, "style")
+    styles = [styles] if isinstance(styles, str | os.PathLike) else list(styles or [])  # one image may stand alone
     if content is not None:
         check_source(content, "data.content")
     for index, style in enumerate(styles):

@@ -169,7 +169,7 @@ class PromptGrid(L.LightningDataModule):
         prompts: list[str] | None = None,
         prompts_file: str | os.PathLike[str] | None = None,
         seeds: list[int] | None = None,
-        style: list[str | os.PathLike[str]] | None = None,
+        style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         style_prompts: list[str] | None = None,
         negative_prompt: str = "",
         batch_size: int = 1,
@@ -186,6 +186,7 @@ class PromptGrid(L.LightningDataModule):
         for index, seed in enumerate(seeds):
             if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
                 raise NSTError(f"data.seeds[{index}]: must be an integer in [0, 2**63), got {seed!r}")
+        style = [style] if isinstance(style, str | os.PathLike) else style
         if style is not None and not style:
             raise NSTError("data.style: the list of style images is empty")
         self.style_sources = [str(source) for source in style or []]

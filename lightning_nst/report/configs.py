@@ -7,19 +7,18 @@ drift from it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from lightning_nst.errors import NSTError
+from lightning_nst.shipped import configs_dir
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-"""The repository's ``configs/`` folder, beside the package in a source checkout and an editable install.
+CONFIGS = configs_dir()
+"""The shipped configs (:func:`lightning_nst.shipped.configs_dir`): the checkout's ``configs/``, or a wheel's copy.
 
-It lies outside the package, so ``importlib.resources`` cannot reach it and a wheel does not hold it; there
-:func:`shipped` names the missing file. One copy of each config, rather than defaults embedded in Python and a YAML
-generated from them, keeps the shipped configs the readable source the README points at.
+One copy of each config, rather than defaults embedded in Python and a YAML generated from them, keeps the shipped
+configs the readable source the README points at.
 """
 
 
@@ -28,8 +27,8 @@ def shipped(name: str) -> dict[str, Any]:
     path = CONFIGS / f"{name}.yaml"
     if not path.is_file():
         raise NSTError(
-            f"{path}: the report builds its runs from the shipped configs/{name}.yaml, which this installation lacks "
-            "(a wheel holds no configs/); install from a source checkout (pip install -e .)"
+            f"{path}: the report builds its runs from the shipped configs/{name}.yaml, which this installation lacks; "
+            "reinstall lightning-nst"
         )
     return yaml.safe_load(path.read_text(encoding="utf-8"))
 
