@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import shlex
 import shutil
@@ -375,6 +376,12 @@ def _same_but_weights(wanted: Any, saved: Any) -> bool:
     return all(wanted.get(field) == saved.get(field) for field in fields - {"weights"})
 
 
+def _styles(data: Namespace) -> list[Any]:
+    """``data.style`` as a list: one image may be given as a plain string, as ImageTargets accepts it."""
+    style = data.get("style")
+    return [style] if isinstance(style, str | os.PathLike) else list(style or [])
+
+
 def _check_image_shape(path: Path, saved: Sequence[int], sizes: Sequence[int | None] | None, data: Namespace) -> None:
     """Refuse when this command's data makes an image of another shape than the checkpoint's.
 
@@ -382,7 +389,7 @@ def _check_image_shape(path: Path, saved: Sequence[int], sizes: Sequence[int | N
     ImageTargets will load it; a shape mismatch would otherwise surface as a traceback when Lightning restores the
     image parameters. Also covers checkpoints that do not record ``data.size``.
     """
-    style = list(data.get("style") or [])
+    style = _styles(data)
     size = data.get("size")
     if data.get("content") is not None:
         height, width = load_image(data.content, size, key="data.content").shape[-2:]
@@ -431,15 +438,16 @@ def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, ini
     if not saved:
         return
     sources: dict[str, Any] = {"data.content": data.get("content")}
-    sources.update({f"data.style[{i}]": source for i, source in enumerate(data.get("style") or [])})
+    styles = _styles(data)
+    sources.update({f"data.style[{i}]": source for i, source in enumerate(styles)})
     if init not in (None, "noise", "content"):
         sources["model.init"] = init
     recorded: dict[str, Any] = {"data.content": saved.get("data.content"), "model.init": saved.get("model.init")}
     recorded.update({f"data.style[{i}]": digest for i, digest in enumerate(saved.get("data.style") or [])})
-    if len(saved.get("data.style") or []) != len(data.get("style") or []):
+    if len(saved.get("data.style") or []) != len(styles):
         raise NSTError(
             f"data.style: the checkpoint {path} was made from {len(saved.get('data.style') or [])} "
-            f"style images, this command gives {len(data.get('style') or [])}; start a new run"
+            f"style images, this command gives {len(styles)}; start a new run"
         )
     for key, source in sources.items():
         if (source is None) != (recorded.get(key) is None):

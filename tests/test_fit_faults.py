@@ -383,3 +383,12 @@ def test_loading_a_checkpoint_of_another_shape_or_weights_is_one_error_in_python
         module.on_load_checkpoint(other)
     module.on_load_checkpoint({**other, "lightning_nst": {"vgg_weights": "random (seed 0, chosen by auto: ...)"}})
     module.on_load_checkpoint({**other, "lightning_nst": {}})  # saved before the weights were recorded: loads
+
+
+def test_resume_of_a_run_given_one_style_image_as_a_string(tmp_path: Path) -> None:
+    style = tmp_path / "b.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(style)
+    args = [*TEXTURE, *TOY, QUIET, EVERY_5, f"--data.style={style}"]  # a plain string, not a list
+    main([*args, "--trainer.max_steps=5"])
+    main([*args, "--trainer.max_steps=7", f"--ckpt_path={RUN / 'version_0/checkpoints/last.ckpt'}"])
+    assert FitSummary.read(RUN / "version_1").steps == 7
