@@ -31,7 +31,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_nst import preflight
+from lightning_nst import console, preflight  # console: filters known library messages on import
 from lightning_nst.errors import NSTError, StoppedBySignal
 from lightning_nst.optimize import ImageOptimization
 from lightning_nst.outputs import source_digest
@@ -100,6 +100,7 @@ class NSTCLI(LightningCLI):
                 self.trainer.callbacks.append(ImageWriter())
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
+            console.install_progress_bar(self.trainer, self.config[self.subcommand].trainer.get("callbacks"))
         if self.subcommand is not None:
             # The run folder is known here, before the run: the logger creates it once the run starts, and only
             # whether it existed before tells a folder this run made from one the user had.
