@@ -1,6 +1,7 @@
 # Two commands on a fresh machine: `make demo` runs style transfer on embedded sample images, `make test` the tests.
 # Both create .venv on first use. TORCH pins the wheels these development machines have on disk; elsewhere use
-# `make TORCH=torch` (or install the package into your own environment with `pip install -e .`).
+# `make TORCH=torch`, or for CPU-only wheels `make TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"`
+# (or install the package into your own environment with `pip install -e .`).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1

@@ -33,7 +33,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_nst import preflight
+from lightning_nst import console, preflight  # console: filters known library messages on import
 from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import load_image
 from lightning_nst.optimize import ImageOptimization
@@ -108,6 +108,7 @@ class NSTCLI(LightningCLI):
                 self.trainer.callbacks.append(ImageWriter())
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
+            console.install_progress_bar(self.trainer, self.config[self.subcommand].trainer.get("callbacks"))
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path"):
             resume_in_run_folder(self.trainer, str(self.config.fit.ckpt_path), self.stop)
         if self.subcommand is not None:

@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
 from lightning_nst.guidance import StyleGuidance, check_scheduler
 from lightning_nst.hub import DEFAULT_MODEL
@@ -292,7 +293,7 @@ class GuidedDiffusion(L.LightningModule):
         """Compute the style targets once, on the device, and say which VGG weights are in use."""
         if self.guidance is not None:
             self.guidance.set_styles(self._data().style_images)
-            rank_zero_info(f"Style guidance: {self.guidance.settings()}")
+            rank_zero_info(f"Style guidance: {guidance_line(self.guidance.settings())}")
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
                 "No prediction writer in trainer.callbacks: images are not saved; add lightning_nst.GenerationWriter"

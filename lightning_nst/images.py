@@ -19,12 +19,19 @@ from lightning_nst.errors import NSTError
 from lightning_nst.outputs import check_input_file
 
 SAMPLE_PREFIX = "skimage:"
-"""Sources starting with this name an image bundled in the scikit-image wheel, e.g. ``skimage:astronaut``."""
+"""Sources starting with this name a sample image, e.g. ``skimage:astronaut``: a copy shipped in
+``lightning_nst/samples`` where there is one, else the image bundled in scikit-image (the ``samples`` extra)."""
 
 MIN_SIDE = 8
 """Smallest accepted side of a source image in pixels: below this an image holds no usable content or style."""
 
-# Bundled inside the scikit-image wheel, so they load offline.
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+"""256 px copies of three scikit-image samples, shipped with the package (provenance in its README.md)."""
+
+SHIPPED_SAMPLES: tuple[str, ...] = ("astronaut", "gravel", "immunohistochemistry")
+"""The samples in :data:`SAMPLES_DIR`, usable without scikit-image."""
+
+# Bundled inside the scikit-image wheel, so they load offline once it is installed.
 SAMPLES = (
     "astronaut",
     "brick",
@@ -39,12 +46,30 @@ SAMPLES = (
 )
 
 
-def _sample_array(name: str, key: str) -> np.ndarray:
+def _shipped_file(name: str) -> Path | None:
+    path = SAMPLES_DIR / f"{name}.jpg"
+    return path if name in SHIPPED_SAMPLES and path.is_file() else None
+
+
+def _skimage_data(name: str, key: str) -> object:
+    """The ``skimage.data`` module for sample ``name``, or raise saying how to install it."""
     if name not in SAMPLES:
         raise NSTError(f"{key}: unknown sample '{SAMPLE_PREFIX}{name}'; choose one of {', '.join(SAMPLES)}")
-    import skimage.data
+    try:
+        import skimage.data
+    except ImportError:
+        raise NSTError(
+            f"{key}: the sample '{SAMPLE_PREFIX}{name}' needs scikit-image: pip install lightning-nst[samples] "
+            f"(shipped without it: {', '.join(SHIPPED_SAMPLES)})"
+        ) from None
+    return skimage.data
 
-    return getattr(skimage.data, name)()
+
+def _sample_image(name: str, key: str, max_side: int | None) -> Image.Image:
+    shipped = _shipped_file(name)
+    if shipped is not None:
+        return _decode(shipped, key, max_side)
+    return Image.fromarray(getattr(_skimage_data(name, key), name)())
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -79,22 +104,22 @@ def _decode(path: Path, key: str, max_side: int | None) -> Image.Image:
 
 
 def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: int | None = None) -> Tensor:
-    """Read an image file or an embedded ``skimage:NAME`` sample as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``.
+    """Read an image file or a ``skimage:NAME`` sample as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``.
 
     Args:
-        source: A path, or ``skimage:NAME`` for an image bundled in scikit-image.
+        source: A path, or ``skimage:NAME`` for a sample (see :data:`SAMPLE_PREFIX`).
         key: The config key that named the source, used in error messages.
         max_side: The longer edge the caller will resize to, if known; much larger images are reduced while
             decoding, so a 20000 px photo costs little memory.
 
     Raises:
         NSTError: If the file is missing, not an image, cannot be decoded, is smaller than :data:`MIN_SIDE`, or
-            is so large that PIL refuses it as a possible decompression bomb.
+            is so large that PIL refuses it as a possible decompression bomb, or if a sample needs scikit-image
+            and it is not installed.
     """
     text = str(source)
     if text.startswith(SAMPLE_PREFIX):
-        array = _sample_array(text.removeprefix(SAMPLE_PREFIX), key)
-        image = _to_rgb(Image.fromarray(array))
+        image = _to_rgb(_sample_image(text.removeprefix(SAMPLE_PREFIX), key, max_side))
     else:
         path = check_input_file(text, key, "image file")
         try:
@@ -112,8 +137,9 @@ def check_source(source: str | os.PathLike[str], key: str) -> None:
     """Raise unless ``source`` names a known sample or a regular file; nothing is decoded or opened."""
     text = str(source)
     if text.startswith(SAMPLE_PREFIX):
-        if text.removeprefix(SAMPLE_PREFIX) not in SAMPLES:
-            _sample_array(text.removeprefix(SAMPLE_PREFIX), key)
+        name = text.removeprefix(SAMPLE_PREFIX)
+        if _shipped_file(name) is None:
+            _skimage_data(name, key)
     else:
         check_input_file(text, key, "image file")
 
@@ -123,8 +149,7 @@ def source_size(source: str | os.PathLike[str]) -> tuple[int, int] | None:
     text = str(source)
     try:
         if text.startswith(SAMPLE_PREFIX):
-            height, width = _sample_array(text.removeprefix(SAMPLE_PREFIX), "image").shape[:2]
-            return int(width), int(height)
+            return _sample_image(text.removeprefix(SAMPLE_PREFIX), "image", None).size
         with Image.open(check_input_file(text, "image")) as opened:
             return opened.size
     except (NSTError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):

@@ -188,8 +188,9 @@ class VGG19Features(nn.Module):
         layers: Layer names to return, e.g. ``["relu1_1", "relu4_2"]``; see :data:`LAYER_NAMES`.
         weights: ``"imagenet"`` (torchvision ``VGG19_Weights.IMAGENET1K_V1`` through the torch hub cache),
             a path to a ``state_dict`` of ``vgg19().features`` (a partial file is fine for shallow layers),
-            ``"random"`` (seeded), or ``"auto"``: ImageNet if it can be had, else the file named by
-            ``$LIGHTNING_NST_VGG_WEIGHTS``, else random with a warning.
+            ``"random"`` (seeded), or ``"auto"``: ImageNet from the torch hub cache, else the file named by
+            ``$LIGHTNING_NST_VGG_WEIGHTS`` (without trying to download), else ImageNet downloaded, else random
+            with a warning.
         pooling: ``"max"`` as trained, or ``"avg"``, which Gatys et al. found gives smoother syntheses.
         seed: Seed for random weights.
         fill_missing: With a partial weights file, give the layers it does not cover seeded random weights instead
@@ -250,12 +251,16 @@ class VGG19Features(nn.Module):
         if choice == "imagenet":
             return _imagenet_state(f"{key}.weights"), f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name})"
         if choice == "auto":
-            try:
-                state = _imagenet_state(f"{key}.weights")
-                return state, f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name}, chosen by auto)"
-            except (NSTError, OSError, RuntimeError) as error:
-                reason = str(error).removeprefix(f"{key}.weights: ").splitlines()[0] or type(error).__name__
             fallback = os.environ.get(WEIGHTS_ENV)
+            # A configured file is used before the hub would download (and print "Downloading: ..."); ImageNet
+            # weights already in the hub cache still come first, as they cost no network.
+            reason = ""
+            if not fallback or _imagenet_cache_path().is_file():
+                try:
+                    state = _imagenet_state(f"{key}.weights")
+                    return state, f"imagenet (torchvision VGG19_Weights.{_IMAGENET.name}, chosen by auto)"
+                except (NSTError, OSError, RuntimeError) as error:
+                    reason = str(error).removeprefix(f"{key}.weights: ").splitlines()[0] or type(error).__name__
             if fallback:
                 state, description = VGG19Features._file_state(
                     Path(fallback), full, depth, seed, fill_missing, WEIGHTS_ENV
@@ -315,8 +320,13 @@ class VGG19Features(nn.Module):
         return features
 
 
+def _imagenet_cache_path() -> Path:
+    """Where torchvision's hub keeps the ImageNet VGG19 weights once downloaded (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(_IMAGENET.url).name
+
+
 def _imagenet_state(key: str = "model.vgg.weights") -> dict[str, Tensor]:
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(_IMAGENET.url).name
+    cached = _imagenet_cache_path()
     try:
         state = _IMAGENET.get_state_dict(progress=True, weights_only=True)
     except Exception as error:  # URLError (an OSError) when offline; several types for a corrupt cached file

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,17 @@ import torch
 from PIL import Image, ImageDraw
 
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, load_image, read_image, save_image, write_atomic
+from lightning_nst.images import (
+    SAMPLES_DIR,
+    SHIPPED_SAMPLES,
+    check_source,
+    labelled_grid,
+    load_image,
+    read_image,
+    save_image,
+    source_size,
+    write_atomic,
+)
 
 
 @pytest.mark.parametrize(
@@ -128,3 +139,65 @@ def test_20000_px_images(tmp_path: Path) -> None:
     image = load_image(tmp_path / "wide.jpg", 256)
     assert image.shape == (1, 3, 13, 256)
     torch.testing.assert_close(image[0, :, 6, 128], torch.tensor([0.0, 128 / 255, 1.0]), atol=0.03, rtol=0)
+
+
+@pytest.fixture
+def no_skimage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ``import skimage`` fail, as on an install without the ``samples`` extra."""
+    for name in [name for name in sys.modules if name == "skimage" or name.startswith("skimage.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    with pytest.raises(ImportError):
+        import skimage.data  # noqa: F401
+
+
+def test_shipped_samples_load_without_scikit_image(no_skimage: None) -> None:
+    for name in SHIPPED_SAMPLES:
+        image = read_image(f"skimage:{name}", key="data.style[0]")
+        assert image.shape == (1, 3, 256, 256) and image.std() > 0.05, name
+        check_source(f"skimage:{name}", "data.style[0]")
+        assert source_size(f"skimage:{name}") == (256, 256)
+
+
+def test_other_samples_without_scikit_image_say_how_to_install(no_skimage: None) -> None:
+    for call in (read_image, check_source):
+        with pytest.raises(NSTError) as error:
+            call("skimage:coffee", key="data.style[0]")
+        message = str(error.value)
+        assert message.startswith("data.style[0]: ") and "\n" not in message
+        assert "pip install lightning-nst[samples]" in message
+    with pytest.raises(NSTError, match="unknown sample 'skimage:nope'"):
+        check_source("skimage:nope", "data.content")
+
+
+def test_shipped_samples_are_small_and_documented() -> None:
+    files = sorted(SAMPLES_DIR.glob("*.jpg"))
+    assert [path.stem for path in files] == sorted(SHIPPED_SAMPLES)
+    assert sum(path.stat().st_size for path in files) < 300_000
+    for path in files:
+        with Image.open(path) as image:
+            assert max(image.size) <= 256
+    readme = (SAMPLES_DIR / "README.md").read_text()
+    assert all(path.name in readme for path in files) and "public domain" in readme and "CC0" in readme
+
+
+def test_fit_on_shipped_samples_without_scikit_image(no_skimage: None) -> None:
+    from lightning_nst.main import main
+    from tests.conftest import CONFIGS
+
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "style_transfer_gram.yaml"),
+            "--data.init_args.size=32",
+            "--trainer.max_steps=2",
+            "--model.init_args.vgg.weights=random",
+            "--trainer.accelerator=cpu",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    (result,) = Path("logs").glob("style_transfer_gram/version_*/gram.png")
+    with Image.open(result) as image:
+        assert image.size == (32, 32) and np.asarray(image).std() > 2.0
+    assert "skimage" not in {name.split(".")[0] for name, module in sys.modules.items() if module is not None}

@@ -152,3 +152,30 @@ def test_imagenet_goes_through_torchvision_weights(
     assert calls and calls[0][0] is VGG19_Weights.IMAGENET1K_V1 and calls[0][1].get("weights_only") is True
     assert features.weights_used.startswith("imagenet (torchvision VGG19_Weights.IMAGENET1K_V1")
     torch.testing.assert_close(features.trunk[0].weight, torchvision_features[0].weight)
+
+
+def test_auto_with_env_file_never_tries_to_download(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], full_weights_file: Path
+) -> None:
+    import torchvision.models._api
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        pytest.fail("weights: auto tried the torch hub although $LIGHTNING_NST_VGG_WEIGHTS names a file")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_network)
+    monkeypatch.setenv(WEIGHTS_ENV, str(full_weights_file))
+    used = VGG19Features(["relu1_1"], weights="auto").weights_used
+    assert f"chosen by auto from ${WEIGHTS_ENV}" in used
+    assert "Downloading" not in "".join(capfd.readouterr())
+
+
+def test_auto_prefers_cached_imagenet_over_env_file(
+    monkeypatch: pytest.MonkeyPatch, full_weights_file: Path, torchvision_features: nn.Sequential
+) -> None:
+    cached = vgg_module._imagenet_cache_path()
+    cached.parent.mkdir(parents=True)
+    torch.save({f"features.{k}": v for k, v in torchvision_features.state_dict().items()}, cached)
+    monkeypatch.setenv(WEIGHTS_ENV, str(full_weights_file))
+    assert VGG19Features(["relu1_1"], weights="auto").weights_used.startswith("imagenet (")
