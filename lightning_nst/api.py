@@ -80,7 +80,7 @@ def stylize(
     """Gatys style transfer of ``content`` in the style of ``style``, as ``lightning-nst stylize`` runs it.
 
     Args:
-        content: The content image: a path or ``skimage:NAME``.
+        content: The content image: a path, ``sample:NAME`` or ``skimage:NAME``.
         style: The style image, or several (blended).
         size: Long edge of the result in pixels.
         steps: Optimisation steps; ``None``: the shipped config's (500).

@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import console, preflight  # console: filters known library messages on import
 from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
-from lightning_nst.images import load_image
+from lightning_nst.images import is_sample, load_image
 from lightning_nst.optimize import ImageOptimization
 from lightning_nst.outputs import SUMMARY, file_digest, source_digest
 from lightning_nst.writers import ImageWriter
@@ -453,7 +453,7 @@ def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, ini
     for key, source in sources.items():
         if (source is None) != (recorded.get(key) is None):
             raise NSTError(f"{key}: differs from the checkpoint {path}; start a new run without --ckpt_path")
-        if source is None or (not str(source).startswith("skimage:") and not Path(source).expanduser().is_file()):
+        if source is None or (not is_sample(source) and not Path(source).expanduser().is_file()):
             continue  # a missing file is reported by the data module with its own key
         if source_digest(source) != recorded[key]:
             raise NSTError(

@@ -34,7 +34,7 @@ class ImageTargets(L.LightningDataModule):
     in all, so the progress bar knows the total.
 
     Args:
-        content: Content image: a path or ``skimage:NAME``. Needed by objectives with content layers.
+        content: Content image: a path, ``sample:NAME`` or ``skimage:NAME``. Needed by objectives with content layers.
         style: Style or texture images (one may be given alone); several are blended by averaging their statistics.
         size: Longer edge of the content image in pixels; ``None`` keeps the file's size.
         style_size: Longer edge of the style images; defaults to ``size``. Controls the scale of the style.

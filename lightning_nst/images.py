@@ -18,9 +18,12 @@ from torchvision.utils import make_grid
 from lightning_nst.errors import NSTError
 from lightning_nst.outputs import check_input_file
 
-SAMPLE_PREFIX = "skimage:"
-"""Sources starting with this name a sample image, e.g. ``skimage:astronaut``: a copy shipped in
-``lightning_nst/samples`` where there is one, else the image bundled in scikit-image (the ``samples`` extra)."""
+SHIPPED_PREFIX = "sample:"
+"""``sample:NAME`` names a 256 px copy shipped in ``lightning_nst/samples`` (:data:`SHIPPED_SAMPLES`)."""
+SKIMAGE_PREFIX = "skimage:"
+"""``skimage:NAME`` names an image bundled in scikit-image at full size (:data:`SAMPLES`; the ``samples`` extra)."""
+SAMPLE_PREFIXES = (SHIPPED_PREFIX, SKIMAGE_PREFIX)
+"""Prefixes of sample sources, which are identified by name rather than by a file's digest."""
 
 MIN_SIDE = 8
 """Smallest accepted side of a source image in pixels: below this an image holds no usable content or style."""
@@ -46,29 +49,38 @@ SAMPLES = (
 )
 
 
-def _shipped_file(name: str) -> Path | None:
+def is_sample(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names a sample image (``sample:NAME`` or ``skimage:NAME``) rather than a file."""
+    return str(source).startswith(SAMPLE_PREFIXES)
+
+
+def _shipped_file(name: str, key: str) -> Path:
     path = SAMPLES_DIR / f"{name}.jpg"
-    return path if name in SHIPPED_SAMPLES and path.is_file() else None
+    if name not in SHIPPED_SAMPLES or not path.is_file():
+        shipped = ", ".join(SHIPPED_PREFIX + sample for sample in SHIPPED_SAMPLES)
+        raise NSTError(f"{key}: unknown sample '{SHIPPED_PREFIX}{name}'; the shipped ones are {shipped}")
+    return path
 
 
 def _skimage_data(name: str, key: str) -> object:
     """The ``skimage.data`` module for sample ``name``, or raise saying how to install it."""
     if name not in SAMPLES:
-        raise NSTError(f"{key}: unknown sample '{SAMPLE_PREFIX}{name}'; choose one of {', '.join(SAMPLES)}")
+        raise NSTError(f"{key}: unknown sample '{SKIMAGE_PREFIX}{name}'; choose one of {', '.join(SAMPLES)}")
     try:
         import skimage.data
     except ImportError:
+        shipped = ", ".join(SHIPPED_PREFIX + sample for sample in SHIPPED_SAMPLES)
         raise NSTError(
-            f"{key}: the sample '{SAMPLE_PREFIX}{name}' needs scikit-image: pip install lightning-nst[samples] "
-            f"(shipped without it: {', '.join(SHIPPED_SAMPLES)})"
+            f"{key}: the sample '{SKIMAGE_PREFIX}{name}' needs scikit-image: pip install lightning-nst[samples] "
+            f"(shipped without it, as 256 px copies: {shipped})"
         ) from None
     return skimage.data
 
 
-def _sample_image(name: str, key: str, max_side: int | None) -> Image.Image:
-    shipped = _shipped_file(name)
-    if shipped is not None:
-        return _decode(shipped, key, max_side)
+def _sample_image(source: str, key: str, max_side: int | None) -> Image.Image:
+    if source.startswith(SHIPPED_PREFIX):
+        return _decode(_shipped_file(source.removeprefix(SHIPPED_PREFIX), key), key, max_side)
+    name = source.removeprefix(SKIMAGE_PREFIX)
     return Image.fromarray(getattr(_skimage_data(name, key), name)())
 
 
@@ -104,10 +116,10 @@ def _decode(path: Path, key: str, max_side: int | None) -> Image.Image:
 
 
 def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: int | None = None) -> Tensor:
-    """Read an image file or a ``skimage:NAME`` sample as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``.
+    """Read an image file or a sample as a ``(1, 3, H, W)`` float tensor in ``[0, 1]``.
 
     Args:
-        source: A path, or ``skimage:NAME`` for a sample (see :data:`SAMPLE_PREFIX`).
+        source: A path, ``sample:NAME`` (:data:`SHIPPED_PREFIX`) or ``skimage:NAME`` (:data:`SKIMAGE_PREFIX`).
         key: The config key that named the source, used in error messages.
         max_side: The longer edge the caller will resize to, if known; much larger images are reduced while
             decoding, so a 20000 px photo costs little memory.
@@ -118,8 +130,8 @@ def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: 
             and it is not installed.
     """
     text = str(source)
-    if text.startswith(SAMPLE_PREFIX):
-        image = _to_rgb(_sample_image(text.removeprefix(SAMPLE_PREFIX), key, max_side))
+    if is_sample(text):
+        image = _to_rgb(_sample_image(text, key, max_side))
     else:
         path = check_input_file(text, key, "image file")
         try:
@@ -136,10 +148,10 @@ def read_image(source: str | os.PathLike[str], *, key: str = "image", max_side: 
 def check_source(source: str | os.PathLike[str], key: str) -> None:
     """Raise unless ``source`` names a known sample or a regular file; nothing is decoded or opened."""
     text = str(source)
-    if text.startswith(SAMPLE_PREFIX):
-        name = text.removeprefix(SAMPLE_PREFIX)
-        if _shipped_file(name) is None:
-            _skimage_data(name, key)
+    if text.startswith(SHIPPED_PREFIX):
+        _shipped_file(text.removeprefix(SHIPPED_PREFIX), key)
+    elif text.startswith(SKIMAGE_PREFIX):
+        _skimage_data(text.removeprefix(SKIMAGE_PREFIX), key)
     else:
         check_input_file(text, key, "image file")
 
@@ -148,8 +160,8 @@ def source_size(source: str | os.PathLike[str]) -> tuple[int, int] | None:
     """``(width, height)`` of an image source from its header alone, or ``None`` if it cannot be read."""
     text = str(source)
     try:
-        if text.startswith(SAMPLE_PREFIX):
-            return _sample_image(text.removeprefix(SAMPLE_PREFIX), "image", None).size
+        if is_sample(text):
+            return _sample_image(text, "image", None).size
         with Image.open(check_input_file(text, "image")) as opened:
             return opened.size
     except (NSTError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):

@@ -142,7 +142,8 @@ class ImageOptimization(L.LightningModule):
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
         style: The style images taken from the data module in :meth:`setup`.
-        content_source: The content image's source (a path or ``skimage:NAME``) as the data module names it.
+        content_source: The content image's source (a path, ``sample:NAME`` or ``skimage:NAME``), as the data
+            module names it.
         style_sources: The style images' sources.
         inputs: Content digests of the content, style and init images (see
             :func:`lightning_nst.outputs.source_digest`), recorded in checkpoints and ``summary.json``.

@@ -35,10 +35,11 @@ def source_digest(source: str | os.PathLike[str]) -> str:
     """What identifies an image source's content: the SHA-256 of a file, or the name of an embedded sample.
 
     A file edited in place gets a new digest, so results made from its old content are not mistaken for current.
-    Embedded ``skimage:`` samples ship inside an installed package and are identified by name.
+    Samples (``sample:NAME`` shipped in this package, ``skimage:NAME`` in scikit-image) come with an installed
+    package and are identified by name.
     """
     text = str(source)
-    if text.startswith("skimage:"):
+    if text.startswith(("sample:", "skimage:")):  # images.SAMPLE_PREFIXES; outputs.py sits below images.py
         return text
     return file_digest(Path(text).expanduser())
 

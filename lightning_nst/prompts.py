@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lightning_nst.errors import NSTError
-from lightning_nst.images import SAMPLE_PREFIX, load_image
+from lightning_nst.images import is_sample, load_image
 from lightning_nst.outputs import source_digest
 
 # An empty predict dataloader is how a rerun with every item finished runs no predict step; Lightning's warning about it
@@ -155,8 +155,8 @@ class PromptGrid(L.LightningDataModule):
         prompts_file: A UTF-8 text file with one prompt per line; its prompts follow ``prompts``. Lines are
             stripped, blank ones skipped; a byte-order mark and CRLF line ends are fine.
         seeds: One image per seed for every prompt and style.
-        style: Style images, paths or ``skimage:NAME``; each is its own guidance target. Loaded at full size: the
-            guidance resizes them.
+        style: Style images: paths, ``sample:NAME`` or ``skimage:NAME``; each is its own guidance target. Loaded at
+            full size: the guidance resizes them.
         style_prompts: Text appended to the prompt for each style image (``"<prompt>, <style prompt>"``), e.g.
             ``"in the style of Van Gogh's Starry Night"`` for a prompt-only baseline. One entry per style image.
         negative_prompt: Negative prompt of every item.
@@ -191,7 +191,7 @@ class PromptGrid(L.LightningDataModule):
             raise NSTError("data.style: the list of style images is empty")
         self.style_sources = [str(source) for source in style or []]
         for index, source in enumerate(self.style_sources):
-            if not source.startswith(SAMPLE_PREFIX) and not Path(source).expanduser().is_file():
+            if not is_sample(source) and not Path(source).expanduser().is_file():
                 raise NSTError(f"data.style[{index}]: image file not found: {Path(source).expanduser()}")
         # Digested here, before any output exists, so results made from an image since edited are recognised.
         self.style_digests = [_digest(source, f"data.style[{i}]") for i, source in enumerate(self.style_sources)]

@@ -153,10 +153,18 @@ def no_skimage(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_shipped_samples_load_without_scikit_image(no_skimage: None) -> None:
     for name in SHIPPED_SAMPLES:
-        image = read_image(f"skimage:{name}", key="data.style[0]")
+        image = read_image(f"sample:{name}", key="data.style[0]")
         assert image.shape == (1, 3, 256, 256) and image.std() > 0.05, name
-        check_source(f"skimage:{name}", "data.style[0]")
-        assert source_size(f"skimage:{name}") == (256, 256)
+        check_source(f"sample:{name}", "data.style[0]")
+        assert source_size(f"sample:{name}") == (256, 256)
+    with pytest.raises(NSTError, match="unknown sample 'sample:coffee'; the shipped ones are sample:astronaut"):
+        check_source("sample:coffee", "data.content")
+
+
+def test_skimage_names_stay_scikit_images_originals() -> None:
+    pytest.importorskip("skimage", reason="scikit-image (the samples extra) is not installed")
+    # The shipped 256 px copies never stand in for scikit-image's full-size image of the same name.
+    assert source_size("skimage:astronaut") == (512, 512) and source_size("sample:astronaut") == (256, 256)
 
 
 def test_other_samples_without_scikit_image_say_how_to_install(no_skimage: None) -> None:
@@ -165,7 +173,7 @@ def test_other_samples_without_scikit_image_say_how_to_install(no_skimage: None)
             call("skimage:coffee", key="data.style[0]")
         message = str(error.value)
         assert message.startswith("data.style[0]: ") and "\n" not in message
-        assert "pip install lightning-nst[samples]" in message
+        assert "pip install lightning-nst[samples]" in message and "sample:astronaut" in message
     with pytest.raises(NSTError, match="unknown sample 'skimage:nope'"):
         check_source("skimage:nope", "data.content")
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lightning_nst.errors import NSTError
-from lightning_nst.images import SAMPLE_PREFIX, load_image, to_pil
+from lightning_nst.images import is_sample, load_image, to_pil
 from lightning_nst.losses import LayerStyleLoss, Statistic
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
@@ -414,7 +414,7 @@ def timing_verdict(gram: Sequence[float], meanvar: Sequence[float]) -> str:
 
 
 def _texture_label(source: str) -> str:
-    name = source.removeprefix(SAMPLE_PREFIX) if source.startswith(SAMPLE_PREFIX) else Path(source).stem
+    name = source.split(":", 1)[1] if is_sample(source) else Path(source).stem
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name)[:40] or "texture"
 
 
