@@ -16,7 +16,6 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar, TQDMProgressBar
-from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 _WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning's own _pytree helper still builds torch's LeafSpec; torch >= 2.10 deprecates it. Nothing to act on.
@@ -115,9 +114,10 @@ def install_progress_bar(trainer: L.Trainer, configured: Any) -> None:
     entries = configured if isinstance(configured, list | tuple) else [configured]
     if any(_is_progress_bar(entry) for entry in entries if entry is not None):
         return
+    ours = {RichProgressBar: NSTRichProgressBar, TQDMProgressBar: NSTTQDMProgressBar}
     for index, callback in enumerate(trainer.callbacks):
-        if type(callback) in (RichProgressBar, TQDMProgressBar):
-            trainer.callbacks[index] = NSTRichProgressBar() if _RICH_AVAILABLE else NSTTQDMProgressBar()
+        if type(callback) in ours:  # the same kind of bar as Lightning chose, so its look does not change
+            trainer.callbacks[index] = ours[type(callback)]()
             return
 
 

@@ -267,12 +267,14 @@ class ImageOptimization(L.LightningModule):
             self.images.append(nn.Parameter(start.clamp(0, 1).clone().contiguous()))
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """A default :class:`~lightning_nst.writers.ImageWriter` when the trainer has none, so results are written.
+        """A default :class:`~lightning_nst.writers.ImageWriter` when the trainer has a logger and no writer.
 
-        Only then: Lightning replaces a trainer's callbacks of the type returned here, and a writer given to the
-        trainer (or by a config) must be kept with its options.
+        The results then go where Lightning logs (``lightning_logs/version_<n>`` by default), so a second run goes
+        to a new folder. A trainer without a logger has no run folder: it writes results only through a writer it
+        was given, and :meth:`results` returns them (what ``lightning_nst.stylize`` does). A writer given to the
+        trainer (or by a config) is kept with its options: Lightning would replace it with one returned here.
         """
-        if any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
+        if self.trainer.logger is None or any(isinstance(c, ImageWriter) for c in self.trainer.callbacks):
             return []
         return [ImageWriter()]
 

@@ -95,7 +95,7 @@ def test_manifest_records_what_was_generated(runs: dict[str, Path]) -> None:
     (record,) = records(runs["guided"])
     assert record["image"] == "00000_a-red-house-by-a-lake_0.png" and (runs["guided"] / record["image"]).is_file()
     assert record["prompt"] == "a red house by a lake" and record["negative_prompt"] == "blurry, low quality"
-    assert record["seed"] == 0 and record["style"] == "skimage:immunohistochemistry"
+    assert record["seed"] == 0 and record["style"] == "sample:immunohistochemistry"
     assert record["scheduler"] == "DDIMScheduler" and record["num_inference_steps"] == STEPS
     assert record["size"] == [64, 64] and record["dtype"] == "float32"
     settings = record["guidance"]

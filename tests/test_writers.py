@@ -65,9 +65,10 @@ def test_a_trainer_without_a_writer_gets_the_default_one(tmp_path: Path) -> None
     (result,) = model.results()
     assert result.image.shape[:2] == (1, 3) and bool(result.image.isfinite().all())
 
-    # Without a logger, it writes into default_root_dir.
-    trainer(tmp_path / "root", steps=2).fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), targets())
-    assert (tmp_path / "root/t.png").is_file()
+    # Without a logger there is no run folder: no default writer, nothing written, the results are the module's.
+    bare = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
+    trainer(tmp_path / "root", steps=2).fit(bare, targets())
+    assert not (tmp_path / "root").exists() and bare.results()[0].image.shape[-2:] == (32, 32)
 
     # A trainer's own writer is used as given, not joined by a second one.
     writer = ImageWriter(output_dir=str(tmp_path / "mine"), snapshot_every=0)
@@ -92,7 +93,7 @@ def test_the_grid_of_one_objective_shows_content_style_and_result(tmp_path: Path
     content = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(content)
     data = ImageTargets(content=str(content), style=["skimage:gravel"], size=32)
-    fit = trainer(tmp_path / "with", steps=1)
+    fit = trainer(tmp_path / "with", steps=1, callbacks=[ImageWriter()])
     fit.fit(ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random")), data)
     summary = FitSummary.read(tmp_path / "with")
     assert summary.images == {
@@ -114,7 +115,7 @@ def test_the_grid_of_one_objective_shows_content_style_and_result(tmp_path: Path
     assert Image.open(tmp_path / "without/grid.png").size == (width, height)  # make_grid: one image, no padding
     # Sweeps keep the grid of results.
     sweep = ImageOptimization([TRANSFER, Objective("c", content_layers=["relu1_1"])], vgg=VGGConfig(weights="random"))
-    trainer(tmp_path / "sweep", steps=1).fit(sweep, data)
+    trainer(tmp_path / "sweep", steps=1, callbacks=[ImageWriter()]).fit(sweep, data)
     assert Image.open(tmp_path / "sweep/grid.png").size == (2 * width + 6, height + 4)
 
 
