@@ -42,3 +42,14 @@ def test_stylize_returns_the_image_and_writes_nothing(tmp_path: Path, monkeypatc
 def test_bad_statistic_is_named() -> None:
     with pytest.raises(lightning_nst.NSTError, match=r"--statistic: must be one of gram, meanvar \(got grm\)"):
         lightning_nst.texture("skimage:brick", statistic="grm")
+
+
+def test_the_readme_python_snippet_runs_as_written_offline(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Python API", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'weights="random"' in snippet  # the offline choice, named in the snippet itself
+    exec(compile(snippet, "README.md", "exec"), {})  # runs in tmp_path (conftest's working folder)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.png"]  # the file the snippet saves, no other
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (128, 128)
