@@ -1,0 +1,5 @@
+"""``python -m lightning_nst``."""
+
+from lightning_nst.main import main
+
+main()

@@ -1,0 +1,135 @@
+"""``lightning_nst.stylize`` and ``lightning_nst.texture``: one call, one PIL image, no file written.
+
+The settings are those of ``lightning-nst stylize``/``texture`` (the shipped configs with the same overrides,
+:mod:`lightning_nst.shortcuts`); the run is a plain Trainer without logger, checkpoints or writer, so nothing is
+written and a notebook cell can run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from PIL import Image
+
+from lightning_nst.shortcuts import stylize_config, texture_config
+
+Source = str | os.PathLike[str]
+
+
+def _run(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Image:
+    """Build the config's module and data as ``fit`` would, run a Trainer that writes nothing, return the result."""
+    import lightning as L
+
+    from lightning_nst.data import ImageTargets
+    from lightning_nst.images import to_pil
+    from lightning_nst.optimize import ImageOptimization, Objective
+    from lightning_nst.vgg import VGGConfig
+
+    L.seed_everything(config["seed_everything"], verbose=False)
+    model_args = config["model"]["init_args"]
+    optimizer = model_args["optimizer"]
+    module_name, class_name = optimizer["class_path"].rsplit(".", 1)
+    optimizer_class = getattr(importlib.import_module(module_name), class_name)
+    model = ImageOptimization(
+        objectives=[Objective(**objective) for objective in model_args["objectives"]],
+        vgg=VGGConfig(**model_args["vgg"]),
+        init=model_args["init"],
+        init_seed=model_args["init_seed"],
+        optimizer=functools.partial(optimizer_class, **optimizer["init_args"]),
+    )
+    data = ImageTargets(**config["data"]["init_args"])
+    trainer = L.Trainer(
+        max_steps=config["trainer"]["max_steps"],
+        max_epochs=1,  # as `fit`: ImageTargets yields max_steps items per epoch
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, data)
+    return to_pil(model.results()[0].image)
+
+
+def _options(**values: Any) -> argparse.Namespace:
+    return argparse.Namespace(logs="logs", **values)
+
+
+def stylize(
+    content: Source,
+    style: Source | Sequence[Source],
+    *,
+    size: int = 512,
+    steps: int | None = None,
+    style_weight: float | None = None,
+    content_weight: float | None = None,
+    statistic: str = "gram",
+    optimizer: str = "lbfgs",
+    init: str = "content",
+    weights: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+    accelerator: str = "auto",
+) -> Image.Image:
+    """Gatys style transfer of ``content`` in the style of ``style``, as ``lightning-nst stylize`` runs it.
+
+    Args:
+        content: The content image: a path, ``sample:NAME`` or ``skimage:NAME``.
+        style: The style image, or several (blended).
+        size: Long edge of the result in pixels.
+        steps: Optimisation steps; ``None``: the shipped config's (500).
+        style_weight: Weight of the style term; ``None``: the shipped config's.
+        content_weight: Weight of the content term; ``None``: the shipped config's (1).
+        statistic: ``"gram"`` or ``"meanvar"`` (``configs/style_transfer_<statistic>.yaml``).
+        optimizer: ``"lbfgs"`` (the config's) or ``"adam"``.
+        init: ``"content"``, ``"noise"`` or an image.
+        weights: VGG19 weights: ``"auto"``, ``"imagenet"``, ``"random"`` (offline) or a file.
+        seed: Seed of the run.
+        progress: Show Lightning's progress bar.
+        accelerator: Lightning's ``accelerator``.
+
+    Returns:
+        The best image seen, ``size`` pixels on its long edge. No file is written.
+    """
+    styles = [style] if isinstance(style, str | os.PathLike) else list(style)
+    options = _options(
+        content=content, style=styles, size=size, steps=steps, style_weight=style_weight,
+        content_weight=content_weight, statistic=statistic, optimizer=optimizer, init=init, weights=weights, seed=seed,
+    )  # fmt: skip
+    return _run(stylize_config(options), progress, accelerator)
+
+
+def texture(
+    style: Source | Sequence[Source],
+    *,
+    size: int = 256,
+    steps: int | None = None,
+    style_weight: float | None = None,
+    statistic: str = "gram",
+    optimizer: str = "lbfgs",
+    init: str = "noise",
+    weights: str = "auto",
+    seed: int = 0,
+    progress: bool = False,
+    accelerator: str = "auto",
+) -> Image.Image:
+    """Texture synthesis from ``style`` (one image or several, blended), as ``lightning-nst texture`` runs it.
+
+    The arguments are those of :func:`stylize` without a content image; the config is
+    ``configs/texture_<statistic>.yaml``.
+
+    Returns:
+        The best image seen, ``size`` pixels on its long edge (that of the texture's shape). No file is written.
+    """
+    textures = [style] if isinstance(style, str | os.PathLike) else list(style)
+    options = _options(
+        texture=textures, size=size, steps=steps, style_weight=style_weight, statistic=statistic,
+        optimizer=optimizer, init=init, weights=weights, seed=seed,
+    )  # fmt: skip
+    return _run(texture_config(options), progress, accelerator)

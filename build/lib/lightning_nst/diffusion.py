@@ -1,0 +1,478 @@
+"""Style-guided Stable Diffusion sampling as a LightningModule whose ``predict_step`` generates a batch."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import lightning as L
+import torch
+from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.utils import deprecation_utils
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_nst.console import guidance_line
+from lightning_nst.errors import NSTError
+from lightning_nst.guidance import StyleGuidance, check_scheduler
+from lightning_nst.hub import DEFAULT_MODEL
+from lightning_nst.prompts import PromptGrid
+
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+
+MAX_SIDE = 8192
+"""Largest ``model.height`` and ``model.width``: 16 times Stable Diffusion 1.x's native 512 px."""
+
+SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+"""``model.scheduler`` names; ``pipeline`` keeps the pipeline's own scheduler if it is one of these classes."""
+
+# diffusers renamed from_pretrained's `torch_dtype` to `dtype`; the old name still works there but warns.
+_DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _looks_like_path(source: str) -> bool:
+    return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
+
+
+def _load(cls: Any, source: str, key: str, marker: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source)`` for a local folder or a Hub id, with one-line errors naming ``key``."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not (path / marker).is_file():
+            raise NSTError(f"{key}: {path} is not a diffusers folder ({marker} is missing)")
+        source = str(path)
+    elif _looks_like_path(source):
+        raise NSTError(f"{key}: no such folder: {path}")
+    try:
+        return cls.from_pretrained(source, **kwargs)
+    except Exception as error:  # from_pretrained raises OSError, ValueError, hub errors, ... for unusable sources
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = reason if len(reason) <= 240 else reason[:240] + "..."
+        if path.exists():
+            raise NSTError(f"{key}: cannot load {cls.__name__} from {path}: {reason}") from error
+        raise NSTError(
+            f"{key}: cannot load {source!r} from the Hugging Face Hub or its cache; offline, pass a local folder "
+            f"instead (a downloaded snapshot, or a folder written by {cls.__name__}.save_pretrained). Cause: {reason}"
+        ) from error
+
+
+def _check_scheduler_name(name: str) -> None:
+    if name != "pipeline" and name not in SCHEDULERS:
+        raise NSTError(
+            f"model.scheduler: {name!r} is not supported; choose {', '.join(SCHEDULERS)} or pipeline "
+            "(the pipeline's own scheduler, if it is DDIM or DDPM)"
+        )
+
+
+def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) -> None:
+    """Raise unless the scheduler, trained over ``num_train_timesteps``, can take ``num_inference_steps`` steps."""
+    if num_inference_steps > num_train_timesteps:
+        raise NSTError(
+            f"model.num_inference_steps: {num_inference_steps} is more than the {num_train_timesteps} timesteps the "
+            f"scheduler of {model} was trained over"
+        )
+
+
+def _local_train_timesteps(source: str, scheduler: str) -> int | None:
+    """``num_train_timesteps`` from a local pipeline folder's scheduler config, without loading any weights."""
+    config = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
+        return None
+    try:
+        values = SCHEDULERS.get(scheduler, DDIMScheduler).load_config(config.parent)
+    except (OSError, ValueError):  # an unreadable config is reported, naming model.model, when the pipeline loads
+        return None
+    steps = values.get("num_train_timesteps")
+    return steps if isinstance(steps, int) else None
+
+
+class DenoisingCallback(Callback):
+    """A Lightning callback that also sees every sampling step of :class:`~lightning_nst.GuidedDiffusion`.
+
+    Add subclasses to ``trainer.callbacks`` in YAML like any other callback.
+    """
+
+    def on_denoising_step(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        step_index: int,
+        timestep: int,
+        callback_kwargs: dict[str, Any],
+    ) -> dict[str, Any] | None:
+        """Called after each scheduler step, with diffusers' ``callback_on_step_end`` contract.
+
+        Args:
+            trainer: The trainer.
+            pl_module: The sampling module.
+            step_index: Index of the step, from 0.
+            timestep: The scheduler's timestep of the step.
+            callback_kwargs: ``latents`` (after the step), ``noise_pred`` (as the scheduler used it), ``index``
+                (item numbers) and ``style_index``; with style guidance also ``style_loss`` ``(B,)``, ``x0_image``
+                (the decoded clean prediction the loss was measured on) and ``guided``.
+
+        Returns:
+            ``None``, or a dict whose ``latents`` replace the sampler's.
+        """
+        return None
+
+
+class Failure(NamedTuple):
+    """Why an item of a batch failed: the config key most likely at fault, and the first value that was not finite."""
+
+    key: str
+    problem: str
+
+
+def _note(failures: list[Failure | None], values: Tensor, key: str, what: str) -> None:
+    """Record ``what`` as the failure of each item whose row of ``values`` holds a NaN or infinity first."""
+    finite = torch.isfinite(values.detach()).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
+    rows = len(failures)
+    # With classifier-free guidance the UNet batch is [unconditional; conditional]; either half fails its item.
+    finite = finite.view(-1, rows).all(dim=0).tolist()
+    for row, ok in enumerate(finite):
+        if not ok and failures[row] is None:
+            failures[row] = Failure(key, f"{what} is not finite")
+
+
+class GuidedDiffusion(L.LightningModule):
+    """Stable Diffusion sampling with optional VGG style guidance; ``predict_step`` generates one batch of items.
+
+    The loop follows ``StableDiffusionPipeline.__call__`` step by step, using the pipeline's own ``encode_prompt``,
+    ``prepare_latents``, scheduler and image processor, and inserts the guidance callback between the noise
+    prediction and the scheduler step, where diffusers offers no hook. Components are loaded in
+    :meth:`configure_model`, so Lightning places them on the device and applies its precision.
+
+    Args:
+        model: Any Stable Diffusion 1.x/2.x diffusers pipeline: a Hugging Face Hub id or a local folder.
+        guidance: The style-guidance step; ``None`` samples without measuring or guiding style.
+        tiny_vae: An ``AutoencoderTiny`` (e.g. ``madebyollin/taesd``) for the guidance gradient only; the output is
+            always decoded with the pipeline's VAE.
+        scheduler: ``ddim``, ``ddpm`` or ``pipeline`` (keep the pipeline's, if it is one of those).
+        num_inference_steps: Sampling steps.
+        cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off.
+        eta: DDIM's eta (0 is deterministic DDIM); ignored by DDPM.
+        height: Image height in pixels; by default the UNet's native size.
+        width: Image width in pixels; by default the UNet's native size.
+        dtype: Weights' dtype; ``auto`` follows Lightning's precision (``bf16-true`` loads bfloat16, others float32).
+            Style statistics are computed in float32 either way.
+        variant: Weights variant to load, e.g. ``fp16`` where the repository has one.
+        safety_checker: Run the pipeline's safety checker, when it has one, on the final images.
+    """
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        guidance: StyleGuidance | None = None,
+        tiny_vae: str | None = None,
+        scheduler: str = "ddim",
+        num_inference_steps: int = 50,
+        cfg_scale: float = 7.5,
+        eta: float = 0.0,
+        height: int | None = None,
+        width: int | None = None,
+        dtype: DType = "auto",
+        variant: str | None = None,
+        safety_checker: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["guidance"])
+        if num_inference_steps < 1:
+            raise NSTError(f"model.num_inference_steps: must be >= 1, got {num_inference_steps}")
+        if not math.isfinite(cfg_scale) or cfg_scale < 0:
+            raise NSTError(f"model.cfg_scale: must be a finite number >= 0 (<= 1 turns it off), got {cfg_scale!r}")
+        if not 0.0 <= eta <= 1.0:  # also refuses NaN
+            raise NSTError(f"model.eta: must be in [0, 1] (0 is deterministic DDIM, 1 adds full noise), got {eta!r}")
+        for key, value in (("model.height", height), ("model.width", width)):
+            if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
+                raise NSTError(f"{key}: must be a multiple of 8 pixels from 8 to {MAX_SIDE}, got {value}")
+        # dtype is not checked by hand: it is a Literal, which the CLI's parser enforces naming model.dtype.
+        if guidance is not None:
+            guidance.check_decoder(tiny_vae)
+        _check_scheduler_name(scheduler)
+        self.model_source = model
+        self.guidance = guidance
+        self.tiny_vae_source = tiny_vae
+        self.scheduler_name = scheduler
+        self.num_inference_steps = num_inference_steps
+        self.cfg_scale = cfg_scale
+        self.eta = eta
+        self.height = height
+        self.width = width
+        self.dtype_name = dtype
+        self.variant = variant
+        self.use_safety_checker = safety_checker
+        self.unet: nn.Module | None = None
+        self.vae: nn.Module | None = None
+        self.text_encoder: nn.Module | None = None
+        self.tiny_vae: nn.Module | None = None
+        self.safety_checker: nn.Module | None = None
+        self.pipeline: StableDiffusionPipeline | None = None
+        self.num_timesteps = 0
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+
+    @property
+    def scheduler(self) -> Any:
+        """The pipeline's scheduler (stateful: ``set_timesteps`` runs at the start of every batch)."""
+        return self._pipe().scheduler
+
+    def _pipe(self) -> StableDiffusionPipeline:
+        if self.pipeline is None:
+            raise RuntimeError("GuidedDiffusion.configure_model() has not run yet")
+        return self.pipeline
+
+    def _data(self) -> PromptGrid:
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(data, PromptGrid):
+            raise NSTError("data: GuidedDiffusion needs `data: {class_path: lightning_nst.PromptGrid, ...}`")
+        return data
+
+    def setup(self, stage: str) -> None:
+        """Check the data fits the model before anything heavy is loaded, then build the guidance's VGG19 trunk."""
+        data = self._data()
+        if self.guidance is not None and not data.style_sources:
+            raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
+        train_timesteps = _local_train_timesteps(self.model_source, self.scheduler_name)
+        if train_timesteps is not None:
+            check_steps(self.num_inference_steps, train_timesteps, self.model_source)
+        if self.guidance is not None:
+            # Here rather than in configure_model, whose default device and dtype (Lightning's init contexts) would
+            # change the random weights of `weights: random` from one accelerator to another.
+            self.guidance.configure()
+
+    def configure_model(self) -> None:
+        """Load the pipeline (and the tiny decoder) once; Lightning then moves them to the device.
+
+        Nothing is loaded when the data has nothing left to generate (every item finished by an earlier run).
+        """
+        if self.pipeline is not None:
+            return
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if isinstance(data, PromptGrid) and data.all_finished:
+            return
+        torch_dtype = torch.get_default_dtype() if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+        extra: dict[str, Any] = (
+            {} if self.use_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+        )
+        # from_pretrained's default (use_safetensors=None) loads .safetensors where present and falls back to .bin
+        # files only without them, through torch.load(weights_only=True) in diffusers and transformers alike.
+        pipe = _load(
+            StableDiffusionPipeline,
+            self.model_source,
+            "model.model",
+            "model_index.json",
+            variant=self.variant,
+            **{_DTYPE_KWARG: torch_dtype},
+            **extra,
+        )
+        # The pipeline's own scheduler, or the one named by model.scheduler configured from it (betas, offsets,
+        # spacing); the name was checked in __init__.
+        if self.scheduler_name != "pipeline":
+            pipe.scheduler = SCHEDULERS[self.scheduler_name].from_config(pipe.scheduler.config)
+        check_scheduler(pipe.scheduler)
+        check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
+        pipe.set_progress_bar_config(disable=True)
+        if self.tiny_vae_source is not None:
+            self.tiny_vae = _load(
+                AutoencoderTiny, self.tiny_vae_source, "model.tiny_vae", "config.json", **{_DTYPE_KWARG: torch_dtype}
+            )
+        # Registered here so Lightning moves them and applies its precision; the pipeline holds the same objects.
+        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        self.safety_checker = pipe.safety_checker
+        for module in (self.unet, self.vae, self.text_encoder, self.tiny_vae, self.safety_checker):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        self.pipeline = pipe
+
+    def on_predict_start(self) -> None:
+        """Compute the style targets once, on the device, and say which VGG weights are in use."""
+        if self.guidance is not None:
+            self.guidance.set_styles(self._data().style_images)
+            rank_zero_info(f"Style guidance: {guidance_line(self.guidance.settings())}")
+        if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
+            rank_zero_warn(
+                "No prediction writer in trainer.callbacks: images are not saved; add lightning_nst.GenerationWriter"
+            )
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        """The options that define the images, as configured and known before the pipeline loads.
+
+        Together with an item's prompt, seed and style they make its fingerprint, by which a rerun recognises the
+        items an earlier run finished. Batching, the number of processes and callbacks are left out, since they do
+        not change an image, and so is the accelerator, so that a batch begun on one machine can be finished on
+        another. With guidance, the VGG19 trunk is built here if it was not yet: the weights in use are part of it.
+        """
+        return {
+            "model": self.model_source,
+            "variant": self.variant,
+            "dtype": self.dtype_name,
+            "precision": str(self.trainer.precision) if self._trainer is not None else None,
+            "tiny_vae": self.tiny_vae_source,
+            "scheduler": self.scheduler_name,
+            "num_inference_steps": self.num_inference_steps,
+            "cfg_scale": self.cfg_scale,
+            "eta": self.eta,
+            "height": self.height,
+            "width": self.width,
+            "safety_checker": self.use_safety_checker,
+            "guidance": self.guidance.settings() if self.guidance is not None else None,
+        }
+
+    def manifest_settings(self) -> dict[str, Any]:
+        """The sampling settings a manifest line records, as the loaded pipeline resolved them.
+
+        Model, steps, scales and guidance are those of :meth:`fingerprint_options`; the scheduler is named by its
+        class, the size in pixels and the dtype by the UNet's.
+        """
+        options = self.fingerprint_options()
+        return {
+            **{key: options[key] for key in ("model", "num_inference_steps", "cfg_scale", "eta", "guidance")},
+            "scheduler": type(self.scheduler).__name__,
+            "size": list(self.image_size()),
+            "dtype": str(self.unet.dtype).removeprefix("torch.") if self.unet is not None else self.dtype_name,
+        }
+
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the generated images."""
+        pipe = self._pipe()
+        native = pipe.unet.config.sample_size
+        native = (native, native) if isinstance(native, int) else tuple(native)
+        height = self.height or native[0] * pipe.vae_scale_factor
+        width = self.width or native[1] * pipe.vae_scale_factor
+        return height, width
+
+    def _denoising_callbacks(self) -> list[DenoisingCallback]:
+        callbacks = self._trainer.callbacks if self._trainer is not None else []
+        return [callback for callback in callbacks if isinstance(callback, DenoisingCallback)]
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        r"""Generate one batch of items; see :class:`~lightning_nst.prompts.PromptGrid` for the batch fields.
+
+        Returns:
+            ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` on the CPU; ``style_loss`` ``(B, steps)`` (the loss of each
+            step's :math:`\hat x_0`) and ``final_style_loss`` ``(B,)`` (of the output image), or ``None`` without
+            guidance; ``timesteps``; ``guided`` per step; ``nsfw`` per image or ``None``; ``seconds_per_step``;
+            ``failures``, per item ``None`` or the :class:`Failure` that makes its image unusable: the first NaN or
+            infinity in its noise prediction, latents, decoded image or final style loss.
+        """
+        pipe = self._pipe()
+        unet, scheduler = pipe.unet, pipe.scheduler
+        # 0. Default height and width to unet, and 1. Check inputs: both done once, in __init__ and configure_model
+        height, width = self.image_size()
+
+        # 2. Define call parameters
+        prompts, negative_prompts = list(batch["prompt"]), list(batch["negative_prompt"])
+        batch_size, device = len(prompts), self.device
+        do_cfg = self.cfg_scale > 1 and unet.config.time_cond_proj_dim is None
+        # One CPU generator per item, so an item's noise depends on its seed only, not on its batch or device.
+        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in batch["seed"]]
+
+        # 3. Encode input prompt
+        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(prompts, device, 1, do_cfg, negative_prompts)
+        if do_cfg:
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+
+        # 4. Prepare timesteps
+        timesteps, _ = retrieve_timesteps(scheduler, self.num_inference_steps, device)
+        self.num_timesteps = len(timesteps)
+
+        # 5. Prepare latent variables
+        latents = pipe.prepare_latents(
+            batch_size, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generators
+        )
+
+        # 6. Prepare extra step kwargs
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta)
+
+        # 6.2 Optionally get Guidance Scale Embedding
+        timestep_cond = None
+        if unet.config.time_cond_proj_dim is not None:
+            scale = torch.tensor(self.cfg_scale - 1).repeat(batch_size)
+            embedding = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
+            timestep_cond = embedding.to(device=device, dtype=latents.dtype)
+
+        # 7. Denoising loop
+        callbacks = self._denoising_callbacks()
+        failures: list[Failure | None] = [None] * batch_size
+        style_losses: list[Tensor] = []
+        guided: list[bool] = []
+        started = time.perf_counter()
+        for i, t in enumerate(timesteps):
+            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+            latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+            noise_pred = unet(
+                latent_model_input,
+                t,
+                encoder_hidden_states=prompt_embeds,
+                timestep_cond=timestep_cond,
+                return_dict=False,
+            )[0]
+            if do_cfg:
+                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                noise_pred = noise_pred_uncond + self.cfg_scale * (noise_pred_text - noise_pred_uncond)
+            _note(failures, noise_pred, *self._noise_failure(i, do_cfg))
+
+            # 7.1 Style guidance: unlike diffusers' callback_on_step_end, this runs before the scheduler step.
+            callback_kwargs: dict[str, Any] = {
+                "latents": latents,
+                "noise_pred": noise_pred,
+                "style_index": batch["style_index"],
+                "index": batch["index"],
+            }
+            if self.guidance is not None:
+                callback_kwargs = self.guidance(self, i, t, callback_kwargs)
+                noise_pred = callback_kwargs["noise_pred"]
+                style_losses.append(callback_kwargs["style_loss"])
+                guided.append(callback_kwargs["guided"])
+                _note(failures, noise_pred, "model.guidance.scale", f"step {i}: the guided noise prediction")
+
+            # compute the previous noisy sample x_t -> x_t-1
+            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+            _note(failures, latents, "model.eta", f"step {i}: the scheduler's latents")
+
+            # 7.2 Step-end callbacks, with diffusers' contract: they may replace the latents.
+            callback_kwargs["latents"] = latents
+            for callback in callbacks:
+                outputs = callback.on_denoising_step(self.trainer, self, i, int(t), callback_kwargs) or {}
+                latents = outputs.pop("latents", latents)
+                callback_kwargs["latents"] = latents
+                what = f"step {i}: the latents {type(callback).__name__} returned"
+                _note(failures, latents, "trainer.callbacks", what)
+        if latents.device.type == "cuda":
+            torch.cuda.synchronize(latents.device)
+        seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
+
+        # 8. Decode, check safety and post-process as the pipeline does
+        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        _note(failures, image, "trainer.precision", "the decoded image (float32 may help: --trainer.precision 32-true)")
+        image, has_nsfw_concept = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
+        do_denormalize = [True] * batch_size if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
+        images = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=do_denormalize)
+
+        # 9. Style loss of the images as written
+        final_style_loss = None
+        if self.guidance is not None:
+            final_style_loss = self.guidance.style_loss(images, batch["style_index"]).cpu()
+            _note(failures, final_style_loss, "model.guidance.vgg", "the style loss of the image")
+        return {
+            "images": images.float().cpu(),
+            "style_loss": torch.stack(style_losses, dim=1).cpu() if style_losses else None,
+            "final_style_loss": final_style_loss,
+            "timesteps": [int(t) for t in timesteps],
+            "guided": guided,
+            "nsfw": list(has_nsfw_concept) if has_nsfw_concept is not None else None,
+            "seconds_per_step": seconds_per_step,
+            "failures": failures,
+        }
+
+    def _noise_failure(self, step_index: int, do_cfg: bool) -> tuple[str, str]:
+        if do_cfg:
+            return "model.cfg_scale", f"step {step_index}: the noise prediction with classifier-free guidance"
+        return "model.model", f"step {step_index}: the UNet's noise prediction"

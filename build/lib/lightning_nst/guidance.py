@@ -1,0 +1,293 @@
+r"""Style guidance: steer a diffusion sampler's noise prediction down the gradient of a VGG style loss.
+
+At every sampling step :math:`t` with latents :math:`x_t` and (classifier-free guided) noise prediction
+:math:`\hat\epsilon`, the clean latents are predicted as
+:math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}`, decoded to an image and scored
+with :class:`~lightning_nst.losses.LayerStyleLoss` against the style image. The correction is
+
+.. math:: \tilde\epsilon = \hat\epsilon - s \, \frac{g}{\operatorname{rms}(g)}, \qquad g = \nabla_{\hat\epsilon} L
+
+and the scheduler steps with :math:`\tilde\epsilon`. Only :math:`\hat x_0 \mapsto L` is differentiated: the UNet is
+not, which is what makes this cheaper than classifier guidance through the denoiser.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.image_processor import VaeImageProcessor
+from torch import Tensor, nn
+
+from lightning_nst.errors import NSTError
+from lightning_nst.images import resize_long_edge
+from lightning_nst.losses import STATISTICS, LayerStyleLoss, Statistic
+from lightning_nst.vgg import (
+    DEFAULT_STYLE_LAYERS,
+    VGG19Features,
+    VGGConfig,
+    layer_index,
+    layer_weights,
+    min_input_size,
+)
+
+Decoder = Literal["auto", "vae", "tiny"]
+
+SUPPORTED_SCHEDULERS: tuple[type, ...] = (DDIMScheduler, DDPMScheduler)
+"""Schedulers whose latents are :math:`\\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1-\\bar\\alpha_t}\\epsilon` at integer
+timesteps indexing ``alphas_cumprod`` and whose ``step`` keeps no history, so a corrected noise prediction is all
+they need."""
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_scheduler(scheduler: Any, key: str = "model.scheduler") -> None:
+    r"""Raise unless style guidance can compute :math:`\hat x_0` for ``scheduler``."""
+    if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
+        raise NSTError(
+            f"{key}: {type(scheduler).__name__} is not supported by the guided sampler (supported: {names}); "
+            "set model.scheduler to ddim or ddpm"
+        )
+    if scheduler.config.prediction_type not in PREDICTION_TYPES:
+        raise NSTError(
+            f"{key}: prediction_type {scheduler.config.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
+        )
+
+
+def predict_x0(scheduler: DDIMScheduler | DDPMScheduler, model_output: Tensor, sample: Tensor, timestep: Any) -> Tensor:
+    """Clean-latent prediction from the model output, as the scheduler's ``step`` computes ``pred_original_sample``.
+
+    Computed in float32 and differentiable in ``model_output``; no thresholding or clipping (Stable Diffusion
+    configures neither).
+    """
+    alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(device=sample.device, dtype=torch.float32)
+    beta_prod = 1 - alpha_prod
+    output, sample = model_output.float(), sample.float()
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (sample - beta_prod.sqrt() * output) / alpha_prod.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_prod.sqrt() * sample - beta_prod.sqrt() * output
+    if prediction_type == "sample":
+        return output
+    raise NSTError(f"model.scheduler: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+
+
+def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
+    """Decode Stable Diffusion latents to images in ``[0, 1]`` as the pipeline does.
+
+    Works for ``AutoencoderKL`` and ``AutoencoderTiny``: ``decoder.decode(latents / scaling_factor)``, then the image
+    processor's denormalisation.
+    """
+    latents = latents.to(decoder.dtype) / decoder.config.scaling_factor
+    return VaeImageProcessor.denormalize(decoder.decode(latents, return_dict=False)[0])
+
+
+def rms_normalize(gradient: Tensor, eps: float = 1e-12) -> Tensor:
+    """Divide each sample's gradient by its root mean square, so the correction has unit RMS like the noise.
+
+    However small the gradient, a sample that is not all zero comes out with RMS 1; an all-zero one stays zero.
+    """
+    flat = gradient.float().flatten(1)
+    # Scaled to a largest magnitude of 1 first: squaring a gradient of ~1e-20 would underflow float32.
+    flat = flat / flat.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    rms = flat.square().mean(dim=1, keepdim=True).sqrt()
+    return (flat / rms.clamp_min(eps)).view_as(gradient).to(gradient.dtype)
+
+
+class StyleGuidance(nn.Module):
+    r"""The style-guidance step of a sampling loop, as a callback with diffusers' contract.
+
+    ``guidance(pipeline, step_index, timestep, callback_kwargs) -> callback_kwargs`` runs between the noise
+    prediction and the scheduler step. ``callback_kwargs`` holds ``latents`` (:math:`x_t`), ``noise_pred``
+    (:math:`\hat\epsilon`) and ``style_index`` (which style image each sample targets); the result adds the corrected
+    ``noise_pred``, the ``style_loss`` of :math:`\hat x_0` per sample, the decoded ``x0_image`` it was measured on
+    and ``guided`` (whether the step was corrected). ``pipeline`` must expose ``scheduler``, ``vae``, ``tiny_vae``
+    and ``num_timesteps`` (:class:`~lightning_nst.diffusion.GuidedDiffusion` does).
+
+    The style loss is measured at every step, guided or not, so a run with ``scale: 0`` is the unguided baseline
+    with the same loss trajectory.
+
+    Args:
+        scale: Strength :math:`s` of the correction; 0 measures the style loss without guiding. With
+            ``normalize``, it is in units of the noise's own RMS (about 1), so values of 0.05–0.5 are sensible.
+        window: ``[start, end)`` fractions of the sampling steps where guidance is on, e.g. ``[0.0, 0.8]``.
+        every_k: Guide every k-th step only (counted from step 0); the others are measured but not corrected.
+        normalize: Divide each sample's gradient by its RMS, so one scale works across models, sizes, layers and
+            statistics. Without it, ``scale`` multiplies the raw gradient and must be tuned per setting.
+        decoder: Decoder of :math:`\hat x_0` for the gradient: ``vae`` (the pipeline's), ``tiny`` (the
+            ``AutoencoderTiny`` given as ``model.tiny_vae``) or ``auto`` (tiny when given, else vae).
+        guidance_size: Longer edge, in pixels, the decoded image is resized to before VGG; ``None`` keeps it.
+        style_size: Longer edge of the style images before VGG; defaults to ``guidance_size``.
+        layers: VGG19 layers of the style loss, each weighing ``1 / len(layers)``, or ``{layer: weight}``.
+        statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
+        vgg: Weights and pooling of the VGG19 trunk, which is built (and its weights loaded) by :meth:`configure`,
+            not here.
+    """
+
+    def __init__(
+        self,
+        scale: float = 0.2,
+        window: tuple[float, float] = (0.0, 1.0),
+        every_k: int = 1,
+        normalize: bool = True,
+        decoder: Decoder = "auto",
+        guidance_size: int | None = 256,
+        style_size: int | None = None,
+        layers: list[str] | dict[str, float] | None = None,
+        statistic: Statistic = "gram",
+        vgg: VGGConfig | None = None,
+    ) -> None:
+        super().__init__()
+        key = "model.guidance"
+        if not math.isfinite(scale):
+            raise NSTError(f"{key}.scale: must be a finite number, got {scale!r}")
+        start, end = (float(value) for value in window)
+        if not 0.0 <= start <= end <= 1.0:
+            raise NSTError(f"{key}.window: need 0 <= start <= end <= 1, got [{start}, {end}]")
+        if every_k < 1:
+            raise NSTError(f"{key}.every_k: must be >= 1, got {every_k}")
+        # decoder is not checked by hand: it is a Literal, which the CLI's parser enforces naming the key. statistic
+        # is, since LayerStyleLoss would only find it out once the trunk is built, with a message naming no key.
+        if statistic not in STATISTICS:
+            raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        layers = list(DEFAULT_STYLE_LAYERS) if layers is None else layers
+        if not layers:
+            raise NSTError(f"{key}.layers: give at least one VGG19 layer")
+        parsed = layer_weights(layers, f"{key}.layers")
+        names = list(parsed)
+        # A list keeps LayerStyleLoss's own 1/len weighting (and the settings recorded in manifests) as it was.
+        weights = {layer: float(weight) for layer, weight in parsed.items()} if isinstance(layers, Mapping) else None
+        deepest = max(names, key=layer_index)
+        for name, size in (("guidance_size", guidance_size), ("style_size", style_size)):
+            if size is not None and size < min_input_size(names):
+                raise NSTError(
+                    f"{key}.{name}: {size} px is too small for layer {deepest}, which needs at least "
+                    f"{min_input_size(names)} px"
+                )
+        self.scale = float(scale)
+        self.window = (start, end)
+        self.every_k = every_k
+        self.normalize = normalize
+        self.decoder = decoder
+        self.guidance_size = guidance_size
+        self.style_size = style_size if style_size is not None else guidance_size
+        self.layers = names
+        self.layer_weights = weights
+        self.statistic = statistic
+        self.vgg_config = vgg or VGGConfig()
+        self.vgg: VGG19Features | None = None
+        self.targets = nn.ModuleList()
+
+    # -- setup --------------------------------------------------------------------------------------------------
+
+    def configure(self) -> VGG19Features:
+        """Build the VGG19 trunk, loading its weights, unless it is built already; returns it.
+
+        Not done in ``__init__``, so a config is checked cheaply before anything heavy is loaded.
+        :class:`~lightning_nst.GuidedDiffusion` calls it in ``setup``; otherwise the first :meth:`set_styles`,
+        :meth:`settings` or style loss does.
+        """
+        if self.vgg is None:
+            self.vgg = self.vgg_config.build(self.layers, key="model.guidance.vgg")
+        return self.vgg
+
+    @torch.no_grad()
+    def set_styles(self, images: Sequence[Tensor]) -> None:
+        """Compute the target statistics of each ``(1, 3, H, W)`` style image in ``[0, 1]``, once."""
+        vgg = self.configure()
+        device, dtype = vgg.mean.device, next(vgg.parameters()).dtype
+        self.targets = nn.ModuleList()
+        for image in images:
+            features = vgg(resize_long_edge(image, self.style_size).to(device=device, dtype=dtype))
+            self.targets.append(
+                LayerStyleLoss({layer: features[layer] for layer in self.layers}, self.statistic, self.layer_weights)
+            )
+
+    def check_decoder(self, tiny_vae: object | None) -> None:
+        """Raise if ``decoder`` is ``tiny`` but there is no tiny autoencoder (``model.tiny_vae``)."""
+        if self.decoder == "tiny" and tiny_vae is None:
+            raise NSTError("model.guidance.decoder: 'tiny' needs model.tiny_vae (an AutoencoderTiny folder or hub id)")
+
+    def decoder_of(self, pipeline: Any) -> nn.Module:
+        r"""The module that decodes :math:`\hat x_0` for the gradient."""
+        tiny = getattr(pipeline, "tiny_vae", None)
+        self.check_decoder(tiny)
+        return tiny if tiny is not None and self.decoder != "vae" else pipeline.vae
+
+    def settings(self) -> dict[str, Any]:
+        """The options as plain values, for manifests, fingerprints and logs; builds the trunk to name its weights."""
+        vgg = self.configure()
+        return {
+            "scale": self.scale,
+            "window": list(self.window),
+            "every_k": self.every_k,
+            "normalize": self.normalize,
+            "decoder": self.decoder,
+            "guidance_size": self.guidance_size,
+            "style_size": self.style_size,
+            "layers": self.layer_weights or self.layers,
+            "statistic": self.statistic,
+            "vgg_weights": vgg.weights_used,
+            "pooling": vgg.pooling,
+        }
+
+    # -- the step -----------------------------------------------------------------------------------------------
+
+    def is_active(self, step_index: int, num_steps: int) -> bool:
+        """Whether step ``step_index`` of ``num_steps`` is corrected."""
+        start, end = self.window
+        return self.scale != 0 and start * num_steps <= step_index < end * num_steps and step_index % self.every_k == 0
+
+    def style_loss(self, images: Tensor, style_index: Tensor) -> Tensor:
+        """Style loss of ``(B, 3, H, W)`` images in ``[0, 1]`` against each one's style image, shape ``(B,)``.
+
+        Images are resized to ``guidance_size`` first; the result is float32.
+        """
+        if not len(self.targets):
+            raise RuntimeError("StyleGuidance.set_styles() must run before the style loss is measured")
+        vgg = self.configure()
+        image = resize_long_edge(images, self.guidance_size)
+        features = vgg(image.to(next(vgg.parameters()).dtype))
+        loss = torch.zeros(len(images), device=images.device, dtype=torch.float32)
+        for style in style_index.unique().tolist():
+            rows = (style_index == style).nonzero().squeeze(1)
+            value = self.targets[style]({layer: features[layer][rows] for layer in self.layers})
+            loss = loss.index_put((rows,), value.float())
+        return loss
+
+    def measure(self, decoder: nn.Module, x0: Tensor, style_index: Tensor) -> tuple[Tensor, Tensor]:
+        """Decode ``x0`` and return ``(image, style_loss)``."""
+        image = decode_latents(decoder, x0)
+        return image, self.style_loss(image, style_index)
+
+    def forward(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+        r"""Measure the style loss of :math:`\hat x_0` and, on guided steps, correct ``noise_pred``."""
+        latents, noise_pred = callback_kwargs["latents"], callback_kwargs["noise_pred"]
+        style_index = callback_kwargs["style_index"]
+        scheduler, decoder = pipeline.scheduler, self.decoder_of(pipeline)
+        active = self.is_active(step_index, pipeline.num_timesteps)
+        if active:
+            with torch.enable_grad():
+                noise = noise_pred.detach().requires_grad_()
+                image, loss = self.measure(decoder, predict_x0(scheduler, noise, latents, timestep), style_index)
+                (gradient,) = torch.autograd.grad(loss.sum(), noise)
+            # A non-finite gradient (e.g. an fp16 overflow in the decoder) would wreck the sample: skip it instead.
+            gradient = torch.where(torch.isfinite(gradient), gradient, torch.zeros_like(gradient))
+            if self.normalize:
+                gradient = rms_normalize(gradient)
+            noise_pred = noise_pred - self.scale * gradient
+        else:
+            with torch.no_grad():
+                image, loss = self.measure(decoder, predict_x0(scheduler, noise_pred, latents, timestep), style_index)
+        return {
+            **callback_kwargs,
+            "noise_pred": noise_pred,
+            "style_loss": loss.detach(),
+            "x0_image": image.detach(),
+            "guided": active,
+        }

@@ -1,0 +1,232 @@
+r"""Content, style and total-variation losses: pure torch, one value per batch element.
+
+Every loss returns a tensor of shape ``(B,)`` so that several objectives optimised together as one batch keep
+separate values. Style statistics are computed in float32 with autocast off, so bf16/fp16 runs stay finite.
+
+Notation, per batch element: a layer's ``(C, H, W)`` features are the :math:`N \times M` matrix :math:`F` with
+:math:`N = C` channels and :math:`M = H W` positions, and :math:`P` are the content image's features. Gatys et al.
+(2015, 2016) define :math:`L_\text{content} = \frac12 \sum_{ik} (F_{ik} - P_{ik})^2` and, per style layer,
+:math:`E_l = \frac{1}{4 N^2 M^2} \sum_{ij} (G_{ij} - A_{ij})^2` with the raw Gram matrices :math:`G = F F^\top` of
+the image and :math:`A` of the style image. Each docstring below gives what the code computes and its exact relation
+to these; the weights that multiply each term are set per objective in :class:`lightning_nst.optimize.Objective`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.functional.image import total_variation as _total_variation
+
+Statistic = Literal["gram", "meanvar"]
+STATISTICS: tuple[str, ...] = ("gram", "meanvar")
+
+
+def _fp32(features: Tensor) -> Tensor:
+    return features.float()
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    r"""Normalised Gram matrix of ``(B, C, H, W)`` features, shape ``(B, C, C)``.
+
+    .. math::
+
+        \hat G_{ij} = \frac{1}{N M} \sum_{k=1}^{M} F_{ik} F_{jk}, \qquad N = C,\ M = H W.
+
+    Note:
+        Gatys et al. use the raw :math:`G = F F^\top`, so :math:`\hat G = G / (N M)`. Dividing by :math:`N M`, as
+        the PyTorch tutorial does, makes style images of another size comparable; the raw Gram grows with :math:`M`.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        flat = _fp32(features).flatten(2)
+        return flat @ flat.transpose(1, 2) / flat.shape[1:].numel()
+
+
+def mean_std(features: Tensor, eps: float = 1e-5) -> Tensor:
+    r"""Per-channel mean and standard deviation of ``(B, C, H, W)`` features, shape ``(B, 2, C)``.
+
+    .. math::
+
+        \mu_c = \frac1M \sum_{k=1}^{M} F_{ck}, \qquad
+        \sigma_c = \sqrt{\frac1M \sum_{k=1}^{M} (F_{ck} - \mu_c)^2 + \varepsilon}, \qquad M = H W,
+
+    with ``[:, 0]`` holding :math:`\mu` and ``[:, 1]`` holding :math:`\sigma`. This is Eq. 5-6 of AdaIN (Huang and
+    Belongie, 2017): population variance (divided by :math:`M`, not :math:`M - 1`) and :math:`\varepsilon` inside
+    the root, which keeps :math:`\sigma` differentiable where a channel is constant.
+
+    Note:
+        :math:`\sigma_c` is not the standard deviation :math:`s_c` but :math:`\sqrt{s_c^2 + \varepsilon}`: it
+        exceeds :math:`s_c` by less than :math:`\sqrt{\varepsilon}` (3.2e-3 for the default 1e-5), by more than 1 %
+        where :math:`s_c < 0.0223` and by 5 % where :math:`s_c \approx 0.0099`, and a constant (dead ReLU) channel
+        gets :math:`\sigma_c = \sqrt{\varepsilon}`. Image and style features carry the same bias, so matching
+        statistics still gives zero loss, but :math:`\sigma_c` follows :math:`s_c` less closely
+        (:math:`d\sigma_c / ds_c = s_c / \sigma_c`, 0.71 at :math:`s_c = \sqrt{\varepsilon}`), so near-constant
+        channels are matched more weakly. With ImageNet VGG19 on 256 px images, 0-2 of the channels of relu1_1,
+        relu2_1 and relu3_1 had :math:`s_c < 0.0223` for the sample photos and paintings, 6 of 64 at relu1_1 for the
+        brick texture; the median :math:`s_c` was 0.2-0.5, 1-1.7 and 2-3 at these layers.
+    """
+    with torch.autocast(features.device.type, enabled=False):
+        flat = _fp32(features).flatten(2)
+        mean = flat.mean(dim=2)
+        std = (flat.var(dim=2, unbiased=False) + eps).sqrt()
+        return torch.stack([mean, std], dim=1)
+
+
+def style_statistic(features: Tensor, statistic: Statistic) -> Tensor:
+    """The named style statistic of ``(B, C, H, W)`` features.
+
+    ``"gram"`` gives :func:`gram_matrix`, ``(B, C, C)``; ``"meanvar"`` gives :func:`mean_std`, ``(B, 2, C)``.
+    """
+    if statistic == "gram":
+        return gram_matrix(features)
+    if statistic == "meanvar":
+        return mean_std(features)
+    raise ValueError(f"unknown style statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
+
+
+def _per_sample_mse(value: Tensor, target: Tensor) -> Tensor:
+    return (value - target).square().flatten(1).mean(dim=1)
+
+
+class ContentLoss(nn.Module):
+    r"""Feature reconstruction loss against fixed target features ``P``, one value per batch element.
+
+    .. math::
+
+        \mathcal{L}_\text{content} = \frac{1}{N M} \sum_{i=1}^{N} \sum_{k=1}^{M} (F_{ik} - P_{ik})^2
+        = \frac{2}{N M} L_\text{content}^\text{Gatys}.
+
+    Note:
+        Gatys et al. use :math:`\frac12 \sum (F - P)^2`; the mean keeps the weight independent of layer size.
+    """
+
+    def __init__(self, target: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", _fp32(target.detach()), persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Return the loss of each batch element, shape ``(B,)``."""
+        with torch.autocast(features.device.type, enabled=False):
+            return _per_sample_mse(_fp32(features), self.target)
+
+
+class StyleLoss(nn.Module):
+    r"""Squared distance between the style statistic of features and a fixed target, one value per batch element.
+
+    With ``"gram"``, for the normalised Gram matrices :math:`\hat G` of :func:`gram_matrix` and the target
+    :math:`\hat A`:
+
+    .. math::
+
+        \mathcal{L}_\text{gram} = \frac{1}{N^2} \sum_{i,j=1}^{N} (\hat G_{ij} - \hat A_{ij})^2
+        = \frac{1}{N^4 M^2} \sum_{i,j} (G_{ij} - A_{ij})^2 = \frac{4}{N^2} E_l.
+
+    With ``"meanvar"``, for :math:`(\mu, \sigma)` of :func:`mean_std` and the target :math:`(\mu_s, \sigma_s)`:
+
+    .. math::
+
+        \mathcal{L}_\text{meanvar} = \frac1N \sum_{c=1}^{N} (\mu_c - \mu_{s,c})^2
+        + \frac1N \sum_{c=1}^{N} (\sigma_c - \sigma_{s,c})^2
+        = \frac{\lVert \mu - \mu_s \rVert_2^2 + \lVert \sigma - \sigma_s \rVert_2^2}{N}.
+
+    Several style images are blended by averaging their statistics:
+    :math:`\hat A = \frac1S \sum_{s=1}^{S} \hat A^{(s)}`, and for ``"meanvar"`` :math:`\mu_s` and :math:`\sigma_s`
+    are each averaged (the standard deviations, not the variances).
+
+    Note:
+        The Gram loss is :math:`4 E_l / N_l^2`, not :math:`E_l`: the mean over the :math:`N^2` entries adds a
+        :math:`1/N^2` that Gatys et al. do not have, so at equal style weight a 512-channel layer counts
+        :math:`(512/64)^2 = 64` times less, relative to its :math:`E_l`, than a 64-channel one. The relation holds
+        when the style image has the image's size; otherwise :math:`\hat A` normalises by the style image's own
+        :math:`M`, where Gatys et al.'s raw :math:`A` is not defined for comparison.
+
+        AdaIN's style loss (Huang and Belongie, 2017, Eq. 12) per layer is
+        :math:`\lVert \mu - \mu_s \rVert_2 + \lVert \sigma - \sigma_s \rVert_2`, plain L2 norms; this one
+        squares the norms (smooth at the target) and divides by :math:`N`. There is no constant factor between them.
+
+    Args:
+        target_features: Features of the style image(s): one ``(S, C, H, W)`` tensor, or a sequence of them when
+            the images differ in size. Several style images are blended by averaging their statistics.
+        statistic: ``"gram"`` or ``"meanvar"``.
+    """
+
+    def __init__(self, target_features: Tensor | Sequence[Tensor], statistic: Statistic) -> None:
+        super().__init__()
+        self.statistic = statistic
+        if isinstance(target_features, Tensor):
+            target_features = [target_features]
+        statistics = [style_statistic(features.detach(), statistic) for features in target_features]
+        target = torch.cat(statistics).mean(dim=0, keepdim=True)
+        self.register_buffer("target", target, persistent=False)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """Return the loss of each batch element, shape ``(B,)``."""
+        statistic = style_statistic(features, self.statistic)
+        if self.statistic == "meanvar":
+            # Mean and std terms are summed, each averaged over channels.
+            return 2 * _per_sample_mse(statistic, self.target)
+        return _per_sample_mse(statistic, self.target)
+
+
+def total_variation(image: Tensor) -> Tensor:
+    r"""Anisotropic (L1) total variation of ``(B, C, H, W)`` images per value, shape ``(B,)``.
+
+    .. math::
+
+        \mathcal{L}_\text{TV} = \frac{1}{C H W} \sum_{c=1}^{C} \Bigl( \sum_{h=1}^{H-1} \sum_{w=1}^{W}
+        |x_{c,h+1,w} - x_{c,h,w}| + \sum_{h=1}^{H} \sum_{w=1}^{W-1} |x_{c,h,w+1} - x_{c,h,w}| \Bigr).
+
+    Wraps ``torchmetrics.functional.image.total_variation``, which returns the bracketed sum; dividing by the
+    number of values :math:`C H W` keeps the weight independent of image size.
+    """
+    return _total_variation(image.float(), reduction="none") / image[0].numel()
+
+
+class LayerStyleLoss(nn.Module):
+    r"""Weighted style loss over several layers, :math:`\sum_l w_l \, \mathcal{L}_l`, with targets computed once.
+
+    :math:`\mathcal{L}_l` is the :class:`StyleLoss` of layer :math:`l`; by default :math:`w_l = 1 / L` for
+    :math:`L` layers, Gatys et al.'s choice (they use :math:`w_l = 1/5` on five layers), whereas AdaIN sums its
+    layers with weight 1. Layers absent from ``layer_weights`` get weight 0.
+
+    This is the single definition of "style loss" shared by image optimisation, the :class:`StyleDistance` metric
+    and diffusion guidance.
+
+    Args:
+        target_features: ``{layer: features}`` of the style image(s), as :class:`StyleLoss` takes them, or
+            ``{layer: StyleLoss}`` whose targets are already computed (of the same ``statistic``).
+        statistic: ``"gram"`` or ``"meanvar"``.
+        layer_weights: ``{layer: w_l}``; by default every layer weighs ``1 / len(layers)``.
+    """
+
+    def __init__(
+        self,
+        target_features: Mapping[str, Tensor | Sequence[Tensor] | StyleLoss],
+        statistic: Statistic,
+        layer_weights: Mapping[str, float] | None = None,
+    ) -> None:
+        super().__init__()
+        layers = list(target_features)
+        if layer_weights is None:
+            layer_weights = {layer: 1.0 / len(layers) for layer in layers}
+        missing = set(layer_weights) - set(layers)
+        if missing:
+            raise ValueError(f"layer weights given for layers without targets: {sorted(missing)}")
+        self.layer_weights = {layer: float(layer_weights.get(layer, 0.0)) for layer in layers}
+        losses = {
+            layer: target if isinstance(target, StyleLoss) else StyleLoss(target, statistic)
+            for layer, target in target_features.items()
+        }
+        if any(loss.statistic != statistic for loss in losses.values()):
+            raise ValueError(f"every precomputed StyleLoss must use the statistic {statistic!r}")
+        self.losses = nn.ModuleDict(losses)
+
+    def per_layer(self, features: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Unweighted loss of each layer, each of shape ``(B,)``."""
+        return {layer: loss(features[layer]) for layer, loss in self.losses.items()}
+
+    def forward(self, features: Mapping[str, Tensor]) -> Tensor:
+        """Weighted sum over layers, shape ``(B,)``."""
+        return sum(self.layer_weights[layer] * value for layer, value in self.per_layer(features).items())

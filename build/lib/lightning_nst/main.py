@@ -1,0 +1,137 @@
+"""``lightning-nst``: the command. ``fit``/``predict`` run through :func:`lightning_nst.cli.run`; bad input exits 2.
+
+``stylize``, ``texture`` and ``generate`` are shortcuts onto ``fit``/``predict`` (:mod:`lightning_nst.shortcuts`),
+``report`` makes the study's reports, ``layers`` lists the VGG19 layers and ``configs`` the shipped configs, which
+``-c NAME`` finds by name. Errors for bad input are one line, ``lightning-nst: error: <key or file>: <problem>``,
+unless ``--debug`` or ``LIGHTNING_NST_DEBUG=1`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from argparse import ArgumentError
+from collections.abc import Sequence
+
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+from lightning_nst import __version__, shipped
+from lightning_nst.cli import nst_error, run
+from lightning_nst.errors import NSTError, StoppedBySignal
+from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
+from lightning_nst.yaml_checks import check_yaml_files
+
+DEBUG_ENV = "LIGHTNING_NST_DEBUG"
+"""Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""
+
+
+COMMANDS = {
+    "fit": "optimise images (reconstruction, texture, style transfer) from a config: fit -c style_transfer_gram",
+    "predict": "generate with style-guided Stable Diffusion from a config: predict -c guided_diffusion",
+    "stylize": "style transfer with flat flags: stylize photo.jpg painting.jpg -o out.png",
+    "texture": "texture synthesis with flat flags: texture texture.jpg -o out.png",
+    "generate": 'style-guided generation with flat flags: generate "a prompt" --style painting.jpg -o outdir/',
+    "report": "run one of the study's experiments as a report",
+    "layers": "list the 37 VGG19 layer names",
+    "configs": "list the shipped configs (-c takes their names)",
+}
+"""Every command ``lightning-nst`` has, with the line ``lightning-nst --help`` gives it."""
+
+HELP = f"""\
+usage: lightning-nst [--version] [--debug] COMMAND ...
+
+Neural style on PyTorch Lightning. `lightning-nst COMMAND --help` describes each command.
+
+commands:
+{chr(10).join(f"  {name:<10}{line}" for name, line in COMMANDS.items())}
+
+options:
+  -h, --help  show this help and exit
+  --version   print the version and exit
+  --debug     full tracebacks instead of one-line errors (or LIGHTNING_NST_DEBUG=1)
+"""
+
+
+def print_layers(argv: Sequence[str] = ()) -> None:
+    """Print every VGG19 feature module with its index, channels and stride."""
+    if argv:
+        if argv[0] in ("-h", "--help"):
+            print("usage: lightning-nst layers\n\nList the VGG19 layer names with their index, channels and stride.")
+            return
+        raise NSTError(f"layers: takes no arguments (got {' '.join(argv)})")
+    print(f"{'index':>5}  {'name':<8} {'channels':>8} {'stride':>6}")
+    for index, (name, (channels, stride)) in enumerate(zip(LAYER_NAMES, LAYER_GEOMETRY, strict=True)):
+        print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
+
+
+def print_configs(argv: Sequence[str] = ()) -> None:
+    """Print the shipped configs' names with their first comment line."""
+    if argv:
+        if argv[0] in ("-h", "--help"):
+            print("usage: lightning-nst configs\n\nList the shipped configs; `-c NAME` takes a name as well as a path.")
+            return
+        raise NSTError(f"configs: takes no arguments (got {' '.join(argv)})")
+    print(f"shipped configs in {shipped.configs_dir()} (use as -c NAME):")
+    for name in shipped.names():
+        print(f"  {name:<24}{shipped.first_comment(name)}")
+
+
+def _command(argv: list[str]) -> None:
+    """Run the command ``argv`` names."""
+    command = argv[0]
+    if command.startswith("-"):
+        raise NSTError(f"{command}: unknown option; options go after the command (`lightning-nst COMMAND --help`)")
+    if command not in COMMANDS:
+        raise NSTError(f"{command}: not a command of lightning-nst; the commands are {', '.join(COMMANDS)}")
+    if command in ("layers", "configs"):
+        (print_layers if command == "layers" else print_configs)(argv[1:])
+        return
+    argv = shipped.resolve_argv(argv)
+    if command in ("stylize", "texture", "generate"):
+        from lightning_nst import shortcuts
+
+        getattr(shortcuts, command)(argv[1:])
+    elif command == "report":
+        check_yaml_files(argv)
+        from lightning_nst.report import main as report  # the only import of the report in the package
+
+        report(argv[1:])
+    else:
+        run(argv)
+
+
+def _say(line: str) -> None:
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # under DDP every process fails or stops alike: say it once
+        print(f"lightning-nst: {line}", file=sys.stderr, flush=True)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Run ``lightning-nst COMMAND ...`` on ``args`` (the command line by default); see :data:`COMMANDS`."""
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv
+    argv = [arg for arg in argv if arg != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(HELP, end="")
+        return
+    if argv[0] == "--version":
+        print(f"lightning-nst {__version__}")
+        return
+    try:
+        _command(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (`| head`) left: what it did not read is not wanted. Python would report the pipe again when it
+        # flushes stdout at exit, so stdout goes to /dev/null first, as the signal module's documentation advises.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except StoppedBySignal as stop:
+        _say(stop.message)
+        raise SystemExit(stop.exit_code) from None
+    except (NSTError, ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
+        if debug:
+            raise
+        found = nst_error(error, argv)
+        if found is None:
+            raise
+        _say(f"error: {found}")
+        raise SystemExit(2) from None

@@ -1,0 +1,578 @@
+"""The LightningModule whose parameter is the image: reconstruction, texture synthesis and style transfer."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.optim import LBFGS, Adam, Optimizer
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+from lightning_nst.data import ImageTargets
+from lightning_nst.errors import DivergenceError, NSTError
+from lightning_nst.images import load_image
+from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
+from lightning_nst.metrics import StyleDistance
+from lightning_nst.outputs import source_digest
+from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_weights, min_input_size
+from lightning_nst.writers import ImageWriter
+
+__all__ = ["DivergenceError", "ImageOptimization", "Objective", "ObjectiveResult", "default_optimizer"]
+
+# Checkpoints hold the state after the step of their global_step, which is what resuming needs.
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class Objective:
+    """One image to optimise: which feature statistics it matches and how strongly.
+
+    Layer lists weigh each layer ``1 / len(layers)``; a mapping ``{layer: weight}`` sets the weights explicitly.
+    Losses are defined in :mod:`lightning_nst.losses`.
+
+    Attributes:
+        name: File-name-safe label used for the output PNG and the TensorBoard curves.
+        content_layers: Layers whose features must match the content image (feature inversion, style transfer).
+        content_weight: Weight of the content term.
+        style_layers: Layers whose style statistic must match the style image(s).
+        style_weight: Weight of the style term.
+        statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
+        tv_weight: Weight of the total-variation smoothness term.
+    """
+
+    name: str
+    content_layers: list[str] | dict[str, float] = field(default_factory=list)
+    content_weight: float = 1.0
+    style_layers: list[str] | dict[str, float] = field(default_factory=list)
+    style_weight: float = 1.0
+    statistic: Statistic = "gram"
+    tv_weight: float = 0.0
+
+
+def _check_objectives(objectives: list[Objective]) -> None:
+    if not objectives:
+        raise NSTError("model.objectives: give at least one objective")
+    names: set[str] = set()
+    for index, objective in enumerate(objectives):
+        key = f"model.objectives[{index}]"
+        if not _NAME.match(objective.name):
+            raise NSTError(f"{key}.name: {objective.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        if objective.name in names:
+            raise NSTError(f"{key}.name: {objective.name!r} is used twice")
+        names.add(objective.name)
+        if not objective.content_layers and not objective.style_layers:
+            raise NSTError(f"{key}: give content_layers, style_layers or both")
+        if objective.statistic not in STATISTICS:
+            raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {objective.statistic!r}")
+        for term in ("content_weight", "style_weight", "tv_weight"):
+            check_weight(getattr(objective, term), f"{key}.{term}")
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclass
+class ObjectiveResult:
+    """What an objective ended with: the image to save and the numbers ``summary.json`` records about it.
+
+    Attributes:
+        image: The best image seen, ``(1, 3, H, W)`` in ``[0, 1]``.
+        initial_loss: Loss terms at step 0 (empty if unknown).
+        final_loss: Loss terms of ``image``.
+        best_step: Step of ``image``.
+        best_loss: Total loss of ``image``.
+        last_loss: Total loss of the last step's image.
+        stopped_at_step: Step at which the optimizer stopped moving the image, if it did.
+        metrics: PSNR and SSIM against the content image, style distance against the style image(s).
+    """
+
+    image: Tensor
+    initial_loss: dict[str, float]
+    final_loss: dict[str, float]
+    best_step: int
+    best_loss: float
+    last_loss: float
+    stopped_at_step: int | None
+    metrics: dict[str, float]
+
+
+def default_optimizer(params: Any) -> Optimizer:
+    """Adam with learning rate 0.02, a good default for pixels in ``[0, 1]``."""
+    return Adam(params, lr=0.02)
+
+
+class ImageOptimization(L.LightningModule):
+    """Optimise pixels so that VGG19 features match targets: one image and one optimizer per objective.
+
+    Each objective has its own image parameter and its own optimizer (L-BFGS history, step length, line search and
+    stopping), and each step evaluates every objective separately with a VGG pass that stops at that objective's
+    deepest layer. An objective therefore follows the same trajectory alone as inside any sweep. An objective whose
+    optimizer no longer moves its image (L-BFGS converged) stops while the others go on; the run ends when all have
+    stopped. The result of each objective is the best image seen (lowest total loss), not the last one. Content and
+    style targets are computed once at the start of fitting.
+
+    The module computes and never writes files: a :class:`lightning_nst.writers.ImageWriter` in the trainer's
+    callbacks writes the results, and :meth:`configure_callbacks` adds one with its defaults to a trainer that has
+    none, so a trainer built in Python writes into its logger's run folder as ``lightning-nst fit`` does;
+    :meth:`results` also returns the images. The VGG trunk is built in
+    :meth:`configure_model`, which Lightning calls before restoring a checkpoint; used outside a trainer, the module
+    builds it on the first call of :meth:`objective_loss`.
+
+    Args:
+        objectives: What to optimise; see :class:`Objective`. Several objectives make a sweep.
+        vgg: Weights and pooling of the VGG19 trunk.
+        init: ``"noise"`` (seeded uniform noise), ``"content"`` (the content image) or an image path/sample.
+        init_seed: Seed of the noise initialisation.
+        optimizer: Optimizer factory, e.g. ``torch.optim.LBFGS`` with its options in YAML; Adam(lr=0.02) by default.
+            It is called once per objective, over that objective's image.
+
+    Attributes:
+        content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
+        style: The style images taken from the data module in :meth:`setup`.
+        content_source: The content image's source (a path, ``sample:NAME`` or ``skimage:NAME``), as the data
+            module names it.
+        style_sources: The style images' sources.
+        inputs: Content digests of the content, style and init images (see
+            :func:`lightning_nst.outputs.source_digest`), recorded in checkpoints and ``summary.json``.
+        last_good: The last finite image of each objective, ``(objectives, 3, H, W)``, once training started.
+        has_good: Whether each objective's image was ever finite.
+    """
+
+    def __init__(
+        self,
+        objectives: list[Objective],
+        vgg: VGGConfig | None = None,
+        init: str = "noise",
+        init_seed: int = 0,
+        optimizer: OptimizerCallable = default_optimizer,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.automatic_optimization = False  # one optimizer, closure and step per objective
+        _check_objectives(objectives)
+        self.objectives = objectives
+        self.content_weights: dict[str, list[float]] = {}
+        self.style_weights: dict[tuple[str, str], list[float]] = {}
+        for index, objective in enumerate(objectives):
+            key = f"model.objectives[{index}]"
+            for layer, weight in layer_weights(objective.content_layers, f"{key}.content_layers").items():
+                self.content_weights.setdefault(layer, [0.0] * len(objectives))[index] = (
+                    objective.content_weight * weight
+                )
+            for layer, weight in layer_weights(objective.style_layers, f"{key}.style_layers").items():
+                slot = self.style_weights.setdefault((objective.statistic, layer), [0.0] * len(objectives))
+                slot[index] = objective.style_weight * weight
+        self.tv_weights = [objective.tv_weight for objective in objectives]
+        self.layers = sorted({*self.content_weights, *(layer for _, layer in self.style_weights)})
+        self.vgg_config = vgg or VGGConfig()
+        self.vgg: VGG19Features | None = None  # built in configure_model: loading weights is the heavy part
+        self.init = init
+        self.init_seed = init_seed
+        self.optimizer_factory = optimizer
+        self.images = nn.ParameterList()
+        self.content_losses = nn.ModuleDict()
+        self.style_losses = nn.ModuleDict()
+        self.strict_loading = False  # checkpoints leave out the frozen VGG weights
+        self.content: Tensor | None = None
+        self.style: list[Tensor] = []
+        self.content_source: str | None = None
+        self.style_sources: list[str] = []
+        self.inputs: dict[str, Any] | None = None
+        self._target_sizes: list[int | None] | None = None
+        self._initial: dict[str, dict[str, float]] | None = None
+        self._current: dict[str, dict[str, float]] = {}
+        self.last_good: Tensor | None = None
+        self.has_good: list[bool] = []
+        self.best_images: Tensor | None = None
+        self.best_loss: list[float] = []
+        self.best_step: list[int] = []
+        self.stopped_at: list[int | None] = []
+
+    # -- the pixels -------------------------------------------------------------------------------------------
+
+    def decode(self, parameter: Tensor) -> Tensor:
+        """The image a parameter stands for, in ``[0, 1]``: what VGG sees (a line search's trial points too)."""
+        return parameter.clamp(0, 1)
+
+    @property
+    def image(self) -> Tensor | None:
+        """The current images, one per objective, as one ``(objectives, 3, H, W)`` tensor in ``[0, 1]``."""
+        if not len(self.images):
+            return None
+        return torch.cat([self.decode(parameter.detach()) for parameter in self.images])
+
+    # -- setup ------------------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build the frozen VGG19 trunk for the objectives' layers (once)."""
+        if self.vgg is None:
+            self.vgg = self.vgg_config.build(self.layers, key="model.vgg")
+
+    def _take_targets_from_data_module(self) -> tuple[int, int]:
+        """Copy the target images, their digests and sizes from the trainer's ImageTargets; return the image shape.
+
+        The only place the module reads the data module: Lightning has run its ``setup`` already.
+        """
+        data = self.trainer.datamodule if self._trainer is not None else None
+        if not isinstance(data, ImageTargets):
+            raise NSTError("data: ImageOptimization needs `data: {class_path: lightning_nst.ImageTargets, ...}`")
+        for index, objective in enumerate(self.objectives):
+            if objective.content_layers and data.content_source is None:
+                raise NSTError(f"model.objectives[{index}] ({objective.name}) has content layers: set data.content")
+            if objective.style_layers and not data.style_sources:
+                raise NSTError(f"model.objectives[{index}] ({objective.name}) has style layers: set data.style")
+        data.check_min_size(min_input_size(self.layers))
+        self.content = data.content
+        self.style = list(data.style)
+        self.content_source = str(data.content_source) if data.content_source is not None else None
+        self.style_sources = [str(source) for source in data.style_sources]
+        self._target_sizes = [data.size, data.style_size]
+        self.inputs = {
+            "data.content": source_digest(data.content_source) if data.content_source is not None else None,
+            "data.style": [source_digest(source) for source in data.style_sources],
+        }
+        return data.output_shape
+
+    def setup(self, stage: str) -> None:
+        """Create one image parameter per objective, shaped like the content image (or the first style image)."""
+        if len(self.images):
+            return
+        height, width = self._take_targets_from_data_module()
+        if self.init == "noise":
+            generator = torch.Generator().manual_seed(self.init_seed)
+            start = torch.rand(1, 3, height, width, generator=generator)
+        elif self.init == "content":
+            if self.content is None:
+                raise NSTError("model.init: 'content' needs data.content")
+            start = self.content
+        else:
+            start = load_image(self.init, max(height, width), key="model.init")
+            start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
+            assert self.inputs is not None
+            self.inputs["model.init"] = source_digest(self.init)
+        for _ in self.objectives:
+            self.images.append(nn.Parameter(start.clamp(0, 1).clone().contiguous()))
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """A default :class:`~lightning_nst.writers.ImageWriter` when the trainer has a logger and no writer.
+
+        The results then go where Lightning logs (``lightning_logs/version_<n>`` by default), so a second run goes
+        to a new folder. A trainer without a logger has no run folder: it writes results only through a writer it
+        was given, and :meth:`results` returns them (what ``lightning_nst.stylize`` does). A writer given to the
+        trainer (or by a config) is kept with its options: Lightning would replace it with one returned here.
+        """
+        if self.trainer.logger is None or any(isinstance(c, ImageWriter) for c in self.trainer.callbacks):
+            return []
+        return [ImageWriter()]
+
+    def configure_optimizers(self) -> list[Optimizer]:
+        """Build the optimizer chosen in the config once per objective, each over that objective's image."""
+        optimizers = []
+        for parameter in self.images:
+            try:
+                optimizer = self.optimizer_factory([parameter])
+            except (TypeError, ValueError) as error:  # torch's own checks, e.g. "Invalid learning rate: -1.0"
+                key = "model.optimizer.init_args.lr" if "learning rate" in str(error) else "model.optimizer"
+                raise NSTError(f"{key}: {error}") from None
+            for group in optimizer.param_groups:
+                # torch accepts lr=inf (and LBFGS any lr), which turns the image into NaN at the first step.
+                lr = group.get("lr")
+                if isinstance(lr, int | float) and not (math.isfinite(lr) and lr > 0):
+                    raise NSTError(f"model.optimizer.init_args.lr: must be a finite number > 0, got {lr}")
+                # torch only checks this inside the first step, after the setup, as a RuntimeError traceback.
+                line_search = group.get("line_search_fn", None)
+                if isinstance(optimizer, LBFGS) and line_search not in (None, "strong_wolfe"):
+                    raise NSTError(
+                        f"model.optimizer.init_args.line_search_fn: must be strong_wolfe or null, got {line_search!r}"
+                    )
+            optimizers.append(optimizer)
+        return optimizers
+
+    @torch.no_grad()
+    def on_fit_start(self) -> None:
+        """Compute target features once, on the training device, and report which VGG weights are in use."""
+        vgg = self._trunk()
+        if self.content is not None and self.content_weights:
+            content = vgg(self.content.to(self.device))
+            for layer in self.content_weights:
+                self.content_losses[layer] = ContentLoss(content[layer])
+        if self.style_weights:
+            styles = [vgg(style.to(self.device)) for style in self.style]
+            for statistic, layer in self.style_weights:
+                target = [features[layer] for features in styles]
+                self.style_losses[f"{statistic}_{layer}"] = StyleLoss(target, statistic)
+        rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
+        if self.logger is not None:
+            self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
+            if isinstance(self.logger, TensorBoardLogger):
+                self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the frozen VGG weights; keep the initial losses, the best images and which objectives stopped.
+
+        The weights come from the config and can be hundreds of MB; the rest lets a resumed run end exactly as an
+        uninterrupted one. Lightning saves the per-objective optimizer states itself.
+        """
+        state = checkpoint["state_dict"]
+        for key in [key for key in state if key.startswith("vgg.")]:
+            del state[key]
+        optimizer = self.trainer.optimizers[0] if self._trainer is not None and self.trainer.optimizers else None
+        image = self.image
+        checkpoint["lightning_nst"] = {
+            "initial_loss": self._initial,
+            # What the image depends on besides the hyperparameters: a resumed run refuses to continue if it changed.
+            "inputs": self.inputs,
+            "size": self._target_sizes,
+            "image_shape": list(image.shape) if image is not None else None,
+            "optimizer": type(optimizer).__name__ if optimizer is not None else None,
+            "best_images": self.best_images.detach().cpu() if self.best_images is not None else None,
+            "best_loss": list(self.best_loss),
+            "best_step": list(self.best_step),
+            "stopped_at": list(self.stopped_at),
+            # The weights actually loaded (a file's with its sha256 prefix), not the config's choice, e.g. ``auto``.
+            "vgg_weights": self.vgg.weights_used if self.vgg is not None else None,
+        }
+
+    @staticmethod
+    def weights_identity(description: str) -> tuple[str, ...]:
+        """What identifies the weights a :attr:`~lightning_nst.vgg.VGG19Features.weights_used` description names.
+
+        ``("imagenet",)``, ``("random", seed)`` or ``("file", sha256 prefix)``: the same weights chosen another way
+        (``auto`` or by name, a file moved) are the same.
+        """
+        if description.startswith("random"):
+            seed = re.search(r"seed (\d+)", description)
+            return ("random", seed.group(1) if seed else "")
+        if description.startswith("file"):
+            digest = re.search(r"sha256 ([0-9a-f]+)", description)
+            return ("file", digest.group(1) if digest else description)
+        return (description.split(" ", 1)[0],)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint made for another image shape or other VGG weights; restore the best images.
+
+        :func:`lightning_nst.cli.check_checkpoint` refuses most of this before any heavy work; here, after
+        :meth:`setup` and :meth:`configure_model`, the shape and the weights actually loaded are known for certain
+        (``auto`` resolved), also for a trainer built in Python.
+        """
+        state = checkpoint.get("lightning_nst", {})
+        where = f"ckpt_path: {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        for index, parameter in enumerate(self.images):
+            saved = checkpoint.get("state_dict", {}).get(f"images.{index}")
+            if saved is not None and saved.shape != parameter.shape:
+                raise NSTError(
+                    f"{where} holds a {saved.shape[-1]}x{saved.shape[-2]} image, this run's data makes "
+                    f"{parameter.shape[-1]}x{parameter.shape[-2]}; a resumed run cannot change the image size "
+                    "(start a new run without --ckpt_path, or give the checkpoint's data.size)"
+                )
+        recorded = state.get("vgg_weights")  # None in checkpoints saved before it was recorded: those still load
+        used = self.vgg.weights_used if self.vgg is not None else None
+        if recorded and used and self.weights_identity(recorded) != self.weights_identity(used):
+            raise NSTError(
+                f"{where} was made with VGG weights {recorded}, but this run's model.vgg.weights gives {used}; a "
+                "resumed run cannot change the weights (start a new run without --ckpt_path, or give the "
+                "checkpoint's weights)"
+            )
+        self._initial = state.get("initial_loss")
+        if state.get("best_images") is not None:
+            self.best_images = state["best_images"]
+            self.best_loss = list(state["best_loss"])
+            self.best_step = list(state["best_step"])
+            self.stopped_at = list(state["stopped_at"])
+
+    # -- the objective ----------------------------------------------------------------------------------------
+
+    def _trunk(self) -> VGG19Features:
+        self.configure_model()
+        assert self.vgg is not None
+        return self.vgg
+
+    def _objective_layers(self, index: int) -> list[str]:
+        layers = [layer for layer, weights in self.content_weights.items() if weights[index] > 0]
+        return layers + [layer for (_, layer), weights in self.style_weights.items() if weights[index] > 0]
+
+    def objective_loss(self, index: int, image: Tensor) -> dict[str, Tensor]:
+        """Weighted loss terms and their ``total`` for objective ``index`` at one image of shape ``(1, 3, H, W)``.
+
+        Keys are ``content_<layer>``, ``style_<statistic>_<layer>``, ``tv`` (the terms the objective uses) and
+        ``total``. The VGG pass stops at the objective's deepest layer, so the value does not depend on the other
+        objectives of the run. Builds the VGG trunk first if :meth:`configure_model` has not run.
+        """
+        features = self._trunk()(image, self._objective_layers(index))
+        terms: dict[str, Tensor] = {}
+        for layer, weights in self.content_weights.items():
+            if weights[index] > 0 and layer in self.content_losses:
+                terms[f"content_{layer}"] = weights[index] * self.content_losses[layer](features[layer])[0]
+        for (statistic, layer), weights in self.style_weights.items():
+            if weights[index] > 0:
+                loss = self.style_losses[f"{statistic}_{layer}"](features[layer])[0]
+                terms[f"style_{statistic}_{layer}"] = weights[index] * loss
+        if self.tv_weights[index] > 0:
+            terms["tv"] = self.tv_weights[index] * total_variation(image)[0]
+        terms["total"] = torch.stack(list(terms.values())).sum()
+        return terms
+
+    def _closure(self, index: int, optimizer: Any, first: list[dict[str, Tensor]]) -> Tensor:
+        optimizer.zero_grad()
+        terms = self.objective_loss(index, self.decode(self.images[index]))
+        if not torch.isfinite(terms["total"]):
+            term, value = next((t, v.item()) for t, v in terms.items() if not torch.isfinite(v) and t != "total")
+            raise DivergenceError(self.global_step, self.objectives[index].name, term, value)
+        if not first:
+            first.append({term: value.detach() for term, value in terms.items()})
+        self.manual_backward(terms["total"])
+        return terms["total"].detach()
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> None:
+        """One optimizer step per objective that has not stopped, each with a closure over its own image only."""
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        step = self.global_step
+        counted = False
+        for index, (objective, optimizer) in enumerate(zip(self.objectives, optimizers, strict=True)):
+            if self.stopped_at[index] is not None:
+                continue
+            parameter = self.images[index]
+            before = parameter.detach().clone()
+            first: list[dict[str, Tensor]] = []
+            hooks = optimizer._on_before_step, optimizer._on_after_step
+            if counted:
+                # Lightning counts every manual optimizer.step as a global step; a step of all objectives is one.
+                # Lightning 2.6 has no public switch for this: its manual loop installs these two hooks itself.
+                optimizer._on_before_step = optimizer._on_after_step = _nothing
+            try:
+                optimizer.step(closure=partial(self._closure, index, optimizer, first))
+            finally:
+                optimizer._on_before_step, optimizer._on_after_step = hooks
+            counted = True
+            start = {term: value.item() for term, value in first[0].items()}
+            self._current[objective.name] = start
+            if step == 0:
+                self._initial = {**(self._initial or {}), objective.name: start}
+            if start["total"] < self.best_loss[index]:
+                self.best_loss[index] = start["total"]
+                self.best_step[index] = step
+                self.best_images[index] = self.decode(before[0])
+            with torch.no_grad():
+                parameter.clamp_(0, 1)  # projected gradient descent: the parameter stays an image
+                if bool(torch.isfinite(parameter).all()):
+                    self.last_good[index] = self.decode(parameter[0])
+                    self.has_good[index] = True
+                if torch.equal(before, parameter):
+                    self.stopped_at[index] = step
+                    rank_zero_info(
+                        f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
+                        f"(loss {start['total']:.4g})"
+                    )
+        if not counted or all(at is not None for at in self.stopped_at):
+            self.trainer.should_stop = True
+        metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
+        metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+        total = sum(row["total"] for row in self._current.values())
+        self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+
+    # -- progress and results ---------------------------------------------------------------------------------
+
+    def _start_best(self, image: Tensor) -> None:
+        """No best image yet: every objective's best is ``image``, at an infinite loss, and none has stopped."""
+        self.best_images = image.clone()
+        self.best_loss = [math.inf] * len(self.objectives)
+        self.best_step = [0] * len(self.objectives)
+        self.stopped_at = [None] * len(self.objectives)
+
+    def on_train_start(self) -> None:  # noqa: D102
+        image = self.image
+        self.last_good = image.clone()
+        self.has_good = self._finite_rows(image).tolist()
+        if self.best_images is None:
+            self._start_best(image)
+        self.best_images = self.best_images.to(self.device)
+
+    @staticmethod
+    def _finite_rows(images: Tensor) -> Tensor:
+        return torch.isfinite(images.detach()).flatten(1).all(1)
+
+    def check_finite(self, what: str) -> None:
+        """Raise instead of letting a NaN or infinite image be saved (a PNG would show it as black).
+
+        Args:
+            what: What therefore did not happen, e.g. ``"no result was saved"``; the message says it.
+        """
+        finite = self._finite_rows(self.image).tolist()
+        if not all(finite):
+            names = ", ".join(o.name for o, ok in zip(self.objectives, finite, strict=True) if not ok)
+            raise NSTError(
+                f"step {self.global_step}: the image of objective {names} holds non-finite values, so {what}; "
+                f"lower the learning rate (model.optimizer) or the weights (model.objectives)"
+            )
+
+    @torch.no_grad()
+    def results(self) -> list[ObjectiveResult]:
+        """Each objective's best image, its loss terms and metrics; raises if an image is not finite.
+
+        The last step's image competes with the best ones seen during training (and becomes the best state when it
+        wins): ``best_step``/``best_loss`` are those of the image returned, ``last_loss`` is the last image's.
+        """
+        self.check_finite("no result was saved")
+        steps = self.trainer.global_step
+        image = self.image
+        if self.best_images is None:  # a run that never trained
+            self._start_best(image)
+        best = self.best_images.to(image.device)
+        last: list[float] = []
+        for index in range(len(self.objectives)):
+            total = self.objective_loss(index, image[index : index + 1])["total"].item()
+            last.append(total)
+            if total < self.best_loss[index]:
+                self.best_loss[index], self.best_step[index] = total, steps
+                best[index] = image[index]
+        self.best_images = best
+        results = []
+        for index, objective in enumerate(self.objectives):
+            result = best[index : index + 1].float()
+            results.append(
+                ObjectiveResult(
+                    image=result,
+                    initial_loss=(self._initial or {}).get(objective.name, {}),
+                    final_loss={term: value.item() for term, value in self.objective_loss(index, result).items()},
+                    best_step=self.best_step[index],
+                    best_loss=self.best_loss[index],
+                    last_loss=last[index],
+                    stopped_at_step=self.stopped_at[index],
+                    metrics=self.metrics(index, result),
+                )
+            )
+        return results
+
+    def metrics(self, index: int, image: Tensor) -> dict[str, float]:
+        """PSNR and SSIM against the content image, and the style distance, of objective ``index``'s ``image``.
+
+        The style distance reuses the style targets computed in :meth:`on_fit_start`.
+        """
+        objective = self.objectives[index]
+        metrics: dict[str, float] = {}
+        if objective.content_layers and self.content is not None:
+            target = self.content.to(image.device)
+            metrics["psnr"] = peak_signal_noise_ratio(image, target, data_range=1.0).item()
+            metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
+        if objective.style_layers:
+            layers = layer_weights(objective.style_layers, "style_layers")
+            targets = {layer: self.style_losses[f"{objective.statistic}_{layer}"] for layer in layers}
+            distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
+            distance.update(image)
+            metrics[f"style_distance_{objective.statistic}"] = distance.compute().item()
+        return metrics

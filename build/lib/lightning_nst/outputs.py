@@ -1,0 +1,301 @@
+"""Output folders and input identity: checks made before any heavy work, and content hashes of files."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import tempfile
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from lightning_nst.errors import NSTError
+
+MIN_FREE_BYTES = 64 * 2**20
+"""Free space an output folder's disk must have before a run starts: enough for its images and checkpoints."""
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_digest(source: str | os.PathLike[str]) -> str:
+    """What identifies an image source's content: the SHA-256 of a file, or the name of an embedded sample.
+
+    A file edited in place gets a new digest, so results made from its old content are not mistaken for current.
+    Samples (``sample:NAME`` shipped in this package, ``skimage:NAME`` in scikit-image) come with an installed
+    package and are identified by name.
+    """
+    text = str(source)
+    if text.startswith(("sample:", "skimage:")):  # images.SAMPLE_PREFIXES; outputs.py sits below images.py
+        return text
+    return file_digest(Path(text).expanduser())
+
+
+def check_input_file(path: str | os.PathLike[str], key: str, what: str = "file") -> Path:
+    """Return ``path`` if it is a regular file (or a link to one); else raise saying what it is instead.
+
+    Only ``stat`` is used: a FIFO or device is never opened, since reading one could block forever.
+    """
+    path = Path(path).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise NSTError(f"{key}: {what} not found: {path}") from None
+    except OSError as error:
+        raise NSTError(f"{key}: cannot read {path}: {error.strerror or error}") from None
+    if stat.S_ISREG(mode):
+        return path
+    if stat.S_ISDIR(mode):
+        raise NSTError(f"{key}: {path} is a folder, not a file")
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    raise NSTError(f"{key}: {path} is {kind}, not a regular file")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(path.anchor or ".")
+
+
+def check_output_dir(path: str | os.PathLike[str], key: str, *, min_free: int = MIN_FREE_BYTES) -> Path:
+    """Raise naming ``key`` unless ``path`` is, or can become, a writable folder on a disk with ``min_free`` bytes.
+
+    Nothing is created: the nearest existing ancestor is probed with a temporary file that is removed at once, so a
+    run that fails later leaves no folder behind. Probing, rather than ``os.access``, also catches read-only mounts
+    and holds for root, for whom permission bits do not stop writes.
+    """
+    path = Path(path).expanduser()
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        what = "is not a folder" if ancestor == path else f"cannot be created: {ancestor} is not a folder"
+        raise NSTError(f"{key}: {path} {what}")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".lightning-nst-probe.", dir=ancestor)
+    except OSError as error:
+        reason = "it is read-only" if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else error.strerror
+        where = "" if ancestor == path else f" (in {ancestor})"
+        raise NSTError(f"{key}: cannot write to {path}{where}: {reason}") from None
+    os.close(handle)
+    os.unlink(probe)
+    free = shutil.disk_usage(ancestor).free
+    if free < min_free:
+        raise NSTError(
+            f"{key}: the disk holding {path} has only {free / 2**20:.1f} MiB free; a run needs at least "
+            f"{min_free / 2**20:.0f} MiB"
+        )
+    return path
+
+
+# -- image optimisation results ---------------------------------------------------------------------------------------
+
+GRID = "grid.png"
+"""The labelled grid of every objective's result, in a fit's output folder."""
+SUMMARY = "summary.json"
+"""A fit's record of its settings, losses, metrics and input and output digests; see :class:`FitSummary`."""
+
+
+def result_file(objective: str) -> str:
+    """The result PNG of an objective, relative to the output folder."""
+    return f"{objective}.png"
+
+
+def step_file(objective: str, step: int) -> str:
+    """The snapshot of an objective's image at ``step`` (``save_every``), relative to the output folder."""
+    return f"steps/{objective}_{step:05d}.png"
+
+
+def interrupted_file(objective: str) -> str:
+    """The image an objective had when a signal stopped the run (SIGINT, SIGTERM), beside its checkpoint."""
+    return f"{objective}.interrupted.png"
+
+
+def last_good_file(objective: str) -> str:
+    """The last finite image of an objective, kept when its loss became non-finite."""
+    return f"{objective}.last_good.png"
+
+
+@dataclass
+class ObjectiveRecord:
+    """One objective's entry of ``summary.json``.
+
+    Attributes:
+        sha256: SHA-256 of the result PNG.
+        objective: The :class:`~lightning_nst.Objective` as a mapping.
+        initial_loss: Loss terms at step 0 (empty for a run resumed after step 0 without them).
+        final_loss: Loss terms of the image saved.
+        best_step: Step of the image saved.
+        best_loss: Total loss of the image saved.
+        last_loss: Total loss of the last step's image.
+        stopped_at_step: Step at which the objective's optimizer stopped moving the image, if it did.
+        metrics: ``psnr``/``ssim`` against the content image, ``style_distance_<statistic>`` against the style.
+        output: File name of the result PNG (:func:`result_file`).
+    """
+
+    sha256: str
+    objective: dict[str, Any]
+    initial_loss: dict[str, float]
+    final_loss: dict[str, float]
+    best_step: int
+    best_loss: float
+    last_loss: float
+    stopped_at_step: int | None
+    metrics: dict[str, float]
+    output: str
+
+
+@dataclass
+class FitSummary:
+    """The whole ``summary.json`` of a fit; keys and their order are those of the file.
+
+    ``inputs`` holds the content digests that checkpoints also keep (:func:`source_digest`); ``images`` names the
+    content and style images: ``{"content": {"path", "sha256"} or None, "style": [{"path", "sha256"}, ...]}``, with
+    the absolute path and the SHA-256 of a file, or the source as given and ``None`` for an embedded sample.
+    """
+
+    vgg_weights: str
+    pooling: str
+    image_size: list[int]
+    precision: str
+    device: str
+    steps: int
+    resumed_at_step: int | None
+    wall_time_s: float
+    seconds_per_step: float
+    seconds_per_step_after_first: float | None
+    output_dir: str
+    objectives: dict[str, ObjectiveRecord]
+    grid: str
+    grid_sha256: str
+    inputs: dict[str, Any] | None
+    images: dict[str, Any] | None = None
+
+    def to_json(self) -> str:
+        """The file's text."""
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, folder: str | os.PathLike[str]) -> FitSummary:
+        """Read ``folder/summary.json``."""
+        data = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
+        objectives = {name: ObjectiveRecord(**record) for name, record in data.pop("objectives").items()}
+        return cls(**data, objectives=objectives)
+
+
+# -- generation results -----------------------------------------------------------------------------------------------
+
+MANIFEST = "predictions.jsonl"
+"""Default file name of a generation folder's manifest: one JSON line per finished item, in index order."""
+
+
+def slugify(text: str, max_length: int = 40) -> str:
+    """A file-name-safe slug of ``text``: ASCII letters and digits joined by ``-``, at most ``max_length`` long."""
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_text.lower()).strip("-")
+    return slug[:max_length].strip("-") or "image"
+
+
+ITEM_FILE = re.compile(r"\d{5,}_[a-z0-9-]+_\d+\.png")
+"""What every :func:`item_file` name looks like."""
+
+
+def item_file(index: int, prompt: str, seed: int) -> str:
+    """The PNG of one generated item: unique by ``index``, readable by prompt slug and seed.
+
+    The slug holds only ASCII letters, digits and ``-``, so no prompt can place a file outside the folder.
+    """
+    return f"{index:05d}_{slugify(prompt)}_{seed}.png"
+
+
+def preview_file(index: int, step: int) -> str:
+    r"""The preview of item ``index``'s clean prediction :math:`\hat x_0` at sampling step ``step``."""
+    return f"{index:05d}_x0_{step:03d}.png"
+
+
+@dataclass
+class GenerationRecord:
+    """One line of the manifest: what one finished item is and how it was made.
+
+    Attributes:
+        index: The item's number, which names its PNG.
+        image: The PNG's path relative to the manifest (:func:`item_file`).
+        sha256: SHA-256 of the PNG's bytes.
+        fingerprint: Hash of everything that defines the image (see ``GenerationItem.fingerprint``).
+        prompt: The text sent to the text encoder.
+        base_prompt: The prompt as configured.
+        style_prompt: Text appended to the prompt for the style image, or ``None``.
+        negative_prompt: The negative prompt.
+        seed: Seed of the initial latents.
+        style: The style image source, or ``None``.
+        style_digest: What identifies the style image's content, or ``None``.
+        model: The pipeline's Hub id or folder.
+        scheduler: The scheduler's class name.
+        num_inference_steps: Sampling steps.
+        cfg_scale: Classifier-free guidance scale.
+        eta: DDIM's eta.
+        size: ``[height, width]`` of the image.
+        dtype: The UNet's dtype.
+        guidance: The style-guidance options (``StyleGuidance.settings``), or ``None`` without guidance.
+        final_style_loss: Style loss of the written image, or ``None`` (no guidance, or not finite).
+        style_loss: Style loss of each step's clean prediction (``None`` where not finite), or ``None``.
+        timesteps: The scheduler's timestep of each step.
+        guided: Whether each step was corrected.
+        nsfw: The safety checker's verdict, or ``None`` without one.
+        seconds_per_step: Sampling time per step of the item's batch.
+        rank: The process that generated the item.
+    """
+
+    index: int
+    image: str
+    sha256: str
+    fingerprint: str
+    prompt: str
+    base_prompt: str
+    style_prompt: str | None
+    negative_prompt: str
+    seed: int
+    style: str | None
+    style_digest: str | None
+    model: str
+    scheduler: str
+    num_inference_steps: int
+    cfg_scale: float
+    eta: float
+    size: list[int]
+    dtype: str
+    guidance: dict[str, Any] | None
+    final_style_loss: float | None
+    style_loss: list[float | None] | None
+    timesteps: list[int]
+    guided: list[bool]
+    nsfw: bool | None
+    seconds_per_step: float
+    rank: int
+
+    def to_json(self) -> str:
+        """The manifest line, without its newline."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> GenerationRecord:
+        """The record of a parsed manifest line; raises ``KeyError`` naming a missing key, ignores unknown ones."""
+        return cls(**{field.name: record[field.name] for field in fields(cls)})
+
+
+def read_manifest(path: str | os.PathLike[str]) -> list[GenerationRecord]:
+    """The records of a finished manifest, in file order (item order, as the writer leaves it)."""
+    text = Path(path).read_text(encoding="utf-8")
+    return [GenerationRecord.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,286 @@
+"""``lightning-nst stylize|texture|generate``: flat flags for everyday runs, on the same path as ``fit``/``predict``.
+
+Each shortcut is a shipped config with the flags as overrides (:func:`stylize_config`, :func:`texture_config`,
+:func:`generate_config`), run through :func:`lightning_nst.cli.run` as ``fit -c <that config>`` or
+``predict -c <that config>`` would run it; ``--print-config`` prints that config as YAML instead. ``stylize`` and
+``texture`` then copy the result the run's ImageWriter wrote into its folder to the file named by ``-o``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+from PIL import Image
+
+from lightning_nst import shipped
+from lightning_nst.errors import NSTError
+
+ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
+"""``--optimizer adam``: the learning rate of :func:`lightning_nst.optimize.default_optimizer`."""
+
+
+STATISTICS = ("gram", "meanvar")
+OPTIMIZERS = ("lbfgs", "adam")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are :class:`NSTError`, so ``lightning-nst`` prints them as one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise NSTError(f"{self.prog.removeprefix('lightning-nst ')}: {message} (see `{self.prog} --help`)")
+
+
+def _common(parser: argparse.ArgumentParser, size_default: str, init_default: str) -> None:
+    """The flags ``stylize`` and ``texture`` share."""
+    parser.add_argument("-o", "--output", required=True, help="the result image (.png; .jpg and others by suffix)")
+    parser.add_argument("--size", type=int, help=f"long edge of the result in pixels (default: {size_default})")
+    parser.add_argument("--steps", type=int, help="optimisation steps (default: the config's, 500)")
+    parser.add_argument("--style-weight", type=float, help="weight of the style term (default: the config's)")
+    parser.add_argument("--statistic", choices=STATISTICS, default="gram", help="style statistic (gram)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="lbfgs", help="optimizer (lbfgs)")
+    parser.add_argument("--init", default=init_default, help=f"noise, content or an image path ({init_default})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the run and of a noise start (0)")
+    parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
+    parser.add_argument("--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<config>/version_N")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument("--print-config", action="store_true", help="print the equivalent `fit -c` YAML and stop")
+
+
+def stylize_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-nst stylize``."""
+    parser = _Parser(
+        prog="lightning-nst stylize",
+        description="Gatys style transfer of CONTENT in the style of STYLE (several are blended): "
+        "configs/style_transfer_<statistic>.yaml with these flags as overrides, run as `lightning-nst fit`.",
+    )
+    parser.add_argument("content", help="the content image")
+    parser.add_argument("style", nargs="+", help="the style image(s)")
+    _common(parser, "512", "content")
+    parser.add_argument("--content-weight", type=float, help="weight of the content term (default: 1)")
+    return parser
+
+
+def texture_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-nst texture``."""
+    parser = _Parser(
+        prog="lightning-nst texture",
+        description="Texture synthesis from TEXTURE (several are blended): configs/texture_<statistic>.yaml with "
+        "these flags as overrides, run as `lightning-nst fit`.",
+    )
+    parser.add_argument("texture", nargs="+", help="the texture image(s)")
+    _common(parser, "256", "noise")
+    return parser
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-nst generate``."""
+    parser = _Parser(
+        prog="lightning-nst generate",
+        description="Style-guided Stable Diffusion: configs/guided_diffusion.yaml with these flags as overrides, "
+        "run as `lightning-nst predict`; one image per prompt and seed in OUTDIR.",
+    )
+    parser.add_argument("prompt", nargs="+", help="the prompt(s)")
+    parser.add_argument("--style", nargs="+", required=True, help="the style image(s); each gives its own images")
+    parser.add_argument("-o", "--output", required=True, help="the output folder (a rerun finishes what is missing)")
+    parser.add_argument("--model", help="a diffusers pipeline: hub id or local folder (default: the config's)")
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the config's, 50)")
+    parser.add_argument("--scale", type=float, help="style guidance scale, 0 for none (default: the config's, 0.2)")
+    parser.add_argument("--sampler", choices=("ddim", "ddpm", "pipeline"), help="the scheduler (default: ddim)")
+    seeds = parser.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=int, help="the seed (default: 0)")
+    seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one image each")
+    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: 7.5)")
+    parser.add_argument("--size", type=int, help="image height and width in pixels (default: 512)")
+    parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
+    parser.add_argument("--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<config>/version_N")
+    parser.add_argument("--overwrite", action="store_true", help="generate every item again, replacing the folder's")
+    parser.add_argument("--print-config", action="store_true", help="print the equivalent `predict -c` YAML and stop")
+    return parser
+
+
+def _shipped(name: str) -> dict[str, Any]:
+    return yaml.safe_load(shipped.path(name).read_text(encoding="utf-8"))
+
+
+def _positive(value: int | None, flag: str) -> None:
+    if value is not None and value < 1:
+        raise NSTError(f"{flag}: must be an integer > 0 (got {value})")
+
+
+def _optimisation_config(
+    name: str, options: argparse.Namespace, data: dict[str, Any], objective: dict[str, Any]
+) -> dict[str, Any]:
+    """The shipped config ``name`` with the flags ``stylize`` and ``texture`` share, ``data`` and ``objective``."""
+    _positive(options.size, "--size")
+    _positive(options.steps, "--steps")
+    for flag, value, choices in (
+        ("--statistic", options.statistic, STATISTICS),
+        ("--optimizer", options.optimizer, OPTIMIZERS),
+    ):
+        if value not in choices:
+            raise NSTError(f"{flag}: must be one of {', '.join(choices)} (got {value})")
+    config = _shipped(name)
+    config["seed_everything"] = options.seed
+    trainer = config["trainer"]
+    if options.steps is not None:
+        trainer["max_steps"] = options.steps
+    trainer["logger"]["init_args"]["save_dir"] = options.logs
+    model = config["model"]["init_args"]
+    model["vgg"]["weights"] = options.weights
+    model["init"] = options.init
+    model["init_seed"] = options.seed
+    if options.optimizer == "adam":
+        model["optimizer"] = copy.deepcopy(ADAM)
+    if options.style_weight is not None:
+        objective["style_weight"] = options.style_weight
+    (shipped_objective,) = model["objectives"]
+    shipped_objective.update(objective)
+    config["data"]["init_args"].update(data)
+    if options.size is not None:
+        config["data"]["init_args"]["size"] = options.size
+    return config
+
+
+def stylize_config(options: argparse.Namespace) -> dict[str, Any]:
+    """``configs/style_transfer_<statistic>.yaml`` with the flags of ``lightning-nst stylize`` as overrides."""
+    objective = {} if options.content_weight is None else {"content_weight": options.content_weight}
+    data = {"content": options.content, "style": list(options.style)}
+    return _optimisation_config(f"style_transfer_{options.statistic}", options, data, objective)
+
+
+def texture_config(options: argparse.Namespace) -> dict[str, Any]:
+    """``configs/texture_<statistic>.yaml`` with the flags of ``lightning-nst texture`` as overrides."""
+    return _optimisation_config(f"texture_{options.statistic}", options, {"style": list(options.texture)}, {})
+
+
+def generate_config(options: argparse.Namespace) -> dict[str, Any]:
+    """``configs/guided_diffusion.yaml`` with the flags of ``lightning-nst generate`` as overrides."""
+    _positive(options.size, "--size")
+    _positive(options.steps, "--steps")
+    config = _shipped("guided_diffusion")
+    seeds = options.seeds if options.seeds is not None else [options.seed if options.seed is not None else 0]
+    config["seed_everything"] = seeds[0]
+    trainer = config["trainer"]
+    trainer["logger"]["init_args"]["save_dir"] = options.logs
+    writer = trainer["callbacks"][-1]["init_args"]
+    writer["output_dir"] = options.output
+    writer["overwrite"] = options.overwrite
+    model = config["model"]["init_args"]
+    guidance = model["guidance"]["init_args"]
+    for key, value in (
+        ("model", options.model),
+        ("num_inference_steps", options.steps),
+        ("scheduler", options.sampler),
+        ("cfg_scale", options.cfg_scale),
+        ("height", options.size),
+        ("width", options.size),
+    ):
+        if value is not None:
+            model[key] = value
+    if options.scale is not None:
+        guidance["scale"] = options.scale
+    if options.size is not None and guidance.get("guidance_size") and options.size < guidance["guidance_size"]:
+        guidance["guidance_size"] = options.size  # no finer than the image itself
+    guidance["vgg"]["weights"] = options.weights
+    data = config["data"]["init_args"]
+    data.update({"prompts": list(options.prompt), "seeds": list(seeds), "style": list(options.style)})
+    return config
+
+
+def config_yaml(config: dict[str, Any], command: str, argv: Sequence[str]) -> str:
+    """``config`` as the YAML file ``lightning-nst <command> -c`` takes, headed by the shortcut it stands for."""
+    head = f"# lightning-nst {shlex.join(argv)}\n# as a config: lightning-nst {command} -c this.yaml\n"
+    return head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+
+
+def _run(command: str, config: dict[str, Any]) -> Any:
+    from lightning_nst.cli import run  # the CLI imports torch and Lightning: not for --help or bad flags
+
+    # Inline JSON is YAML that --config takes as it is, so the run reads exactly the config --print-config prints.
+    return run([command, "--config", json.dumps(config)])
+
+
+def _image_format(output: Path) -> str:
+    extension = output.suffix.lower()
+    formats = Image.registered_extensions()
+    if extension not in formats or formats[extension] not in Image.SAVE:
+        raise NSTError(f"-o: {output}: unknown image file extension {output.suffix!r} (use .png)")
+    return formats[extension]
+
+
+def _check_output_file(output: Path, overwrite: bool) -> str:
+    from lightning_nst.outputs import check_output_dir
+
+    image_format = _image_format(output)
+    if output.is_dir():
+        raise NSTError(f"-o: {output} is a folder; name the image file to write")
+    if output.exists() and not overwrite:
+        raise NSTError(f"-o: {output} exists; pass --overwrite to replace it")
+    check_output_dir(output.parent, "-o")
+    return image_format
+
+
+def _fit_result(cli: Any) -> tuple[Path, Path]:
+    """The PNG of the (one) objective's result that the run's ImageWriter wrote, and the run's log folder."""
+    from lightning_nst.outputs import FitSummary
+    from lightning_nst.writers import ImageWriter
+
+    log_dir = Path(cli.trainer.log_dir)
+    writer = next((c for c in cli.trainer.callbacks if isinstance(c, ImageWriter)), None)
+    folder = Path(getattr(writer, "directory", None) or log_dir)
+    (record,) = FitSummary.read(folder).objectives.values()
+    return folder / record.output, log_dir
+
+
+def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) -> None:
+    options = parser.parse_args(argv)
+    config = build(options)
+    if options.print_config:
+        print(config_yaml(config, "fit", [parser.prog.split()[-1], *argv]), end="")
+        return
+    output = Path(options.output).expanduser()
+    image_format = _check_output_file(output, options.overwrite)
+    cli = _run("fit", config)
+    from lightning_nst.images import write_atomic
+
+    result, log_dir = _fit_result(cli)
+    data = result.read_bytes()
+    if image_format != "PNG":
+        with Image.open(io.BytesIO(data)) as image:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format=image_format)
+            data = buffer.getvalue()
+    write_atomic(output, data, overwrite=options.overwrite)
+    print(f"Wrote {output}; the run (TensorBoard, config, checkpoints) is in {log_dir}", flush=True)
+
+
+def stylize(argv: Sequence[str]) -> None:
+    """``lightning-nst stylize CONTENT STYLE [STYLE ...] -o OUT`` (``argv`` after ``stylize``)."""
+    _optimise(argv, stylize_parser(), stylize_config)
+
+
+def texture(argv: Sequence[str]) -> None:
+    """``lightning-nst texture TEXTURE -o OUT`` (``argv`` after ``texture``)."""
+    _optimise(argv, texture_parser(), texture_config)
+
+
+def generate(argv: Sequence[str]) -> None:
+    """``lightning-nst generate PROMPT --style STYLE -o OUTDIR`` (``argv`` after ``generate``)."""
+    options = generate_parser().parse_args(argv)
+    config = generate_config(options)
+    if options.print_config:
+        print(config_yaml(config, "predict", ["generate", *argv]), end="")
+        return
+    output = Path(options.output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise NSTError(f"-o: {output} is a file; generate writes a folder of images")
+    cli = _run("predict", config)
+    print(f"Images in {output}; the run (TensorBoard) is in {cli.trainer.log_dir}", flush=True)
