@@ -1,5 +1,0 @@
-"""``python -m lightning_nst``."""
-
-from lightning_nst.main import main
-
-main()
