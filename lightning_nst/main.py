@@ -52,13 +52,20 @@ options:
 """
 
 
+def _help_asked(command: str, argv: Sequence[str], description: str) -> bool:
+    """Print the usage of a command without arguments if ``argv`` asks for it; refuse any other argument."""
+    if not argv:
+        return False
+    if argv[0] in ("-h", "--help"):
+        print(f"usage: lightning-nst {command}\n\n{description}")
+        return True
+    raise NSTError(f"{command}: takes no arguments (got {' '.join(argv)})")
+
+
 def print_layers(argv: Sequence[str] = ()) -> None:
     """Print every VGG19 feature module with its index, channels and stride."""
-    if argv:
-        if argv[0] in ("-h", "--help"):
-            print("usage: lightning-nst layers\n\nList the VGG19 layer names with their index, channels and stride.")
-            return
-        raise NSTError(f"layers: takes no arguments (got {' '.join(argv)})")
+    if _help_asked("layers", argv, "List the VGG19 layer names with their index, channels and stride."):
+        return
     print(f"{'index':>5}  {'name':<8} {'channels':>8} {'stride':>6}")
     for index, (name, (channels, stride)) in enumerate(zip(LAYER_NAMES, LAYER_GEOMETRY, strict=True)):
         print(f"{index:>5}  {name:<8} {channels:>8} {stride:>6}")
@@ -66,11 +73,8 @@ def print_layers(argv: Sequence[str] = ()) -> None:
 
 def print_configs(argv: Sequence[str] = ()) -> None:
     """Print the shipped configs' names with their first comment line."""
-    if argv:
-        if argv[0] in ("-h", "--help"):
-            print("usage: lightning-nst configs\n\nList the shipped configs; `-c NAME` takes a name as well as a path.")
-            return
-        raise NSTError(f"configs: takes no arguments (got {' '.join(argv)})")
+    if _help_asked("configs", argv, "List the shipped configs; `-c NAME` takes a name as well as a path."):
+        return
     print(f"shipped configs in {shipped.configs_dir()} (use as -c NAME):")
     for name in shipped.names():
         print(f"  {name:<24}{shipped.first_comment(name)}")
