@@ -140,6 +140,10 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+ALLOW_LINE = "allow_random_weights: true  # the weights are random: making this report again needs it too\n"
+"""The line ``report.yaml`` ends with when the report was made on random VGG weights."""
+
+
 class Report:
     """A report folder: ``report.md``, figures, ``configs/`` (one YAML per run) and ``runs/`` (their outputs).
 
@@ -167,16 +171,20 @@ class Report:
         print(f"[{experiment}] VGG19 weights: {self.weights}{allowed}")
         if replace:
             self._remove_owned(self.folder)
-        self._write(self.folder / "report.yaml", self._settings_yaml().encode())
+        # On random weights the report was only made because it was allowed: `--config report.yaml` must allow it too.
+        report_yaml = self._settings_yaml(allow_random=self.weights.startswith("random"))
+        self._write(self.folder / "report.yaml", report_yaml.encode())
 
-    def _settings_yaml(self) -> str:
-        # Neither option changes what the report holds, so a rerun with them is the same report.
+    def _settings_yaml(self, allow_random: bool = False) -> str:
+        """The report's settings as ``report.yaml`` holds them; ``allow_random`` adds :data:`ALLOW_LINE`."""
+        # Neither option changes what the report holds, so a rerun with or without them is the same report.
         settings = {
             key: value
             for key, value in asdict(self.settings).items()
             if key not in ("overwrite", "allow_random_weights")
         }
-        return yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
+        text = yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
+        return text + ALLOW_LINE if allow_random else text
 
     def _check_folder(self) -> bool:
         """Raise unless the folder is new, empty or this report's; return whether its files are to be replaced."""
@@ -185,7 +193,7 @@ class Report:
         owned = self._files.is_file()
         if owned:
             self._owned = self._read_files()
-        if recorded.is_file() and recorded.read_text(encoding="utf-8") != self._settings_yaml():
+        if recorded.is_file() and recorded.read_text(encoding="utf-8").replace(ALLOW_LINE, "") != self._settings_yaml():
             if not self.settings.overwrite:
                 raise NSTError(
                     f"out: {self.folder} holds a report made with other settings (see {recorded}); choose another "
