@@ -181,7 +181,9 @@ class GuidedDiffusion(L.LightningModule):
         guidance: The style-guidance step; ``None`` samples without measuring or guiding style.
         tiny_vae: An ``AutoencoderTiny`` (e.g. ``madebyollin/taesd``) for the guidance gradient only; the output is
             always decoded with the pipeline's VAE.
-        scheduler: ``ddim``, ``ddpm`` or ``pipeline`` (keep the pipeline's, if it is one of those).
+        scheduler: A sampler alias (``ddim``, ``ddpm``, ``pndm``, ``euler``, ``euler_a``, ``lms``, ``heun``,
+            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; see :data:`SCHEDULERS`), a diffusers scheduler class name,
+            or ``pipeline`` (keep the pipeline's own); refused if style guidance cannot compute its x̂₀.
         num_inference_steps: Sampling steps.
         cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off.
         eta: DDIM's eta (0 is deterministic DDIM); ignored by DDPM.
@@ -435,7 +437,11 @@ class GuidedDiffusion(L.LightningModule):
             embedding = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
             timestep_cond = embedding.to(device=device, dtype=latents.dtype)
 
-        # 7. Denoising loop
+        # 7. Denoising loop: one UNet call and one guidance step per entry of scheduler.timesteps, as diffusers' own
+        # loop does. Second-order schedulers (Heun, DPM-SDE) list a timestep for each of their two model evaluations
+        # per step and keep the first half-step's state themselves, so both evaluations are guided; multistep solvers
+        # (PNDM, LMS, DPM-Solver++, UniPC) store the output step() is given, the corrected one, in their history.
+        # Step indices (i, num_timesteps, the guidance window and every_k) count model evaluations.
         callbacks = self._denoising_callbacks()
         failures: list[Failure | None] = [None] * batch_size
         style_losses: list[Tensor] = []

@@ -205,7 +205,8 @@ class StyleGuidance(nn.Module):
     Args:
         scale: Strength :math:`s` of the correction; 0 measures the style loss without guiding. With
             ``normalize``, it is in units of the noise's own RMS (about 1), so values of 0.05–0.5 are sensible.
-        window: ``[start, end)`` fractions of the sampling steps where guidance is on, e.g. ``[0.0, 0.8]``.
+        window: ``[start, end)`` fractions of the sampling steps where guidance is on, e.g. ``[0.0, 0.8]``. Steps
+            here are model evaluations: Heun's two per step count as two.
         every_k: Guide every k-th step only (counted from step 0); the others are measured but not corrected.
         normalize: Divide each sample's gradient by its RMS, so one scale works across models, sizes, layers and
             statistics. Without it, ``scale`` multiplies the raw gradient and must be tuned per setting.
