@@ -7,18 +7,20 @@ import time
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
+import diffusers
 import lightning as L
 import torch
-from diffusers import AutoencoderTiny, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderTiny, DDIMScheduler, LCMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from diffusers.utils import deprecation_utils
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import deprecation_utils, is_torchsde_available
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
-from lightning_nst.guidance import StyleGuidance, check_scheduler
+from lightning_nst.guidance import SUPPORTED_SCHEDULERS, StyleGuidance, check_scheduler
 from lightning_nst.hub import DEFAULT_MODEL
 from lightning_nst.prompts import PromptGrid
 
@@ -27,8 +29,22 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 MAX_SIDE = 8192
 """Largest ``model.height`` and ``model.width``: 16 times Stable Diffusion 1.x's native 512 px."""
 
-SCHEDULERS: dict[str, type] = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-"""``model.scheduler`` names; ``pipeline`` keeps the pipeline's own scheduler if it is one of these classes."""
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion 1.x configures it
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+"""``model.scheduler`` aliases: the diffusers class and the settings that make it the named sampler. Besides these,
+``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one.
+Each is built ``from_config`` of the pipeline's scheduler, so betas, offsets and spacing stay the model's."""
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype`; the old name still works there but warns.
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
@@ -60,12 +76,25 @@ def _load(cls: Any, source: str, key: str, marker: str, **kwargs: Any) -> Any:
         ) from error
 
 
-def _check_scheduler_name(name: str) -> None:
-    if name != "pipeline" and name not in SCHEDULERS:
+def scheduler_class(name: str) -> tuple[type, dict[str, Any]] | None:
+    """The class and extra settings ``model.scheduler: name`` builds, ``None`` for ``pipeline``; raises for others."""
+    if name == "pipeline":
+        return None
+    class_name, settings = SCHEDULERS.get(name, (name, {}))
+    if class_name == "DPMSolverSDEScheduler" and not is_torchsde_available():
+        raise NSTError(f"model.scheduler: {name} (DPMSolverSDEScheduler) needs torchsde: pip install torchsde")
+    cls = getattr(diffusers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise NSTError(
-            f"model.scheduler: {name!r} is not supported; choose {', '.join(SCHEDULERS)} or pipeline "
-            "(the pipeline's own scheduler, if it is DDIM or DDPM)"
+            f"model.scheduler: {name!r} is not a scheduler; choose {', '.join(SCHEDULERS)}, pipeline (the "
+            "pipeline's own) or a diffusers scheduler class name such as EulerDiscreteScheduler"
         )
+    if not issubclass(cls, SUPPORTED_SCHEDULERS):
+        raise NSTError(
+            f"model.scheduler: {class_name} cannot be guided: the guided sampler does not know its clean-latent "
+            f"prediction x0; choose one of {', '.join(SCHEDULERS)}"
+        )
+    return cls, settings
 
 
 def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) -> None:
@@ -77,13 +106,13 @@ def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) 
         )
 
 
-def _local_train_timesteps(source: str, scheduler: str) -> int | None:
+def _local_train_timesteps(source: str) -> int | None:
     """``num_train_timesteps`` from a local pipeline folder's scheduler config, without loading any weights."""
     config = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
     if not config.is_file():
         return None
     try:
-        values = SCHEDULERS.get(scheduler, DDIMScheduler).load_config(config.parent)
+        values = DDIMScheduler.load_config(config.parent)
     except (OSError, ValueError):  # an unreadable config is reported, naming model.model, when the pipeline loads
         return None
     steps = values.get("num_train_timesteps")
@@ -152,7 +181,9 @@ class GuidedDiffusion(L.LightningModule):
         guidance: The style-guidance step; ``None`` samples without measuring or guiding style.
         tiny_vae: An ``AutoencoderTiny`` (e.g. ``madebyollin/taesd``) for the guidance gradient only; the output is
             always decoded with the pipeline's VAE.
-        scheduler: ``ddim``, ``ddpm`` or ``pipeline`` (keep the pipeline's, if it is one of those).
+        scheduler: A sampler alias (``ddim``, ``ddpm``, ``pndm``, ``euler``, ``euler_a``, ``lms``, ``heun``,
+            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; see :data:`SCHEDULERS`), a diffusers scheduler class name,
+            or ``pipeline`` (keep the pipeline's own); refused if style guidance cannot compute its x̂₀.
         num_inference_steps: Sampling steps.
         cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off.
         eta: DDIM's eta (0 is deterministic DDIM); ignored by DDPM.
@@ -193,7 +224,7 @@ class GuidedDiffusion(L.LightningModule):
         # dtype is not checked by hand: it is a Literal, which the CLI's parser enforces naming model.dtype.
         if guidance is not None:
             guidance.check_decoder(tiny_vae)
-        _check_scheduler_name(scheduler)
+        scheduler_class(scheduler)
         self.model_source = model
         self.guidance = guidance
         self.tiny_vae_source = tiny_vae
@@ -237,7 +268,7 @@ class GuidedDiffusion(L.LightningModule):
         data = self._data()
         if self.guidance is not None and not data.style_sources:
             raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
-        train_timesteps = _local_train_timesteps(self.model_source, self.scheduler_name)
+        train_timesteps = _local_train_timesteps(self.model_source)
         if train_timesteps is not None:
             check_steps(self.num_inference_steps, train_timesteps, self.model_source)
         if self.guidance is not None:
@@ -272,10 +303,18 @@ class GuidedDiffusion(L.LightningModule):
         )
         # The pipeline's own scheduler, or the one named by model.scheduler configured from it (betas, offsets,
         # spacing); the name was checked in __init__.
-        if self.scheduler_name != "pipeline":
-            pipe.scheduler = SCHEDULERS[self.scheduler_name].from_config(pipe.scheduler.config)
+        chosen = scheduler_class(self.scheduler_name)
+        if chosen is not None:
+            cls, settings = chosen
+            pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
         check_scheduler(pipe.scheduler)
         check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
+        original_steps = pipe.scheduler.config.get("original_inference_steps")
+        if isinstance(pipe.scheduler, LCMScheduler) and self.num_inference_steps > original_steps:
+            raise NSTError(
+                f"model.num_inference_steps: {self.num_inference_steps} is more than LCMScheduler's "
+                f"original_inference_steps ({original_steps})"
+            )
         pipe.set_progress_bar_config(disable=True)
         if self.tiny_vae_source is not None:
             self.tiny_vae = _load(
@@ -398,7 +437,11 @@ class GuidedDiffusion(L.LightningModule):
             embedding = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
             timestep_cond = embedding.to(device=device, dtype=latents.dtype)
 
-        # 7. Denoising loop
+        # 7. Denoising loop: one UNet call and one guidance step per entry of scheduler.timesteps, as diffusers' own
+        # loop does. Second-order schedulers (Heun, DPM-SDE) list a timestep for each of their two model evaluations
+        # per step and keep the first half-step's state themselves, so both evaluations are guided; multistep solvers
+        # (PNDM, LMS, DPM-Solver++, UniPC) store the output step() is given, the corrected one, in their history.
+        # Step indices (i, num_timesteps, the guidance window and every_k) count model evaluations.
         callbacks = self._denoising_callbacks()
         failures: list[Failure | None] = [None] * batch_size
         style_losses: list[Tensor] = []

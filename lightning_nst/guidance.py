@@ -1,14 +1,21 @@
 r"""Style guidance: steer a diffusion sampler's noise prediction down the gradient of a VGG style loss.
 
-At every sampling step :math:`t` with latents :math:`x_t` and (classifier-free guided) noise prediction
-:math:`\hat\epsilon`, the clean latents are predicted as
-:math:`\hat x_0 = (x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}`, decoded to an image and scored
-with :class:`~lightning_nst.losses.LayerStyleLoss` against the style image. The correction is
+At every model evaluation of the sampler, with latents :math:`x_t` and (classifier-free guided) noise prediction
+:math:`\hat\epsilon`, the clean latents :math:`\hat x_0` are predicted as the scheduler's own ``step`` does
+(:func:`predict_x0`): :math:`(x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}` for VP samplers
+(DDIM, DDPM, PNDM, DPM-Solver++, UniPC, LCM) and :math:`x - \sigma\hat\epsilon` on the unscaled sample for σ-space
+ones (Euler, Euler ancestral, LMS, Heun, DPM-SDE). :math:`\hat x_0` is decoded to an image and scored with
+:class:`~lightning_nst.losses.LayerStyleLoss` against the style image. The correction is
 
 .. math:: \tilde\epsilon = \hat\epsilon - s \, \frac{g}{\operatorname{rms}(g)}, \qquad g = \nabla_{\hat\epsilon} L
 
 and the scheduler steps with :math:`\tilde\epsilon`. Only :math:`\hat x_0 \mapsto L` is differentiated: the UNet is
 not, which is what makes this cheaper than classifier guidance through the denoiser.
+
+One scale means one thing across samplers: the correction is in units of the noise's RMS whatever the sampler, and
+a correction :math:`\delta` of :math:`\hat\epsilon` moves :math:`\hat x_0` by :math:`\sigma\delta` in σ-space and by
+:math:`\sqrt{1-\bar\alpha}/\sqrt{\bar\alpha}\,\delta` in VP, the same amount at the same noise level, since
+:math:`\sigma^2 = (1-\bar\alpha)/\bar\alpha` (``test_one_correction_moves_x0_alike_in_vp_and_sigma_space``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LCMScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
 from diffusers.image_processor import VaeImageProcessor
 from torch import Tensor, nn
 
@@ -36,45 +55,116 @@ from lightning_nst.vgg import (
 
 Decoder = Literal["auto", "vae", "tiny"]
 
-SUPPORTED_SCHEDULERS: tuple[type, ...] = (DDIMScheduler, DDPMScheduler)
-"""Schedulers whose latents are :math:`\\sqrt{\\bar\\alpha_t} x_0 + \\sqrt{1-\\bar\\alpha_t}\\epsilon` at integer
-timesteps indexing ``alphas_cumprod`` and whose ``step`` keeps no history, so a corrected noise prediction is all
-they need."""
+# How each scheduler family relates the model output to x̂₀ (the formulas of its own ``step``), and how guidance
+# stays out of its state. The loop (GuidedDiffusion.predict_step) runs the UNet and the guidance once per entry of
+# ``scheduler.timesteps`` and passes the corrected output to ``step``; nothing here calls a method that advances
+# ``step_index`` or writes the solver's history.
+# - VP at the step's timestep, ᾱ = alphas_cumprod[t]: DDIM, DDPM, PNDM (whose timesteps repeat one entry for its
+#   warm-up; each evaluation is taken at the timestep the UNet was given), LCM (whose step moves from
+#   c_out·x̂₀ + c_skip·x_t, its ``denoised``, which is what is guided).
+# - VP at the step's σ, ᾱ = 1/(1+σ²): DPM-Solver++ (multistep) and UniPC, which convert the output to x̂₀ from
+#   ``sigmas[step_index]`` in ``convert_model_output`` and keep that x̂₀, from the corrected output, in their history.
+# - σ-space, x̂₀ = x − σ·ε on the unscaled sample (the UNet saw ``scale_model_input``'s x/√(σ²+1)): Euler, Euler
+#   ancestral, LMS (which keeps the corrected derivative in its history), Heun and DPM-SDE. σ = sigmas[step_index];
+#   Heun's schedule interleaves the sigmas of its two evaluations, so the same rule holds for both, and DPM-SDE's second
+#   evaluation is at ``mid_point_sigma``. Euler's churn (σ̂ = σ(1+γ)) is off: the loop never passes ``s_churn``.
+VP_TIMESTEP: tuple[type, ...] = (DDIMScheduler, DDPMScheduler, PNDMScheduler, LCMScheduler)
+VP_SIGMA: tuple[type, ...] = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
+SIGMA_SPACE: tuple[type, ...] = (
+    EulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler,
+    LMSDiscreteScheduler,
+    HeunDiscreteScheduler,
+    DPMSolverSDEScheduler,
+)
+SUPPORTED_SCHEDULERS: tuple[type, ...] = VP_TIMESTEP + VP_SIGMA + SIGMA_SPACE
+"""Schedulers whose clean-latent prediction :func:`predict_x0` computes as their own ``step`` does."""
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# Prediction types a scheduler's step raises NotImplementedError for.
+_UNSUPPORTED_PREDICTIONS: dict[type, tuple[str, ...]] = {
+    EulerAncestralDiscreteScheduler: ("sample",),
+    DPMSolverSDEScheduler: ("sample",),
+    PNDMScheduler: ("sample",),
+}
 
 
 def check_scheduler(scheduler: Any, key: str = "model.scheduler") -> None:
     r"""Raise unless style guidance can compute :math:`\hat x_0` for ``scheduler``."""
+    name = type(scheduler).__name__
     if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
         names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
         raise NSTError(
-            f"{key}: {type(scheduler).__name__} is not supported by the guided sampler (supported: {names}); "
-            "set model.scheduler to ddim or ddpm"
+            f"{key}: {name} is not supported by the guided sampler: its clean-latent prediction x0 is not known "
+            f"here (supported: {names})"
         )
-    if scheduler.config.prediction_type not in PREDICTION_TYPES:
-        raise NSTError(
-            f"{key}: prediction_type {scheduler.config.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
-        )
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type not in PREDICTION_TYPES:
+        raise NSTError(f"{key}: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+    if prediction_type in _UNSUPPORTED_PREDICTIONS.get(type(scheduler), ()):
+        raise NSTError(f"{key}: {name} does not implement prediction_type {prediction_type!r}; choose another")
+    if isinstance(scheduler, VP_SIGMA) and scheduler.config.get("use_flow_sigmas"):
+        raise NSTError(f"{key}: {name} with use_flow_sigmas is a flow-matching sampler, not a Stable Diffusion one")
 
 
-def predict_x0(scheduler: DDIMScheduler | DDPMScheduler, model_output: Tensor, sample: Tensor, timestep: Any) -> Tensor:
-    """Clean-latent prediction from the model output, as the scheduler's ``step`` computes ``pred_original_sample``.
+def _step_index(scheduler: Any, timestep: Any) -> int:
+    """The index ``step`` will use for ``timestep``, found as its ``_init_step_index`` does, without setting it."""
+    if scheduler.step_index is not None:
+        return scheduler.step_index
+    if scheduler.begin_index is not None:
+        return scheduler.begin_index
+    if isinstance(timestep, Tensor):
+        timestep = timestep.to(scheduler.timesteps.device)
+    return scheduler.index_for_timestep(timestep)
 
+
+def _sigma(scheduler: Any, timestep: Any) -> Tensor:
+    if isinstance(scheduler, DPMSolverSDEScheduler) and not scheduler.state_in_first_order:
+        return torch.as_tensor(scheduler.mid_point_sigma)
+    return scheduler.sigmas[_step_index(scheduler, timestep)]
+
+
+def predict_x0(scheduler: Any, model_output: Tensor, sample: Tensor, timestep: Any) -> Tensor:
+    r"""Clean-latent prediction from the model output, as the scheduler's ``step`` computes it.
+
+    ``pred_original_sample`` for DDIM, DDPM, Euler, Euler ancestral, LMS, Heun and DPM-SDE; the ``x0_pred`` of
+    ``convert_model_output`` for DPM-Solver++ and UniPC; ``denoised`` for LCM; for PNDM, which computes none, the VP
+    formula at the timestep. ``sample`` is the scheduler's (unscaled) sample, not ``scale_model_input``'s output.
     Computed in float32 and differentiable in ``model_output``; no thresholding or clipping (Stable Diffusion
-    configures neither).
+    configures neither). Reads the scheduler's state, never changes it.
     """
-    alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(device=sample.device, dtype=torch.float32)
-    beta_prod = 1 - alpha_prod
     output, sample = model_output.float(), sample.float()
     prediction_type = scheduler.config.prediction_type
-    if prediction_type == "epsilon":
-        return (sample - beta_prod.sqrt() * output) / alpha_prod.sqrt()
-    if prediction_type == "v_prediction":
-        return alpha_prod.sqrt() * sample - beta_prod.sqrt() * output
+    if prediction_type not in PREDICTION_TYPES:
+        raise NSTError(
+            f"model.scheduler: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
+        )
+    if isinstance(scheduler, SIGMA_SPACE):
+        sigma = _sigma(scheduler, timestep).to(device=sample.device, dtype=torch.float32)
+        if prediction_type == "sample":
+            return output
+        if prediction_type == "epsilon":
+            return sample - sigma * output
+        # v: c_out·v + c_skip·x with c_out = −σ/√(σ²+1) and c_skip = 1/(σ²+1), as EulerDiscreteScheduler.step
+        return output * (-sigma / (sigma**2 + 1).sqrt()) + sample / (sigma**2 + 1)
+    if isinstance(scheduler, VP_SIGMA):
+        sigma = scheduler.sigmas[_step_index(scheduler, timestep)].to(device=sample.device, dtype=torch.float32)
+        alpha_prod = 1 / (sigma**2 + 1)  # _sigma_to_alpha_sigma_t: α_t = 1/√(σ²+1), σ_t = σ·α_t
+    elif isinstance(scheduler, VP_TIMESTEP):
+        alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(device=sample.device, dtype=torch.float32)
+    else:
+        check_scheduler(scheduler)
+    beta_prod = 1 - alpha_prod
     if prediction_type == "sample":
-        return output
-    raise NSTError(f"model.scheduler: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
+        x0 = output
+    elif prediction_type == "epsilon":
+        x0 = (sample - beta_prod.sqrt() * output) / alpha_prod.sqrt()
+    else:
+        x0 = alpha_prod.sqrt() * sample - beta_prod.sqrt() * output
+    if isinstance(scheduler, LCMScheduler):
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
+        return c_out * x0 + c_skip * sample
+    return x0
 
 
 def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
@@ -115,7 +205,8 @@ class StyleGuidance(nn.Module):
     Args:
         scale: Strength :math:`s` of the correction; 0 measures the style loss without guiding. With
             ``normalize``, it is in units of the noise's own RMS (about 1), so values of 0.05–0.5 are sensible.
-        window: ``[start, end)`` fractions of the sampling steps where guidance is on, e.g. ``[0.0, 0.8]``.
+        window: ``[start, end)`` fractions of the sampling steps where guidance is on, e.g. ``[0.0, 0.8]``. Steps
+            here are model evaluations: Heun's two per step count as two.
         every_k: Guide every k-th step only (counted from step 0); the others are measured but not corrected.
         normalize: Divide each sample's gradient by its RMS, so one scale works across models, sizes, layers and
             statistics. Without it, ``scale`` multiplies the raw gradient and must be tuned per setting.

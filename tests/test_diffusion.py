@@ -223,7 +223,8 @@ def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None
     ("override", "expected"),
     [
         ("--data.style=[missing/style.jpg]", "data.style[0]: image file not found"),
-        ("--model.scheduler=euler", "model.scheduler: 'euler' is not supported; choose ddim, ddpm or pipeline"),
+        ("--model.scheduler=eulr", "model.scheduler: 'eulr' is not a scheduler; choose ddim, ddpm, pndm, euler"),
+        ("--model.scheduler=KDPM2DiscreteScheduler", "model.scheduler: KDPM2DiscreteScheduler cannot be guided"),
         ("--model.model=/no/such/pipeline", "model.model: no such folder: /no/such/pipeline"),
         ("--model.model=nobody/no-such-pipeline", "pass a local folder instead"),
         ("--model.guidance.init_args.decoder=tiny", "model.guidance.decoder: 'tiny' needs model.tiny_vae"),
@@ -247,12 +248,12 @@ def test_bad_input_gives_one_line_error(
 def test_unsupported_pipeline_scheduler_is_named(
     pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
-    euler = tmp_path / "euler-pipeline"
-    shutil.copytree(pipeline_dir, euler)
-    index = euler / "model_index.json"
+    kdpm2 = tmp_path / "kdpm2-pipeline"
+    shutil.copytree(pipeline_dir, kdpm2)
+    index = kdpm2 / "model_index.json"
     index.write_text(
-        json.dumps({**json.loads(index.read_text()), "scheduler": ["diffusers", "EulerDiscreteScheduler"]})
+        json.dumps({**json.loads(index.read_text()), "scheduler": ["diffusers", "KDPM2DiscreteScheduler"]})
     )
-    message = cli_error(capfd, tiny_args(euler, "euler", "--model.scheduler=pipeline"))
-    assert "model.scheduler: EulerDiscreteScheduler is not supported" in message
-    assert not Path("logs", "euler").exists() or not any(Path("logs", "euler").iterdir())
+    message = cli_error(capfd, tiny_args(kdpm2, "kdpm2", "--model.scheduler=pipeline"))
+    assert "model.scheduler: KDPM2DiscreteScheduler is not supported by the guided sampler" in message
+    assert not Path("logs", "kdpm2").exists() or not any(Path("logs", "kdpm2").iterdir())

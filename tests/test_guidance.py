@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+)
 
 from lightning_nst.diffusion import GuidedDiffusion
 from lightning_nst.errors import NSTError
@@ -30,10 +37,15 @@ def test_predict_x0_matches_the_scheduler(scheduler_class: type, prediction_type
         torch.testing.assert_close(predict_x0(scheduler, output, sample, t), expected)
 
 
-def test_only_ddim_and_ddpm_are_accepted() -> None:
+def test_schedulers_without_a_known_x0_are_refused_naming_the_reason() -> None:
     check_scheduler(DDIMScheduler())
-    with pytest.raises(NSTError, match="EulerDiscreteScheduler is not supported"):
-        check_scheduler(EulerDiscreteScheduler())
+    check_scheduler(EulerDiscreteScheduler())
+    with pytest.raises(
+        NSTError, match="^model.scheduler: KDPM2DiscreteScheduler is not supported by the guided sampler"
+    ):
+        check_scheduler(KDPM2DiscreteScheduler())
+    with pytest.raises(NSTError, match="EulerAncestralDiscreteScheduler does not implement prediction_type 'sample'"):
+        check_scheduler(EulerAncestralDiscreteScheduler(prediction_type="sample"))
 
 
 class _Pipeline:
