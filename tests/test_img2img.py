@@ -19,8 +19,10 @@ from lightning_nst.diffusion import GuidedDiffusion
 from lightning_nst.errors import NSTError
 from lightning_nst.images import load_image
 from lightning_nst.main import main
+from lightning_nst.outputs import MANIFEST, read_manifest
 from lightning_nst.prompts import PromptGrid
 from tests.conftest import CONFIGS, MODELS, cli_error
+from tests.test_writers import MANIFEST_KEYS
 from tests.tiny_pipeline import records, tiny_args
 
 IMG2IMG = CONFIGS / "guided_img2img.yaml"
@@ -94,6 +96,10 @@ def test_the_output_size_follows_the_init_image(
     assert record["init_image"] == str(init) and record["strength"] == 0.5
     assert record["init_image_digest"] == hashlib.sha256(init.read_bytes()).hexdigest()
     assert len(record["timesteps"]) == 5  # int(10 * 0.5) of the 10 steps
+    # The img2img keys follow the text-to-image ones, and the typed record reads and writes the line as it is.
+    assert list(record) == [*MANIFEST_KEYS, "init_image", "init_image_digest", "strength"]
+    (typed,) = read_manifest(tmp_path / "out" / MANIFEST)
+    assert json.loads(typed.to_json()) == record and typed.strength == 0.5
 
 
 def test_with_no_step_left_the_output_is_the_vae_round_trip(pipeline_dir: Path, tmp_path: Path) -> None:
