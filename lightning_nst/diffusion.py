@@ -12,11 +12,14 @@ import lightning as L
 import torch
 from diffusers import AutoencoderTiny, DDIMScheduler, LCMScheduler, StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecation_utils, is_torchsde_available
+from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
@@ -193,6 +196,10 @@ class GuidedDiffusion(L.LightningModule):
             Style statistics are computed in float32 either way.
         variant: Weights variant to load, e.g. ``fp16`` where the repository has one.
         safety_checker: Run the pipeline's safety checker, when it has one, on the final images.
+        strength: img2img's strength in (0, 1], as in ``StableDiffusionImg2ImgPipeline``: with ``data.init_images``
+            the init image is encoded, noised to the timestep that leaves ``int(num_inference_steps * strength)``
+            steps, and denoised from there. ``1.0`` is text-to-image (pure noise; the init image sets the size only);
+            where no step is left, the output is the init image's VAE round trip. Other values need init images.
     """
 
     def __init__(
@@ -209,6 +216,7 @@ class GuidedDiffusion(L.LightningModule):
         dtype: DType = "auto",
         variant: str | None = None,
         safety_checker: bool = True,
+        strength: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["guidance"])
@@ -221,6 +229,8 @@ class GuidedDiffusion(L.LightningModule):
         for key, value in (("model.height", height), ("model.width", width)):
             if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
                 raise NSTError(f"{key}: must be a multiple of 8 pixels from 8 to {MAX_SIDE}, got {value}")
+        if not 0.0 < strength <= 1.0:  # also refuses NaN
+            raise NSTError(f"model.strength: must be in (0, 1] (1 is text-to-image), got {strength!r}")
         # dtype is not checked by hand: it is a Literal, which the CLI's parser enforces naming model.dtype.
         if guidance is not None:
             guidance.check_decoder(tiny_vae)
@@ -237,6 +247,7 @@ class GuidedDiffusion(L.LightningModule):
         self.dtype_name = dtype
         self.variant = variant
         self.use_safety_checker = safety_checker
+        self.strength = strength
         self.unet: nn.Module | None = None
         self.vae: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
@@ -268,6 +279,14 @@ class GuidedDiffusion(L.LightningModule):
         data = self._data()
         if self.guidance is not None and not data.style_sources:
             raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
+        if self.strength != 1.0 and not data.init_sources:
+            raise NSTError(f"model.strength: {self.strength} needs data.init_images (img2img); 1.0 is text-to-image")
+        sizes = {self.init_size(image) for image in data.init_images.values()}
+        if data.batch_size > 1 and len(sizes) > 1:
+            raise NSTError(
+                f"data.batch_size: init images of different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))})"
+                " cannot share a batch; set data.batch_size: 1"
+            )
         train_timesteps = _local_train_timesteps(self.model_source)
         if train_timesteps is not None:
             check_steps(self.num_inference_steps, train_timesteps, self.model_source)
@@ -360,13 +379,20 @@ class GuidedDiffusion(L.LightningModule):
             "width": self.width,
             "safety_checker": self.use_safety_checker,
             "guidance": self.guidance.settings() if self.guidance is not None else None,
+            # Only with init images, so that text-to-image fingerprints stay those of earlier versions.
+            **({"strength": self.strength} if self._img2img() else {}),
         }
+
+    def _img2img(self) -> bool:
+        data = self.trainer.datamodule if self._trainer is not None else None
+        return isinstance(data, PromptGrid) and bool(data.init_sources)
 
     def manifest_settings(self) -> dict[str, Any]:
         """The sampling settings a manifest line records, as the loaded pipeline resolved them.
 
-        Model, steps, scales and guidance are those of :meth:`fingerprint_options`; the scheduler is named by its
-        class, the size in pixels and the dtype by the UNet's.
+        Model, steps, scales, guidance and strength (``None`` without init images) are those of
+        :meth:`fingerprint_options`; the scheduler is named by its class, the size in pixels and the dtype by the
+        UNet's. With init images the size of each item is that of its image (:meth:`init_size`).
         """
         options = self.fingerprint_options()
         return {
@@ -374,6 +400,7 @@ class GuidedDiffusion(L.LightningModule):
             "scheduler": type(self.scheduler).__name__,
             "size": list(self.image_size()),
             "dtype": str(self.unet.dtype).removeprefix("torch.") if self.unet is not None else self.dtype_name,
+            "strength": options.get("strength"),
         }
 
     def image_size(self) -> tuple[int, int]:
@@ -384,6 +411,16 @@ class GuidedDiffusion(L.LightningModule):
         height = self.height or native[0] * pipe.vae_scale_factor
         width = self.width or native[1] * pipe.vae_scale_factor
         return height, width
+
+    def init_size(self, image: Tensor) -> tuple[int, int]:
+        """``(height, width)`` generated from the init image ``image``: its aspect ratio, sides multiples of 8.
+
+        The long edge is the larger of ``model.height`` and ``model.width`` where either is set, else the image's.
+        """
+        height, width = image.shape[-2:]
+        given = [side for side in (self.height, self.width) if side is not None]
+        scale = (max(given) if given else max(height, width)) / max(height, width)
+        return tuple(min(MAX_SIDE, max(8, round(side * scale / 8) * 8)) for side in (height, width))  # type: ignore[return-value]
 
     def _denoising_callbacks(self) -> list[DenoisingCallback]:
         callbacks = self._trainer.callbacks if self._trainer is not None else []
@@ -403,8 +440,8 @@ class GuidedDiffusion(L.LightningModule):
         """
         pipe = self._pipe()
         unet, scheduler = pipe.unet, pipe.scheduler
-        # 0. Default height and width to unet, and 1. Check inputs: both done once, in __init__ and configure_model
-        height, width = self.image_size()
+        # 0. Default height and width to unet (in _initial_latents), and 1. Check inputs: done once, in __init__ and
+        # configure_model
 
         # 2. Define call parameters
         prompts, negative_prompts = list(batch["prompt"]), list(batch["negative_prompt"])
@@ -420,12 +457,10 @@ class GuidedDiffusion(L.LightningModule):
 
         # 4. Prepare timesteps
         timesteps, _ = retrieve_timesteps(scheduler, self.num_inference_steps, device)
-        self.num_timesteps = len(timesteps)
 
-        # 5. Prepare latent variables
-        latents = pipe.prepare_latents(
-            batch_size, unet.config.in_channels, height, width, prompt_embeds.dtype, device, generators
-        )
+        # 5. Prepare latent variables; with an init image also the timesteps its strength leaves
+        latents, timesteps = self._initial_latents(batch, timesteps, generators, prompt_embeds.dtype)
+        self.num_timesteps = len(timesteps)
 
         # 6. Prepare extra step kwargs
         extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta)
@@ -514,6 +549,53 @@ class GuidedDiffusion(L.LightningModule):
             "seconds_per_step": seconds_per_step,
             "failures": failures,
         }
+
+    def _initial_latents(
+        self, batch: dict[str, Any], timesteps: Tensor, generators: list[torch.Generator], dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
+        """The latents the loop starts from and the timesteps it runs, as the text or img2img pipeline has them.
+
+        Without init images, or at ``strength`` 1, ``StableDiffusionPipeline.prepare_latents``: pure noise, the size
+        that of :meth:`image_size`, or of the init image. Otherwise ``StableDiffusionImg2ImgPipeline``'s
+        ``get_timesteps`` and ``prepare_latents``: the image, resized (:meth:`init_size`), is encoded by the VAE
+        (a sample of its latent distribution, drawn with the item's generator), scaled, and noised by the scheduler's
+        ``add_noise`` to the first timestep left. Where no timestep is left (``int(steps * strength) == 0``, which
+        diffusers does not allow) the clean latents are returned, so the output is the image's VAE round trip.
+        """
+        pipe, device = self._pipe(), self.device
+        batch_size, channels = len(batch["seed"]), pipe.unet.config.in_channels
+        sources = batch.get("init_image") or [None] * batch_size
+        if sources[0] is None:
+            height, width = self.image_size()
+            return pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generators), timesteps
+        images = [self._data().init_images[source] for source in sources]
+        sizes = {self.init_size(image) for image in images}
+        if len(sizes) > 1:  # setup refuses such a batch size; this guards the Python API
+            raise NSTError("data.batch_size: init images of different sizes cannot share a batch; set it to 1")
+        ((height, width),) = sizes
+        if self.strength == 1.0:
+            return pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generators), timesteps
+
+        # get_timesteps: the last int(steps * strength) steps (times the solver's order) are run.
+        scheduler = pipe.scheduler
+        init_timestep = min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+        t_start = max(self.num_inference_steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+
+        # prepare_latents with an image, one generator per item
+        resized = torch.cat([TF.resize(image, [height, width], antialias=True).clamp(0, 1) for image in images])
+        pixels = pipe.image_processor.preprocess(resized, height=height, width=width)
+        pixels = pixels.to(device=device, dtype=self.vae.dtype)
+        init_latents = torch.cat(
+            [retrieve_latents(self.vae.encode(pixels[i : i + 1]), generator=generators[i]) for i in range(batch_size)]
+        )
+        init_latents = (self.vae.config.scaling_factor * init_latents).to(dtype)
+        if len(timesteps) == 0:
+            return init_latents, timesteps
+        noise = randn_tensor(init_latents.shape, generator=generators, device=device, dtype=dtype)
+        return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch_size)), timesteps
 
     def _noise_failure(self, step_index: int, do_cfg: bool) -> tuple[str, str]:
         if do_cfg:

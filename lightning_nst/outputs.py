@@ -256,6 +256,11 @@ class GenerationRecord:
         nsfw: The safety checker's verdict, or ``None`` without one.
         seconds_per_step: Sampling time per step of the item's batch.
         rank: The process that generated the item.
+        init_image: The image img2img started from (an absolute path for a file), or ``None`` for text-to-image.
+        init_image_digest: What identifies the init image's content, or ``None``.
+        strength: img2img's strength (``model.strength``), or ``None`` for text-to-image.
+
+    The img2img keys come last and are left out of a text-to-image line, which keeps the keys it always had.
     """
 
     index: int
@@ -284,15 +289,33 @@ class GenerationRecord:
     nsfw: bool | None
     seconds_per_step: float
     rank: int
+    init_image: str | None = None
+    init_image_digest: str | None = None
+    strength: float | None = None
 
     def to_json(self) -> str:
         """The manifest line, without its newline."""
-        return json.dumps(asdict(self))
+        record = asdict(self)
+        if self.init_image is None:
+            for key in _IMG2IMG_KEYS:
+                record.pop(key)
+        return json.dumps(record)
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> GenerationRecord:
-        """The record of a parsed manifest line; raises ``KeyError`` naming a missing key, ignores unknown ones."""
-        return cls(**{field.name: record[field.name] for field in fields(cls)})
+        """The record of a parsed manifest line; raises ``KeyError`` naming a missing key, ignores unknown ones.
+
+        The img2img keys may be missing (a text-to-image line): they are then ``None``.
+        """
+        return cls(
+            **{
+                field.name: record.get(field.name) if field.name in _IMG2IMG_KEYS else record[field.name]
+                for field in fields(cls)
+            }
+        )
+
+
+_IMG2IMG_KEYS = ("init_image", "init_image_digest", "strength")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[GenerationRecord]:

@@ -189,9 +189,21 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
         )
 
 
+def check_img2img(config: Any) -> None:
+    """Refuse a ``model.strength`` below 1 without ``data.init_images``, before the logger makes its folder."""
+    model = _get(config, "model")
+    strength = _get(_get(model, "init_args"), "strength")
+    if _class_name(model) != "GuidedDiffusion" or not isinstance(strength, int | float) or not 0 < strength < 1:
+        return  # a strength out of range is refused, naming it, when the module is built
+    if not _get(_get(_get(config, "data"), "init_args"), "init_images"):
+        raise NSTError(f"model.strength: {float(strength)} needs data.init_images (img2img); 1.0 is text-to-image")
+
+
 def check(config: Any, subcommand: str) -> None:
     """Every check that can be made on the parsed config before instantiation."""
     connector = check_devices(config, subcommand)
+    if subcommand == "predict":
+        check_img2img(config)
     if subcommand == "fit" and _class_name(_get(config, "data")) == "ImageTargets":
         device = getattr(getattr(connector, "strategy", None), "root_device", None)
         check_image_optimization(config, device)

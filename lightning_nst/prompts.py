@@ -26,6 +26,9 @@ from lightning_nst.outputs import source_digest
 warnings.filterwarnings("ignore", message=r"Total length of `DataLoader` across ranks is zero")
 
 
+_INIT_FIELDS = ("init_image", "init_image_digest")
+
+
 @dataclass(frozen=True)
 class GenerationItem:
     """One image to generate.
@@ -41,6 +44,8 @@ class GenerationItem:
         style_prompt: Text appended to the prompt for this style image, or ``None``.
         style_digest: What identifies the style image's content (:func:`~lightning_nst.outputs.source_digest`), or
             ``None`` without style images.
+        init_image: The image img2img starts from (``data.init_images``), or ``None`` for text-to-image.
+        init_image_digest: What identifies the init image's content, or ``None`` without one.
     """
 
     index: int
@@ -52,16 +57,23 @@ class GenerationItem:
     style_index: int
     style_prompt: str | None
     style_digest: str | None = None
+    init_image: str | None = None
+    init_image_digest: str | None = None
 
     def fingerprint(self, sampler: Mapping[str, Any]) -> str:
         """A short hash of everything that defines this item's image but its index: texts, seed, style, sampler.
 
-        The style enters by path and by content digest, so a style image edited in place changes the fingerprint.
+        The style and the init image enter by path and by content digest, so an image edited in place changes the
+        fingerprint. Without an init image its fields are left out, so text-to-image fingerprints stay as they were.
 
         Args:
             sampler: The sampling options, e.g. :meth:`~lightning_nst.GuidedDiffusion.fingerprint_options`.
         """
-        fields = {key: value for key, value in asdict(self).items() if key != "index"}
+        fields = {
+            key: value
+            for key, value in asdict(self).items()
+            if key != "index" and not (key in _INIT_FIELDS and value is None)
+        }
         text = json.dumps({"item": fields, "sampler": sampler}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -160,7 +172,10 @@ class PromptGrid(L.LightningDataModule):
         style_prompts: Text appended to the prompt for each style image (``"<prompt>, <style prompt>"``), e.g.
             ``"in the style of Van Gogh's Starry Night"`` for a prompt-only baseline. One entry per style image.
         negative_prompt: Negative prompt of every item.
-        batch_size: Items per UNet batch.
+        init_images: Images to start from (img2img, see ``model.strength``): one for every prompt, or one per prompt
+            in the order of the prompts (the list's, then the file's); each prompt's style and seed items share it.
+            Paths, ``sample:NAME`` or ``skimage:NAME``; ``None`` generates from text.
+        batch_size: Items per UNet batch; with init images of different sizes it must be 1.
         num_workers: DataLoader worker processes (items are only text, so 0 is usually right).
     """
 
@@ -172,6 +187,7 @@ class PromptGrid(L.LightningDataModule):
         style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         style_prompts: list[str] | None = None,
         negative_prompt: str = "",
+        init_images: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         batch_size: int = 1,
         num_workers: int = 0,
     ) -> None:
@@ -209,6 +225,17 @@ class PromptGrid(L.LightningDataModule):
         if prompts_file is not None and not file_prompts:
             raise NSTError(f"data.prompts_file: {Path(prompts_file).expanduser()} holds no prompts")
         self.prompts = list(prompts or []) + file_prompts
+        init_images = [init_images] if isinstance(init_images, str | os.PathLike) else init_images
+        if init_images is not None and len(init_images) not in (1, len(self.prompts)):
+            raise NSTError(
+                f"data.init_images: give one image for all prompts or one per prompt ({len(self.prompts)}), "
+                f"got {len(init_images)}"
+            )
+        self.init_sources = [str(source) for source in init_images or []]
+        for index, source in enumerate(self.init_sources):
+            if not is_sample(source) and not Path(source).expanduser().is_file():
+                raise NSTError(f"data.init_images[{index}]: image file not found: {Path(source).expanduser()}")
+        self.init_digests = [_digest(source, f"data.init_images[{i}]") for i, source in enumerate(self.init_sources)]
         self.seeds = seeds
         self.style_prompts = list(style_prompts) if style_prompts is not None else None
         self.negative_prompt = negative_prompt
@@ -217,6 +244,7 @@ class PromptGrid(L.LightningDataModule):
         self.items: list[GenerationItem] = []
         self.skipped: set[int] = set()
         self.style_images: list[Tensor] = []
+        self.init_images: dict[str, Tensor] = {}
         # With finished items skipped, fewer may remain than there are processes; the idle ones then just wait.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -224,7 +252,10 @@ class PromptGrid(L.LightningDataModule):
         """All items, in order: prompts (the list, then the file's) × styles × seeds."""
         styles: list[tuple[int, str | None]] = list(enumerate(self.style_sources)) or [(-1, None)]
         items: list[GenerationItem] = []
-        for prompt in self.prompts:
+        for prompt_index, prompt in enumerate(self.prompts):
+            init = min(prompt_index, len(self.init_sources) - 1)
+            init_image = self.init_sources[init] if self.init_sources else None
+            init_digest = self.init_digests[init] if self.init_sources else None
             for style_index, style in styles:
                 style_prompt = self.style_prompts[style_index] if self.style_prompts and style is not None else None
                 full = ", ".join(part for part in (prompt, style_prompt) if part)
@@ -240,18 +271,25 @@ class PromptGrid(L.LightningDataModule):
                             style_index,
                             style_prompt,
                             self.style_digests[style_index] if style is not None else None,
+                            init_image,
+                            init_digest,
                         )
                     )
         return items
 
     def setup(self, stage: str) -> None:
-        """Expand the items and load the style images (once)."""
+        """Expand the items and load the style and init images (once)."""
         if not self.items:
             self.items = self.expand()
         if not self.style_images and self.style_sources:
             self.style_images = [
                 load_image(source, key=f"data.style[{index}]") for index, source in enumerate(self.style_sources)
             ]
+        if not self.init_images and self.init_sources:
+            self.init_images = {
+                source: load_image(source, key=f"data.init_images[{index}]")
+                for index, source in enumerate(self.init_sources)
+            }
 
     def skip(self, indices: Iterable[int]) -> None:
         """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished.

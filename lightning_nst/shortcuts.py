@@ -99,6 +99,12 @@ def generate_parser() -> argparse.ArgumentParser:
     seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one image each")
     parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: 7.5)")
     parser.add_argument("--size", type=int, help="image height and width in pixels (default: 512)")
+    parser.add_argument(
+        "--init-image",
+        help="img2img: start from this image (configs/guided_img2img.yaml); the output keeps its aspect ratio, "
+        "with --size as the long edge",
+    )
+    parser.add_argument("--strength", type=float, help="img2img strength in (0, 1]; 1 is text-to-image (default: 0.6)")
     parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
     parser.add_argument("--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<config>/version_N")
     parser.add_argument("--overwrite", action="store_true", help="generate every item again, replacing the folder's")
@@ -162,10 +168,12 @@ def texture_config(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def generate_config(options: argparse.Namespace) -> dict[str, Any]:
-    """``configs/guided_diffusion.yaml`` with the flags of ``lightning-nst generate`` as overrides."""
+    """``configs/guided_diffusion.yaml`` (``guided_img2img.yaml`` with ``--init-image``) with the flags as overrides."""
     _positive(options.size, "--size")
     _positive(options.steps, "--steps")
-    config = _shipped("guided_diffusion")
+    if options.strength is not None and options.init_image is None:
+        raise NSTError("--strength: needs --init-image (img2img)")
+    config = _shipped("guided_img2img" if options.init_image is not None else "guided_diffusion")
     seeds = options.seeds if options.seeds is not None else [options.seed if options.seed is not None else 0]
     config["seed_everything"] = seeds[0]
     trainer = config["trainer"]
@@ -182,6 +190,7 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
         ("cfg_scale", options.cfg_scale),
         ("height", options.size),
         ("width", options.size),
+        ("strength", options.strength),
     ):
         if value is not None:
             model[key] = value
@@ -192,6 +201,8 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
     guidance["vgg"]["weights"] = options.weights
     data = config["data"]["init_args"]
     data.update({"prompts": list(options.prompt), "seeds": list(seeds), "style": list(options.style)})
+    if options.init_image is not None:
+        data["init_images"] = [options.init_image]
     return config
 
 

@@ -681,7 +681,7 @@ class GenerationWriter(BasePredictionWriter):
                     seed=batch["seed"][row],
                     style=batch["style"][row],
                     style_digest=batch["style_digest"][row],
-                    **settings,
+                    **{**settings, "size": list(image.shape[-2:])},  # with init images, each item has its own size
                     final_style_loss=_finite(float(final[row])) if final is not None else None,
                     style_loss=[_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
                     timesteps=prediction["timesteps"],
@@ -689,6 +689,8 @@ class GenerationWriter(BasePredictionWriter):
                     nsfw=nsfw[row] if nsfw is not None else None,
                     seconds_per_step=prediction["seconds_per_step"],
                     rank=trainer.global_rank,
+                    init_image=batch["init_image"][row],
+                    init_image_digest=batch["init_image_digest"][row],
                 )
                 lines.append(record.to_json() + "\n")
         except OSError as error:
