@@ -241,3 +241,15 @@ def test_generate_takes_an_init_image_and_a_strength(
     assert record["init_image"] == str(init) and record["strength"] == 0.5 and record["size"] == [40, 64]
     assert len(record["timesteps"]) == 2
     assert "--strength: needs --init-image" in cli_error(capsys, [*args, "--strength", "0.5"])
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpmpp_2m", "heun", "unipc"])
+def test_img2img_is_guided_on_every_sampler_family(pipeline_dir: Path, tmp_path: Path, scheduler: str) -> None:
+    # sigma-space (euler_a), multistep VP (dpmpp_2m, unipc) and second-order (heun) samplers start mid-schedule
+    # through set_begin_index and add_noise; each must stay finite and let guidance lower the style loss.
+    init = write_init(tmp_path / "photo.png", 48, 32)
+    common = [f"--data.init_images=[{init}]", "--model.strength=0.6", f"--model.scheduler={scheduler}"]
+    (guided,) = img2img(pipeline_dir, tmp_path / "guided", *common, "--model.guidance.init_args.scale=0.3")
+    (unguided,) = img2img(pipeline_dir, tmp_path / "unguided", *common, "--model.guidance.init_args.scale=0")
+    assert guided["final_style_loss"] < unguided["final_style_loss"]
+    assert np.isfinite(png(tmp_path / "guided", guided)).all() and guided["size"] == [40, 64]
