@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
 from lightning_nst.guidance import SUPPORTED_SCHEDULERS, StyleGuidance, check_scheduler
-from lightning_nst.hub import DEFAULT_MODEL
+from lightning_nst.hub import DEFAULT_MODEL, SCHEDULERS
 from lightning_nst.prompts import PromptGrid
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -32,22 +32,6 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 MAX_SIDE = 8192
 """Largest ``model.height`` and ``model.width``: 16 times Stable Diffusion 1.x's native 512 px."""
 
-SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion 1.x configures it
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
-"""``model.scheduler`` aliases: the diffusers class and the settings that make it the named sampler. Besides these,
-``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one.
-Each is built ``from_config`` of the pipeline's scheduler, so betas, offsets and spacing stay the model's."""
 
 # diffusers renamed from_pretrained's `torch_dtype` to `dtype`; the old name still works there but warns.
 _DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"

@@ -1,8 +1,29 @@
-"""Names of pretrained models on the Hugging Face Hub, kept apart from the modules that load them.
+"""Names of diffusers models and samplers, kept apart from the modules that load them.
 
-Importing :mod:`lightning_nst.diffusion` imports diffusers and transformers (about a second); the report and the
-CLI's help only need the name.
+Importing :mod:`lightning_nst.diffusion` imports diffusers and transformers (about a second); the report, the
+``generate`` shortcut and the CLI's help only need the names.
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The Stable Diffusion pipeline used when none is given: Stable Diffusion 1.5, as in the shipped configs."""
+
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion 1.x configures it
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
+"""``model.scheduler`` aliases: the diffusers class and the settings that make it the named sampler. Besides these,
+``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one.
+Each is built ``from_config`` of the pipeline's scheduler, so betas, offsets and spacing stay the model's."""

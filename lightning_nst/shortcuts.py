@@ -22,6 +22,7 @@ from PIL import Image
 
 from lightning_nst import shipped
 from lightning_nst.errors import NSTError
+from lightning_nst.hub import SCHEDULERS
 
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
 """``--optimizer adam``: the learning rate of :func:`lightning_nst.optimize.default_optimizer`."""
@@ -93,7 +94,10 @@ def generate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="a diffusers pipeline: hub id or local folder (default: the config's)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the config's, 50)")
     parser.add_argument("--scale", type=float, help="style guidance scale, 0 for none (default: the config's, 0.2)")
-    parser.add_argument("--sampler", choices=("ddim", "ddpm", "pipeline"), help="the scheduler (default: ddim)")
+    parser.add_argument(
+        "--sampler",
+        help=f"the sampler: {', '.join(SCHEDULERS)}, pipeline or a diffusers scheduler class name (default: ddim)",
+    )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="the seed (default: 0)")
     seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one image each")

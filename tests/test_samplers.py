@@ -13,8 +13,9 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from diffusers.utils import is_torchsde_available
 from PIL import Image
 
-from lightning_nst.diffusion import SCHEDULERS, scheduler_class
+from lightning_nst.diffusion import scheduler_class
 from lightning_nst.guidance import predict_x0
+from lightning_nst.hub import SCHEDULERS
 from lightning_nst.main import main
 from tests.conftest import MODELS, cli_error
 from tests.tiny_pipeline import STEPS, records, tiny_args
