@@ -18,19 +18,12 @@ from lightning_nst.guidance import predict_x0
 from lightning_nst.hub import SCHEDULERS
 from lightning_nst.main import main
 from tests.conftest import MODELS, cli_error
-from tests.tiny_pipeline import STEPS, records, tiny_args
+from tests.tiny_pipeline import STEPS, records, sd_scheduler, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 # Stable Diffusion 1.x's scheduler settings, as the tiny pipeline saves them; each sampler is built from them.
-SD_CONFIG = DDIMScheduler(
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=False,
-    steps_offset=1,
-).config
+SD_CONFIG = sd_scheduler().config
 
 
 def _available(name: str) -> bool:

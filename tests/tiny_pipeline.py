@@ -97,6 +97,19 @@ def tiny_tokenizer(directory: Path) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(directory)
 
 
+def sd_scheduler(prediction_type: str = "epsilon") -> DDIMScheduler:
+    """A DDIM scheduler with Stable Diffusion 1.x's settings, as the tiny pipeline saves it."""
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def build_tiny_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
     """Save a 64 px Stable Diffusion pipeline with random weights (VAE factor 2, 32×32 latents) to ``path``."""
     generator_state = torch.random.get_rng_state()
@@ -112,15 +125,7 @@ def build_tiny_pipeline(path: Path, prediction_type: str = "epsilon") -> Path:
         cross_attention_dim=32,
         norm_num_groups=2,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_scheduler(prediction_type)
     torch.manual_seed(0)
     vae = AutoencoderKL(
         block_out_channels=[4, 8],
