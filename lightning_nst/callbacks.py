@@ -32,8 +32,8 @@ __all__ = ["DenoisingCallback", "GenerationWriter", "TrajectoryLogger"]
 def _item_text(batch: dict[str, Any], row: int, pl_module: L.LightningModule) -> str:
     """One item's prompt and settings as Markdown, for TensorBoard's text tab."""
     lines = [f"**{batch['prompt'][row]}**", ""]
-    for key in ("negative_prompt", "seed", "style"):
-        if key in batch:
+    for key in ("negative_prompt", "seed", "style", "init_image"):
+        if batch.get(key) is not None and batch[key][row] is not None:
             lines.append(f"- {key}: `{batch[key][row]}`")
     if isinstance(pl_module, GenerationModule):
         for key, value in pl_module.manifest_settings().items():
@@ -47,10 +47,10 @@ class TrajectoryLogger(DenoisingCallback):
     Scalars go to ``style_loss/<index>`` and ``timestep/<index>`` against the step index; every ``preview_every``
     steps (and at the last step) the clean prediction goes to ``x0/<index>``. After each batch, ``x0_table/<index>``
     holds the previews side by side labelled with step index, timestep and style loss, ``image/<index>`` the final
-    image, ``final_style_loss/<index>`` its style loss and ``prompt/<index>`` (text) its prompt, seed, style image
-    and sampling settings. Every tag is ``<kind>/<index>``: TensorBoard groups cards by the part before the first
-    ``/``, so a batch of any size makes these seven groups, each with one card per item. Needs a
-    ``TensorBoardLogger``; under DDP, ranks other than 0 write their own event files into the same run folder.
+    image, ``final_style_loss/<index>`` its style loss and ``prompt/<index>`` (text) its prompt, seed, style image,
+    init image (img2img) and sampling settings. Every tag is ``<kind>/<index>``: TensorBoard groups cards by the
+    part before the first ``/``, so a batch of any size makes these seven groups, each with one card per item. Needs
+    a ``TensorBoardLogger``; under DDP, ranks other than 0 write their own event files into the same run folder.
 
     Args:
         preview_every: Steps between previews; 0 logs scalars only (and the ``preview_steps``).

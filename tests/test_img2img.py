@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -253,3 +254,12 @@ def test_img2img_is_guided_on_every_sampler_family(pipeline_dir: Path, tmp_path:
     (unguided,) = img2img(pipeline_dir, tmp_path / "unguided", *common, "--model.guidance.init_args.scale=0")
     assert guided["final_style_loss"] < unguided["final_style_loss"]
     assert np.isfinite(png(tmp_path / "guided", guided)).all() and guided["size"] == [40, 64]
+
+
+def test_prompt_card_names_the_init_image() -> None:
+    from lightning_nst.callbacks import _item_text
+
+    batch = {"prompt": ["a", "b"], "seed": [0, 1], "style": [None, None], "init_image": ["photo.jpg", "other.png"]}
+    text = _item_text(batch, 1, L.LightningModule())
+    assert "- init_image: `other.png`" in text and "style" not in text
+    assert "init_image" not in _item_text({**batch, "init_image": [None, None]}, 0, L.LightningModule())
