@@ -109,6 +109,24 @@ def test_a_rerun_reads_finished_runs_and_other_settings_are_refused(capsys: pyte
     assert "steps: 7" in (out / "report.yaml").read_text() and image.stat().st_mtime_ns != written
 
 
+def test_a_report_made_before_a_setting_was_added_is_read_back(capsys: pytest.CaptureFixture[str]) -> None:
+    out = report("reconstruction", "--layers=[conv1_1]")
+    recorded = out / "report.yaml"
+    # report.yaml as the version before guided_img2img_vs_nst wrote it: no content_prompt, no strengths
+    older = re.sub(r"^content_prompt: .*\n|^strengths:\n(?:- .*\n)+", "", recorded.read_text(), flags=re.M)
+    assert "strengths" not in older and "content_prompt" not in older
+    recorded.write_text(older)
+    image = out / "runs" / "conv1_1" / "conv1_1.png"
+    written = image.stat().st_mtime_ns
+    capsys.readouterr()
+    main(["report", "reconstruction", "--config", str(recorded)])  # the older report.md's reproduce command
+    assert "conv1_1: finished earlier" in capsys.readouterr().out and image.stat().st_mtime_ns == written
+    assert "strengths:" in recorded.read_text()
+    with pytest.raises(SystemExit):  # a new setting away from its default is still another report
+        report("reconstruction", "--layers=[conv1_1]", "--strengths=[0.3]")
+    assert "holds a report made with other settings" in capsys.readouterr().err
+
+
 def test_bad_experiment_and_layer_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for args, expected in (
         (["report", "textures"], "experiment"),
