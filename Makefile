@@ -48,4 +48,6 @@ report-samples: $(STAMP) reports/tiny-sd
 	for experiment in guided_vs_nst guided_vs_prompt; do \
 		$(VENV)/bin/lightning-nst report $$experiment $(SAMPLES) --style $(SAMPLE_STYLE) $(STARRY) \
 			--out docs/reports/$$experiment || exit 1; \
-	done
+	done && \
+	$(VENV)/bin/lightning-nst report guided_img2img_vs_nst $(SAMPLES) --style $(SAMPLE_STYLE) --image_size 64 \
+		--out docs/reports/guided_img2img_vs_nst

@@ -109,6 +109,24 @@ def test_a_rerun_reads_finished_runs_and_other_settings_are_refused(capsys: pyte
     assert "steps: 7" in (out / "report.yaml").read_text() and image.stat().st_mtime_ns != written
 
 
+def test_a_report_made_before_a_setting_was_added_is_read_back(capsys: pytest.CaptureFixture[str]) -> None:
+    out = report("reconstruction", "--layers=[conv1_1]")
+    recorded = out / "report.yaml"
+    # report.yaml as the version before guided_img2img_vs_nst wrote it: no content_prompt, no strengths
+    older = re.sub(r"^content_prompt: .*\n|^strengths:\n(?:- .*\n)+", "", recorded.read_text(), flags=re.M)
+    assert "strengths" not in older and "content_prompt" not in older
+    recorded.write_text(older)
+    image = out / "runs" / "conv1_1" / "conv1_1.png"
+    written = image.stat().st_mtime_ns
+    capsys.readouterr()
+    main(["report", "reconstruction", "--config", str(recorded)])  # the older report.md's reproduce command
+    assert "conv1_1: finished earlier" in capsys.readouterr().out and image.stat().st_mtime_ns == written
+    assert "strengths:" in recorded.read_text()
+    with pytest.raises(SystemExit):  # a new setting away from its default is still another report
+        report("reconstruction", "--layers=[conv1_1]", "--strengths=[0.3]")
+    assert "holds a report made with other settings" in capsys.readouterr().err
+
+
 def test_bad_experiment_and_layer_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     for args, expected in (
         (["report", "textures"], "experiment"),
@@ -256,6 +274,64 @@ def test_guided_vs_prompt_previews_at_the_studys_timesteps(pipeline_dir: Path) -
     assert ratio and float(ratio.group(1)) > 1
     assert_figure(out / "guided_vs_prompt.png")
     assert_figure(out / "style_loss_by_step.png")
+
+
+def test_guided_img2img_vs_nst_measures_every_image_on_one_definition(
+    pipeline_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = report("guided_img2img_vs_nst", *diffusion(pipeline_dir), "--strengths=[0.8, 0.4]")
+    printed = capsys.readouterr().out
+    progress = re.findall(r"^\[guided_img2img_vs_nst\] run (\d+/\d+): (\S+) \(ETA", printed, re.M)
+    runs = ["nst_gram", "unguided_0.4", "guided_0.4", "unguided_0.8", "guided_0.8"]
+    assert progress == [(f"{i}/5", run) for i, run in enumerate(runs, 1)]
+    [(caption, rows), (_, pairs)] = tables(out / "report.md")
+    assert "Gram over relu1_1, relu2_1, relu3_1 at 32 px" in caption
+    assert [(row["image"], row["strength"]) for row in rows] == [
+        ("content photo", ""), ("NST Gram", ""), ("img2img", "0.4"), ("guided img2img", "0.4"),
+        ("img2img", "0.8"), ("guided img2img", "0.8"),
+    ]  # fmt: skip
+    assert rows[0]["PSNR dB"] == "–" and float(rows[0]["SSIM"]) == 1  # the photo against itself
+    for row in rows[1:]:
+        assert_finite(row["Gram style loss"], row["PSNR dB"], row["SSIM"])
+    loss = {(row["image"], row["strength"]): float(row["Gram style loss"]) for row in rows}
+    # Measured on the tiny random pipeline, guided / unguided 0.71 at 0.4 and 0.48 at 0.8 with ../shared's weights,
+    # 0.88 and 0.79 with random ones; NST / photo 0.12 and 0.03.
+    for strength in ("0.4", "0.8"):
+        assert loss["guided img2img", strength] < loss["img2img", strength]
+    assert loss["NST Gram", ""] < loss["content photo", ""]
+    assert [row["strength"] for row in pairs] == ["0.4", "0.8"]
+    assert all(float(row["style loss guided / unguided"]) < 1 for row in pairs)
+    text = (out / "report.md").read_text()
+    assert "- Guided img2img lowers the style loss against unguided img2img at each strength" in text
+    assert "holds on **2 of 2** cases → **holds**" in text.split("lowers the style loss")[1].splitlines()[0]
+    for run in runs[1:]:  # img2img keeps the photo's aspect ratio (astronaut: square) at --image_size
+        (image,) = (out / "runs" / run).glob("*.png")
+        with Image.open(image) as opened:
+            assert opened.size == (64, 64)
+    config = (out / "configs" / "guided_0.4.yaml").read_text()
+    assert "strength: 0.4" in config and "init_images:\n    - skimage:astronaut" in config
+    assert_figure(out / "guided_img2img_vs_nst.png")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("[]", "strengths: give at least one"),
+        ("[0.5, 0]", "strengths: each must be in (0, 1]"),
+        ("[1.5]", "strengths: each must be in (0, 1]"),
+        ("[.nan]", "strengths: each must be in (0, 1]"),
+        ("[0.5, 0.5]", "strengths: each strength once"),
+    ],
+)
+def test_guided_img2img_vs_nst_bad_strengths_are_one_line_before_any_run(
+    value: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as error:
+        report("guided_img2img_vs_nst", f"--strengths={value}")
+    assert error.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert message.startswith("lightning-nst: error:") and expected in message and "\n" not in message
+    assert not Path("reports/guided_img2img_vs_nst").exists()
 
 
 def test_line_plot_skips_what_a_log_axis_cannot_show_and_labels_its_ticks() -> None:

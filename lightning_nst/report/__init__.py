@@ -2,7 +2,7 @@
 
 An ordinary client of the library: each run is a shipped config plus the report's settings (:mod:`.configs`), made
 through :func:`lightning_nst.cli.run` by a :class:`Report` folder (:mod:`.folder`); :mod:`.experiments` holds the
-five experiments.
+experiments.
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ DESCRIPTION = """\
 Run one of the study's experiments (or `all`) and write a report folder: captioned PNG figures, report.md with the
 numbers, configs/ with one YAML per run (each rerunnable with `lightning-nst fit|predict -c`), and runs/ with their
 outputs and TensorBoard events. A finished run is read back rather than run again, so an interrupted report resumes.
-`all` goes on past an experiment that fails and exits with status 2 naming it, and writes index.md linking the
-five. Random VGG weights are refused unless --allow_random_weights=true. Options may come from YAML:
+`all` goes on past an experiment that fails and exits with status 2 naming it, and writes index.md linking them
+all. Random VGG weights are refused unless --allow_random_weights=true. Options may come from YAML:
 `--config configs/report_cpu.yaml`.
 """
 
 INDEX = "index.md"
-"""The page ``report all`` writes in its folder, linking the five reports."""
+"""The page ``report all`` writes in its folder, linking every report."""
 INDEX_TITLE = "# The study's reports (lightning-nst report all)"
 """The first line of :data:`INDEX`: how ``report all`` knows the file as its own, to replace it."""
 

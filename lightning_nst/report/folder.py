@@ -186,6 +186,25 @@ class Report:
         text = yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
         return text + ALLOW_LINE if allow_random else text
 
+    def _same_settings(self, recorded: str) -> bool:
+        """Whether ``recorded`` (a ``report.yaml``) holds this report's settings.
+
+        A setting added to :class:`ReportSettings` after the report was made is missing from its ``report.yaml``;
+        at its default it changes no run, so that report is still this one.
+        """
+        recorded = recorded.replace(ALLOW_LINE, "")
+        if recorded == self._settings_yaml():
+            return True
+        try:
+            older = yaml.safe_load(recorded)
+        except yaml.YAMLError:
+            return False
+        if not isinstance(older, dict):
+            return False
+        current = yaml.safe_load(self._settings_yaml())
+        defaults = yaml.safe_load(yaml.safe_dump(asdict(ReportSettings())))
+        return {key: older.get(key, defaults.get(key)) for key in current} == current and set(older) <= set(current)
+
     def _check_folder(self) -> bool:
         """Raise unless the folder is new, empty or this report's; return whether its files are to be replaced."""
         check_output_dir(self.folder, "out")
@@ -193,7 +212,7 @@ class Report:
         owned = self._files.is_file()
         if owned:
             self._owned = self._read_files()
-        if recorded.is_file() and recorded.read_text(encoding="utf-8").replace(ALLOW_LINE, "") != self._settings_yaml():
+        if recorded.is_file() and not self._same_settings(recorded.read_text(encoding="utf-8")):
             if not self.settings.overwrite:
                 raise NSTError(
                     f"out: {self.folder} holds a report made with other settings (see {recorded}); choose another "

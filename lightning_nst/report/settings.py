@@ -29,10 +29,10 @@ class ReportSettings:
             ``auto`` with neither ImageNet nor ``$LIGHTNING_NST_VGG_WEIGHTS``); otherwise it is refused before any
             run, since its figures and verdicts would say nothing about the study. A partial weights file with
             ``fill_missing`` is not random: its figures and tables label the layers beyond it.
-        content: Content image of experiment 1.
+        content: Content image of experiment 1, and the content photo of ``guided_img2img_vs_nst``.
         texture: Texture image of experiment 2.
         textures: Texture images of experiment 3; each claim there is counted over every texture and seed.
-        style: Style image of experiments 4 and 5.
+        style: Style image of experiments 4 and 5 and of ``guided_img2img_vs_nst``.
         layers: Layers of experiment 1; by default all 37 (each conv with its relu, and the pools).
         style_layers: Style layers of experiments 3-5 and of the style loss all of them report.
         content_layer: Content layer of the NST runs of experiment 4.
@@ -42,17 +42,21 @@ class ReportSettings:
         model: Stable Diffusion pipeline of experiments 4 and 5: a hub id or a local folder.
         tiny_vae: Optional ``AutoencoderTiny`` for the guidance gradient.
         prompt: Prompt of experiments 4 and 5.
+        content_prompt: Prompt of ``guided_img2img_vs_nst``'s img2img runs: what the content photo shows.
+        strengths: img2img strengths of ``guided_img2img_vs_nst``, each in (0, 1]; guided and unguided at each.
         style_prompt: Words appended to the prompt for the prompt-only baseline of experiment 5.
         negative_prompt: Negative prompt of every generation.
         seed: Seed of the generations (and of the noise of image optimisation).
         seeds: Noise seeds of experiment 3's syntheses, each run on every texture.
         timing_repeats: Interleaved repetitions of experiment 3's timing of VGG + loss for each statistic.
         sampling_steps: DDIM sampling steps.
-        image_size: Side of the generated images, in pixels; ``null`` for the pipeline's native size.
+        image_size: Side of the generated images, in pixels; ``null`` for the pipeline's native size. img2img
+            keeps the content photo's aspect ratio with this long edge (``null``: the photo's own).
         cfg_scale: Classifier-free guidance scale.
         guidance_scale: Strength of the style guidance.
         guidance_size: Long edge the decoded images are resized to before VGG, for guidance and for every style
-            loss in experiments 4 and 5.
+            loss in experiments 4 and 5 and ``guided_img2img_vs_nst``; that experiment's PSNR and SSIM are measured
+            at the content photo's size at this long edge.
         rows: Rows (points in time) of the tables of experiment 4.
         timesteps: Timesteps experiment 5 shows; each is matched to the nearest step of the sampler.
         accelerator: Lightning accelerator of every run.
@@ -79,6 +83,8 @@ class ReportSettings:
     model: str = DEFAULT_MODEL
     tiny_vae: str | None = None
     prompt: str = "a lighthouse on a rocky coast at dusk"
+    content_prompt: str = "an astronaut in a spacesuit, portrait"
+    strengths: list[float] = field(default_factory=lambda: [0.5, 0.8])
     style_prompt: str = "in the style of a stained microscope slide, purple and brown blotches on white"
     negative_prompt: str = "blurry, low quality"
     seed: int = 0
@@ -110,3 +116,10 @@ class ReportSettings:
             raise NSTError("seeds: give at least one seed")
         if len(set(self.seeds)) < len(self.seeds):
             raise NSTError(f"seeds: each seed once, got {self.seeds}")
+        if not self.strengths:
+            raise NSTError("strengths: give at least one img2img strength")
+        for strength in self.strengths:
+            if not 0.0 < strength <= 1.0:  # also refuses NaN
+                raise NSTError(f"strengths: each must be in (0, 1] (1 is text-to-image), got {strength!r}")
+        if len(set(self.strengths)) < len(self.strengths):
+            raise NSTError(f"strengths: each strength once, got {self.strengths}")
