@@ -106,6 +106,11 @@ def test_noise_level_is_the_one_add_noise_gives(name: str) -> None:
         a, s = noise_level(scheduler, timesteps, position)
         expected = scheduler.add_noise(x0, noise, timesteps[position : position + 1])
         torch.testing.assert_close(a * (x0 + s * noise), expected, rtol=1e-4, atol=1e-4)
+        if position >= 3:  # img2img runs the last timesteps only: the same evaluation has the same level
+            assert noise_level(scheduler, timesteps[3:], position - 3) == (a, s)
+    assert noise_level(scheduler, timesteps[3:], len(timesteps) - 3) == noise_level(
+        scheduler, timesteps, len(timesteps)
+    )
 
 
 def test_descent_steps_lower_the_x0_loss_and_report_the_uncorrected_one() -> None:
