@@ -475,6 +475,8 @@ class GuidedDiffusion(L.LightningModule):
         # the scheduler no longer holds a half-finished step (guidance.mid_step: Heun's and DPM-SDE's pairs, PNDM's
         # first pair), from the scheduler state snapshotted before it and the result re-noised to the step's start.
         # Only the last repeat is recorded and shown to the DenoisingCallbacks: one entry per scheduled evaluation.
+        # UniPC's corrector rebuilds x_t from the previous step's sample, so there a repeat changes x_t only through the
+        # model output at the re-noised x_t.
         callbacks = self._denoising_callbacks()
         failures: list[Failure | None] = [None] * batch_size
         style_losses: list[Tensor] = []

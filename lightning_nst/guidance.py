@@ -233,9 +233,9 @@ def snapshot(scheduler: Any) -> dict[str, Any]:
     and numbers it keeps (``_step_index``, ``lower_order_nums``, Heun's ``prev_derivative``/``dt``/``sample``,
     UniPC's ``last_sample``, PNDM's ``counter``/``cur_sample``), so holding the old objects keeps their old values,
     but it mutates its history lists in place (PNDM's ``ets.append``, LMS's ``derivatives.append``/``pop``,
-    DPM-Solver++'s and UniPC's ``model_outputs[i] = ...``), which the copies protect; the tensors in them are never
-    written into. The one in-place tensor update, PNDM's Runge-Kutta ``cur_model_output +=``, accumulates within a
-    step, whose start (where snapshots are taken) holds the integer 0.
+    DPM-Solver++'s and UniPC's ``model_outputs[i] = ...``, UniPC's ``timestep_list``), which the copies protect; the
+    tensors in them are never written into. The one in-place tensor update, PNDM's Runge-Kutta
+    ``cur_model_output +=``, accumulates within a step, whose start (where snapshots are taken) holds the integer 0.
     """
     return _copied({key: value for key, value in vars(scheduler).items() if key not in _PERSISTENT_STATE})
 
@@ -312,7 +312,8 @@ class StyleGuidance(nn.Module):
             the corrected :math:`\tilde\epsilon`, decodes it and subtracts another ``scale`` times the RMS-normalised
             gradient, so ``scale`` is then the size of each descent step and the total correction grows up to
             ``descent_steps × scale``. The style loss and ``x0_image`` reported are those of the uncorrected
-            :math:`\hat x_0`. No extra UNet call, one decode and VGG pass more per step.
+            :math:`\hat x_0`. No extra UNet call; each further descent step costs one decode and one VGG forward
+            and backward pass.
     """
 
     def __init__(
