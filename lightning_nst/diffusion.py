@@ -23,7 +23,16 @@ from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
-from lightning_nst.guidance import SUPPORTED_SCHEDULERS, StyleGuidance, check_scheduler
+from lightning_nst.guidance import (
+    SUPPORTED_SCHEDULERS,
+    StyleGuidance,
+    check_scheduler,
+    mid_step,
+    noise_level,
+    renoise,
+    restore,
+    snapshot,
+)
 from lightning_nst.hub import DEFAULT_MODEL, SCHEDULERS
 from lightning_nst.prompts import PromptGrid
 
@@ -419,8 +428,9 @@ class GuidedDiffusion(L.LightningModule):
             ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` on the CPU; ``style_loss`` ``(B, steps)`` (the loss of each
             step's :math:`\hat x_0`) and ``final_style_loss`` ``(B,)`` (of the output image), or ``None`` without
             guidance; ``timesteps``; ``guided`` per step; ``nsfw`` per image or ``None``; ``seconds_per_step``;
-            ``failures``, per item ``None`` or the :class:`Failure` that makes its image unusable: the first NaN or
-            infinity in its noise prediction, latents, decoded image or final style loss.
+            ``model_evaluations``, the UNet calls made (more than ``len(timesteps)`` with recurrence); ``failures``,
+            per item ``None`` or the :class:`Failure` that makes its image unusable: the first NaN or infinity in its
+            noise prediction, latents, decoded image or final style loss.
         """
         pipe = self._pipe()
         unet, scheduler = pipe.unet, pipe.scheduler
@@ -461,52 +471,78 @@ class GuidedDiffusion(L.LightningModule):
         # per step and keep the first half-step's state themselves, so both evaluations are guided; multistep solvers
         # (PNDM, LMS, DPM-Solver++, UniPC) store the output step() is given, the corrected one, in their history.
         # Step indices (i, num_timesteps, the guidance window and every_k) count model evaluations.
+        # Recurrence (model.guidance.recurrence) repeats a whole step, i.e. all the evaluations up to the point where
+        # the scheduler no longer holds a half-finished step (guidance.mid_step: Heun's and DPM-SDE's pairs, PNDM's
+        # first pair), from the scheduler state snapshotted before it and the result re-noised to the step's start.
+        # Only the last repeat is recorded and shown to the DenoisingCallbacks: one entry per scheduled evaluation.
+        # UniPC's corrector rebuilds x_t from the previous step's sample, so there a repeat changes x_t only through the
+        # model output at the re-noised x_t.
         callbacks = self._denoising_callbacks()
         failures: list[Failure | None] = [None] * batch_size
         style_losses: list[Tensor] = []
         guided: list[bool] = []
+        model_evaluations = 0
         started = time.perf_counter()
-        for i, t in enumerate(timesteps):
-            latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-            latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-            noise_pred = unet(
-                latent_model_input,
-                t,
-                encoder_hidden_states=prompt_embeds,
-                timestep_cond=timestep_cond,
-                return_dict=False,
-            )[0]
-            if do_cfg:
-                noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                noise_pred = noise_pred_uncond + self.cfg_scale * (noise_pred_text - noise_pred_uncond)
-            _note(failures, noise_pred, *self._noise_failure(i, do_cfg))
+        i = 0
+        while i < len(timesteps):
+            first = i
+            repeats = self.guidance.repeats(first, len(timesteps)) if self.guidance is not None else 0
+            state = snapshot(scheduler) if repeats else {}
+            for repeat in range(repeats + 1):
+                final = repeat == repeats
+                if repeat:
+                    restore(scheduler, state)
+                    level, target = noise_level(scheduler, timesteps, i), noise_level(scheduler, timesteps, first)
+                    latents = renoise(latents, level, target, generators)
+                    _note(failures, latents, "model.guidance.recurrence", f"step {first}: the re-noised latents")
+                    i = first
+                while True:
+                    t = timesteps[i]
+                    latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
+                    latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+                    noise_pred = unet(
+                        latent_model_input,
+                        t,
+                        encoder_hidden_states=prompt_embeds,
+                        timestep_cond=timestep_cond,
+                        return_dict=False,
+                    )[0]
+                    model_evaluations += 1
+                    if do_cfg:
+                        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+                        noise_pred = noise_pred_uncond + self.cfg_scale * (noise_pred_text - noise_pred_uncond)
+                    _note(failures, noise_pred, *self._noise_failure(i, do_cfg))
 
-            # 7.1 Style guidance: unlike diffusers' callback_on_step_end, this runs before the scheduler step.
-            callback_kwargs: dict[str, Any] = {
-                "latents": latents,
-                "noise_pred": noise_pred,
-                "style_index": batch["style_index"],
-                "index": batch["index"],
-            }
-            if self.guidance is not None:
-                callback_kwargs = self.guidance(self, i, t, callback_kwargs)
-                noise_pred = callback_kwargs["noise_pred"]
-                style_losses.append(callback_kwargs["style_loss"])
-                guided.append(callback_kwargs["guided"])
-                _note(failures, noise_pred, "model.guidance.scale", f"step {i}: the guided noise prediction")
+                    # 7.1 Style guidance: unlike diffusers' callback_on_step_end, this runs before the scheduler step.
+                    callback_kwargs: dict[str, Any] = {
+                        "latents": latents,
+                        "noise_pred": noise_pred,
+                        "style_index": batch["style_index"],
+                        "index": batch["index"],
+                    }
+                    if self.guidance is not None:
+                        callback_kwargs = self.guidance(self, i, t, callback_kwargs)
+                        noise_pred = callback_kwargs["noise_pred"]
+                        if final:
+                            style_losses.append(callback_kwargs["style_loss"])
+                            guided.append(callback_kwargs["guided"])
+                        _note(failures, noise_pred, "model.guidance.scale", f"step {i}: the guided noise prediction")
 
-            # compute the previous noisy sample x_t -> x_t-1
-            latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-            _note(failures, latents, "model.eta", f"step {i}: the scheduler's latents")
+                    # compute the previous noisy sample x_t -> x_t-1
+                    latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                    _note(failures, latents, "model.eta", f"step {i}: the scheduler's latents")
 
-            # 7.2 Step-end callbacks, with diffusers' contract: they may replace the latents.
-            callback_kwargs["latents"] = latents
-            for callback in callbacks:
-                outputs = callback.on_denoising_step(self.trainer, self, i, int(t), callback_kwargs) or {}
-                latents = outputs.pop("latents", latents)
-                callback_kwargs["latents"] = latents
-                what = f"step {i}: the latents {type(callback).__name__} returned"
-                _note(failures, latents, "trainer.callbacks", what)
+                    # 7.2 Step-end callbacks, with diffusers' contract: they may replace the latents.
+                    callback_kwargs["latents"] = latents
+                    for callback in callbacks if final else ():
+                        outputs = callback.on_denoising_step(self.trainer, self, i, int(t), callback_kwargs) or {}
+                        latents = outputs.pop("latents", latents)
+                        callback_kwargs["latents"] = latents
+                        what = f"step {i}: the latents {type(callback).__name__} returned"
+                        _note(failures, latents, "trainer.callbacks", what)
+                    i += 1
+                    if i == len(timesteps) or not mid_step(scheduler):
+                        break
         if latents.device.type == "cuda":
             torch.cuda.synchronize(latents.device)
         seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
@@ -531,6 +567,7 @@ class GuidedDiffusion(L.LightningModule):
             "guided": guided,
             "nsfw": list(has_nsfw_concept) if has_nsfw_concept is not None else None,
             "seconds_per_step": seconds_per_step,
+            "model_evaluations": model_evaluations,
             "failures": failures,
         }
 

@@ -39,6 +39,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from lightning_nst.errors import NSTError
@@ -167,6 +168,90 @@ def predict_x0(scheduler: Any, model_output: Tensor, sample: Tensor, timestep: A
     return x0
 
 
+def noise_level(scheduler: Any, timesteps: Tensor, position: int) -> tuple[float, float]:
+    r"""``(a, s)``: the sample entering model evaluation ``position`` of ``timesteps`` is :math:`a(x_0+s\epsilon)`.
+
+    ``timesteps`` are those the loop runs (img2img runs the scheduler's last ones); ``position == len(timesteps)`` is
+    the level of the sampler's output. VP at a timestep: :math:`a = \sqrt{\bar\alpha}`,
+    :math:`s = \sqrt{(1-\bar\alpha)/\bar\alpha}` (the output at ``final_alpha_cumprod`` where the scheduler has one,
+    else clean); DPM-Solver++ and UniPC: :math:`s = \sigma`, :math:`a = 1/\sqrt{1+\sigma^2}`; σ-space:
+    :math:`a = 1`, :math:`s = \sigma`. The level of each evaluation is the one its x̂₀ is computed at
+    (:func:`predict_x0`), so a re-noised sample is what the next evaluation expects.
+    """
+    if isinstance(scheduler, VP_TIMESTEP):
+        if position < len(timesteps):
+            alpha_prod = float(scheduler.alphas_cumprod[int(timesteps[position])])
+        else:
+            alpha_prod = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
+        return math.sqrt(alpha_prod), math.sqrt((1 - alpha_prod) / alpha_prod)
+    if not isinstance(scheduler, VP_SIGMA + SIGMA_SPACE):
+        check_scheduler(scheduler)
+    # The loop's evaluation k is the scheduler's index offset + k (img2img starts at set_begin_index's index).
+    offset = len(scheduler.timesteps) - len(timesteps)
+    sigma = float(scheduler.sigmas[min(offset + position, len(scheduler.sigmas) - 1)])
+    return (1 / math.sqrt(1 + sigma**2) if isinstance(scheduler, VP_SIGMA) else 1.0), sigma
+
+
+def renoise(
+    sample: Tensor, level: tuple[float, float], target: tuple[float, float], generators: list[torch.Generator]
+) -> Tensor:
+    r"""Take ``sample`` from noise ``level`` back up to ``target`` (both ``(a, s)`` of :func:`noise_level`).
+
+    :math:`y = x/a_{prev} + \sqrt{s_t^2 - s_{prev}^2}\,\xi`, :math:`x_t = a_t y`, with :math:`\xi` drawn from each
+    item's generator: for VP this is FreeDoM's :math:`x_t = \sqrt{\bar\alpha_t/\bar\alpha_{t-1}}\,x_{t-1} +
+    \sqrt{1-\bar\alpha_t/\bar\alpha_{t-1}}\,\xi`.
+    """
+    (a_prev, s_prev), (a_t, s_t) = level, target
+    noise = randn_tensor(sample.shape, generator=generators, device=sample.device, dtype=sample.dtype)
+    return a_t * (sample / a_prev + math.sqrt(max(s_t**2 - s_prev**2, 0.0)) * noise)
+
+
+def mid_step(scheduler: Any) -> bool:
+    """Whether the scheduler is between the model evaluations of one step, holding the step's first half.
+
+    Heun and DPM-SDE between their two evaluations; PNDM inside a Runge-Kutta warm-up step (4 evaluations) or, with
+    ``skip_prk_steps``, between its first two evaluations, whose outputs it averages for the first step.
+    """
+    if isinstance(scheduler, (HeunDiscreteScheduler, DPMSolverSDEScheduler)):
+        return not scheduler.state_in_first_order
+    if isinstance(scheduler, PNDMScheduler):
+        if scheduler.counter < len(scheduler.prk_timesteps):
+            return scheduler.counter % 4 != 0
+        return bool(scheduler.config.skip_prk_steps) and scheduler.counter == 1
+    return False
+
+
+# Built once by step() and fixed for the whole sampling (DPM-SDE's Brownian tree): kept, not rolled back, so a repeat
+# draws from the same tree instead of building another one from a new seed.
+_PERSISTENT_STATE = frozenset({"noise_sampler"})
+
+
+def snapshot(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's state, to :func:`restore` before repeating a step.
+
+    A copy of ``scheduler.__dict__`` with each list and dict copied one level down: ``step`` replaces the tensors
+    and numbers it keeps (``_step_index``, ``lower_order_nums``, Heun's ``prev_derivative``/``dt``/``sample``,
+    UniPC's ``last_sample``, PNDM's ``counter``/``cur_sample``), so holding the old objects keeps their old values,
+    but it mutates its history lists in place (PNDM's ``ets.append``, LMS's ``derivatives.append``/``pop``,
+    DPM-Solver++'s and UniPC's ``model_outputs[i] = ...``, UniPC's ``timestep_list``), which the copies protect; the
+    tensors in them are never written into. The one in-place tensor update, PNDM's Runge-Kutta
+    ``cur_model_output +=``, accumulates within a step, whose start (where snapshots are taken) holds the integer 0.
+    """
+    return _copied({key: value for key, value in vars(scheduler).items() if key not in _PERSISTENT_STATE})
+
+
+def restore(scheduler: Any, state: dict[str, Any]) -> None:
+    """Put back the state :func:`snapshot` took; the snapshot stays usable for the next repeat."""
+    for key in [key for key in vars(scheduler) if key not in state and key not in _PERSISTENT_STATE]:
+        delattr(scheduler, key)  # set by a step after the snapshot (Heun's `sample` on its first step)
+    vars(scheduler).update(_copied(state))
+
+
+def _copied(state: Mapping[str, Any]) -> dict[str, Any]:
+    # Exact types only: the config (a FrozenDict) and other dict subclasses are not state and must keep their class.
+    return {key: type(value)(value) if type(value) in (list, dict) else value for key, value in state.items()}
+
+
 def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
     """Decode Stable Diffusion latents to images in ``[0, 1]`` as the pipeline does.
 
@@ -218,6 +303,17 @@ class StyleGuidance(nn.Module):
         statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
         vgg: Weights and pooling of the VGG19 trunk, which is built (and its weights loaded) by :meth:`configure`,
             not here.
+        recurrence: Recurrence ("time travel", FreeDoM, MPGD): after a guided step inside ``recurrence_window``,
+            re-noise its result back to the step's starting noise level (:func:`renoise`, fresh noise from each
+            item's generator) and take the step again, this many extra times; the scheduler's state is rolled back
+            before each repeat (:func:`snapshot`). Each repeat costs the step's model evaluations again. 0 is off.
+        recurrence_window: ``[start, end)`` fractions of the model evaluations where guided steps are repeated.
+        descent_steps: Gradient steps on :math:`\hat x_0` per guided evaluation: each recomputes :math:`\hat x_0` from
+            the corrected :math:`\tilde\epsilon`, decodes it and subtracts another ``scale`` times the RMS-normalised
+            gradient, so ``scale`` is then the size of each descent step and the total correction grows up to
+            ``descent_steps × scale``. The style loss and ``x0_image`` reported are those of the uncorrected
+            :math:`\hat x_0`. No extra UNet call; each further descent step costs one decode and one VGG forward
+            and backward pass.
     """
 
     def __init__(
@@ -232,6 +328,9 @@ class StyleGuidance(nn.Module):
         layers: list[str] | dict[str, float] | None = None,
         statistic: Statistic = "gram",
         vgg: VGGConfig | None = None,
+        recurrence: int = 0,
+        recurrence_window: tuple[float, float] = (0.3, 0.7),
+        descent_steps: int = 1,
     ) -> None:
         super().__init__()
         key = "model.guidance"
@@ -242,6 +341,15 @@ class StyleGuidance(nn.Module):
             raise NSTError(f"{key}.window: need 0 <= start <= end <= 1, got [{start}, {end}]")
         if every_k < 1:
             raise NSTError(f"{key}.every_k: must be >= 1, got {every_k}")
+        if recurrence < 0:
+            raise NSTError(
+                f"{key}.recurrence: must be >= 0 (extra repeats of a guided step; 0 is off), got {recurrence}"
+            )
+        rec_start, rec_end = (float(value) for value in recurrence_window)
+        if not 0.0 <= rec_start <= rec_end <= 1.0:
+            raise NSTError(f"{key}.recurrence_window: need 0 <= start <= end <= 1, got [{rec_start}, {rec_end}]")
+        if descent_steps < 1:
+            raise NSTError(f"{key}.descent_steps: must be >= 1, got {descent_steps}")
         # decoder is not checked by hand: it is a Literal, which the CLI's parser enforces naming the key. statistic
         # is, since LayerStyleLoss would only find it out once the trunk is built, with a message naming no key.
         if statistic not in STATISTICS:
@@ -271,6 +379,9 @@ class StyleGuidance(nn.Module):
         self.layer_weights = weights
         self.statistic = statistic
         self.vgg_config = vgg or VGGConfig()
+        self.recurrence = recurrence
+        self.recurrence_window = (rec_start, rec_end)
+        self.descent_steps = descent_steps
         self.vgg: VGG19Features | None = None
         self.targets = nn.ModuleList()
 
@@ -325,6 +436,14 @@ class StyleGuidance(nn.Module):
             "statistic": self.statistic,
             "vgg_weights": vgg.weights_used,
             "pooling": vgg.pooling,
+            # Only where not the default, so that the fingerprints of earlier runs stay the same.
+            **({"recurrence": self.recurrence} if self.recurrence else {}),
+            **(
+                {"recurrence_window": list(self.recurrence_window)}
+                if self.recurrence and self.recurrence_window != (0.3, 0.7)
+                else {}
+            ),
+            **({"descent_steps": self.descent_steps} if self.descent_steps != 1 else {}),
         }
 
     # -- the step -----------------------------------------------------------------------------------------------
@@ -333,6 +452,12 @@ class StyleGuidance(nn.Module):
         """Whether step ``step_index`` of ``num_steps`` is corrected."""
         start, end = self.window
         return self.scale != 0 and start * num_steps <= step_index < end * num_steps and step_index % self.every_k == 0
+
+    def repeats(self, step_index: int, num_steps: int) -> int:
+        """Extra repeats of the step starting at evaluation ``step_index``: ``recurrence`` if guided and in window."""
+        start, end = self.recurrence_window
+        inside = start * num_steps <= step_index < end * num_steps
+        return self.recurrence if inside and self.is_active(step_index, num_steps) else 0
 
     def style_loss(self, images: Tensor, style_index: Tensor) -> Tensor:
         """Style loss of ``(B, 3, H, W)`` images in ``[0, 1]`` against each one's style image, shape ``(B,)``.
@@ -363,15 +488,20 @@ class StyleGuidance(nn.Module):
         scheduler, decoder = pipeline.scheduler, self.decoder_of(pipeline)
         active = self.is_active(step_index, pipeline.num_timesteps)
         if active:
-            with torch.enable_grad():
-                noise = noise_pred.detach().requires_grad_()
-                image, loss = self.measure(decoder, predict_x0(scheduler, noise, latents, timestep), style_index)
-                (gradient,) = torch.autograd.grad(loss.sum(), noise)
-            # A non-finite gradient (e.g. an fp16 overflow in the decoder) would wreck the sample: skip it instead.
-            gradient = torch.where(torch.isfinite(gradient), gradient, torch.zeros_like(gradient))
-            if self.normalize:
-                gradient = rms_normalize(gradient)
-            noise_pred = noise_pred - self.scale * gradient
+            for descent in range(self.descent_steps):
+                with torch.enable_grad():
+                    noise = noise_pred.detach().requires_grad_()
+                    x0_image, x0_loss = self.measure(
+                        decoder, predict_x0(scheduler, noise, latents, timestep), style_index
+                    )
+                    (gradient,) = torch.autograd.grad(x0_loss.sum(), noise)
+                if descent == 0:
+                    image, loss = x0_image, x0_loss
+                # A non-finite gradient (e.g. an fp16 overflow in the decoder) would wreck the sample: skip it instead.
+                gradient = torch.where(torch.isfinite(gradient), gradient, torch.zeros_like(gradient))
+                if self.normalize:
+                    gradient = rms_normalize(gradient)
+                noise_pred = noise_pred - self.scale * gradient
         else:
             with torch.no_grad():
                 image, loss = self.measure(decoder, predict_x0(scheduler, noise_pred, latents, timestep), style_index)
