@@ -133,6 +133,13 @@ def guidance_line(settings: Mapping[str, Any]) -> str:
     every = settings["every_k"]
     steps = "every step" if every == 1 else f"every {every} steps"
     window = "" if (start, end) == (0.0, 1.0) else f" from {start:.0%} to {end:.0%} of the steps"
+    if settings.get("recurrence"):
+        start, end = settings.get("recurrence_window", (0.3, 0.7))
+        window += (
+            f", guided steps from {start:.0%} to {end:.0%} redone {settings['recurrence']} more time(s) (recurrence)"
+        )
+    if settings.get("descent_steps", 1) != 1:
+        window += f", {settings['descent_steps']} descent steps each"
     size = settings["style_size"]
     style_size = "" if size == settings["guidance_size"] else f" (style images at {size} px)"
     return (

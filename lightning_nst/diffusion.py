@@ -563,7 +563,8 @@ class GuidedDiffusion(L.LightningModule):
             "images": images.float().cpu(),
             "style_loss": torch.stack(style_losses, dim=1).cpu() if style_losses else None,
             "final_style_loss": final_style_loss,
-            "timesteps": [int(t) for t in timesteps],
+            # σ-space samplers' timesteps are floats: kept as such, integral ones (all of the VP samplers') as ints.
+            "timesteps": [int(t) if float(t).is_integer() else round(float(t), 4) for t in timesteps],
             "guided": guided,
             "nsfw": list(has_nsfw_concept) if has_nsfw_concept is not None else None,
             "seconds_per_step": seconds_per_step,

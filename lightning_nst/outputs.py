@@ -251,7 +251,7 @@ class GenerationRecord:
         guidance: The style-guidance options (``StyleGuidance.settings``), or ``None`` without guidance.
         final_style_loss: Style loss of the written image, or ``None`` (no guidance, or not finite).
         style_loss: Style loss of each step's clean prediction (``None`` where not finite), or ``None``.
-        timesteps: The scheduler's timestep of each step.
+        timesteps: The scheduler's timestep of each step (a float for σ-space samplers whose timesteps are not whole).
         guided: Whether each step was corrected.
         nsfw: The safety checker's verdict, or ``None`` without one.
         seconds_per_step: Sampling time per step of the item's batch.
@@ -259,8 +259,11 @@ class GenerationRecord:
         init_image: The image img2img started from (an absolute path for a file), or ``None`` for text-to-image.
         init_image_digest: What identifies the init image's content, or ``None``.
         strength: img2img's strength (``model.strength``), or ``None`` for text-to-image.
+        model_evaluations: UNet calls made for the item's batch where they were more than its timesteps
+            (``model.guidance.recurrence``), else ``None``.
 
-    The img2img keys come last and are left out of a text-to-image line, which keeps the keys it always had.
+    The img2img keys and ``model_evaluations`` come last and are left out of a line where they are ``None``, which
+    keeps the keys a text-to-image line always had.
     """
 
     index: int
@@ -284,7 +287,7 @@ class GenerationRecord:
     guidance: dict[str, Any] | None
     final_style_loss: float | None
     style_loss: list[float | None] | None
-    timesteps: list[int]
+    timesteps: list[int | float]
     guided: list[bool]
     nsfw: bool | None
     seconds_per_step: float
@@ -292,6 +295,7 @@ class GenerationRecord:
     init_image: str | None = None
     init_image_digest: str | None = None
     strength: float | None = None
+    model_evaluations: int | None = None
 
     def to_json(self) -> str:
         """The manifest line, without its newline."""
@@ -299,23 +303,26 @@ class GenerationRecord:
         if self.init_image is None:
             for key in _IMG2IMG_KEYS:
                 record.pop(key)
+        if self.model_evaluations is None:
+            record.pop("model_evaluations")
         return json.dumps(record)
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> GenerationRecord:
         """The record of a parsed manifest line; raises ``KeyError`` naming a missing key, ignores unknown ones.
 
-        The img2img keys may be missing (a text-to-image line): they are then ``None``.
+        The img2img keys and ``model_evaluations`` may be missing: they are then ``None``.
         """
         return cls(
             **{
-                field.name: record.get(field.name) if field.name in _IMG2IMG_KEYS else record[field.name]
+                field.name: record.get(field.name) if field.name in _OPTIONAL_KEYS else record[field.name]
                 for field in fields(cls)
             }
         )
 
 
 _IMG2IMG_KEYS = ("init_image", "init_image_digest", "strength")
+_OPTIONAL_KEYS = (*_IMG2IMG_KEYS, "model_evaluations")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> list[GenerationRecord]:

@@ -648,6 +648,7 @@ class GenerationWriter(BasePredictionWriter):
         trajectory = prediction.get("style_loss")
         final = prediction.get("final_style_loss")
         nsfw = prediction.get("nsfw")
+        evaluations = prediction.get("model_evaluations", len(prediction["timesteps"]))
         failures = prediction.get("failures") or [None] * len(batch["index"])
         self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
         lines = []
@@ -691,6 +692,7 @@ class GenerationWriter(BasePredictionWriter):
                     rank=trainer.global_rank,
                     init_image=batch["init_image"][row],
                     init_image_digest=batch["init_image_digest"][row],
+                    model_evaluations=evaluations if evaluations != len(prediction["timesteps"]) else None,
                 )
                 lines.append(record.to_json() + "\n")
         except OSError as error:

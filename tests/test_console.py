@@ -80,6 +80,8 @@ def test_guidance_line_is_one_readable_line() -> None:
     assert "\n" not in line and "{" not in line and "'" not in line
     assert line.startswith("scale 0.2 (RMS-normalised), every 2 steps from 0% to 80% of the steps; gram on relu1_1")
     assert "(0.5)" in line and "style images at 512 px" in line and line.endswith("VGG19 weights: random (seed 0)")
+    line = guidance_line({**settings, "recurrence": 2, "recurrence_window": [0.3, 0.7], "descent_steps": 3})
+    assert "guided steps from 30% to 70% redone 2 more time(s) (recurrence), 3 descent steps each;" in line
 
 
 def test_cli_installs_its_progress_bar_unless_one_is_configured(one_thread: None) -> None:

@@ -222,6 +222,7 @@ def test_recurrence_leaves_the_solver_where_a_plain_run_does(alias: str, run: Ca
     assert len(record["style_loss"]) == len(record["guided"]) == evaluations
     assert record["timesteps"] == plain["timesteps"]
     assert record["guidance"]["recurrence"] == 2
+    assert record["model_evaluations"] == calls and "model_evaluations" not in plain  # the manifest counts UNet calls
     assert np.isfinite(record["style_loss"]).all() and np.isfinite(record["final_style_loss"])
     assert pixels.shape == (64, 64, 3) and pixels.std() > 0
     assert record["final_style_loss"] < plain["final_style_loss"]

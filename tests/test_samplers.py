@@ -174,6 +174,8 @@ def test_every_sampler_runs_guided_through_the_cli(alias: str, sampler_runs: Cal
     evaluations = {"heun": 2 * STEPS - 1, "dpmpp_sde": 2 * STEPS - 1, "pndm": STEPS + 1}.get(alias, STEPS)
     assert len(guided["timesteps"]) == len(guided["style_loss"]) == evaluations and all(guided["guided"])
     assert np.isfinite(guided["style_loss"]).all() and guided_image.shape == (64, 64, 3)
+    # The manifest keeps the scheduler's timesteps, whole ones as ints (σ-space samplers' may be fractional).
+    assert all(isinstance(t, int) or t % 1 for t in guided["timesteps"])
     # Measured guided/unguided final style loss with the models the tiny pipeline gets (conftest.MODELS): see
     # GUIDED_RATIO; every sampler must at least lower it.
     assert guided["final_style_loss"] < unguided["final_style_loss"] * GUIDED_RATIO
