@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -180,6 +180,74 @@ def _weighted_mean_cov(flat: Tensor, weights: Tensor | None, diagonal: bool) -> 
     return mean, (centred * weights) @ centred.transpose(1, 2)
 
 
+_W2_EPS = 1e-4
+_NS_ITERATIONS = 12
+
+
+def _sqrtm_newton_schulz(a: Tensor, iterations: int) -> Tensor:
+    """Square roots of ``(..., C, C)`` symmetric positive (semi)definite matrices by coupled Newton-Schulz."""
+    norm = a.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+    y = a / norm
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    z = eye.expand_as(a)
+    for _ in range(iterations):
+        t = (3 * eye - z @ y) / 2
+        y, z = y @ t, t @ z
+    return y * norm.sqrt()
+
+
+class _SqrtmNewtonSchulz(torch.autograd.Function):
+    """Matrix square root with a Newton-Schulz backward that solves the Lyapunov equation of its gradient.
+
+    Follows ``sqrtm_ns_lyap`` of crowsonkb/style-transfer-pytorch (from msubhransu/matrix-sqrt, Lin and Maji 2017):
+    differentiating through the iterations would keep every iterate for backward. torch has no matrix square root,
+    and one through ``torch.linalg.eigh`` has gradients that divide by eigenvalue gaps, unstable for the repeated
+    near-zero eigenvalues of rank-deficient feature covariances.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, iterations: int) -> Tensor:  # noqa: D102
+        root = _sqrtm_newton_schulz(a, iterations)
+        ctx.save_for_backward(root)
+        ctx.iterations = iterations
+        return root
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        (root,) = ctx.saved_tensors
+        norm = root.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        a = root / norm
+        eye3 = 3 * torch.eye(root.shape[-1], dtype=root.dtype, device=root.device)
+        q = grad / norm
+        for i in range(ctx.iterations):
+            eye_a_a = eye3 - a @ a
+            q = (q @ eye_a_a - a.transpose(-2, -1) @ (a.transpose(-2, -1) @ q - q @ a)) / 2
+            if i < ctx.iterations - 1:
+                a = a @ eye_a_a / 2
+        return q / 2, None
+
+
+def _sqrtm_eigh(a: Tensor) -> Tensor:
+    """Accurate square root of constant symmetric PSD matrices (no gradient needed), in float64."""
+    values, vectors = torch.linalg.eigh(a.double())
+    return (vectors * values.clamp_min(0).sqrt()[..., None, :] @ vectors.transpose(-2, -1)).to(a.dtype)
+
+
+def _interpolate(levels: Tensor, values: Tensor, at: Tensor) -> Tensor:
+    """Piecewise-linear ``f(at)`` through ``(levels, values)`` along the last dim, constant beyond the ends."""
+    index = torch.searchsorted(levels, at).clamp(1, levels.shape[-1] - 1)
+    lo_level, hi_level = levels.gather(-1, index - 1), levels.gather(-1, index)
+    lo_value, hi_value = values.gather(-1, index - 1), values.gather(-1, index)
+    fraction = ((at - lo_level) / (hi_level - lo_level)).clamp(0, 1).to(values.dtype)
+    return lo_value + fraction * (hi_value - lo_value)
+
+
+def _levels(weights: Tensor) -> Tensor:
+    """Quantile levels (mid-points of each sample's probability mass) of sorted samples' weights, in float64."""
+    weights = weights.double()
+    return weights.cumsum(dim=-1) - weights / 2
+
+
 def _masked_statistic(features: Tensor, statistic: str, mask: Tensor | None) -> Tensor:
     """Gram ``(B, C, C)`` or mean/std ``(B, 2, C)`` of the region ``mask`` selects (all of it for ``None``)."""
     if mask is None:
@@ -272,6 +340,7 @@ class StyleLoss(nn.Module):
         if statistic not in STATISTICS:
             raise ValueError(f"unknown style statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
         self.statistic = statistic
+        self.seed = seed
         if isinstance(target_features, Tensor):
             target_features = [target_features]
         images = [features[i : i + 1].detach() for features in target_features for i in range(features.shape[0])]
@@ -303,10 +372,61 @@ class StyleLoss(nn.Module):
             var = sum(w * (v + (mu - mean).square()) for (w, _, _), (mu, v) in zip(chosen, moments, strict=True))
             self.register_buffer("target", torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1), persistent=False)
             return
-        raise NotImplementedError(self.statistic)
+        if self.statistic == "w2":
+            cov = sum(
+                w * (c + (mu - mean)[..., :, None] * (mu - mean)[..., None, :])
+                for (w, _, _), (mu, c) in zip(chosen, moments, strict=True)
+            )
+            cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
+            self.register_buffer("target_mean", mean, persistent=False)
+            self.register_buffer("target", cov, persistent=False)
+            self.register_buffer("target_sqrt", _sqrtm_eigh(cov), persistent=False)
+            return
+        # sliced_w: the mixture's samples, each position weighted by its image's blend weight and mask share.
+        samples, masses = [], []
+        for w, f, m in chosen:
+            flat = _fp32(f).flatten(2)[0]
+            share = _position_weights(_fp32(f), m)
+            share = torch.full_like(flat[0], 1 / flat.shape[1]) if share is None else share[0]
+            samples.append(flat[:, share > 0])
+            masses.append(w * share[share > 0])
+        self.register_buffer("target", torch.cat(samples, dim=1), persistent=False)
+        self.register_buffer("target_weights", torch.cat(masses), persistent=False)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _w2(self, features: Tensor) -> Tensor:
+        flat = _fp32(features).flatten(2)
+        mean, cov = _weighted_mean_cov(flat, _position_weights(features, self.mask), diagonal=False)
+        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
+        root = self.target_sqrt
+        cross = _SqrtmNewtonSchulz.apply(root @ cov @ root, _NS_ITERATIONS)
+        trace = (cov + self.target - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
+        return (mean - self.target_mean).square().mean(dim=1) + trace
+
+    def _sliced_w(self, features: Tensor) -> Tensor:
+        flat = _fp32(features).flatten(2)
+        channels = flat.shape[1]
+        directions = torch.randn(channels, channels, generator=self.generator)
+        directions = (directions / directions.norm(dim=1, keepdim=True)).to(flat.device)
+        target, order = (directions @ self.target).sort(dim=1)  # (P, M_t)
+        target_levels = _levels(self.target_weights[order] / self.target_weights.sum())
+        projected, order = (directions @ flat).sort(dim=2)  # (B, P, M)
+        weights = _position_weights(features, self.mask)
+        if weights is None:
+            weights = torch.full(flat.shape[:1] + flat.shape[2:], 1 / flat.shape[2], device=flat.device)
+        weights = weights.expand(flat.shape[0], -1)[:, None, :].expand_as(projected).gather(2, order)
+        quantiles = _interpolate(
+            target_levels.expand(flat.shape[0], -1, -1).contiguous(),
+            target.expand(flat.shape[0], -1, -1).contiguous(),
+            _levels(weights).contiguous(),
+        )
+        return ((projected - quantiles).square() * weights).sum(dim=2).mean(dim=1)
 
     def forward(self, features: Tensor) -> Tensor:
         """Return the loss of each batch element, shape ``(B,)``."""
+        if self.statistic in ("w2", "sliced_w"):
+            with torch.autocast(features.device.type, enabled=False):
+                return self._w2(features) if self.statistic == "w2" else self._sliced_w(features)
         statistic = _masked_statistic(features, self.statistic, self.mask)
         if self.statistic == "meanvar":
             # Mean and std terms are summed, each averaged over channels.
