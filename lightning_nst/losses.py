@@ -81,11 +81,14 @@ def style_statistic(features: Tensor, statistic: Statistic) -> Tensor:
     """The named style statistic of ``(B, C, H, W)`` features.
 
     ``"gram"`` gives :func:`gram_matrix`, ``(B, C, C)``; ``"meanvar"`` gives :func:`mean_std`, ``(B, 2, C)``.
+    ``"w2"`` and ``"sliced_w"`` compare distributions inside :class:`StyleLoss` and have no single statistic here.
     """
     if statistic == "gram":
         return gram_matrix(features)
     if statistic == "meanvar":
         return mean_std(features)
+    if statistic in STATISTICS:
+        raise ValueError(f"style statistic {statistic!r} has no fixed-size statistic; use StyleLoss")
     raise ValueError(f"unknown style statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
 
 
@@ -280,6 +283,38 @@ class StyleLoss(nn.Module):
         + \frac1N \sum_{c=1}^{N} (\sigma_c - \sigma_{s,c})^2
         = \frac{\lVert \mu - \mu_s \rVert_2^2 + \lVert \sigma - \sigma_s \rVert_2^2}{N}.
 
+    With ``"w2"``, the Wasserstein-2 distance between Gaussians with the features' mean :math:`\mu` and population
+    covariance :math:`\Sigma` and the target's :math:`(\mu_s, \Sigma_s)`, each covariance plus
+    :math:`\varepsilon I`, :math:`\varepsilon = 10^{-4}`, per channel:
+
+    .. math::
+
+        \mathcal{L}_\text{w2} = \frac1N \Bigl( \lVert \mu - \mu_s \rVert_2^2
+        + \operatorname{tr}\bigl(\Sigma + \Sigma_s - 2 (\Sigma_s^{1/2} \Sigma \Sigma_s^{1/2})^{1/2}\bigr) \Bigr).
+
+    As crowsonkb/style-transfer-pytorch's ``StyleLossW2``: the same :math:`\varepsilon`, and the image-dependent
+    square root by 12 coupled Newton-Schulz iterations in fp32 with its Lyapunov backward. Departures: the
+    constant :math:`\Sigma_s^{1/2}` is computed exactly (float64 eigendecomposition) rather than by Newton-Schulz,
+    which makes the loss zero at the target up to the iterations' error on eigenvalues below about
+    :math:`10^{-5}` of the largest. Both terms are means over channels, as there; its target blends mix the
+    second raw moment, which is the same mixture as below.
+
+    With ``"sliced_w"`` (Heitz et al. 2021), :math:`N` random unit directions :math:`\theta_p`, drawn anew at
+    every call from a ``torch.Generator`` seeded once with ``seed``, project the :math:`M` feature vectors; with
+    :math:`x_{p,(k)}` the sorted projections and :math:`Q_p` the target's projected quantile function,
+
+    .. math::
+
+        \mathcal{L}_\text{sliced\_w} = \frac1N \sum_{p=1}^{N} \frac1M \sum_{k=1}^{M}
+        \Bigl(x_{p,(k)} - Q_p\bigl(\tfrac{k - 1/2}{M}\bigr)\Bigr)^2.
+
+    :math:`Q_p` interpolates linearly between the target's sorted projections at their mid-point levels
+    :math:`(j - 1/2)/M_s` (constant beyond the first and last), so for :math:`M_s = M` this is exactly the paper's
+    mean squared difference of sorted projections, and other sizes are handled by interpolation, as the paper
+    proposes. With masks or blends the positions carry weights :math:`p_k`: levels are the mid-points of the
+    cumulative weights and the mean over :math:`k` is weighted. The paper sums over layers without normalising by
+    :math:`N` and :math:`M`; here each layer's value is a mean, as for the other statistics.
+
     Several style images :math:`s` with blend weights :math:`w_s` (normalised to sum 1) give one target. A linear
     mix of statistics only means something where the statistic is a moment of the feature distribution, so each
     is blended as the moments of the mixture of the style images' feature distributions:
@@ -288,7 +323,10 @@ class StyleLoss(nn.Module):
     - ``"meanvar"``: :math:`\mu_s = \sum_s w_s \mu^{(s)}` and the second moment
       :math:`\sum_s w_s (v^{(s)} + \mu^{(s)2})` are mixed, then :math:`\sigma_s = \sqrt{v + \varepsilon}` with
       :math:`v = \sum_s w_s \bigl(v^{(s)} + (\mu^{(s)} - \mu_s)^2\bigr)` (the same, without the cancellation),
-      :math:`v^{(s)}` the population variances.
+      :math:`v^{(s)}` the population variances;
+    - ``"w2"``: the same for the mean and covariance (crowsonkb mixes the mean and second raw moment);
+    - ``"sliced_w"``: the mixture distribution itself, every position of image :math:`s` weighted
+      :math:`w_s / M_s` (or by its mask), whose quantiles are interpolated as above.
 
     Equal weights (the default) give exactly the previous average of Gram matrices. For ``"meanvar"`` they do not:
     up to this version :math:`\mu_s` and :math:`\sigma_s` were each averaged, the standard deviations rather than
