@@ -436,26 +436,28 @@ class StyleLoss(nn.Module):
         flat = _fp32(features).flatten(2)
         mean, cov = _weighted_mean_cov(flat, _position_weights(features, self.mask), diagonal=False)
         cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
-        root = self.target_sqrt
+        root = self.target_sqrt.float()
         cross = _SqrtmNewtonSchulz.apply(root @ cov @ root, _NS_ITERATIONS)
-        trace = (cov + self.target - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
-        return (mean - self.target_mean).square().mean(dim=1) + trace
+        trace = (cov + self.target.float() - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
+        return (mean - self.target_mean.float()).square().mean(dim=1) + trace
 
     def _sliced_w(self, features: Tensor) -> Tensor:
         flat = _fp32(features).flatten(2)
-        channels = flat.shape[1]
+        (batch, channels, positions), device = flat.shape, flat.device
         directions = torch.randn(channels, channels, generator=self.generator)
-        directions = (directions / directions.norm(dim=1, keepdim=True)).to(flat.device)
-        target, order = (directions @ self.target).sort(dim=1)  # (P, M_t)
-        target_levels = _levels(self.target_weights[order] / self.target_weights.sum())
+        directions = (directions / directions.norm(dim=1, keepdim=True)).to(device)
+        target, order = (directions @ self.target.float()).sort(dim=1)  # (P, M_t)
+        target_levels = _levels(self.target_weights.float()[order] / self.target_weights.float().sum())
         projected, order = (directions @ flat).sort(dim=2)  # (B, P, M)
         weights = _position_weights(features, self.mask)
         if weights is None:
-            weights = torch.full(flat.shape[:1] + flat.shape[2:], 1 / flat.shape[2], device=flat.device)
-        weights = weights.expand(flat.shape[0], -1)[:, None, :].expand_as(projected).gather(2, order)
+            # Every image has the same levels, so the target's quantiles are interpolated once for the batch.
+            levels = _levels(torch.full((channels, positions), 1 / positions, device=device))
+            return (projected - _interpolate(target_levels, target, levels)).square().mean(dim=(1, 2))
+        weights = weights.expand(batch, -1)[:, None, :].expand_as(projected).gather(2, order)
         quantiles = _interpolate(
-            target_levels.expand(flat.shape[0], -1, -1).contiguous(),
-            target.expand(flat.shape[0], -1, -1).contiguous(),
+            target_levels.expand(batch, -1, -1).contiguous(),
+            target.expand(batch, -1, -1).contiguous(),
             _levels(weights).contiguous(),
         )
         return ((projected - quantiles).square() * weights).sum(dim=2).mean(dim=1)
