@@ -9,6 +9,11 @@ Notation, per batch element: a layer's ``(C, H, W)`` features are the :math:`N \
 :math:`E_l = \frac{1}{4 N^2 M^2} \sum_{ij} (G_{ij} - A_{ij})^2` with the raw Gram matrices :math:`G = F F^\top` of
 the image and :math:`A` of the style image. Each docstring below gives what the code computes and its exact relation
 to these; the weights that multiply each term are set per objective in :class:`lightning_nst.optimize.Objective`.
+
+Style statistics: ``"gram"``, ``"meanvar"``, ``"w2"`` (Gaussian Wasserstein-2) and ``"sliced_w"`` (sliced
+Wasserstein), see :class:`StyleLoss`. Several style images are blended as the mixture of their feature
+distributions; for ``"meanvar"`` this changed the equal-weights blend in issue 16 (the mixture's standard deviation,
+no longer the average of the standard deviations). Masks select regions of the image and of the style images.
 """
 
 from __future__ import annotations
