@@ -86,7 +86,7 @@ def stylize(
         steps: Optimisation steps; ``None``: the shipped config's (500).
         style_weight: Weight of the style term; ``None``: the shipped config's.
         content_weight: Weight of the content term; ``None``: the shipped config's (1).
-        statistic: ``"gram"`` or ``"meanvar"`` (``configs/style_transfer_<statistic>.yaml``).
+        statistic: ``"gram"``, ``"meanvar"``, ``"w2"`` or ``"sliced_w"`` (``configs/style_transfer_<statistic>.yaml``).
         optimizer: ``"lbfgs"`` (the config's) or ``"adam"``.
         init: ``"content"``, ``"noise"`` or an image.
         weights: VGG19 weights: ``"auto"``, ``"imagenet"``, ``"random"`` (offline) or a file.

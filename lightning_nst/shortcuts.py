@@ -23,12 +23,11 @@ from PIL import Image
 from lightning_nst import shipped
 from lightning_nst.errors import NSTError
 from lightning_nst.hub import SCHEDULERS
+from lightning_nst.losses import STATISTICS
 
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
 """``--optimizer adam``: the learning rate of :func:`lightning_nst.optimize.default_optimizer`."""
 
-
-STATISTICS = ("gram", "meanvar")
 OPTIMIZERS = ("lbfgs", "adam")
 
 

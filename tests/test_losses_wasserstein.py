@@ -177,8 +177,17 @@ def test_style_distance_and_guidance_accept_every_statistic() -> None:
         StyleGuidance(statistic="wasserstein")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("config", ["texture_w2", "texture_sliced_w"])
-def test_wasserstein_texture_configs_run_and_the_loss_falls(config: str) -> None:
+@pytest.mark.parametrize(
+    "config",
+    # W2 through relu5_1 takes 512x512 Newton-Schulz square roots: about a minute for this run on 2 CPU cores.
+    [
+        "texture_w2",
+        "texture_sliced_w",
+        pytest.param("style_transfer_w2", marks=pytest.mark.slow),
+        "style_transfer_sliced_w",
+    ],
+)
+def test_wasserstein_configs_run_and_the_loss_falls(config: str) -> None:
     summary = fit(config, size=32, steps=4)
     (objective,) = summary["objectives"].values()
     assert_real_image(Path(summary["output_dir"]) / objective["output"], (32, 32))

@@ -189,3 +189,12 @@ def test_prompt_grid_takes_a_single_style_image(tmp_path: Path) -> None:
     _, style = write_images(tmp_path)
     assert PromptGrid(prompts=["a house"], style=style).style_sources == [style]
     assert PromptGrid(prompts=["a house"], style=[style, style]).style_sources == [style, style]
+
+
+@pytest.mark.parametrize("statistic", ["w2", "sliced_w"])
+def test_every_statistic_has_a_stylize_and_a_texture_config(statistic: str, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["stylize", "sample:astronaut", "sample:gravel", "-o", "x.png", "--statistic", statistic, "--print-config"])
+    main(["texture", "sample:gravel", "-o", "y.png", "--statistic", statistic, "--print-config"])
+    out = capsys.readouterr().out
+    assert f"name: style_transfer_{statistic}" in out and f"name: texture_{statistic}" in out
+    assert out.count(f"statistic: {statistic}") == 2
