@@ -149,7 +149,10 @@ def test_match_mode_style_targets_come_from_colour_matched_style_images(tmp_path
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("--model.init_args.objectives=[{name: x, style_layers: [relu1_1], color: sepia}]", "model.objectives.color: must be one of keep, luminance"),
+        (
+            "--model.init_args.objectives=[{name: x, style_layers: [relu1_1], color: sepia}]",
+            "model.objectives.color: must be one of keep, luminance",
+        ),
     ],
 )
 def test_bad_colour_mode_is_one_line_naming_the_key(
