@@ -13,15 +13,18 @@ to these; the weights that multiply each term are set per objective in :class:`l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import total_variation as _total_variation
 
-Statistic = Literal["gram", "meanvar"]
-STATISTICS: tuple[str, ...] = ("gram", "meanvar")
+Statistic = Literal["gram", "meanvar", "w2", "sliced_w"]
+STATISTICS: tuple[str, ...] = ("gram", "meanvar", "w2", "sliced_w")
+_MEANVAR_EPS = 1e-5
 
 
 def _fp32(features: Tensor) -> Tensor:
@@ -44,7 +47,7 @@ def gram_matrix(features: Tensor) -> Tensor:
         return flat @ flat.transpose(1, 2) / flat.shape[1:].numel()
 
 
-def mean_std(features: Tensor, eps: float = 1e-5) -> Tensor:
+def mean_std(features: Tensor, eps: float = _MEANVAR_EPS) -> Tensor:
     r"""Per-channel mean and standard deviation of ``(B, C, H, W)`` features, shape ``(B, 2, C)``.
 
     .. math::
@@ -112,6 +115,152 @@ class ContentLoss(nn.Module):
             return _per_sample_mse(_fp32(features), self.target)
 
 
+def resize_mask(mask: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Resize ``(1|B, 1, h, w)`` mask values in ``[0, 1]`` to ``size`` by area (adaptive average pooling).
+
+    Each output pixel is the mean of the mask over the input pixels it covers, so a mask's share of the image (its
+    area fraction) is kept at every layer's resolution, and a region that is non-zero somewhere stays non-zero.
+    This is the average-pooling rule of Gatys et al. (2017, spatial control), not their "inside" erosion.
+    """
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"mask: expected shape (1|B, 1, H, W), got {tuple(mask.shape)}")
+    size = (int(size[0]), int(size[1]))
+    if tuple(mask.shape[-2:]) == size:
+        return mask.float()
+    return F.adaptive_avg_pool2d(mask.float(), size)
+
+
+def _check_mask(mask: Tensor, name: str) -> Tensor:
+    if mask.ndim != 4 or mask.shape[1] != 1:
+        raise ValueError(f"{name}: expected shape (1|B, 1, H, W), got {tuple(mask.shape)}")
+    mask = mask.detach().float()
+    if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise ValueError(f"{name}: values must lie in [0, 1]")
+    # Area pooling keeps a non-zero region non-zero, so this holds at every layer's resolution too.
+    if (mask.flatten(1).sum(dim=1) <= 0).any():
+        raise ValueError(f"{name}: all zero, so it selects no position to take statistics from")
+    return mask
+
+
+def _blend_weights(weights: Sequence[float] | None, count: int) -> list[float]:
+    if weights is None:
+        return [1.0 / count] * count
+    values = [float(weight) for weight in weights]
+    if len(values) != count:
+        raise ValueError(f"weights: {len(values)} given for {count} style images")
+    if any(not math.isfinite(value) or value < 0 for value in values):
+        raise ValueError(f"weights: must be finite and >= 0, got {values}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError("weights: all zero; at least one style image needs a weight > 0")
+    return [value / total for value in values]
+
+
+def _position_weights(features: Tensor, mask: Tensor | None) -> Tensor | None:
+    """``(1|B, M)`` weights of the positions, summing to 1 per image, or ``None`` for equal weights."""
+    if mask is None:
+        return None
+    flat = resize_mask(mask.to(features.device), features.shape[-2:]).flatten(1)
+    return flat / flat.sum(dim=1, keepdim=True)
+
+
+def _weighted_mean_cov(flat: Tensor, weights: Tensor | None, diagonal: bool) -> tuple[Tensor, Tensor]:
+    """Mean ``(B, C)`` and population covariance ``(B, C, C)`` (variance ``(B, C)`` if ``diagonal``)."""
+    if weights is None:
+        mean = flat.mean(dim=2)
+        if diagonal:
+            return mean, flat.var(dim=2, unbiased=False)
+        centred = flat - mean[..., None]
+        return mean, centred @ centred.transpose(1, 2) / flat.shape[2]
+    weights = weights[:, None, :]
+    mean = (flat * weights).sum(dim=2)
+    centred = flat - mean[..., None]
+    if diagonal:
+        return mean, (centred.square() * weights).sum(dim=2)
+    return mean, (centred * weights) @ centred.transpose(1, 2)
+
+
+_W2_EPS = 1e-4
+_NS_ITERATIONS = 12
+
+
+def _sqrtm_newton_schulz(a: Tensor, iterations: int) -> Tensor:
+    """Square roots of ``(..., C, C)`` symmetric positive (semi)definite matrices by coupled Newton-Schulz."""
+    norm = a.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+    y = a / norm
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    z = eye.expand_as(a)
+    for _ in range(iterations):
+        t = (3 * eye - z @ y) / 2
+        y, z = y @ t, t @ z
+    return y * norm.sqrt()
+
+
+class _SqrtmNewtonSchulz(torch.autograd.Function):
+    """Matrix square root with a Newton-Schulz backward that solves the Lyapunov equation of its gradient.
+
+    Follows ``sqrtm_ns_lyap`` of crowsonkb/style-transfer-pytorch (from msubhransu/matrix-sqrt, Lin and Maji 2017):
+    differentiating through the iterations would keep every iterate for backward. torch has no matrix square root,
+    and one through ``torch.linalg.eigh`` has gradients that divide by eigenvalue gaps, unstable for the repeated
+    near-zero eigenvalues of rank-deficient feature covariances.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, iterations: int) -> Tensor:  # noqa: D102
+        root = _sqrtm_newton_schulz(a, iterations)
+        ctx.save_for_backward(root)
+        ctx.iterations = iterations
+        return root
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        (root,) = ctx.saved_tensors
+        norm = root.square().sum(dim=(-2, -1), keepdim=True).sqrt()
+        a = root / norm
+        eye3 = 3 * torch.eye(root.shape[-1], dtype=root.dtype, device=root.device)
+        q = grad / norm
+        for i in range(ctx.iterations):
+            eye_a_a = eye3 - a @ a
+            q = (q @ eye_a_a - a.transpose(-2, -1) @ (a.transpose(-2, -1) @ q - q @ a)) / 2
+            if i < ctx.iterations - 1:
+                a = a @ eye_a_a / 2
+        return q / 2, None
+
+
+def _sqrtm_eigh(a: Tensor) -> Tensor:
+    """Accurate square root of constant symmetric PSD matrices (no gradient needed), in float64."""
+    values, vectors = torch.linalg.eigh(a.double())
+    return (vectors * values.clamp_min(0).sqrt()[..., None, :] @ vectors.transpose(-2, -1)).to(a.dtype)
+
+
+def _interpolate(levels: Tensor, values: Tensor, at: Tensor) -> Tensor:
+    """Piecewise-linear ``f(at)`` through ``(levels, values)`` along the last dim, constant beyond the ends."""
+    index = torch.searchsorted(levels, at).clamp(1, levels.shape[-1] - 1)
+    lo_level, hi_level = levels.gather(-1, index - 1), levels.gather(-1, index)
+    lo_value, hi_value = values.gather(-1, index - 1), values.gather(-1, index)
+    fraction = ((at - lo_level) / (hi_level - lo_level)).clamp(0, 1).to(values.dtype)
+    return lo_value + fraction * (hi_value - lo_value)
+
+
+def _levels(weights: Tensor) -> Tensor:
+    """Quantile levels (mid-points of each sample's probability mass) of sorted samples' weights, in float64."""
+    weights = weights.double()
+    return weights.cumsum(dim=-1) - weights / 2
+
+
+def _masked_statistic(features: Tensor, statistic: str, mask: Tensor | None) -> Tensor:
+    """Gram ``(B, C, C)`` or mean/std ``(B, 2, C)`` of the region ``mask`` selects (all of it for ``None``)."""
+    if mask is None:
+        return style_statistic(features, statistic)  # type: ignore[arg-type]
+    with torch.autocast(features.device.type, enabled=False):
+        flat = _fp32(features).flatten(2)
+        weights = _position_weights(flat.view_as(features), mask)
+        if statistic == "gram":
+            return (flat * weights[:, None, :]) @ flat.transpose(1, 2) / flat.shape[1]
+        mean, var = _weighted_mean_cov(flat, weights, diagonal=True)
+        return torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1)
+
+
 class StyleLoss(nn.Module):
     r"""Squared distance between the style statistic of features and a fixed target, one value per batch element.
 
@@ -131,9 +280,27 @@ class StyleLoss(nn.Module):
         + \frac1N \sum_{c=1}^{N} (\sigma_c - \sigma_{s,c})^2
         = \frac{\lVert \mu - \mu_s \rVert_2^2 + \lVert \sigma - \sigma_s \rVert_2^2}{N}.
 
-    Several style images are blended by averaging their statistics:
-    :math:`\hat A = \frac1S \sum_{s=1}^{S} \hat A^{(s)}`, and for ``"meanvar"`` :math:`\mu_s` and :math:`\sigma_s`
-    are each averaged (the standard deviations, not the variances).
+    Several style images :math:`s` with blend weights :math:`w_s` (normalised to sum 1) give one target. A linear
+    mix of statistics only means something where the statistic is a moment of the feature distribution, so each
+    is blended as the moments of the mixture of the style images' feature distributions:
+
+    - ``"gram"``: :math:`\hat A = \sum_s w_s \hat A^{(s)}` (second raw moments mix linearly);
+    - ``"meanvar"``: :math:`\mu_s = \sum_s w_s \mu^{(s)}` and the second moment
+      :math:`\sum_s w_s (v^{(s)} + \mu^{(s)2})` are mixed, then :math:`\sigma_s = \sqrt{v + \varepsilon}` with
+      :math:`v = \sum_s w_s \bigl(v^{(s)} + (\mu^{(s)} - \mu_s)^2\bigr)` (the same, without the cancellation),
+      :math:`v^{(s)}` the population variances.
+
+    Equal weights (the default) give exactly the previous average of Gram matrices. For ``"meanvar"`` they do not:
+    up to this version :math:`\mu_s` and :math:`\sigma_s` were each averaged, the standard deviations rather than
+    the variances, which ignores the spread between the images' means; now :math:`\sigma_s` is that of the
+    mixture, at least the average :math:`\sigma`. One style image gives the same target as before.
+
+    Masks select regions. ``target_masks`` (one per style image, or ``None`` for all of it) choose the positions of
+    each style image whose statistics make the target; ``mask`` chooses the positions of the optimised image that
+    are compared. Each mask is resized to the layer's resolution by area (:func:`resize_mask`), and the statistics
+    of a region are those of the mask-weighted positions, normalised by the mask's area :math:`\sum_k m_k`: e.g.
+    :math:`\hat G = \frac{1}{N \sum_k m_k} \sum_k m_k F_{:k} F_{:k}^\top` (equal to the Gram of the cropped
+    region for a hard 0/1 mask; Gatys et al. 2017 weight features by the mask, hence the Gram by :math:`m_k^2`).
 
     Note:
         The Gram loss is :math:`4 E_l / N_l^2`, not :math:`E_l`: the mean over the :math:`N^2` entries adds a
@@ -148,22 +315,119 @@ class StyleLoss(nn.Module):
 
     Args:
         target_features: Features of the style image(s): one ``(S, C, H, W)`` tensor, or a sequence of them when
-            the images differ in size. Several style images are blended by averaging their statistics.
-        statistic: ``"gram"`` or ``"meanvar"``.
+            the images differ in size; every batch element counts as one style image.
+        statistic: One of :data:`STATISTICS`.
+        weights: One blend weight per style image, ``>= 0``, not all zero; normalised to sum 1. ``None``: equal.
+        target_masks: One ``(1, 1, h, w)`` mask in ``[0, 1]`` per style image, or ``None`` (whole image); any
+            size, resized by area to each layer's resolution.
+        mask: ``(1|B, 1, H, W)`` mask in ``[0, 1]`` of the optimised image's region compared; ``None``: all of it.
+        seed: Seed of the generator that draws ``"sliced_w"``'s projections; unused by the other statistics.
+
+    Raises:
+        ValueError: Unknown statistic, bad weights, or a mask of another shape, outside ``[0, 1]``, or all zero.
     """
 
-    def __init__(self, target_features: Tensor | Sequence[Tensor], statistic: Statistic) -> None:
+    def __init__(
+        self,
+        target_features: Tensor | Sequence[Tensor],
+        statistic: Statistic,
+        weights: Sequence[float] | None = None,
+        target_masks: Sequence[Tensor | None] | None = None,
+        mask: Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
+        if statistic not in STATISTICS:
+            raise ValueError(f"unknown style statistic {statistic!r}; choose one of {', '.join(STATISTICS)}")
         self.statistic = statistic
+        self.seed = seed
         if isinstance(target_features, Tensor):
             target_features = [target_features]
-        statistics = [style_statistic(features.detach(), statistic) for features in target_features]
-        target = torch.cat(statistics).mean(dim=0, keepdim=True)
-        self.register_buffer("target", target, persistent=False)
+        images = [features[i : i + 1].detach() for features in target_features for i in range(features.shape[0])]
+        blend = _blend_weights(weights, len(images))
+        if target_masks is None:
+            target_masks = [None] * len(images)
+        if len(target_masks) != len(images):
+            raise ValueError(f"target_masks: {len(target_masks)} given for {len(images)} style images")
+        masks = [None if m is None else _check_mask(m, f"target_masks[{i}]") for i, m in enumerate(target_masks)]
+        self.register_buffer("mask", None if mask is None else _check_mask(mask, "mask"), persistent=False)
+        chosen = [(w, f, m) for w, f, m in zip(blend, images, masks, strict=True) if w > 0]
+        with torch.autocast(images[0].device.type, enabled=False):
+            self._set_target(chosen)
+
+    def _set_target(self, chosen: list[tuple[float, Tensor, Tensor | None]]) -> None:
+        if self.statistic == "gram":
+            target = sum(w * _masked_statistic(f, "gram", m) for w, f, m in chosen)
+            self.register_buffer("target", target, persistent=False)
+            return
+        # Mean and variance (covariance for w2) are not linear in the mixture; the mean and second raw moment
+        # are. Mixing those and converting back is written as the law of total variance, which avoids the
+        # cancellation of E[x^2] - E[x]^2 in fp32.
+        diagonal = self.statistic == "meanvar"
+        moments = [
+            _weighted_mean_cov(_fp32(f).flatten(2), _position_weights(_fp32(f), m), diagonal) for _, f, m in chosen
+        ]
+        mean = sum(w * mu for (w, _, _), (mu, _) in zip(chosen, moments, strict=True))
+        if diagonal:
+            var = sum(w * (v + (mu - mean).square()) for (w, _, _), (mu, v) in zip(chosen, moments, strict=True))
+            self.register_buffer("target", torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1), persistent=False)
+            return
+        if self.statistic == "w2":
+            cov = sum(
+                w * (c + (mu - mean)[..., :, None] * (mu - mean)[..., None, :])
+                for (w, _, _), (mu, c) in zip(chosen, moments, strict=True)
+            )
+            cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
+            self.register_buffer("target_mean", mean, persistent=False)
+            self.register_buffer("target", cov, persistent=False)
+            self.register_buffer("target_sqrt", _sqrtm_eigh(cov), persistent=False)
+            return
+        # sliced_w: the mixture's samples, each position weighted by its image's blend weight and mask share.
+        samples, masses = [], []
+        for w, f, m in chosen:
+            flat = _fp32(f).flatten(2)[0]
+            share = _position_weights(_fp32(f), m)
+            share = torch.full_like(flat[0], 1 / flat.shape[1]) if share is None else share[0]
+            samples.append(flat[:, share > 0])
+            masses.append(w * share[share > 0])
+        self.register_buffer("target", torch.cat(samples, dim=1), persistent=False)
+        self.register_buffer("target_weights", torch.cat(masses), persistent=False)
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def _w2(self, features: Tensor) -> Tensor:
+        flat = _fp32(features).flatten(2)
+        mean, cov = _weighted_mean_cov(flat, _position_weights(features, self.mask), diagonal=False)
+        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
+        root = self.target_sqrt
+        cross = _SqrtmNewtonSchulz.apply(root @ cov @ root, _NS_ITERATIONS)
+        trace = (cov + self.target - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
+        return (mean - self.target_mean).square().mean(dim=1) + trace
+
+    def _sliced_w(self, features: Tensor) -> Tensor:
+        flat = _fp32(features).flatten(2)
+        channels = flat.shape[1]
+        directions = torch.randn(channels, channels, generator=self.generator)
+        directions = (directions / directions.norm(dim=1, keepdim=True)).to(flat.device)
+        target, order = (directions @ self.target).sort(dim=1)  # (P, M_t)
+        target_levels = _levels(self.target_weights[order] / self.target_weights.sum())
+        projected, order = (directions @ flat).sort(dim=2)  # (B, P, M)
+        weights = _position_weights(features, self.mask)
+        if weights is None:
+            weights = torch.full(flat.shape[:1] + flat.shape[2:], 1 / flat.shape[2], device=flat.device)
+        weights = weights.expand(flat.shape[0], -1)[:, None, :].expand_as(projected).gather(2, order)
+        quantiles = _interpolate(
+            target_levels.expand(flat.shape[0], -1, -1).contiguous(),
+            target.expand(flat.shape[0], -1, -1).contiguous(),
+            _levels(weights).contiguous(),
+        )
+        return ((projected - quantiles).square() * weights).sum(dim=2).mean(dim=1)
 
     def forward(self, features: Tensor) -> Tensor:
         """Return the loss of each batch element, shape ``(B,)``."""
-        statistic = style_statistic(features, self.statistic)
+        if self.statistic in ("w2", "sliced_w"):
+            with torch.autocast(features.device.type, enabled=False):
+                return self._w2(features) if self.statistic == "w2" else self._sliced_w(features)
+        statistic = _masked_statistic(features, self.statistic, self.mask)
         if self.statistic == "meanvar":
             # Mean and std terms are summed, each averaged over channels.
             return 2 * _per_sample_mse(statistic, self.target)
@@ -197,8 +461,12 @@ class LayerStyleLoss(nn.Module):
     Args:
         target_features: ``{layer: features}`` of the style image(s), as :class:`StyleLoss` takes them, or
             ``{layer: StyleLoss}`` whose targets are already computed (of the same ``statistic``).
-        statistic: ``"gram"`` or ``"meanvar"``.
+        statistic: One of :data:`STATISTICS`.
         layer_weights: ``{layer: w_l}``; by default every layer weighs ``1 / len(layers)``.
+        weights: Blend weights of the style images, as :class:`StyleLoss` takes them (for features only).
+        target_masks: Masks of the style images' regions, as :class:`StyleLoss` takes them (for features only).
+        mask: Region of the optimised image compared, as :class:`StyleLoss` takes it (for features only).
+        seed: ``"sliced_w"``'s projection seed; layer ``i`` (in the mapping's order) uses ``seed + i``.
     """
 
     def __init__(
@@ -206,6 +474,10 @@ class LayerStyleLoss(nn.Module):
         target_features: Mapping[str, Tensor | Sequence[Tensor] | StyleLoss],
         statistic: Statistic,
         layer_weights: Mapping[str, float] | None = None,
+        weights: Sequence[float] | None = None,
+        target_masks: Sequence[Tensor | None] | None = None,
+        mask: Tensor | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         layers = list(target_features)
@@ -216,8 +488,10 @@ class LayerStyleLoss(nn.Module):
             raise ValueError(f"layer weights given for layers without targets: {sorted(missing)}")
         self.layer_weights = {layer: float(layer_weights.get(layer, 0.0)) for layer in layers}
         losses = {
-            layer: target if isinstance(target, StyleLoss) else StyleLoss(target, statistic)
-            for layer, target in target_features.items()
+            layer: target
+            if isinstance(target, StyleLoss)
+            else StyleLoss(target, statistic, weights, target_masks, mask, seed + index)
+            for index, (layer, target) in enumerate(target_features.items())
         }
         if any(loss.statistic != statistic for loss in losses.values()):
             raise ValueError(f"every precomputed StyleLoss must use the statistic {statistic!r}")

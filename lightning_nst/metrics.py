@@ -20,8 +20,9 @@ class StyleDistance(Metric):
         \operatorname{StyleDistance} = \frac1n \sum_{i=1}^{n} \sum_l w_l \, \mathcal{L}_l(x_i, s)
 
     over the :math:`n` images :math:`x_i` passed to :meth:`update` so far, where :math:`\mathcal{L}_l` is the
-    per-layer :class:`~lightning_nst.losses.StyleLoss` (Gram or mean/std) of the VGG19 features at layer :math:`l`,
-    the style target :math:`s` averages the statistics of the style images, and :math:`w_l = 1 / L` for :math:`L`
+    per-layer :class:`~lightning_nst.losses.StyleLoss` (Gram, mean/std, W2 or sliced W) of the VGG19 features at
+    layer :math:`l`, the style target :math:`s` blends the style images (equal weights by default), and
+    :math:`w_l = 1 / L` for :math:`L`
     layers unless ``layer_weights`` says otherwise. No ``style_weight`` multiplies it; values are accumulated in
     float64. The same :class:`~lightning_nst.losses.LayerStyleLoss` drives optimisation and guidance, so numbers from
     NST, guided diffusion and prompt-only runs are comparable when they use the same VGG weights, statistic and
@@ -29,12 +30,15 @@ class StyleDistance(Metric):
 
     Args:
         features: A VGG19 trunk that returns at least ``layers``.
-        style_images: ``(1, 3, H, W)`` images in ``[0, 1]``; several are blended by averaging their statistics. Or
+        style_images: ``(1, 3, H, W)`` images in ``[0, 1]``; several are blended (see ``weights``). Or
             ``{layer: StyleLoss}`` whose targets are already computed from them (e.g. an optimisation's), which
             are then reused rather than computed again.
-        statistic: ``"gram"`` or ``"meanvar"``.
+        statistic: One of :data:`~lightning_nst.losses.STATISTICS`.
         layers: Layers of the style loss; all of ``features.layers`` by default.
         layer_weights: ``{layer: w_l}``; equal weights summing to one by default.
+        weights: Blend weights of ``style_images`` (see :class:`~lightning_nst.losses.StyleLoss`); equal by default.
+        seed: Seed of ``"sliced_w"``'s random projections, redrawn at every :meth:`update`, so its values vary
+            slightly between calls; unused by the other statistics.
     """
 
     is_differentiable = True
@@ -48,6 +52,8 @@ class StyleDistance(Metric):
         statistic: Statistic = "gram",
         layers: Sequence[str] | None = None,
         layer_weights: Mapping[str, float] | None = None,
+        weights: Sequence[float] | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         layers = list(layers or features.layers)
@@ -59,7 +65,7 @@ class StyleDistance(Metric):
             with torch.no_grad():
                 computed = [features(image.to(features.mean.device)) for image in style_images]
             targets = {layer: [target[layer] for target in computed] for layer in layers}
-        self.style_loss = LayerStyleLoss(targets, statistic, layer_weights)
+        self.style_loss = LayerStyleLoss(targets, statistic, layer_weights, weights, seed=seed)
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 

@@ -222,7 +222,7 @@ def test_default_layer_weights_are_one_over_layer_count() -> None:
 
 
 @pytest.mark.parametrize("statistic", ["gram", "meanvar"])
-def test_several_style_images_blend_by_averaging_statistics(statistic: str) -> None:
+def test_several_style_images_blend_as_the_mixture_of_their_features(statistic: str) -> None:
     a, b = _tensor(X), _tensor(Y)
     as_list, as_batch = StyleLoss([a, b], statistic), StyleLoss(torch.cat([a, b]), statistic)
     if statistic == "gram":
@@ -230,11 +230,13 @@ def test_several_style_images_blend_by_averaging_statistics(statistic: str) -> N
             [(p + q) / 2 / 12 for p, q in zip(ra, rb, strict=True)]
             for ra, rb in zip(_raw_gram(X), _raw_gram(Y), strict=True)
         ]
-    else:  # the standard deviations are averaged, not the variances
-        expected = [
-            [(p + q) / 2 for p, q in zip(ra, rb, strict=True)]
-            for ra, rb in zip(_mu_sigma(X), _mu_sigma(Y), strict=True)
-        ]
+    else:  # the mixture's mean and second moment: sigma^2 = mean of (s^2 + mu^2) - mu_blend^2 (+ eps once)
+        (mu_x, sd_x), (mu_y, sd_y) = _mu_sigma(X, eps=0.0), _mu_sigma(Y, eps=0.0)
+        mu = [(a + b) / 2 for a, b in zip(mu_x, mu_y, strict=True)]
+        second = [(sx**2 + mx**2 + sy**2 + my**2) / 2 for sx, mx, sy, my in zip(sd_x, mu_x, sd_y, mu_y, strict=True)]
+        expected = [mu, [math.sqrt(q - m**2 + EPS) for q, m in zip(second, mu, strict=True)]]
+        averaged_std = [(a + b) / 2 for a, b in zip(_mu_sigma(X)[1], _mu_sigma(Y)[1], strict=True)]
+        assert not torch.allclose(as_list.target[0, 1], torch.tensor(averaged_std))  # the blend before issue 16
     torch.testing.assert_close(as_list.target, torch.tensor([expected]))
     torch.testing.assert_close(as_batch.target, as_list.target)
 
