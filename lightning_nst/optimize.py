@@ -219,6 +219,9 @@ class ImageOptimization(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen VGG weights
         self.content: Tensor | None = None
         self.style: list[Tensor] = []
+        self.blend_weights: list[float] | None = None
+        self.masks: list[Tensor] | None = None
+        self.style_masks: list[Tensor | None] | None = None
         self.content_source: str | None = None
         self.style_sources: list[str] = []
         self.inputs: dict[str, Any] | None = None
@@ -285,11 +288,16 @@ class ImageOptimization(L.LightningModule):
         self.style = list(data.style)
         self.content_source = str(data.content_source) if data.content_source is not None else None
         self.style_sources = [str(source) for source in data.style_sources]
+        self.blend_weights = data.style_weights
+        self.masks, self.style_masks = data.masks, data.style_masks
         self._target_sizes = [data.size, data.style_size]
         self.inputs = {
             "data.content": source_digest(data.content_source) if data.content_source is not None else None,
             "data.style": [source_digest(source) for source in data.style_sources],
         }
+        for key, sources in (("data.masks", data.mask_sources), ("data.style_masks", data.style_mask_sources)):
+            if sources is not None:
+                self.inputs[key] = [source_digest(source) if source is not None else None for source in sources]
         return data.output_shape
 
     def setup(self, stage: str) -> None:
@@ -363,12 +371,33 @@ class ImageOptimization(L.LightningModule):
             }
             for statistic, layer, variant in self.style_weights:
                 target = [features[layer] for features in styles[variant]]
-                self.style_losses[_loss_key(statistic, layer, variant)] = StyleLoss(target, statistic)
+                self.style_losses[_loss_key(statistic, layer, variant)] = self._style_loss(target, statistic)
         rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
         if self.logger is not None:
             self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
             if isinstance(self.logger, TensorBoardLogger):
                 self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
+
+    def _style_loss(self, target: list[Tensor], statistic: Statistic) -> StyleLoss | nn.ModuleList:
+        """One blended target, or with masks one masked loss per region (summed by :meth:`style_term`)."""
+        if self.masks is None:
+            return StyleLoss(target, statistic, weights=self.blend_weights, target_masks=self.style_masks)
+        regions = nn.ModuleList()
+        style_masks = self.style_masks or [None] * len(target)
+        for index, (features, mask, style_mask) in enumerate(zip(target, self.masks, style_masks, strict=True)):
+            try:
+                regions.append(StyleLoss(features, statistic, target_masks=[style_mask], mask=mask.to(features.device)))
+            except ValueError as error:  # the mask checks in losses.py; data.py refuses the known cases first
+                key = "data.style_masks" if str(error).startswith("target_masks") else "data.masks"
+                raise NSTError(f"{key}[{index}]: {error}") from None
+        return regions
+
+    @staticmethod
+    def style_term(loss: StyleLoss | nn.ModuleList, features: Tensor) -> Tensor:
+        """A layer's style loss ``(B,)``: the blended target's, or the sum of the regions' masked losses."""
+        if isinstance(loss, nn.ModuleList):
+            return torch.stack([region(features) for region in loss]).sum(dim=0)
+        return loss(features)
 
     def target_images(self, role: str, variant: str) -> list[Tensor]:
         """The content (``role="content"``) or style images, on the module's device, as a colour variant sees them.
@@ -486,7 +515,7 @@ class ImageOptimization(L.LightningModule):
                 terms[f"content_{layer}"] = weights[index] * self.content_losses[key](features[layer])[0]
         for (statistic, layer, variant), weights in self.style_weights.items():
             if weights[index] > 0:
-                loss = self.style_losses[_loss_key(statistic, layer, variant)](features[layer])[0]
+                loss = self.style_term(self.style_losses[_loss_key(statistic, layer, variant)], features[layer])[0]
                 terms[f"style_{statistic}_{layer}"] = weights[index] * loss
         if self.tv_weights[index] > 0:
             terms["tv"] = self.tv_weights[index] * total_variation(image)[0]
@@ -645,7 +674,13 @@ class ImageOptimization(L.LightningModule):
             layers = layer_weights(objective.style_layers, "style_layers")
             variant = _STYLE_VARIANT[objective.color]
             targets = {layer: self.style_losses[_loss_key(objective.statistic, layer, variant)] for layer in layers}
-            distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
-            distance.update(self.vgg_input(index, image))
-            metrics[f"style_distance_{objective.statistic}"] = distance.compute().item()
+            if self.masks is None:
+                distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
+                distance.update(self.vgg_input(index, image))
+                value = distance.compute().item()
+            else:  # StyleDistance has one target per layer; masked regions have one each
+                features = self._trunk()(self.vgg_input(index, image), list(layers))
+                terms = [w * self.style_term(targets[layer], features[layer])[0] for layer, w in layers.items()]
+                value = torch.stack(terms).sum().item()
+            metrics[f"style_distance_{objective.statistic}"] = value
         return metrics
