@@ -163,3 +163,15 @@ def test_a_mask_that_is_not_an_image_or_has_another_shape_is_refused_naming_it(
 def test_style_weights_with_masks_are_refused() -> None:
     with pytest.raises(NSTError, match="data.style_weights: cannot be combined with data.masks"):
         ImageTargets(style=STYLES, style_weights=[1, 1], masks=["sample:mask_left", "sample:mask_right"])
+
+
+@pytest.mark.parametrize("config", ["style_transfer_luminance", "style_blend", "style_masks"])
+def test_the_style_control_configs_run_without_shared_files(config: str) -> None:
+    main(["fit", "-c", str(CONFIGS / f"{config}.yaml"), "--data.init_args.size=32", "--trainer.max_steps=2",
+          "--model.init_args.vgg.weights=random", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    (summary_file,) = Path("logs").glob(f"{config}/version_0/summary.json")
+    summary = json.loads(summary_file.read_text())
+    for objective in summary["objectives"].values():
+        with Image.open(summary_file.parent / objective["output"]) as image:
+            assert image.size == (32, 32) and np.asarray(image).std() > 2.0
+        assert np.isfinite(objective["final_loss"]["total"])
