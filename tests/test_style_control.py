@@ -175,3 +175,71 @@ def test_the_style_control_configs_run_without_shared_files(config: str) -> None
         with Image.open(summary_file.parent / objective["output"]) as image:
             assert image.size == (32, 32) and np.asarray(image).std() > 2.0
         assert np.isfinite(objective["final_loss"]["total"])
+
+
+# -- blends as guidance targets ---------------------------------------------------------------------------------------
+
+
+def guidance_targets(images: list, weights: list | None) -> list[torch.Tensor]:
+    from lightning_nst.guidance import StyleGuidance
+
+    guidance = StyleGuidance(layers=["relu1_1", "relu2_1"], vgg=VGGConfig("random"), style_size=32)
+    guidance.set_styles(images, weights)
+    return [torch.cat([loss.target.flatten() for loss in target.losses.values()]) for target in guidance.targets]
+
+
+def test_guidance_blend_targets_one_zero_equal_the_single_style_and_half_half_lies_between() -> None:
+    from lightning_nst.images import load_image
+
+    a, b = (load_image(source, 32) for source in STYLES)
+    single_a, single_b = guidance_targets([a, b], None)
+    one_zero, half, zero_one = guidance_targets([[a, b]] * 3, [[1, 0], [0.5, 0.5], [0, 1]])
+    torch.testing.assert_close(one_zero, single_a)
+    torch.testing.assert_close(zero_one, single_b)
+    assert bool(
+        ((half >= torch.minimum(single_a, single_b) - 1e-6) & (half <= torch.maximum(single_a, single_b) + 1e-6)).all()
+    )
+    torch.testing.assert_close(half, (single_a + single_b) / 2)  # Gram matrices mix linearly
+
+
+def test_prompt_grid_style_blends_make_one_target_per_blend() -> None:
+    from lightning_nst.prompts import PromptGrid
+
+    grid = PromptGrid(prompts=["a", "b"], seeds=[0], style=STYLES, style_blends=[[3, 1], [0, 2]],
+                      style_prompts=["x", "y"])  # fmt: skip
+    grid.setup("predict")
+    assert [item.style for item in grid.items] == [
+        "0.75*sample:gravel + 0.25*sample:immunohistochemistry", "1*sample:immunohistochemistry"
+    ] * 2  # fmt: skip
+    assert [item.style_index for item in grid.items] == [0, 1, 0, 1]
+    assert len({item.style_digest for item in grid.items}) == 2
+    images, weights = grid.style_targets()
+    assert weights == [[0.75, 0.25], [0.0, 1.0]] and len(images) == 2 and len(images[0]) == 2
+
+
+@pytest.mark.parametrize(
+    ("blends", "message"),
+    [
+        ([[1, -1]], r"data.style_blends\[0\]: each weight must be a finite number >= 0"),
+        ([[1, 1], [0, 0]], r"data.style_blends\[1\]: all zero"),
+        ([[1]], r"data.style_blends\[0\]: 1 weights for 2 data.style images"),
+        ([[1, float("nan")]], r"data.style_blends\[0\]: each weight must be a finite number"),
+        ([], r"data.style_blends: the list of blends is empty"),
+    ],
+)
+def test_bad_style_blends_name_the_entry(blends: list, message: str) -> None:
+    from lightning_nst.prompts import PromptGrid
+
+    with pytest.raises(NSTError, match=message):
+        PromptGrid(prompts=["a"], style=STYLES, style_blends=blends)
+
+
+def test_guided_generation_with_a_blend_target(pipeline_dir: Path) -> None:
+    from tests.tiny_pipeline import records, tiny_args
+
+    overrides = [f"--data.style=[{', '.join(STYLES)}]", "--data.style_blends=[[0.5, 0.5]]"]
+    main(tiny_args(pipeline_dir, "blend", *overrides, size=32, steps=3))
+    (run,) = Path("logs", "blend").glob("version_*")
+    (record,) = records(run)
+    assert record["style"] == "0.5*sample:gravel + 0.5*sample:immunohistochemistry"
+    assert np.isfinite(record["final_style_loss"]) and (run / record["image"]).is_file()
