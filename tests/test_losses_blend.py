@@ -128,3 +128,26 @@ def test_layer_style_loss_passes_weights_and_masks_to_each_layer() -> None:
         expected = StyleLoss(features, "gram", mask=mask)
         torch.testing.assert_close(layers.losses[layer].target, expected.target)
         torch.testing.assert_close(layers.losses[layer](b), expected(b))
+
+
+def test_sliced_w_hard_masks_equal_the_cropped_region_with_the_same_projections() -> None:
+    style, image = _features(0, (1, 4, 8, 8)), _features(1, (2, 4, 8, 8), shift=0.5)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:7, 1:5] = 1.0
+    crop = (..., slice(2, 7), slice(1, 5))
+    masked = StyleLoss([style, image[:1]], "sliced_w", weights=[1, 0], target_masks=[mask, None], mask=mask, seed=5)
+    cropped = StyleLoss(style[crop], "sliced_w", seed=5)
+    for _ in range(3):
+        torch.testing.assert_close(masked(image), cropped(image[crop]))
+
+
+@pytest.mark.parametrize("statistic", STATISTICS)
+def test_masked_losses_give_one_value_per_batch_element(statistic: str) -> None:
+    style, batch = _features(0), _features(1, (3, 4, 8, 8))
+    masks = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    values = StyleLoss(style, statistic, mask=masks, seed=1)(batch)  # type: ignore[arg-type]
+    alone = torch.cat(
+        [StyleLoss(style, statistic, mask=masks[i : i + 1], seed=1)(batch[i : i + 1]) for i in range(3)]  # type: ignore[arg-type]
+    )
+    torch.testing.assert_close(values, alone)
+    assert values.shape == (3,) and len(set(values.tolist())) == 3
