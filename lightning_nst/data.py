@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
 
 import lightning as L
 import torch
+import torchvision.transforms.v2.functional as TF
 from jsonargparse.typing import PositiveInt
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_nst.color import luminance
 from lightning_nst.errors import NSTError
-from lightning_nst.images import load_image
+from lightning_nst.images import load_image, read_image
+
+ASPECT_TOLERANCE = 0.02
+"""Largest relative difference of aspect ratio between a mask and the image it masks."""
 
 
 class _Steps(Dataset[Tensor]):
@@ -35,9 +42,20 @@ class ImageTargets(L.LightningDataModule):
 
     Args:
         content: Content image: a path, ``sample:NAME`` or ``skimage:NAME``. Needed by objectives with content layers.
-        style: Style or texture images (one may be given alone); several are blended by averaging their statistics.
+        style: Style or texture images (one may be given alone); several are blended (``style_weights``) or, with
+            ``masks``, each applies to its own region.
         size: Longer edge of the content image in pixels; ``None`` keeps the file's size.
         style_size: Longer edge of the style images; defaults to ``size``. Controls the scale of the style.
+        style_weights: Blend weight of each style image (normalised to sum 1; ``None``: equal), see
+            :class:`lightning_nst.losses.StyleLoss` for how each statistic is blended.
+        masks: One mask image per style image, the region of the result that style applies to (white = this style),
+            read as greyscale in ``[0, 1]`` and resized to the result's size. Where masks overlap (sum above 1) they
+            are divided by their sum; pixels no mask covers get no style loss (a warning says how many).
+        style_masks: Optional region of each style image to take its statistics from (``null`` entries: all of it).
+
+    Attributes:
+        masks: The loaded masks, each ``(1, 1, H, W)`` at the result's size, normalised as above.
+        style_masks: The loaded style masks, each ``(1, 1, h, w)`` at its style image's size, or ``None``.
     """
 
     def __init__(
@@ -46,27 +64,61 @@ class ImageTargets(L.LightningDataModule):
         style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         size: PositiveInt | None = 256,
         style_size: PositiveInt | None = None,
+        style_weights: list[float] | None = None,
+        masks: list[str | os.PathLike[str]] | None = None,
+        style_masks: list[str | os.PathLike[str] | None] | None = None,
     ) -> None:
         super().__init__()
         style = [style] if isinstance(style, str | os.PathLike) else style
         if style is not None and len(style) == 0:
             raise NSTError("data.style: the list of style images is empty")
+        count = len(style or [])
+        if style_weights is not None:
+            weights = [float(weight) for weight in style_weights]
+            if len(weights) != count:
+                raise NSTError(f"data.style_weights: {len(weights)} weights for {count} data.style images")
+            if any(not math.isfinite(weight) or weight < 0 for weight in weights):
+                raise NSTError(f"data.style_weights: each weight must be a finite number >= 0, got {weights}")
+            if sum(weights) <= 0:
+                raise NSTError("data.style_weights: all zero; give at least one style image a weight > 0")
+            style_weights = weights
+        for key, given in (("data.masks", masks), ("data.style_masks", style_masks)):
+            if given is not None and len(given) != count:
+                raise NSTError(f"{key}: {len(given)} masks for {count} data.style images; give one per style image")
+        if masks is not None and style_weights is not None:
+            raise NSTError("data.style_weights: cannot be combined with data.masks (each region has its one style)")
+        if style_masks is not None and masks is None and count > 1:
+            raise NSTError("data.style_masks: with several style images, give data.masks too (which style goes where)")
         self.content_source = content
         self.style_sources = list(style or [])
         # Plain ints: jsonargparse passes PositiveInt instances, which checkpoints could not load with weights_only.
         self.size = int(size) if size is not None else None
         self.style_size = int(style_size) if style_size is not None else self.size
+        self.style_weights = style_weights
+        self.mask_sources = list(masks) if masks is not None else None
+        self.style_mask_sources = list(style_masks) if style_masks is not None else None
         self.content: Tensor | None = None
         self.style: list[Tensor] = []
+        self.masks: list[Tensor] | None = None
+        self.style_masks: list[Tensor | None] | None = None
 
     def setup(self, stage: str) -> None:
-        """Load the images (once)."""
+        """Load the images and masks (once)."""
         if self.content is None and self.content_source is not None:
             self.content = load_image(self.content_source, self.size, key="data.content")
         if not self.style and self.style_sources:
             self.style = [
                 load_image(source, self.style_size, key=f"data.style[{index}]")
                 for index, source in enumerate(self.style_sources)
+            ]
+        if self.masks is None and self.mask_sources is not None:
+            shape = self.output_shape
+            masks = [_load_mask(s, shape, f"data.masks[{i}]") for i, s in enumerate(self.mask_sources)]
+            self.masks = _normalise_masks(masks)
+        if self.style_masks is None and self.style_mask_sources is not None:
+            self.style_masks = [
+                None if source is None else _load_mask(source, image.shape[-2:], f"data.style_masks[{index}]")
+                for index, (source, image) in enumerate(zip(self.style_mask_sources, self.style, strict=True))
             ]
 
     def check_min_size(self, min_side: int) -> None:
@@ -97,3 +149,31 @@ class ImageTargets(L.LightningDataModule):
         if steps is None or steps < 1:
             raise NSTError(f"trainer.max_steps: set a positive number of optimisation steps, got {steps}")
         return DataLoader(_Steps(steps), batch_size=None)
+
+
+def _load_mask(source: str | os.PathLike[str], shape: tuple[int, int] | torch.Size, key: str) -> Tensor:
+    """A mask image as ``(1, 1, H, W)`` greyscale in ``[0, 1]`` at ``shape``; refused if its aspect ratio differs."""
+    image = read_image(source, key=key, max_side=max(shape))
+    height, width = int(shape[0]), int(shape[1])
+    aspect, expected = image.shape[-1] / image.shape[-2], width / height
+    if abs(aspect / expected - 1) > ASPECT_TOLERANCE:
+        raise NSTError(
+            f"{key}: {source} is {image.shape[-1]}x{image.shape[-2]} px, another aspect ratio than the "
+            f"{width}x{height} image it masks; give a mask of that shape"
+        )
+    mask = TF.resize(luminance(image), [height, width], antialias=True).clamp(0, 1)
+    if float(mask.max()) <= 0:
+        raise NSTError(f"{key}: {source} is all black, so that style would apply nowhere")
+    return mask
+
+
+def _normalise_masks(masks: list[Tensor]) -> list[Tensor]:
+    """Divide overlapping masks by their sum; warn about pixels no mask covers (they get no style loss)."""
+    total = torch.stack(masks).sum(dim=0)
+    masks = [mask / total.clamp_min(1.0) for mask in masks]
+    uncovered = int((total <= 1e-3).sum())
+    if uncovered:
+        warnings.warn(
+            f"data.masks: {uncovered} of {total.numel()} pixels are in no mask and get no style loss", stacklevel=2
+        )
+    return masks

@@ -343,7 +343,7 @@ class GuidedDiffusion(L.LightningModule):
     def on_predict_start(self) -> None:
         """Compute the style targets once, on the device, and say which VGG weights are in use."""
         if self.guidance is not None:
-            self.guidance.set_styles(self._data().style_images)
+            self.guidance.set_styles(*self._data().style_targets())
             rank_zero_info(f"Style guidance: {guidance_line(self.guidance.settings())}")
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(

@@ -399,16 +399,25 @@ class StyleGuidance(nn.Module):
         return self.vgg
 
     @torch.no_grad()
-    def set_styles(self, images: Sequence[Tensor]) -> None:
-        """Compute the target statistics of each ``(1, 3, H, W)`` style image in ``[0, 1]``, once."""
+    def set_styles(
+        self, images: Sequence[Tensor | Sequence[Tensor]], weights: Sequence[Sequence[float] | None] | None = None
+    ) -> None:
+        """Compute the target statistics of each style target, once.
+
+        Args:
+            images: One entry per target (``style_index``): a ``(1, 3, H, W)`` style image in ``[0, 1]``, or a
+                sequence of them blended into one target (see :class:`~lightning_nst.losses.StyleLoss`).
+            weights: Blend weights of each target's images (``None``: equal).
+        """
         vgg = self.configure()
         device, dtype = vgg.mean.device, next(vgg.parameters()).dtype
         self.targets = nn.ModuleList()
-        for image in images:
-            features = vgg(resize_long_edge(image, self.style_size).to(device=device, dtype=dtype))
-            self.targets.append(
-                LayerStyleLoss({layer: features[layer] for layer in self.layers}, self.statistic, self.layer_weights)
-            )
+        for index, entry in enumerate(images):
+            group = [entry] if isinstance(entry, Tensor) else list(entry)
+            features = [vgg(resize_long_edge(image, self.style_size).to(device=device, dtype=dtype)) for image in group]
+            targets = {layer: [one[layer] for one in features] for layer in self.layers}
+            blend = weights[index] if weights is not None else None
+            self.targets.append(LayerStyleLoss(targets, self.statistic, self.layer_weights, weights=blend))
 
     def check_decoder(self, tiny_vae: object | None) -> None:
         """Raise if ``decoder`` is ``tiny`` but there is no tiny autoencoder (``model.tiny_vae``)."""

@@ -31,7 +31,7 @@ MIN_SIDE = 8
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 """256 px copies of three scikit-image samples, shipped with the package (provenance in its README.md)."""
 
-SHIPPED_SAMPLES: tuple[str, ...] = ("astronaut", "gravel", "immunohistochemistry")
+SHIPPED_SAMPLES: tuple[str, ...] = ("astronaut", "gravel", "immunohistochemistry", "mask_left", "mask_right")
 """The samples in :data:`SAMPLES_DIR`, usable without scikit-image."""
 
 # Bundled inside the scikit-image wheel, so they load offline once it is installed.

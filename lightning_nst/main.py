@@ -77,7 +77,7 @@ def print_configs(argv: Sequence[str] = ()) -> None:
         return
     print(f"shipped configs in {shipped.configs_dir()} (use as -c NAME):")
     for name in shipped.names():
-        print(f"  {name:<24}{shipped.first_comment(name)}")
+        print(f"  {name:<25} {shipped.first_comment(name)}")
 
 
 def _command(argv: list[str]) -> None:

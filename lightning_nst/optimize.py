@@ -18,6 +18,16 @@ from torch import Tensor, nn
 from torch.optim import LBFGS, Adam, Optimizer
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from lightning_nst.color import (
+    COLOR_MODES,
+    ColorMode,
+    combine_luminance,
+    gray,
+    luminance,
+    match_color,
+    match_histograms,
+    match_luminance,
+)
 from lightning_nst.data import ImageTargets
 from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.images import load_image
@@ -50,6 +60,12 @@ class Objective:
         style_weight: Weight of the style term.
         statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
         tv_weight: Weight of the total-variation smoothness term.
+        color: ``"keep"`` (the style's colours), ``"luminance"`` (the objective is computed on luminance images,
+            the style's luminance first matched to the content's mean and std, and the result is the optimised
+            luminance with the content's chroma), ``"match"`` (the style images' colours are first matched to the
+            content's mean and covariance, see :func:`lightning_nst.color.match_color`) or ``"histogram"`` (the
+            result's channel histograms are matched to the content's after optimisation). All but ``"keep"`` need
+            ``data.content``.
     """
 
     name: str
@@ -59,6 +75,17 @@ class Objective:
     style_weight: float = 1.0
     statistic: Statistic = "gram"
     tv_weight: float = 0.0
+    color: ColorMode = "keep"
+
+
+# The images targets are computed from, per colour mode: keys of the loss modules beside statistic and layer.
+_STYLE_VARIANT = {"keep": "rgb", "histogram": "rgb", "luminance": "luminance", "match": "match"}
+_CONTENT_VARIANT = {"keep": "rgb", "histogram": "rgb", "luminance": "luminance", "match": "rgb"}
+
+
+def _loss_key(*parts: str) -> str:
+    """ModuleDict key of a target: ``"rgb"`` variants keep the names checkpoints and metrics have always used."""
+    return "_".join(part for part in parts if part != "rgb")
 
 
 def _check_objectives(objectives: list[Objective]) -> None:
@@ -76,6 +103,8 @@ def _check_objectives(objectives: list[Objective]) -> None:
             raise NSTError(f"{key}: give content_layers, style_layers or both")
         if objective.statistic not in STATISTICS:
             raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {objective.statistic!r}")
+        if objective.color not in COLOR_MODES:
+            raise NSTError(f"{key}.color: must be one of {', '.join(COLOR_MODES)}, got {objective.color!r}")
         for term in ("content_weight", "style_weight", "tv_weight"):
             check_weight(getattr(objective, term), f"{key}.{term}")
 
@@ -164,19 +193,21 @@ class ImageOptimization(L.LightningModule):
         self.automatic_optimization = False  # one optimizer, closure and step per objective
         _check_objectives(objectives)
         self.objectives = objectives
-        self.content_weights: dict[str, list[float]] = {}
-        self.style_weights: dict[tuple[str, str], list[float]] = {}
+        # Keyed by layer (and statistic) and by the colour variant of the target images: (layer, variant) and
+        # (statistic, layer, variant).
+        self.content_weights: dict[tuple[str, str], list[float]] = {}
+        self.style_weights: dict[tuple[str, str, str], list[float]] = {}
         for index, objective in enumerate(objectives):
             key = f"model.objectives[{index}]"
+            content_variant, style_variant = _CONTENT_VARIANT[objective.color], _STYLE_VARIANT[objective.color]
             for layer, weight in layer_weights(objective.content_layers, f"{key}.content_layers").items():
-                self.content_weights.setdefault(layer, [0.0] * len(objectives))[index] = (
-                    objective.content_weight * weight
-                )
+                slot = self.content_weights.setdefault((layer, content_variant), [0.0] * len(objectives))
+                slot[index] = objective.content_weight * weight
             for layer, weight in layer_weights(objective.style_layers, f"{key}.style_layers").items():
-                slot = self.style_weights.setdefault((objective.statistic, layer), [0.0] * len(objectives))
-                slot[index] = objective.style_weight * weight
+                target = (objective.statistic, layer, style_variant)
+                self.style_weights.setdefault(target, [0.0] * len(objectives))[index] = objective.style_weight * weight
         self.tv_weights = [objective.tv_weight for objective in objectives]
-        self.layers = sorted({*self.content_weights, *(layer for _, layer in self.style_weights)})
+        self.layers = sorted({*(layer for layer, _ in self.content_weights), *(t[1] for t in self.style_weights)})
         self.vgg_config = vgg or VGGConfig()
         self.vgg: VGG19Features | None = None  # built in configure_model: loading weights is the heavy part
         self.init = init
@@ -188,6 +219,9 @@ class ImageOptimization(L.LightningModule):
         self.strict_loading = False  # checkpoints leave out the frozen VGG weights
         self.content: Tensor | None = None
         self.style: list[Tensor] = []
+        self.blend_weights: list[float] | None = None
+        self.masks: list[Tensor] | None = None
+        self.style_masks: list[Tensor | None] | None = None
         self.content_source: str | None = None
         self.style_sources: list[str] = []
         self.inputs: dict[str, Any] | None = None
@@ -207,12 +241,25 @@ class ImageOptimization(L.LightningModule):
         """The image a parameter stands for, in ``[0, 1]``: what VGG sees (a line search's trial points too)."""
         return parameter.clamp(0, 1)
 
+    def render(self, index: int, image: Tensor) -> Tensor:
+        """The colour image objective ``index`` makes of a decoded ``(B, 3, H, W)`` image: what is saved and shown.
+
+        With ``color: luminance`` it is the image's luminance with the content's chroma; otherwise the image itself.
+        """
+        if self.objectives[index].color == "luminance" and self.content is not None:
+            return combine_luminance(luminance(image), self.content.to(image.device))
+        return image
+
+    def vgg_input(self, index: int, image: Tensor) -> Tensor:
+        """What VGG sees of objective ``index``'s colour image: its luminance as grey RGB for ``color: luminance``."""
+        return gray(luminance(image)) if self.objectives[index].color == "luminance" else image
+
     @property
     def image(self) -> Tensor | None:
         """The current images, one per objective, as one ``(objectives, 3, H, W)`` tensor in ``[0, 1]``."""
         if not len(self.images):
             return None
-        return torch.cat([self.decode(parameter.detach()) for parameter in self.images])
+        return torch.cat([self.render(i, self.decode(parameter.detach())) for i, parameter in enumerate(self.images)])
 
     # -- setup ------------------------------------------------------------------------------------------------
 
@@ -234,16 +281,23 @@ class ImageOptimization(L.LightningModule):
                 raise NSTError(f"model.objectives[{index}] ({objective.name}) has content layers: set data.content")
             if objective.style_layers and not data.style_sources:
                 raise NSTError(f"model.objectives[{index}] ({objective.name}) has style layers: set data.style")
+            if objective.color != "keep" and data.content_source is None:
+                raise NSTError(f"model.objectives[{index}].color: {objective.color!r} needs data.content")
         data.check_min_size(min_input_size(self.layers))
         self.content = data.content
         self.style = list(data.style)
         self.content_source = str(data.content_source) if data.content_source is not None else None
         self.style_sources = [str(source) for source in data.style_sources]
+        self.blend_weights = data.style_weights
+        self.masks, self.style_masks = data.masks, data.style_masks
         self._target_sizes = [data.size, data.style_size]
         self.inputs = {
             "data.content": source_digest(data.content_source) if data.content_source is not None else None,
             "data.style": [source_digest(source) for source in data.style_sources],
         }
+        for key, sources in (("data.masks", data.mask_sources), ("data.style_masks", data.style_mask_sources)):
+            if sources is not None:
+                self.inputs[key] = [source_digest(source) if source is not None else None for source in sources]
         return data.output_shape
 
     def setup(self, stage: str) -> None:
@@ -305,20 +359,62 @@ class ImageOptimization(L.LightningModule):
     def on_fit_start(self) -> None:
         """Compute target features once, on the training device, and report which VGG weights are in use."""
         vgg = self._trunk()
-        if self.content is not None and self.content_weights:
-            content = vgg(self.content.to(self.device))
-            for layer in self.content_weights:
-                self.content_losses[layer] = ContentLoss(content[layer])
+        content = self.content.to(self.device) if self.content is not None else None
+        if content is not None and self.content_weights:
+            contents = {variant: vgg(self.target_images("content", variant)[0]) for _, variant in self.content_weights}
+            for layer, variant in self.content_weights:
+                self.content_losses[_loss_key(layer, variant)] = ContentLoss(contents[variant][layer])
         if self.style_weights:
-            styles = [vgg(style.to(self.device)) for style in self.style]
-            for statistic, layer in self.style_weights:
-                target = [features[layer] for features in styles]
-                self.style_losses[f"{statistic}_{layer}"] = StyleLoss(target, statistic)
+            styles = {
+                variant: [vgg(image) for image in self.target_images("style", variant)]
+                for _, _, variant in self.style_weights
+            }
+            for statistic, layer, variant in self.style_weights:
+                target = [features[layer] for features in styles[variant]]
+                self.style_losses[_loss_key(statistic, layer, variant)] = self._style_loss(target, statistic)
         rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
         if self.logger is not None:
             self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
             if isinstance(self.logger, TensorBoardLogger):
                 self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
+
+    def _style_loss(self, target: list[Tensor], statistic: Statistic) -> StyleLoss | nn.ModuleList:
+        """One blended target, or with masks one masked loss per region (summed by :meth:`style_term`)."""
+        if self.masks is None:
+            return StyleLoss(target, statistic, weights=self.blend_weights, target_masks=self.style_masks)
+        regions = nn.ModuleList()
+        style_masks = self.style_masks or [None] * len(target)
+        for index, (features, mask, style_mask) in enumerate(zip(target, self.masks, style_masks, strict=True)):
+            try:
+                regions.append(StyleLoss(features, statistic, target_masks=[style_mask], mask=mask.to(features.device)))
+            except ValueError as error:  # the mask checks in losses.py; data.py refuses the known cases first
+                key = "data.style_masks" if str(error).startswith("target_masks") else "data.masks"
+                raise NSTError(f"{key}[{index}]: {error}") from None
+        return regions
+
+    @staticmethod
+    def style_term(loss: StyleLoss | nn.ModuleList, features: Tensor) -> Tensor:
+        """A layer's style loss ``(B,)``: the blended target's, or the sum of the regions' masked losses."""
+        if isinstance(loss, nn.ModuleList):
+            return torch.stack([region(features) for region in loss]).sum(dim=0)
+        return loss(features)
+
+    def target_images(self, role: str, variant: str) -> list[Tensor]:
+        """The content (``role="content"``) or style images, on the module's device, as a colour variant sees them.
+
+        ``"rgb"``: as loaded; ``"luminance"``: luminance as grey RGB, a style's first matched to the content's mean
+        and std; ``"match"``: style images with the content's colour mean and covariance (clamped to ``[0, 1]``).
+        """
+        images = [self.content] if role == "content" else list(self.style)
+        images = [image.to(self.device) for image in images if image is not None]
+        content = self.content.to(self.device) if self.content is not None else None
+        if variant == "luminance":
+            if role == "content" or content is None:
+                return [gray(luminance(image)) for image in images]
+            return [gray(match_luminance(luminance(image), luminance(content))) for image in images]
+        if variant == "match" and content is not None:
+            return [match_color(image, content).clamp(0, 1) for image in images]
+        return images
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Drop the frozen VGG weights; keep the initial losses, the best images and which objectives stopped.
@@ -401,8 +497,8 @@ class ImageOptimization(L.LightningModule):
         return self.vgg
 
     def _objective_layers(self, index: int) -> list[str]:
-        layers = [layer for layer, weights in self.content_weights.items() if weights[index] > 0]
-        return layers + [layer for (_, layer), weights in self.style_weights.items() if weights[index] > 0]
+        layers = [layer for (layer, _), weights in self.content_weights.items() if weights[index] > 0]
+        return layers + [layer for (_, layer, _), weights in self.style_weights.items() if weights[index] > 0]
 
     def objective_loss(self, index: int, image: Tensor) -> dict[str, Tensor]:
         """Weighted loss terms and their ``total`` for objective ``index`` at one image of shape ``(1, 3, H, W)``.
@@ -411,14 +507,15 @@ class ImageOptimization(L.LightningModule):
         ``total``. The VGG pass stops at the objective's deepest layer, so the value does not depend on the other
         objectives of the run. Builds the VGG trunk first if :meth:`configure_model` has not run.
         """
-        features = self._trunk()(image, self._objective_layers(index))
+        features = self._trunk()(self.vgg_input(index, image), self._objective_layers(index))
         terms: dict[str, Tensor] = {}
-        for layer, weights in self.content_weights.items():
-            if weights[index] > 0 and layer in self.content_losses:
-                terms[f"content_{layer}"] = weights[index] * self.content_losses[layer](features[layer])[0]
-        for (statistic, layer), weights in self.style_weights.items():
+        for (layer, variant), weights in self.content_weights.items():
+            key = _loss_key(layer, variant)
+            if weights[index] > 0 and key in self.content_losses:
+                terms[f"content_{layer}"] = weights[index] * self.content_losses[key](features[layer])[0]
+        for (statistic, layer, variant), weights in self.style_weights.items():
             if weights[index] > 0:
-                loss = self.style_losses[f"{statistic}_{layer}"](features[layer])[0]
+                loss = self.style_term(self.style_losses[_loss_key(statistic, layer, variant)], features[layer])[0]
                 terms[f"style_{statistic}_{layer}"] = weights[index] * loss
         if self.tv_weights[index] > 0:
             terms["tv"] = self.tv_weights[index] * total_variation(image)[0]
@@ -427,7 +524,7 @@ class ImageOptimization(L.LightningModule):
 
     def _closure(self, index: int, optimizer: Any, first: list[dict[str, Tensor]]) -> Tensor:
         optimizer.zero_grad()
-        terms = self.objective_loss(index, self.decode(self.images[index]))
+        terms = self.objective_loss(index, self.render(index, self.decode(self.images[index])))
         if not torch.isfinite(terms["total"]):
             term, value = next((t, v.item()) for t, v in terms.items() if not torch.isfinite(v) and t != "total")
             raise DivergenceError(self.global_step, self.objectives[index].name, term, value)
@@ -465,11 +562,11 @@ class ImageOptimization(L.LightningModule):
             if start["total"] < self.best_loss[index]:
                 self.best_loss[index] = start["total"]
                 self.best_step[index] = step
-                self.best_images[index] = self.decode(before[0])
+                self.best_images[index] = self.render(index, self.decode(before))[0]
             with torch.no_grad():
                 parameter.clamp_(0, 1)  # projected gradient descent: the parameter stays an image
                 if bool(torch.isfinite(parameter).all()):
-                    self.last_good[index] = self.decode(parameter[0])
+                    self.last_good[index] = self.render(index, self.decode(parameter))[0]
                     self.has_good[index] = True
                 if torch.equal(before, parameter):
                     self.stopped_at[index] = step
@@ -544,11 +641,15 @@ class ImageOptimization(L.LightningModule):
         results = []
         for index, objective in enumerate(self.objectives):
             result = best[index : index + 1].float()
+            final_loss = {term: value.item() for term, value in self.objective_loss(index, result).items()}
+            if objective.color == "histogram" and self.content is not None:
+                # A post-step: the losses are those of the optimised image, the metrics those of the image returned.
+                result = match_histograms(result, self.content.to(result.device).float())
             results.append(
                 ObjectiveResult(
                     image=result,
                     initial_loss=(self._initial or {}).get(objective.name, {}),
-                    final_loss={term: value.item() for term, value in self.objective_loss(index, result).items()},
+                    final_loss=final_loss,
                     best_step=self.best_step[index],
                     best_loss=self.best_loss[index],
                     last_loss=last[index],
@@ -571,8 +672,15 @@ class ImageOptimization(L.LightningModule):
             metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
         if objective.style_layers:
             layers = layer_weights(objective.style_layers, "style_layers")
-            targets = {layer: self.style_losses[f"{objective.statistic}_{layer}"] for layer in layers}
-            distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
-            distance.update(image)
-            metrics[f"style_distance_{objective.statistic}"] = distance.compute().item()
+            variant = _STYLE_VARIANT[objective.color]
+            targets = {layer: self.style_losses[_loss_key(objective.statistic, layer, variant)] for layer in layers}
+            if self.masks is None:
+                distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
+                distance.update(self.vgg_input(index, image))
+                value = distance.compute().item()
+            else:  # StyleDistance has one target per layer; masked regions have one each
+                features = self._trunk()(self.vgg_input(index, image), list(layers))
+                terms = [w * self.style_term(targets[layer], features[layer])[0] for layer, w in layers.items()]
+                value = torch.stack(terms).sum().item()
+            metrics[f"style_distance_{objective.statistic}"] = value
         return metrics

@@ -160,6 +160,10 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
         check_source(content, "data.content")
     for index, style in enumerate(styles):
         check_source(style, f"data.style[{index}]")
+    for key in ("masks", "style_masks"):
+        for index, mask in enumerate(_get(data, key) or []):
+            if mask is not None:
+                check_source(mask, f"data.{key}[{index}]")
     model = _get(_get(config, "model"), "init_args")
     init = _get(model, "init")
     if isinstance(init, str) and init not in ("noise", "content"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -116,6 +117,28 @@ def collate_items(items: list[GenerationItem]) -> dict[str, Any]:
     return batch
 
 
+def _check_blends(blends: list[list[float]] | None, count: int) -> list[list[float]] | None:
+    """``data.style_blends`` with each entry normalised to sum 1, or raise naming the entry."""
+    if blends is None:
+        return None
+    if not count:
+        raise NSTError("data.style_blends: give the style images to blend in data.style")
+    if not blends:
+        raise NSTError("data.style_blends: the list of blends is empty")
+    normalised = []
+    for index, blend in enumerate(blends):
+        key = f"data.style_blends[{index}]"
+        weights = [float(weight) for weight in blend]
+        if len(weights) != count:
+            raise NSTError(f"{key}: {len(weights)} weights for {count} data.style images; give one per image")
+        if any(not math.isfinite(weight) or weight < 0 for weight in weights):
+            raise NSTError(f"{key}: each weight must be a finite number >= 0, got {weights}")
+        if sum(weights) <= 0:
+            raise NSTError(f"{key}: all zero; give at least one style image a weight > 0")
+        normalised.append([weight / sum(weights) for weight in weights])
+    return normalised
+
+
 def _digest(source: str, key: str) -> str:
     try:
         return source_digest(source)
@@ -169,8 +192,12 @@ class PromptGrid(L.LightningDataModule):
         seeds: One image per seed for every prompt and style.
         style: Style images: paths, ``sample:NAME`` or ``skimage:NAME``; each is its own guidance target. Loaded at
             full size: the guidance resizes them.
-        style_prompts: Text appended to the prompt for each style image (``"<prompt>, <style prompt>"``), e.g.
-            ``"in the style of Van Gogh's Starry Night"`` for a prompt-only baseline. One entry per style image.
+        style_prompts: Text appended to the prompt for each style target (``"<prompt>, <style prompt>"``), e.g.
+            ``"in the style of Van Gogh's Starry Night"`` for a prompt-only baseline. One entry per style image (per
+            blend with ``style_blends``).
+        style_blends: Guidance targets that blend the style images: each entry weighs every ``style`` image (one
+            weight each, normalised to sum 1) and makes one target, which replaces the single images as the items'
+            styles. E.g. ``[[1, 0], [0.5, 0.5], [0, 1]]`` generates each prompt and seed with three targets.
         negative_prompt: Negative prompt of every item.
         init_images: Images to start from (img2img, see ``model.strength``): one for every prompt, or one per prompt
             in the order of the prompts (the list's, then the file's); each prompt's style and seed items share it.
@@ -186,6 +213,7 @@ class PromptGrid(L.LightningDataModule):
         seeds: list[int] | None = None,
         style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         style_prompts: list[str] | None = None,
+        style_blends: list[list[float]] | None = None,
         negative_prompt: str = "",
         init_images: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         batch_size: int = 1,
@@ -211,11 +239,21 @@ class PromptGrid(L.LightningDataModule):
                 raise NSTError(f"data.style[{index}]: image file not found: {Path(source).expanduser()}")
         # Digested here, before any output exists, so results made from an image since edited are recognised.
         self.style_digests = [_digest(source, f"data.style[{i}]") for i, source in enumerate(self.style_sources)]
-        if style_prompts is not None and len(style_prompts) != len(self.style_sources):
-            raise NSTError(
-                f"data.style_prompts: give one entry per style image ({len(self.style_sources)}), "
-                f"got {len(style_prompts)}"
-            )
+        self.style_blends = _check_blends(style_blends, len(self.style_sources))
+        if self.style_blends is not None:
+            # A blend is named by its weights and sources, and identified by its weights and the images' digests.
+            self.blend_names = [
+                " + ".join(f"{w:.4g}*{s}" for w, s in zip(blend, self.style_sources, strict=True) if w > 0)
+                for blend in self.style_blends
+            ]
+            self.blend_digests = [
+                hashlib.sha256(json.dumps([blend, self.style_digests]).encode()).hexdigest()
+                for blend in self.style_blends
+            ]
+        targets = len(self.style_blends) if self.style_blends is not None else len(self.style_sources)
+        if style_prompts is not None and len(style_prompts) != targets:
+            what = "blend (data.style_blends)" if self.style_blends is not None else "style image"
+            raise NSTError(f"data.style_prompts: give one entry per {what} ({targets}), got {len(style_prompts)}")
         if batch_size < 1:
             raise NSTError(f"data.batch_size: must be >= 1, got {batch_size}")
         if num_workers < 0:
@@ -250,7 +288,9 @@ class PromptGrid(L.LightningDataModule):
 
     def expand(self) -> list[GenerationItem]:
         """All items, in order: prompts (the list, then the file's) × styles × seeds."""
-        styles: list[tuple[int, str | None]] = list(enumerate(self.style_sources)) or [(-1, None)]
+        names = self.blend_names if self.style_blends is not None else self.style_sources
+        digests = self.blend_digests if self.style_blends is not None else self.style_digests
+        styles: list[tuple[int, str | None]] = list(enumerate(names)) or [(-1, None)]
         items: list[GenerationItem] = []
         for prompt_index, prompt in enumerate(self.prompts):
             init = min(prompt_index, len(self.init_sources) - 1)
@@ -270,7 +310,7 @@ class PromptGrid(L.LightningDataModule):
                             style,
                             style_index,
                             style_prompt,
-                            self.style_digests[style_index] if style is not None else None,
+                            digests[style_index] if style is not None else None,
                             init_image,
                             init_digest,
                         )
@@ -290,6 +330,12 @@ class PromptGrid(L.LightningDataModule):
                 source: load_image(source, key=f"data.init_images[{index}]")
                 for index, source in enumerate(self.init_sources)
             }
+
+    def style_targets(self) -> tuple[list[Tensor | list[Tensor]], list[list[float]] | None]:
+        """The guidance targets, as :meth:`lightning_nst.StyleGuidance.set_styles` takes them: images and weights."""
+        if self.style_blends is None:
+            return list(self.style_images), None
+        return [list(self.style_images) for _ in self.style_blends], self.style_blends
 
     def skip(self, indices: Iterable[int]) -> None:
         """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished.

@@ -135,9 +135,9 @@ def test_the_reported_style_distance_is_the_metrics_from_scratch(
     built: list[str] = []
     init = StyleLoss.__init__
 
-    def counted(self: StyleLoss, target_features: object, statistic: str) -> None:
+    def counted(self: StyleLoss, target_features: object, statistic: str, **options: object) -> None:
         built.append(statistic)
-        init(self, target_features, statistic)  # type: ignore[arg-type]
+        init(self, target_features, statistic, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(StyleLoss, "__init__", counted)
     model = ImageOptimization([TRANSFER], vgg=VGGConfig(weights="random"))
