@@ -435,7 +435,7 @@ def _check_weights(path: Path, recorded: str | None, vgg: Any) -> None:
 
 
 def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, init: str | None) -> None:
-    """Refuse when an input image's content differs from the one the checkpoint was made from."""
+    """Refuse when the input images (content, style, masks, init) or blend weights differ from the checkpoint's."""
     if not saved:
         return
     sources: dict[str, Any] = {"data.content": data.get("content")}
@@ -450,6 +450,15 @@ def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, ini
             f"data.style: the checkpoint {path} was made from {len(saved.get('data.style') or [])} "
             f"style images, this command gives {len(styles)}; start a new run"
         )
+    weights = data.get("style_weights")
+    if (None if weights is None else [float(w) for w in weights]) != saved.get("data.style_weights"):
+        raise NSTError(f"data.style_weights: differs from the checkpoint {path}; start a new run without --ckpt_path")
+    for key in ("data.masks", "data.style_masks"):
+        given = data.get(key.removeprefix("data."))
+        if (given is None) != (saved.get(key) is None) or len(given or []) != len(saved.get(key) or []):
+            raise NSTError(f"{key}: differs from the checkpoint {path}; start a new run without --ckpt_path")
+        sources.update({f"{key}[{i}]": source for i, source in enumerate(given or [])})
+        recorded.update({f"{key}[{i}]": digest for i, digest in enumerate(saved.get(key) or [])})
     for key, source in sources.items():
         if (source is None) != (recorded.get(key) is None):
             raise NSTError(f"{key}: differs from the checkpoint {path}; start a new run without --ckpt_path")

@@ -298,6 +298,8 @@ class ImageOptimization(L.LightningModule):
         for key, sources in (("data.masks", data.mask_sources), ("data.style_masks", data.style_mask_sources)):
             if sources is not None:
                 self.inputs[key] = [source_digest(source) if source is not None else None for source in sources]
+        if data.style_weights is not None:
+            self.inputs["data.style_weights"] = list(data.style_weights)
         return data.output_shape
 
     def setup(self, stage: str) -> None:

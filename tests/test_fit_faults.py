@@ -159,6 +159,29 @@ def test_resume_refuses_a_changed_style_image(capsys: pytest.CaptureFixture[str]
     assert not (RUN / "version_1").exists()
 
 
+def test_resume_refuses_changed_blend_weights_or_masks(capsys: pytest.CaptureFixture[str]) -> None:
+    styles = [*TEXTURE, *TOY, QUIET, EVERY_5, "--data.init_args.style=[sample:gravel, sample:immunohistochemistry]"]
+    blended = [*styles, "--data.init_args.style_weights=[0.7, 0.3]"]
+    main(blended)
+    last = f"--ckpt_path={RUN / 'version_0/checkpoints/last.ckpt'}"
+    err = fails([*styles, "--data.init_args.style_weights=[0.3, 0.7]", last], capsys)
+    assert err.startswith("lightning-nst: error: data.style_weights: differs from the checkpoint"), err
+
+    half = np.zeros((32, 32), dtype=np.uint8)
+    half[:, :16] = 255
+    Image.fromarray(half).save("left.png")
+    Image.fromarray(255 - half).save("right.png")
+    masked = [*styles, "--data.init_args.masks=[left.png, right.png]", "--trainer.logger.init_args.name=masked"]
+    main(masked)
+    last = f"--ckpt_path={Path('logs/masked/version_0/checkpoints/last.ckpt')}"
+    err = fails([*styles, "--trainer.logger.init_args.name=masked", last], capsys)
+    assert err.startswith("lightning-nst: error: data.masks: differs from the checkpoint"), err
+    Image.fromarray(np.full((32, 32), 128, dtype=np.uint8)).save("left.png")
+    err = fails([*masked, last], capsys)
+    assert "data.masks[0]: left.png changed since the checkpoint" in err, err
+    assert not Path("logs/masked/version_1").exists()
+
+
 # -- 4. signals ---------------------------------------------------------------------------------------------------
 
 
