@@ -40,7 +40,9 @@ def test_stylize_returns_the_image_and_writes_nothing(tmp_path: Path, monkeypatc
 
 
 def test_bad_statistic_is_named() -> None:
-    with pytest.raises(lightning_nst.NSTError, match=r"--statistic: must be one of gram, meanvar \(got grm\)"):
+    with pytest.raises(
+        lightning_nst.NSTError, match=r"--statistic: must be one of gram, meanvar, w2, sliced_w \(got grm\)"
+    ):
         lightning_nst.texture("skimage:brick", statistic="grm")
 
 
