@@ -70,6 +70,8 @@ def stylize(
     style_weight: float | None = None,
     content_weight: float | None = None,
     statistic: str = "gram",
+    color: str = "keep",
+    style_weights: Sequence[float] | None = None,
     optimizer: str = "lbfgs",
     init: str = "content",
     weights: str = "auto",
@@ -87,6 +89,8 @@ def stylize(
         style_weight: Weight of the style term; ``None``: the shipped config's.
         content_weight: Weight of the content term; ``None``: the shipped config's (1).
         statistic: ``"gram"``, ``"meanvar"``, ``"w2"`` or ``"sliced_w"`` (``configs/style_transfer_<statistic>.yaml``).
+        color: ``"keep"``, ``"luminance"``, ``"match"`` or ``"histogram"`` (``Objective.color``).
+        style_weights: Blend weight of each style image (``data.style_weights``); ``None``: equal.
         optimizer: ``"lbfgs"`` (the config's) or ``"adam"``.
         init: ``"content"``, ``"noise"`` or an image.
         weights: VGG19 weights: ``"auto"``, ``"imagenet"``, ``"random"`` (offline) or a file.
@@ -101,6 +105,7 @@ def stylize(
     options = _options(
         content=content, style=styles, size=size, steps=steps, style_weight=style_weight,
         content_weight=content_weight, statistic=statistic, optimizer=optimizer, init=init, weights=weights, seed=seed,
+        color=color, style_weights=style_weights,
     )  # fmt: skip
     return _run(stylize_config(options), progress, accelerator)
 
@@ -112,6 +117,7 @@ def texture(
     steps: int | None = None,
     style_weight: float | None = None,
     statistic: str = "gram",
+    style_weights: Sequence[float] | None = None,
     optimizer: str = "lbfgs",
     init: str = "noise",
     weights: str = "auto",
@@ -130,6 +136,6 @@ def texture(
     textures = [style] if isinstance(style, str | os.PathLike) else list(style)
     options = _options(
         texture=textures, size=size, steps=steps, style_weight=style_weight, statistic=statistic,
-        optimizer=optimizer, init=init, weights=weights, seed=seed,
+        optimizer=optimizer, init=init, weights=weights, seed=seed, style_weights=style_weights,
     )  # fmt: skip
     return _run(texture_config(options), progress, accelerator)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -32,6 +33,18 @@ class _Steps(Dataset[Tensor]):
 
     def __getitem__(self, index: int) -> Tensor:
         return torch.tensor(index)
+
+
+def check_style_weights(weights: Sequence[float], count: int, key: str) -> list[float]:
+    """``weights`` as floats; raises naming ``key`` unless there is one finite weight >= 0 per style, not all zero."""
+    weights = [float(weight) for weight in weights]
+    if len(weights) != count:
+        raise NSTError(f"{key}: {len(weights)} weights for {count} style images")
+    if any(not math.isfinite(weight) or weight < 0 for weight in weights):
+        raise NSTError(f"{key}: each weight must be a finite number >= 0, got {weights}")
+    if sum(weights) <= 0:
+        raise NSTError(f"{key}: all zero; give at least one style image a weight > 0")
+    return weights
 
 
 class ImageTargets(L.LightningDataModule):
@@ -74,14 +87,7 @@ class ImageTargets(L.LightningDataModule):
             raise NSTError("data.style: the list of style images is empty")
         count = len(style or [])
         if style_weights is not None:
-            weights = [float(weight) for weight in style_weights]
-            if len(weights) != count:
-                raise NSTError(f"data.style_weights: {len(weights)} weights for {count} data.style images")
-            if any(not math.isfinite(weight) or weight < 0 for weight in weights):
-                raise NSTError(f"data.style_weights: each weight must be a finite number >= 0, got {weights}")
-            if sum(weights) <= 0:
-                raise NSTError("data.style_weights: all zero; give at least one style image a weight > 0")
-            style_weights = weights
+            style_weights = check_style_weights(style_weights, count, "data.style_weights")
         for key, given in (("data.masks", masks), ("data.style_masks", style_masks)):
             if given is not None and len(given) != count:
                 raise NSTError(f"{key}: {len(given)} masks for {count} data.style images; give one per style image")

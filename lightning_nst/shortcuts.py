@@ -21,6 +21,8 @@ import yaml
 from PIL import Image
 
 from lightning_nst import shipped
+from lightning_nst.color import COLOR_MODES
+from lightning_nst.data import check_style_weights
 from lightning_nst.errors import NSTError
 from lightning_nst.hub import SCHEDULERS
 from lightning_nst.losses import STATISTICS
@@ -45,6 +47,9 @@ def _common(parser: argparse.ArgumentParser, size_default: str, init_default: st
     parser.add_argument("--steps", type=int, help="optimisation steps (default: the config's, 500)")
     parser.add_argument("--style-weight", type=float, help="weight of the style term (default: the config's)")
     parser.add_argument("--statistic", choices=STATISTICS, default="gram", help="style statistic (gram)")
+    parser.add_argument(
+        "--style-weights", type=float, nargs="+", help="blend weight of each style image (default: equal)"
+    )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="lbfgs", help="optimizer (lbfgs)")
     parser.add_argument("--init", default=init_default, help=f"noise, content or an image path ({init_default})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run and of a noise start (0)")
@@ -65,6 +70,14 @@ def stylize_parser() -> argparse.ArgumentParser:
     parser.add_argument("style", nargs="+", help="the style image(s)")
     _common(parser, "512", "content")
     parser.add_argument("--content-weight", type=float, help="weight of the content term (default: 1)")
+    parser.add_argument(
+        "--color",
+        choices=COLOR_MODES,
+        default="keep",
+        help="keep (the style's colours), luminance (transfer luminance only, keep the content's colours), match "
+        "(the style's colours matched to the content's first) or histogram (the result's histograms matched to the "
+        "content's) (keep)",
+    )
     return parser
 
 
@@ -136,6 +149,9 @@ def _optimisation_config(
     ):
         if value not in choices:
             raise NSTError(f"{flag}: must be one of {', '.join(choices)} (got {value})")
+    weights = getattr(options, "style_weights", None)
+    if weights is not None:
+        data = {**data, "style_weights": check_style_weights(weights, len(data["style"]), "--style-weights")}
     config = _shipped(name)
     config["seed_everything"] = options.seed
     trainer = config["trainer"]
@@ -161,6 +177,11 @@ def _optimisation_config(
 def stylize_config(options: argparse.Namespace) -> dict[str, Any]:
     """``configs/style_transfer_<statistic>.yaml`` with the flags of ``lightning-nst stylize`` as overrides."""
     objective = {} if options.content_weight is None else {"content_weight": options.content_weight}
+    color = getattr(options, "color", "keep")
+    if color not in COLOR_MODES:
+        raise NSTError(f"--color: must be one of {', '.join(COLOR_MODES)} (got {color})")
+    if color != "keep":
+        objective["color"] = color
     data = {"content": options.content, "style": list(options.style)}
     return _optimisation_config(f"style_transfer_{options.statistic}", options, data, objective)
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from lightning_nst.images import load_image, to_pil
 from lightning_nst.main import COMMANDS, main
 from tests.conftest import REPO, cli_error
 
@@ -198,3 +200,23 @@ def test_every_statistic_has_a_stylize_and_a_texture_config(statistic: str, caps
     out = capsys.readouterr().out
     assert f"name: style_transfer_{statistic}" in out and f"name: texture_{statistic}" in out
     assert out.count(f"statistic: {statistic}") == 2
+
+
+def test_stylize_colour_and_blend_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    content, style = write_images(tmp_path)
+    flags = ["--color", "luminance", "--style-weights", "3", "1"]
+    main(["stylize", content, style, style, "-o", "a.png", *TOY, *flags, "--print-config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["objectives"][0]["color"] == "luminance"
+    assert config["data"]["init_args"]["style_weights"] == [3.0, 1.0]
+    main(["stylize", content, style, style, "-o", "a.png", *TOY, *flags])
+    with Image.open(tmp_path / "a.png") as image:
+        # luminance mode: the result keeps the chroma (YCbCr, 0-255) of the content as the run resized it
+        original = to_pil(load_image(content, max(image.size), key="content"))
+        result, source = (np.asarray(i.convert("YCbCr"), dtype=float)[..., 1:] for i in (image, original))
+        assert np.abs(result - source).mean() < 1.0
+    line = cli_error(capsys, ["stylize", content, style, "-o", "b.png", "--style-weights", "1", "1"])
+    assert line == "lightning-nst: error: --style-weights: 2 weights for 1 style images"
+    line = cli_error(capsys, ["stylize", content, style, "-o", "b.png", "--color", "sepia"])
+    assert line.startswith("lightning-nst: error: stylize: argument --color: invalid choice: 'sepia'")
+    assert not (tmp_path / "b.png").exists()

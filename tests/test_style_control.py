@@ -131,7 +131,7 @@ TWO = "--data.init_args.style=[sample:gravel, sample:immunohistochemistry]"
         ([TWO, "--data.init_args.style_weights=[1, -1]"], "data.style_weights: each weight must be a finite number"),
         ([TWO, "--data.init_args.style_weights=[0, 0]"], "data.style_weights: all zero"),
         ([TWO, "--data.init_args.style_weights=[1, .nan]"], "data.style_weights: each weight must be a finite number"),
-        ([TWO, "--data.init_args.style_weights=[1]"], "data.style_weights: 1 weights for 2 data.style images"),
+        ([TWO, "--data.init_args.style_weights=[1]"], "data.style_weights: 1 weights for 2 style images"),
         ([TWO, "--data.init_args.masks=[sample:mask_left]"], "data.masks: 1 masks for 2 data.style images"),
     ],
 )
