@@ -58,7 +58,8 @@ class Objective:
         content_weight: Weight of the content term.
         style_layers: Layers whose style statistic must match the style image(s).
         style_weight: Weight of the style term.
-        statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
+        statistic: ``"gram"`` (Gatys et al.), ``"meanvar"`` (per-channel mean and std, as in AdaIN), ``"w2"``
+            (Gaussian Wasserstein-2) or ``"sliced_w"`` (sliced Wasserstein) (:class:`~lightning_nst.losses.StyleLoss`).
         tv_weight: Weight of the total-variation smoothness term.
         color: ``"keep"`` (the style's colours), ``"luminance"`` (the objective is computed on luminance images,
             the style's luminance first matched to the content's mean and std, and the result is the optimised
