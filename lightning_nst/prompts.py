@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from lightning_nst.data import check_style_weights
 from lightning_nst.errors import NSTError
 from lightning_nst.images import is_sample, load_image
 from lightning_nst.outputs import source_digest
@@ -127,14 +127,7 @@ def _check_blends(blends: list[list[float]] | None, count: int) -> list[list[flo
         raise NSTError("data.style_blends: the list of blends is empty")
     normalised = []
     for index, blend in enumerate(blends):
-        key = f"data.style_blends[{index}]"
-        weights = [float(weight) for weight in blend]
-        if len(weights) != count:
-            raise NSTError(f"{key}: {len(weights)} weights for {count} data.style images; give one per image")
-        if any(not math.isfinite(weight) or weight < 0 for weight in weights):
-            raise NSTError(f"{key}: each weight must be a finite number >= 0, got {weights}")
-        if sum(weights) <= 0:
-            raise NSTError(f"{key}: all zero; give at least one style image a weight > 0")
+        weights = check_style_weights(blend, count, f"data.style_blends[{index}]")
         normalised.append([weight / sum(weights) for weight in weights])
     return normalised
 

@@ -222,7 +222,7 @@ def test_prompt_grid_style_blends_make_one_target_per_blend() -> None:
     [
         ([[1, -1]], r"data.style_blends\[0\]: each weight must be a finite number >= 0"),
         ([[1, 1], [0, 0]], r"data.style_blends\[1\]: all zero"),
-        ([[1]], r"data.style_blends\[0\]: 1 weights for 2 data.style images"),
+        ([[1]], r"data.style_blends\[0\]: 1 weights for 2 style images"),
         ([[1, float("nan")]], r"data.style_blends\[0\]: each weight must be a finite number"),
         ([], r"data.style_blends: the list of blends is empty"),
     ],
