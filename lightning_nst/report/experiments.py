@@ -1120,10 +1120,10 @@ def style_controls(settings: ReportSettings) -> Path:
             [[pil(content), pil(styles["A"]), *(_open(results[mode]) for mode in COLOR_MODES)]],
             ["content", "style", *COLOR_MODES],
             ["colour"],
-            [["", f"ΔCbCr={chroma['style A']:.1f}", *(f"ΔCbCr={chroma[mode]:.1f}" for mode in COLOR_MODES)]],
+            [["", f"CbCr diff {chroma['style A']:.1f}", *(f"CbCr diff {chroma[mode]:.1f}" for mode in COLOR_MODES)]],
         ),
         f"Colour modes of Gram NST ({settings.steps} steps, {settings.size} px)",
-        ["ΔCbCr: mean absolute CbCr difference from the content, 0-255"],
+        ["CbCr diff: mean absolute CbCr difference from the content, 0-255"],
     )
     blends = [f"blend {weight:g}" for weight in weights]
     report.figure(
