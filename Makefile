@@ -28,7 +28,8 @@ lint: $(STAMP)
 
 # The CPU report samples under docs/reports: the partial ImageNet VGG19 weights of ../shared (random weights beyond
 # relu3_1, labelled as such), the tests' tiny random Stable Diffusion pipeline, and Starry Night from ../shared as
-# one of gram_vs_meanvar's textures (with scikit-image's samples) and the style of the diffusion reports.
+# one of gram_vs_meanvar's textures (with scikit-image's samples) and the style of the diffusion reports and of
+# style_controls (whose second style is scikit-image's gravel).
 SAMPLE_WEIGHTS ?= ../shared/models/vgg19_imagenet_conv1_1-conv3_1.pth
 SAMPLE_STYLE ?= ../shared/data/style/starry_night.jpg
 TEXTURES := skimage:gravel, skimage:brick, skimage:grass, skimage:immunohistochemistry, skimage:coffee
@@ -50,4 +51,5 @@ report-samples: $(STAMP) reports/tiny-sd
 			--out docs/reports/$$experiment || exit 1; \
 	done && \
 	$(VENV)/bin/lightning-nst report guided_img2img_vs_nst $(SAMPLES) --style $(SAMPLE_STYLE) --image_size 64 \
-		--out docs/reports/guided_img2img_vs_nst
+		--out docs/reports/guided_img2img_vs_nst && \
+	$(VENV)/bin/lightning-nst report style_controls $(SAMPLES) --style $(SAMPLE_STYLE) --out docs/reports/style_controls

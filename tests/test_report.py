@@ -112,9 +112,11 @@ def test_a_rerun_reads_finished_runs_and_other_settings_are_refused(capsys: pyte
 def test_a_report_made_before_a_setting_was_added_is_read_back(capsys: pytest.CaptureFixture[str]) -> None:
     out = report("reconstruction", "--layers=[conv1_1]")
     recorded = out / "report.yaml"
-    # report.yaml as the version before guided_img2img_vs_nst wrote it: no content_prompt, no strengths
-    older = re.sub(r"^content_prompt: .*\n|^strengths:\n(?:- .*\n)+", "", recorded.read_text(), flags=re.M)
-    assert "strengths" not in older and "content_prompt" not in older
+    # report.yaml as the version before guided_img2img_vs_nst and style_controls wrote it: none of their settings
+    added = r"^(?:content_prompt|second_style): .*\n|^(?:strengths|blend_weights|masks):\n(?:- .*\n)+"
+    older = re.sub(added, "", recorded.read_text(), flags=re.M)
+    for setting in ("strengths", "content_prompt", "second_style", "blend_weights", "masks"):
+        assert setting not in older
     recorded.write_text(older)
     image = out / "runs" / "conv1_1" / "conv1_1.png"
     written = image.stat().st_mtime_ns

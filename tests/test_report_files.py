@@ -235,7 +235,13 @@ def test_report_all_reports_a_failed_experiment_and_runs_the_others(
         f"are in {tmp_path / 'all'}"
     )
     written = sorted(path.parent.name for path in (tmp_path / "all").glob("*/report.md"))
-    assert written == ["gram_vs_meanvar", "guided_img2img_vs_nst", "guided_vs_prompt", "reconstruction"]
+    assert written == [
+        "gram_vs_meanvar",
+        "guided_img2img_vs_nst",
+        "guided_vs_prompt",
+        "reconstruction",
+        "style_controls",
+    ]
     # index.md links each report that was written, and names those that failed and why.
     index = (tmp_path / "all" / "index.md").read_text().splitlines()
     links = [re.search(r"\[(.+?)\]\((.+?)\)", line) for line in index if line.startswith("- ")]
@@ -246,6 +252,7 @@ def test_report_all_reports_a_failed_experiment_and_runs_the_others(
         None,
         ("guided_vs_prompt", "guided_vs_prompt/report.md"),
         ("guided_img2img_vs_nst", "guided_img2img_vs_nst/report.md"),
+        ("style_controls", "style_controls/report.md"),
     ]
     assert "`texture_layers`" in index[3] and "**Failed**: texture: not an image file: in/t.png" in index[3]
     assert "`guided_vs_nst`" in index[5] and "**Failed**: KeyError('bug')" in index[5]

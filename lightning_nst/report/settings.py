@@ -32,7 +32,12 @@ class ReportSettings:
         content: Content image of experiment 1, and the content photo of ``guided_img2img_vs_nst``.
         texture: Texture image of experiment 2.
         textures: Texture images of experiment 3; each claim there is counted over every texture and seed.
-        style: Style image of experiments 4 and 5 and of ``guided_img2img_vs_nst``.
+        style: Style image of experiments 4 and 5 and of ``guided_img2img_vs_nst``; style A of ``style_controls``.
+        second_style: Style B of ``style_controls`` (blends and masks), another image than ``style``.
+        blend_weights: Weights of style A in ``style_controls``' blend sweep (style B gets ``1 - w``), each in
+            ``[0, 1]`` and given once.
+        masks: Two mask images (white = that style) of ``style_controls``' masked run: style A on the first's
+            region, style B on the second's; the aspect ratio of ``content``.
         layers: Layers of experiment 1; by default all 37 (each conv with its relu, and the pools).
         style_layers: Style layers of experiments 3-5 and of the style loss all of them report.
         content_layer: Content layer of the NST runs of experiment 4.
@@ -74,6 +79,9 @@ class ReportSettings:
     texture: str = "skimage:gravel"
     textures: list[str] = field(default_factory=lambda: list(TEXTURES))
     style: str = "skimage:immunohistochemistry"
+    second_style: str = "skimage:gravel"
+    blend_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    masks: list[str] = field(default_factory=lambda: ["sample:mask_left", "sample:mask_right"])
     layers: list[str] | None = None
     style_layers: list[str] = field(default_factory=lambda: list(DEFAULT_STYLE_LAYERS))
     content_layer: str = "relu4_2"
@@ -123,3 +131,12 @@ class ReportSettings:
                 raise NSTError(f"strengths: each must be in (0, 1] (1 is text-to-image), got {strength!r}")
         if len(set(self.strengths)) < len(self.strengths):
             raise NSTError(f"strengths: each strength once, got {self.strengths}")
+        if len(self.blend_weights) < 2:
+            raise NSTError(f"blend_weights: give at least two weights of style, got {self.blend_weights}")
+        for weight in self.blend_weights:
+            if not 0.0 <= weight <= 1.0:  # also refuses NaN
+                raise NSTError(f"blend_weights: each must be in [0, 1] (the weight of style), got {weight!r}")
+        if len(set(self.blend_weights)) < len(self.blend_weights):
+            raise NSTError(f"blend_weights: each weight once, got {self.blend_weights}")
+        if len(self.masks) != 2:
+            raise NSTError(f"masks: give two mask images (style's region, then second_style's), got {len(self.masks)}")
