@@ -119,11 +119,11 @@ class ImageTargets(L.LightningDataModule):
             ]
         if self.masks is None and self.mask_sources is not None:
             shape = self.output_shape
-            masks = [_load_mask(s, shape, f"data.masks[{i}]") for i, s in enumerate(self.mask_sources)]
+            masks = [load_mask(s, shape, f"data.masks[{i}]") for i, s in enumerate(self.mask_sources)]
             self.masks = _normalise_masks(masks)
         if self.style_masks is None and self.style_mask_sources is not None:
             self.style_masks = [
-                None if source is None else _load_mask(source, image.shape[-2:], f"data.style_masks[{index}]")
+                None if source is None else load_mask(source, image.shape[-2:], f"data.style_masks[{index}]")
                 for index, (source, image) in enumerate(zip(self.style_mask_sources, self.style, strict=True))
             ]
 
@@ -157,7 +157,7 @@ class ImageTargets(L.LightningDataModule):
         return DataLoader(_Steps(steps), batch_size=None)
 
 
-def _load_mask(source: str | os.PathLike[str], shape: tuple[int, int] | torch.Size, key: str) -> Tensor:
+def load_mask(source: str | os.PathLike[str], shape: tuple[int, int] | torch.Size, key: str) -> Tensor:
     """A mask image as ``(1, 1, H, W)`` greyscale in ``[0, 1]`` at ``shape``; refused if its aspect ratio differs."""
     image = read_image(source, key=key, max_side=max(shape))
     height, width = int(shape[0]), int(shape[1])

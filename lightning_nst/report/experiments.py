@@ -18,7 +18,7 @@ from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from lightning_nst.color import COLOR_MODES, chroma_difference
-from lightning_nst.data import _load_mask
+from lightning_nst.data import load_mask
 from lightning_nst.errors import NSTError
 from lightning_nst.images import is_sample, load_image, to_pil
 from lightning_nst.losses import STATISTICS, LayerStyleLoss, Statistic
@@ -997,7 +997,7 @@ def style_controls(settings: ReportSettings) -> Path:
         "B": load_image(settings.second_style, settings.size, key="second_style"),
     }
     texture = load_image(settings.texture, settings.size, key="texture")
-    masks = [_load_mask(source, size, f"masks[{index}]") for index, source in enumerate(settings.masks)]
+    masks = [load_mask(source, size, f"masks[{index}]") for index, source in enumerate(settings.masks)]
     weights = sorted(settings.blend_weights, reverse=True)
     title = "Style controls: colour, blends, masks and Wasserstein statistics"
     report = Report("style_controls", title, settings, layers + content_layers, runs=len(weights) + 3)
