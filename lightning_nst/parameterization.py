@@ -54,8 +54,7 @@ class Parameterization:
         return int(shape[-2]), int(shape[-1])
 
     def project_(self, parameter: Tensor) -> None:
-        """After an optimizer step: keep the parameter valid in place (nothing for parameterisations that decode
-        any value to a valid image)."""
+        """After an optimizer step, keep the parameter valid in place; a no-op where any value decodes validly."""
 
 
 class PixelParameterization(Parameterization):
@@ -208,4 +207,3 @@ def make_parameterization(name: str, key: str = "model.parameterization") -> Par
     if name == "fourier":
         return FourierParameterization()
     raise NSTError(f"{key}: must be one of {', '.join(PARAMETERIZATIONS)}, got {name!r}")
-
