@@ -305,7 +305,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed")
+UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed", "parameterization")
 """ImageOptimization options a resumed run may not change: the checkpoint's image was made for them."""
 
 
@@ -359,7 +359,9 @@ def check_checkpoint(config: Namespace) -> bool:
     _check_weights(path, state.get("vgg_weights"), wanted.get("vgg"))
     _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
     if str(data_config.get("class_path", "")).endswith("ImageTargets"):
-        _check_image_shape(path, checkpoint["state_dict"]["images.0"].shape, state.get("size"), data)
+        # The decoded image's shape: a laplacian parameter is wider than its image.
+        shape = state.get("image_shape") or checkpoint["state_dict"]["images.0"].shape
+        _check_image_shape(path, shape, state.get("size"), data)
     if changed:  # the same image shape, but other style targets (style_size)
         raise NSTError(
             f"ckpt_path: {path} was saved with other data.size than this command; a resumed run cannot change it "

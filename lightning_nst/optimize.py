@@ -34,6 +34,7 @@ from lightning_nst.images import load_image
 from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import source_digest
+from lightning_nst.parameterization import ParameterizationName, make_parameterization
 from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_weights, min_input_size
 from lightning_nst.writers import ImageWriter
 
@@ -168,6 +169,10 @@ class ImageOptimization(L.LightningModule):
         init_seed: Seed of the noise initialisation.
         optimizer: Optimizer factory, e.g. ``torch.optim.LBFGS`` with its options in YAML; Adam(lr=0.02) by default.
             It is called once per objective, over that objective's image.
+        parameterization: What the optimizer moves: ``"pixels"``, ``"laplacian"`` (a Laplacian pyramid, as STROTSS)
+            or ``"fourier"`` (a 1/f-scaled, colour-decorrelated spectrum, as Distill's "Differentiable Image
+            Parameterizations"); see :mod:`lightning_nst.parameterization`. :attr:`images` holds the raw parameters;
+            :meth:`decode` gives the image VGG sees and the writer saves.
 
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
@@ -188,11 +193,13 @@ class ImageOptimization(L.LightningModule):
         init: str = "noise",
         init_seed: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
+        parameterization: ParameterizationName = "pixels",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False  # one optimizer, closure and step per objective
         _check_objectives(objectives)
+        self.parameterization = make_parameterization(parameterization)
         self.objectives = objectives
         # Keyed by layer (and statistic) and by the colour variant of the target images: (layer, variant) and
         # (statistic, layer, variant).
@@ -240,7 +247,11 @@ class ImageOptimization(L.LightningModule):
 
     def decode(self, parameter: Tensor) -> Tensor:
         """The image a parameter stands for, in ``[0, 1]``: what VGG sees (a line search's trial points too)."""
-        return parameter.clamp(0, 1)
+        return self.parameterization.decode(parameter)
+
+    def encode(self, image: Tensor) -> Tensor:
+        """The raw parameter that decodes to ``image`` ``(1, 3, H, W)`` in ``[0, 1]`` (any size)."""
+        return self.parameterization.encode(image).contiguous()
 
     def render(self, index: int, image: Tensor) -> Tensor:
         """The colour image objective ``index`` makes of a decoded ``(B, 3, H, W)`` image: what is saved and shown.
@@ -321,7 +332,7 @@ class ImageOptimization(L.LightningModule):
             assert self.inputs is not None
             self.inputs["model.init"] = source_digest(self.init)
         for _ in self.objectives:
-            self.images.append(nn.Parameter(start.clamp(0, 1).clone().contiguous()))
+            self.images.append(nn.Parameter(self.encode(start.clamp(0, 1))))
 
     def configure_callbacks(self) -> list[L.Callback]:
         """A default :class:`~lightning_nst.writers.ImageWriter` when the trainer has a logger and no writer.
@@ -436,6 +447,7 @@ class ImageOptimization(L.LightningModule):
             "inputs": self.inputs,
             "size": self._target_sizes,
             "image_shape": list(image.shape) if image is not None else None,
+            "parameterization": self.parameterization.name,
             "optimizer": type(optimizer).__name__ if optimizer is not None else None,
             "best_images": self.best_images.detach().cpu() if self.best_images is not None else None,
             "best_loss": list(self.best_loss),
@@ -469,13 +481,21 @@ class ImageOptimization(L.LightningModule):
         """
         state = checkpoint.get("lightning_nst", {})
         where = f"ckpt_path: {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        saved_name = state.get("parameterization", "pixels")  # checkpoints from before it was recorded: pixels
+        if saved_name != self.parameterization.name:
+            raise NSTError(
+                f"{where} was made with model.parameterization {saved_name}, this run gives "
+                f"{self.parameterization.name}; a resumed run cannot change it (start a new run without --ckpt_path, "
+                "or give the checkpoint's model.parameterization)"
+            )
         for index, parameter in enumerate(self.images):
             saved = checkpoint.get("state_dict", {}).get(f"images.{index}")
             if saved is not None and saved.shape != parameter.shape:
+                (saved_h, saved_w), (h, w) = map(self.parameterization.image_size, (saved.shape, parameter.shape))
                 raise NSTError(
-                    f"{where} holds a {saved.shape[-1]}x{saved.shape[-2]} image, this run's data makes "
-                    f"{parameter.shape[-1]}x{parameter.shape[-2]}; a resumed run cannot change the image size "
-                    "(start a new run without --ckpt_path, or give the checkpoint's data.size)"
+                    f"{where} holds a {saved_w}x{saved_h} image, this run's data makes {w}x{h}; a resumed run "
+                    "cannot change the image size (start a new run without --ckpt_path, or give the checkpoint's "
+                    "data.size)"
                 )
         recorded = state.get("vgg_weights")  # None in checkpoints saved before it was recorded: those still load
         used = self.vgg.weights_used if self.vgg is not None else None
@@ -567,7 +587,7 @@ class ImageOptimization(L.LightningModule):
                 self.best_step[index] = step
                 self.best_images[index] = self.render(index, self.decode(before))[0]
             with torch.no_grad():
-                parameter.clamp_(0, 1)  # projected gradient descent: the parameter stays an image
+                self.parameterization.project_(parameter)  # pixels: projected gradient descent onto [0, 1]
                 if bool(torch.isfinite(parameter).all()):
                     self.last_good[index] = self.render(index, self.decode(parameter))[0]
                     self.has_good[index] = True
