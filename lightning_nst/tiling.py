@@ -187,7 +187,9 @@ class TilePlan:
         return tiles
 
 
-def tiled_features(vgg: VGG19Features, image: Tensor, layers: Sequence[str], tiles: Sequence[Tile]) -> dict[str, Tensor]:
+def tiled_features(
+    vgg: VGG19Features, image: Tensor, layers: Sequence[str], tiles: Sequence[Tile]
+) -> dict[str, Tensor]:
     """``vgg(image, layers)`` assembled tile by tile without autograd (e.g. content targets of a large image)."""
     height, width = image.shape[-2:]
     out: dict[str, Tensor] = {}
@@ -270,7 +272,9 @@ def tiled_terms(
             value = weight * loss.loss_of_sums(counts[layer], first, second, shift)[0]
             if gradient:
                 slope = torch.autograd.grad(value, [first, second], allow_unused=True)  # gram uses no first sums
-                slopes[layer] = tuple(torch.zeros_like(t) if d is None else d for t, d in zip((first, second), slope))
+                slopes[layer] = tuple(
+                    torch.zeros_like(t) if d is None else d for t, d in zip((first, second), slope, strict=True)
+                )
         style_values[layer] = value.detach().float()
     grad: Tensor | None = None
     if gradient:
@@ -284,7 +288,9 @@ def tiled_terms(
                     value, _ = valid(features, layer, tile)
                     if value.numel():
                         first, second = loss.sums(value, shifts[layer])
-                        surrogate.append((slopes[layer][0].float() * first).sum() + (slopes[layer][1].float() * second).sum())
+                        surrogate.append(
+                            (slopes[layer][0].float() * first).sum() + (slopes[layer][1].float() * second).sum()
+                        )
                 for layer, (weight, _) in content.items():
                     value, where = valid(features, layer, tile)
                     if value.numel():
