@@ -759,7 +759,13 @@ class ImageOptimization(L.LightningModule):
             layers = layer_weights(objective.style_layers, "style_layers")
             variant = _STYLE_VARIANT[objective.color]
             targets = {layer: self.style_losses[_loss_key(objective.statistic, layer, variant)] for layer in layers}
-            if self.masks is None:
+            seen = self.vgg_input(index, image)
+            if self.tile_plan is not None and self.tile_plan.applies(seen):
+                tiles = self.tile_plan.tiles(*seen.shape[-2:])
+                style = {layer: (w, targets[layer]) for layer, w in layers.items()}
+                values, _ = tiled_terms(self._trunk(), seen, {}, style, tiles, gradient=False)
+                value = torch.stack(list(values["style"].values())).sum().item()
+            elif self.masks is None:
                 distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
                 distance.update(self.vgg_input(index, image))
                 value = distance.compute().item()
