@@ -204,7 +204,7 @@ def test_tiled_peak_memory_grows_less_than_untiled_from_256_to_512_px() -> None:
         ({"tile_size": 64, "tile_overlap": -1}, {}, "model.tile_overlap: must be a whole number >= 0"),
         ({"tile_size": 64, "tile_overlap": 64}, {}, "model.tile_overlap: 64 px must be smaller than model.tile_size"),
         ({"tile_size": 18, "tile_overlap": 16}, {}, "model.tile_size: 18 px is too small for layers up to relu3_1"),
-        ({"tile_size": 64}, {"statistic": "sliced_w"}, "model.tile_size: tiling needs a style statistic"),
+        ({"tile_size": 128}, {"statistic": "sliced_w"}, "model.tile_size: tiling needs a style statistic"),
     ],
 )
 def test_bad_tiling_values_are_refused_naming_the_key(options: dict, objective: dict, key: str) -> None:
