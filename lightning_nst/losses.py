@@ -442,11 +442,49 @@ class StyleLoss(nn.Module):
     def _w2(self, features: Tensor) -> Tensor:
         flat = _fp32(features).flatten(2)
         mean, cov = _weighted_mean_cov(flat, _position_weights(features, self.mask), diagonal=False)
-        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
-        root = self.target_sqrt.float()
+        return self._w2_of_moments(mean, cov)
+
+    def _w2_of_moments(self, mean: Tensor, cov: Tensor) -> Tensor:
+        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+        root = self.target_sqrt.to(cov.dtype)
         cross = _SqrtmNewtonSchulz.apply(root @ cov @ root, _NS_ITERATIONS)
-        trace = (cov + self.target.float() - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
-        return (mean - self.target_mean.float()).square().mean(dim=1) + trace
+        trace = (cov + self.target.to(cov.dtype) - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
+        return (mean - self.target_mean.to(mean.dtype)).square().mean(dim=1) + trace
+
+    def sums(self, features: Tensor, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        r"""Sums over the positions of ``(B, C, H, W)`` features that :meth:`loss_of_sums` turns into the loss.
+
+        ``(Σ_k (F_k - c), Σ_k (F_k - c)(F_k - c)^T)``, shapes ``(B, C)`` and ``(B, C, C)``, with the squares
+        ``(B, C)`` instead of the outer products for ``"meanvar"``. The shift :math:`c` (``(B, C)``, zero if
+        ``None``; always zero for ``"gram"``) keeps the variance's :math:`E[x^2] - E[x]^2` from cancelling in
+        floating point. Sums of disjoint sets of positions add up to the sums of their union, which is what tiled
+        optimisation (:mod:`lightning_nst.tiling`) accumulates. Unmasked ``"gram"``, ``"meanvar"`` and ``"w2"``.
+        """
+        if self.statistic == "sliced_w" or self.mask is not None:
+            raise ValueError("only unmasked gram, meanvar and w2 losses are functions of feature sums")
+        with torch.autocast(features.device.type, enabled=False):
+            flat = _fp32(features).flatten(2)
+            if shift is not None and self.statistic != "gram":
+                flat = flat - shift.to(flat.dtype)[..., None]
+            if self.statistic == "meanvar":
+                return flat.sum(dim=2), flat.square().sum(dim=2)
+            return flat.sum(dim=2), flat @ flat.transpose(1, 2)
+
+    def loss_of_sums(self, count: int, first: Tensor, second: Tensor, shift: Tensor | None = None) -> Tensor:
+        """The loss ``(B,)`` of features given by :meth:`sums` over ``count`` positions, in the sums' dtype.
+
+        Equals :meth:`forward` on those features up to rounding.
+        """
+        if self.statistic == "gram":
+            return _per_sample_mse(second / (second.shape[-1] * count), self.target.to(second.dtype))
+        mean = first / count
+        if self.statistic == "meanvar":
+            var = second / count - mean.square()
+            mean = mean if shift is None else mean + shift.to(mean.dtype)
+            statistic = torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1)
+            return 2 * _per_sample_mse(statistic, self.target.to(statistic.dtype))
+        cov = second / count - mean[..., :, None] * mean[..., None, :]
+        return self._w2_of_moments(mean if shift is None else mean + shift.to(mean.dtype), cov)
 
     def _sliced_w(self, features: Tensor) -> Tensor:
         flat = _fp32(features).flatten(2)

@@ -35,7 +35,8 @@ from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, 
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import source_digest
 from lightning_nst.parameterization import ParameterizationName, make_parameterization
-from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_weights, min_input_size
+from lightning_nst.tiling import TilePlan, exact_margin, tiled_features, tiled_terms
+from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_index, layer_weights, min_input_size
 from lightning_nst.writers import ImageWriter
 
 __all__ = ["DivergenceError", "ImageOptimization", "Objective", "ObjectiveResult", "default_optimizer"]
@@ -173,6 +174,11 @@ class ImageOptimization(L.LightningModule):
             or ``"fourier"`` (a 1/f-scaled, colour-decorrelated spectrum, as Distill's "Differentiable Image
             Parameterizations"); see :mod:`lightning_nst.parameterization`. :attr:`images` holds the raw parameters;
             :meth:`decode` gives the image VGG sees and the writer saves.
+        tile_size: Process images whose longer side exceeds this many px in tiles of at most this size, one at a
+            time, so memory follows the tile size (see :mod:`lightning_nst.tiling`); ``None``: never tile.
+        tile_overlap: Pixels adjacent tiles share; tiled equals untiled up to rounding when ``tile_overlap // 2``
+            reaches :func:`lightning_nst.tiling.exact_margin` of the layers (e.g. 24 up to relu3_1, 64 up to
+            relu4_1, 160 up to relu5_1).
 
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
@@ -194,6 +200,8 @@ class ImageOptimization(L.LightningModule):
         init_seed: int = 0,
         optimizer: OptimizerCallable = default_optimizer,
         parameterization: ParameterizationName = "pixels",
+        tile_size: int | None = None,
+        tile_overlap: int = 64,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -216,6 +224,7 @@ class ImageOptimization(L.LightningModule):
                 self.style_weights.setdefault(target, [0.0] * len(objectives))[index] = objective.style_weight * weight
         self.tv_weights = [objective.tv_weight for objective in objectives]
         self.layers = sorted({*(layer for layer, _ in self.content_weights), *(t[1] for t in self.style_weights)})
+        self.tile_plan = self._check_tiling(tile_size, tile_overlap)
         self.vgg_config = vgg or VGGConfig()
         self.vgg: VGG19Features | None = None  # built in configure_model: loading weights is the heavy part
         self.init = init
@@ -242,6 +251,26 @@ class ImageOptimization(L.LightningModule):
         self.best_loss: list[float] = []
         self.best_step: list[int] = []
         self.stopped_at: list[int | None] = []
+
+    def _check_tiling(self, tile_size: int | None, tile_overlap: int) -> TilePlan | None:
+        if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
+            raise NSTError(f"model.tile_overlap: must be a whole number >= 0, got {tile_overlap!r}")
+        if tile_size is None:
+            return None
+        plan = TilePlan(tile_size, tile_overlap, tuple(sorted(self.layers, key=layer_index)))
+        for index, objective in enumerate(self.objectives):
+            if objective.statistic == "sliced_w":
+                # Sorted projections are not sums over positions, so tiles cannot be accumulated into them.
+                raise NSTError(
+                    f"model.tile_size: tiling needs a style statistic that is a sum over positions (gram, meanvar, "
+                    f"w2); model.objectives[{index}].statistic is sliced_w"
+                )
+        if not plan.exact:
+            rank_zero_info(
+                f"model.tile_overlap {tile_overlap}: below {2 * exact_margin(plan.layers)} px the tiles' border "
+                "features see padding, not their neighbours; the grid moves every step so no seam stays put"
+            )
+        return plan
 
     # -- the pixels -------------------------------------------------------------------------------------------
 
@@ -296,6 +325,9 @@ class ImageOptimization(L.LightningModule):
             if objective.color != "keep" and data.content_source is None:
                 raise NSTError(f"model.objectives[{index}].color: {objective.color!r} needs data.content")
         data.check_min_size(min_input_size(self.layers))
+        if self.tile_plan is not None and data.masks is not None:
+            # A masked statistic weighs positions by a mask resized to each layer's whole grid, not a sum of tiles.
+            raise NSTError("model.tile_size: tiling does not support data.masks; leave one of them out")
         self.content = data.content
         self.style = list(data.style)
         self.content_source = str(data.content_source) if data.content_source is not None else None
@@ -375,7 +407,10 @@ class ImageOptimization(L.LightningModule):
         vgg = self._trunk()
         content = self.content.to(self.device) if self.content is not None else None
         if content is not None and self.content_weights:
-            contents = {variant: vgg(self.target_images("content", variant)[0]) for _, variant in self.content_weights}
+            contents = {
+                variant: self._features(self.target_images("content", variant)[0])
+                for _, variant in self.content_weights
+            }
             for layer, variant in self.content_weights:
                 self.content_losses[_loss_key(layer, variant)] = ContentLoss(contents[variant][layer])
         if self.style_weights:
@@ -391,6 +426,12 @@ class ImageOptimization(L.LightningModule):
             self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
             if isinstance(self.logger, TensorBoardLogger):
                 self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
+
+    def _features(self, image: Tensor) -> dict[str, Tensor]:
+        """All layers' features of a target image, assembled tile by tile when tiling applies to it."""
+        if self.tile_plan is None or not self.tile_plan.applies(image):
+            return self._trunk()(image)
+        return tiled_features(self._trunk(), image, self.layers, self.tile_plan.tiles(*image.shape[-2:]))
 
     def _style_loss(self, target: list[Tensor], statistic: Statistic) -> StyleLoss | nn.ModuleList:
         """One blended target, or with masks one masked loss per region (summed by :meth:`style_term`)."""
@@ -528,8 +569,11 @@ class ImageOptimization(L.LightningModule):
 
         Keys are ``content_<layer>``, ``style_<statistic>_<layer>``, ``tv`` (the terms the objective uses) and
         ``total``. The VGG pass stops at the objective's deepest layer, so the value does not depend on the other
-        objectives of the run. Builds the VGG trunk first if :meth:`configure_model` has not run.
+        objectives of the run. Builds the VGG trunk first if :meth:`configure_model` has not run. Without autograd
+        and with ``tile_size`` smaller than the image, the terms are computed tile by tile.
         """
+        if not torch.is_grad_enabled() and self.tile_plan is not None and self.tile_plan.applies(image):
+            return self._tiled_objective(index, image, backward=False)
         features = self._trunk()(self.vgg_input(index, image), self._objective_layers(index))
         terms: dict[str, Tensor] = {}
         for (layer, variant), weights in self.content_weights.items():
@@ -545,15 +589,53 @@ class ImageOptimization(L.LightningModule):
         terms["total"] = torch.stack(list(terms.values())).sum()
         return terms
 
+    def _tiled_objective(self, index: int, image: Tensor, backward: bool) -> dict[str, Tensor]:
+        """:meth:`objective_loss`'s terms (detached), computed tile by tile (:mod:`~lightning_nst.tiling`).
+
+        With ``backward`` it also backpropagates their gradient into the image parameter. The grid offset is drawn
+        from ``init_seed`` and the global step, so a resumed run draws the same offsets.
+        """
+        assert self.tile_plan is not None
+        seen = self.vgg_input(index, image)
+        content = {
+            layer: (weights[index], self.content_losses[_loss_key(layer, variant)])
+            for (layer, variant), weights in self.content_weights.items()
+            if weights[index] > 0 and _loss_key(layer, variant) in self.content_losses
+        }
+        style = {
+            layer: (weights[index], self.style_losses[_loss_key(statistic, layer, variant)])
+            for (statistic, layer, variant), weights in self.style_weights.items()
+            if weights[index] > 0
+        }
+        generator = torch.Generator().manual_seed(self.init_seed * 1_000_003 + self.global_step)
+        tiles = self.tile_plan.tiles(*seen.shape[-2:], self.tile_plan.random_offset(generator))
+        values, grad = tiled_terms(self._trunk(), seen, content, style, tiles, gradient=backward)
+        statistic = self.objectives[index].statistic
+        terms = {f"content_{layer}": value for layer, value in values["content"].items()}
+        terms.update({f"style_{statistic}_{layer}": value for layer, value in values["style"].items()})
+        surrogate = None if grad is None else (seen * grad).sum()
+        if self.tv_weights[index] > 0:
+            tv = self.tv_weights[index] * total_variation(image)[0]
+            terms["tv"] = tv.detach()
+            surrogate = None if surrogate is None else surrogate + tv
+        terms["total"] = torch.stack(list(terms.values())).sum()
+        if surrogate is not None:
+            # Its gradient is the terms' gradient: the image gradient of the VGG terms, pulled through render/decode.
+            self.manual_backward(surrogate)
+        return terms
+
     def _closure(self, index: int, optimizer: Any, first: list[dict[str, Tensor]]) -> Tensor:
         optimizer.zero_grad()
-        terms = self.objective_loss(index, self.render(index, self.decode(self.images[index])))
+        image = self.render(index, self.decode(self.images[index]))
+        tiled = self.tile_plan is not None and self.tile_plan.applies(image)
+        terms = self._tiled_objective(index, image, backward=True) if tiled else self.objective_loss(index, image)
         if not torch.isfinite(terms["total"]):
             term, value = next((t, v.item()) for t, v in terms.items() if not torch.isfinite(v) and t != "total")
             raise DivergenceError(self.global_step, self.objectives[index].name, term, value)
         if not first:
             first.append({term: value.detach() for term, value in terms.items()})
-        self.manual_backward(terms["total"])
+        if not tiled:
+            self.manual_backward(terms["total"])
         return terms["total"].detach()
 
     def training_step(self, batch: Tensor, batch_idx: int) -> None:
@@ -697,7 +779,13 @@ class ImageOptimization(L.LightningModule):
             layers = layer_weights(objective.style_layers, "style_layers")
             variant = _STYLE_VARIANT[objective.color]
             targets = {layer: self.style_losses[_loss_key(objective.statistic, layer, variant)] for layer in layers}
-            if self.masks is None:
+            seen = self.vgg_input(index, image)
+            if self.tile_plan is not None and self.tile_plan.applies(seen):
+                tiles = self.tile_plan.tiles(*seen.shape[-2:])
+                style = {layer: (w, targets[layer]) for layer, w in layers.items()}
+                values, _ = tiled_terms(self._trunk(), seen, {}, style, tiles, gradient=False)
+                value = torch.stack(list(values["style"].values())).sum().item()
+            elif self.masks is None:
                 distance = StyleDistance(self._trunk(), targets, objective.statistic, list(layers), layers)
                 distance.update(self.vgg_input(index, image))
                 value = distance.compute().item()
