@@ -305,7 +305,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed")
+UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed", "scales", "scale_steps", "avg_decay")
 """ImageOptimization options a resumed run may not change: the checkpoint's image was made for them."""
 
 
@@ -359,7 +359,10 @@ def check_checkpoint(config: Namespace) -> bool:
     _check_weights(path, state.get("vgg_weights"), wanted.get("vgg"))
     _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
     if str(data_config.get("class_path", "")).endswith("ImageTargets"):
-        _check_image_shape(path, checkpoint["state_dict"]["images.0"].shape, state.get("size"), data)
+        # A coarse-to-fine checkpoint holds the image at its scale's size: compare the output size instead.
+        plan = (state.get("scales") or {}).get("plan")
+        shape = [plan[-1]["height"], plan[-1]["width"]] if plan else checkpoint["state_dict"]["images.0"].shape
+        _check_image_shape(path, shape, state.get("size"), data)
     if changed:  # the same image shape, but other style targets (style_size)
         raise NSTError(
             f"ckpt_path: {path} was saved with other data.size than this command; a resumed run cannot change it "
