@@ -400,7 +400,6 @@ class ImageOptimization(L.LightningModule):
         """Compute target features once, on the training device, and report which VGG weights are in use."""
         vgg = self._trunk()
         if self.scales is not None:
-            self._use_scale_inputs(self.scale)
             self._scale_clock = time.perf_counter()
         self._compute_targets()
         rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
@@ -435,6 +434,7 @@ class ImageOptimization(L.LightningModule):
             self.scales or [], self.scale_steps, (height, width), self.trainer.max_steps, min_input_size(self.layers)
         )
         self._full_inputs = (self.content, list(self.style), self.masks, self.style_masks)
+        self._use_scale_inputs(0)  # callbacks' on_fit_start may already render the image (luminance: content chroma)
         first = self.schedule[0]
         if self.init == "noise":
             generator = torch.Generator().manual_seed(self.init_seed)
@@ -679,6 +679,7 @@ class ImageOptimization(L.LightningModule):
                 "this run plans others; a resumed run cannot change them (give the checkpoint's values)"
             )
         self.scale = int(saved["scale"])
+        self._use_scale_inputs(self.scale)
         scale = self.schedule[self.scale]
         for i, parameter in enumerate(self.images):  # load_state_dict then fills them
             self.images[i] = nn.Parameter(parameter.new_zeros(1, 3, scale.height, scale.width))

@@ -103,6 +103,20 @@ def test_avg_decay_output_is_the_finite_average_not_the_last_iterate(tmp_path: P
     assert float((png - result.image[0]).abs().max()) <= 1 / 255 + 1e-6  # the PNG is the average
 
 
+@pytest.mark.parametrize("color", ["luminance", "match", "histogram"])
+def test_colour_modes_run_coarse_to_fine(color: str, tmp_path: Path) -> None:
+    objective = Objective("t", content_layers=["relu2_1"], style_layers=["relu1_1"], style_weight=1e4, color=color)
+    model = ImageOptimization([objective], vgg=VGGConfig(weights="random"), optimizer=ADAM, scales=[32, 64])
+    data = ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=64)
+    trainer = L.Trainer(
+        max_steps=2, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[ImageWriter(output_dir=str(tmp_path), snapshot_every=0)],
+    )  # fmt: skip
+    trainer.fit(model, data)  # the content's chroma and colour statistics follow the scale's size
+    with Image.open(tmp_path / "t.png") as image:
+        assert image.size == (64, 64)
+
+
 def test_iterate_average_is_bias_corrected() -> None:
     average = IterateAverage(torch.full((1, 3, 2, 2), 0.4), 0.9)
     torch.testing.assert_close(average.get(), torch.full((1, 3, 2, 2), 0.4))  # no pull toward zero
