@@ -74,11 +74,17 @@ def test_adam_moments_are_resized_and_its_step_count_carried(tmp_path: Path) -> 
     assert int(state["step"]) == 6  # bias correction goes on from the first scale
 
     adam = torch.optim.Adam([small := torch.nn.Parameter(torch.rand(1, 3, 8, 8))], lr=0.1)
-    small.grad = torch.randn_like(small)
+    small.grad = torch.rand_like(small) + 0.5  # positive: interpolation keeps the mean
     adam.step()
     resized = resize_optimizer_state(adam.state_dict(), small.shape, (16, 12))["state"][0]
     assert resized["exp_avg"].shape == resized["exp_avg_sq"].shape == (1, 3, 16, 12)
     assert float(resized["exp_avg_sq"].min()) >= 0 and float(resized["step"]) == 1
+    ratio = 8 * 8 / (16 * 12)  # a mean loss's pixel gradients shrink with the pixel count
+    before = adam.state[small]
+    assert float(resized["exp_avg"].abs().mean()) == pytest.approx(
+        ratio * float(before["exp_avg"].abs().mean()), rel=0.1
+    )
+    assert float(resized["exp_avg_sq"].mean()) == pytest.approx(ratio**2 * float(before["exp_avg_sq"].mean()), rel=0.1)
     assert adam.state[small]["exp_avg"].shape == (1, 3, 8, 8)  # the optimizer's own state is left alone
 
 
