@@ -200,6 +200,12 @@ def test_resume_across_a_scale_boundary_ends_as_an_uninterrupted_run(
         np.asarray(Image.open(RUN / "version_0/gram.png")), np.asarray(Image.open(RUN / "version_1/gram.png"))
     )
     assert whole["objectives"]["gram"]["best_loss"] == pytest.approx(resumed["objectives"]["gram"]["best_loss"])
+    at_4 = RUN / "version_0/checkpoints/epoch=0-step=4.ckpt"  # inside the second scale: resumes at 64 px
+    assert torch.load(at_4, weights_only=True)["state_dict"]["images.0"].shape == (1, 3, 64, 64)
+    main([*RESUMABLE, f"--ckpt_path={at_4}"])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(RUN / "version_0/gram.png")), np.asarray(Image.open(RUN / "version_2/gram.png"))
+    )
 
     with pytest.raises(SystemExit) as exit_info:
         main([*RESUMABLE, "--model.init_args.scales=[48,64]", f"--ckpt_path={at_2}"])
@@ -211,6 +217,7 @@ def test_resume_across_a_scale_boundary_ends_as_an_uninterrupted_run(
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-nst:")]
     assert len(lines) == 1 and "trainer.max_steps" in lines[0] and "cannot change" in lines[0], lines
+    assert sorted(path.name for path in RUN.iterdir()) == ["version_0", "version_1", "version_2"]  # none half-written
 
 
 def test_large_print_config_runs_at_toy_size(tmp_path: Path) -> None:
