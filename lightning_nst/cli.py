@@ -305,7 +305,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed", "parameterization")
+UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed", "parameterization", "scales", "scale_steps", "avg_decay")
 """ImageOptimization options a resumed run may not change: the checkpoint's image was made for them."""
 
 
@@ -359,8 +359,13 @@ def check_checkpoint(config: Namespace) -> bool:
     _check_weights(path, state.get("vgg_weights"), wanted.get("vgg"))
     _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
     if str(data_config.get("class_path", "")).endswith("ImageTargets"):
-        # The decoded image's shape: a laplacian parameter is wider than its image.
-        shape = state.get("image_shape") or checkpoint["state_dict"]["images.0"].shape
+        # A coarse-to-fine checkpoint holds the image at its scale's size: compare the output size instead. Otherwise
+        # the decoded image's shape: a laplacian parameter is wider than its image.
+        plan = (state.get("scales") or {}).get("plan")
+        if plan:
+            shape = [plan[-1]["height"], plan[-1]["width"]]
+        else:
+            shape = state.get("image_shape") or checkpoint["state_dict"]["images.0"].shape
         _check_image_shape(path, shape, state.get("size"), data)
     if changed:  # the same image shape, but other style targets (style_size)
         raise NSTError(

@@ -100,6 +100,7 @@ class ImageTargets(L.LightningDataModule):
         # Plain ints: jsonargparse passes PositiveInt instances, which checkpoints could not load with weights_only.
         self.size = int(size) if size is not None else None
         self.style_size = int(style_size) if style_size is not None else self.size
+        self.style_size_fixed = style_size is not None  # coarse-to-fine keeps it, else scales the style
         self.style_weights = style_weights
         self.mask_sources = list(masks) if masks is not None else None
         self.style_mask_sources = list(style_masks) if style_masks is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
@@ -35,6 +36,14 @@ from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, 
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import source_digest
 from lightning_nst.parameterization import ParameterizationName, make_parameterization
+from lightning_nst.scales import (
+    IterateAverage,
+    Scale,
+    check_schedule,
+    plan_scales,
+    resize_image,
+    resize_optimizer_state,
+)
 from lightning_nst.tiling import TilePlan, exact_margin, tiled_features, tiled_terms
 from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_index, layer_weights, min_input_size
 from lightning_nst.writers import ImageWriter
@@ -179,6 +188,14 @@ class ImageOptimization(L.LightningModule):
         tile_overlap: Pixels adjacent tiles share; tiled equals untiled up to rounding when ``tile_overlap // 2``
             reaches :func:`lightning_nst.tiling.exact_margin` of the layers (e.g. 24 up to relu3_1, 64 up to
             relu4_1, 160 up to relu5_1).
+        scales: Coarse-to-fine: long edges in pixels, ascending, the last the output's (data.size). Each scale
+            starts from the previous one's image upsampled, with targets recomputed at its size (style images
+            resized in proportion unless ``data.style_size`` is given), Adam's moments resized and L-BFGS restarted
+            (:mod:`lightning_nst.scales`). ``None``: one scale.
+        scale_steps: Steps per scale, summing to ``trainer.max_steps``; ``None`` splits them evenly.
+        avg_decay: With a value such as ``0.99``, the output is the bias-corrected exponential moving average of the
+            last scale's iterates (and each scale starts from the previous one's average) instead of the best
+            iterate.
 
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
@@ -202,12 +219,25 @@ class ImageOptimization(L.LightningModule):
         parameterization: ParameterizationName = "pixels",
         tile_size: int | None = None,
         tile_overlap: int = 64,
+        scales: list[int] | None = None,
+        scale_steps: list[int] | None = None,
+        avg_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False  # one optimizer, closure and step per objective
         _check_objectives(objectives)
         self.parameterization = make_parameterization(parameterization)
+        check_schedule(scales, scale_steps, avg_decay)
+        self.scales, self.scale_steps, self.avg_decay = scales, scale_steps, avg_decay
+        self.schedule: list[Scale] = []  # planned in setup
+        self.scale = 0  # index of the current scale
+        self._full_inputs: tuple[Any, ...] | None = None  # content, style, masks, style masks at the output size
+        self._style_size_fixed = False
+        self._scale_records: list[dict[str, Any]] = []
+        self._scale_clock = 0.0
+        self.average: list[IterateAverage] | None = None
+        self._scale_carried = 0.0  # seconds a resumed scale had already run
         self.objectives = objectives
         # Keyed by layer (and statistic) and by the colour variant of the target images: (layer, variant) and
         # (statistic, layer, variant).
@@ -335,6 +365,7 @@ class ImageOptimization(L.LightningModule):
         self.blend_weights = data.style_weights
         self.masks, self.style_masks = data.masks, data.style_masks
         self._target_sizes = [data.size, data.style_size]
+        self._style_size_fixed = data.style_size_fixed
         self.inputs = {
             "data.content": source_digest(data.content_source) if data.content_source is not None else None,
             "data.style": [source_digest(source) for source in data.style_sources],
@@ -363,6 +394,8 @@ class ImageOptimization(L.LightningModule):
             start = torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
             assert self.inputs is not None
             self.inputs["model.init"] = source_digest(self.init)
+        if self.scales is not None:
+            start = self._plan_scales(height, width, start)
         for _ in self.objectives:
             self.images.append(nn.Parameter(self.encode(start.clamp(0, 1))))
 
@@ -405,6 +438,19 @@ class ImageOptimization(L.LightningModule):
     def on_fit_start(self) -> None:
         """Compute target features once, on the training device, and report which VGG weights are in use."""
         vgg = self._trunk()
+        if self.scales is not None:
+            self._scale_clock = time.perf_counter()
+        self._compute_targets()
+        rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
+        if self.logger is not None:
+            self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
+            if isinstance(self.logger, TensorBoardLogger):
+                self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
+
+    @torch.no_grad()
+    def _compute_targets(self) -> None:
+        """Content and style targets from the current content and style images (at the current scale)."""
+        vgg = self._trunk()
         content = self.content.to(self.device) if self.content is not None else None
         if content is not None and self.content_weights:
             contents = {
@@ -421,11 +467,125 @@ class ImageOptimization(L.LightningModule):
             for statistic, layer, variant in self.style_weights:
                 target = [features[layer] for features in styles[variant]]
                 self.style_losses[_loss_key(statistic, layer, variant)] = self._style_loss(target, statistic)
-        rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
-        if self.logger is not None:
-            self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
-            if isinstance(self.logger, TensorBoardLogger):
-                self.logger.experiment.add_text("vgg_weights", vgg.weights_used)
+
+    # -- coarse to fine (lightning_nst.scales) ----------------------------------------------------------------
+
+    def _plan_scales(self, height: int, width: int, start: Tensor) -> Tensor:
+        """Plan the scales for an output of ``height x width``; return the start image at the first scale's size."""
+        self.schedule = plan_scales(
+            self.scales or [], self.scale_steps, (height, width), self.trainer.max_steps, min_input_size(self.layers)
+        )
+        self._full_inputs = (self.content, list(self.style), self.masks, self.style_masks)
+        self._use_scale_inputs(0)  # callbacks' on_fit_start may already render the image (luminance: content chroma)
+        first = self.schedule[0]
+        if self.init == "noise":
+            generator = torch.Generator().manual_seed(self.init_seed)
+            return torch.rand(1, 3, first.height, first.width, generator=generator)
+        return resize_image(start, (first.height, first.width))
+
+    def _use_scale_inputs(self, index: int) -> None:
+        """Content, style images and masks at scale ``index``'s size (style in proportion unless its size is fixed)."""
+        assert self._full_inputs is not None
+        content, styles, masks, style_masks = self._full_inputs
+        scale = self.schedule[index]
+        shape = (scale.height, scale.width)
+        factor = scale.long_edge / self.schedule[-1].long_edge
+        self.content = resize_image(content, shape) if content is not None else None
+        self.masks = [resize_image(mask, shape) for mask in masks] if masks is not None else None
+        if not self._style_size_fixed:
+            shapes = [(max(1, round(s.shape[-2] * factor)), max(1, round(s.shape[-1] * factor))) for s in styles]
+            min_side = min_input_size(self.layers)
+            for (height, width), source in zip(shapes, self.style_sources, strict=True):
+                if min(height, width) < min_side:
+                    raise NSTError(
+                        f"model.scales: at {scale.long_edge} px the style image {source} shrinks to {width}x{height}, "
+                        f"below the {min_side} px the deepest layer needs; start larger or set data.style_size"
+                    )
+            styles = [resize_image(style, shape) for style, shape in zip(styles, shapes, strict=True)]
+            if style_masks is not None:
+                style_masks = [
+                    resize_image(mask, shape) if mask is not None else None
+                    for mask, shape in zip(style_masks, shapes, strict=True)
+                ]
+        self.style, self.style_masks = list(styles), style_masks
+
+    def _due_scale(self) -> int | None:
+        """The next scale's index when it is due at this step: its planned start, or all objectives stopped."""
+        following = self.scale + 1
+        if self.scales is None or following >= len(self.schedule):
+            return None
+        stopped = bool(self.stopped_at) and all(at is not None for at in self.stopped_at)
+        return following if self.global_step >= self.schedule[following].start or stopped else None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Enter the next scale when it is due (:meth:`_enter_scale`)."""
+        due = self._due_scale()
+        if due is not None:
+            self._enter_scale(due)
+
+    @torch.no_grad()
+    def _enter_scale(self, index: int) -> None:
+        """Move to scale ``index``: upsampled images, targets at its size, optimizers rebuilt with resized moments.
+
+        Adam's moments are carried (resized) for ``parameterization: pixels`` only; otherwise every optimizer
+        restarts. Done in ``on_train_batch_start`` rather than in ``training_step``: Lightning 2.6's
+        manual-optimization loop (``loops/optimization/manual.py``, ``on_run_start``) installs its step-counting
+        hooks on ``trainer.strategy._lightning_optimizers`` just before ``training_step``, and
+        ``Strategy.setup_optimizers`` (``strategies/strategy.py``) rebuilds that list through its ``optimizers``
+        setter from :meth:`configure_optimizers`, so optimizers replaced here are counted like the first ones.
+        """
+        self._close_scale_record()
+        scale = self.schedule[index]
+        shape = (scale.height, scale.width)
+        old_shape = self.images[0].shape
+        states = [optimizer.state_dict() for optimizer in self.trainer.optimizers]
+        for i, parameter in enumerate(self.images):
+            source = self.average[i].get() if self.average is not None else self.decode(parameter.detach())
+            self.images[i] = nn.Parameter(self.encode(resize_image(source, shape)).contiguous())
+        self.scale = index
+        self._use_scale_inputs(index)
+        self._compute_targets()
+        self.trainer.strategy.setup_optimizers(self.trainer)
+        # L-BFGS restarts: its curvature pairs belong to the old size. Adam's moments are images only for pixels; a
+        # Laplacian pyramid's or a spectrum's moments resized as images would mean nothing, so those restart too.
+        if self.parameterization.name == "pixels":
+            for optimizer, state in zip(self.trainer.optimizers, states, strict=True):
+                if not isinstance(optimizer, LBFGS):
+                    optimizer.load_state_dict(resize_optimizer_state(state, old_shape, shape))
+        image = self.image
+        self.last_good = image.clone()
+        self._start_best(image)  # losses at different sizes do not compare: the best is sought per scale
+        self.average = self._new_average()
+        self._scale_clock = time.perf_counter()
+        rank_zero_info(f"step {self.global_step}: scale {index + 1}/{len(self.schedule)}, {scale.width}x{scale.height}")
+
+    def _new_average(self) -> list[IterateAverage] | None:
+        if self.avg_decay is None:
+            return None
+        return [IterateAverage(self.decode(p.detach()), self.avg_decay) for p in self.images]
+
+    def _close_scale_record(self) -> None:
+        """Record the scale that ends now: its size, steps and seconds (of this process, for a resumed run)."""
+        self._scale_records.append(self._current_scale_record())
+        self._scale_carried = 0.0
+
+    def _current_scale_record(self) -> dict[str, Any]:
+        scale = self.schedule[self.scale]
+        started = self._scale_records[-1]["end_step"] if self._scale_records else 0
+        return {
+            "long_edge": scale.long_edge,
+            "size": [scale.height, scale.width],
+            "steps": self.global_step - started,
+            "end_step": self.global_step,
+            "seconds": round(time.perf_counter() - self._scale_clock + self._scale_carried, 4),
+        }
+
+    @property
+    def scale_records(self) -> list[dict[str, Any]] | None:
+        """Each scale run so far: ``long_edge``, ``size`` ``[H, W]``, ``steps``, ``end_step`` and ``seconds``."""
+        if self.scales is None or not self.schedule:
+            return None
+        return [*self._scale_records, self._current_scale_record()]
 
     def _features(self, image: Tensor) -> dict[str, Tensor]:
         """All layers' features of a target image, assembled tile by tile when tiling applies to it."""
@@ -497,6 +657,14 @@ class ImageOptimization(L.LightningModule):
             # The weights actually loaded (a file's with its sha256 prefix), not the config's choice, e.g. ``auto``.
             "vgg_weights": self.vgg.weights_used if self.vgg is not None else None,
         }
+        if self.schedule:
+            checkpoint["lightning_nst"]["scales"] = {
+                "plan": [scale.as_dict() for scale in self.schedule],
+                "scale": self.scale,
+                "records": self._scale_records,
+                "carried_s": time.perf_counter() - self._scale_clock + self._scale_carried,
+                "average": [average.state_dict() for average in self.average] if self.average is not None else None,
+            }
 
     @staticmethod
     def weights_identity(description: str) -> tuple[str, ...]:
@@ -529,6 +697,7 @@ class ImageOptimization(L.LightningModule):
                 f"{self.parameterization.name}; a resumed run cannot change it (start a new run without --ckpt_path, "
                 "or give the checkpoint's model.parameterization)"
             )
+        self._restore_scale(state.get("scales"), where)
         for index, parameter in enumerate(self.images):
             saved = checkpoint.get("state_dict", {}).get(f"images.{index}")
             if saved is not None and saved.shape != parameter.shape:
@@ -552,6 +721,33 @@ class ImageOptimization(L.LightningModule):
             self.best_loss = list(state["best_loss"])
             self.best_step = list(state["best_step"])
             self.stopped_at = list(state["stopped_at"])
+
+    def _restore_scale(self, saved: dict[str, Any] | None, where: str) -> None:
+        """Put the images at the checkpoint's scale, or refuse a checkpoint of another coarse-to-fine schedule."""
+        if saved is None and not self.schedule:
+            return
+        if saved is None or not self.schedule:
+            made = "without" if saved is None else "with"
+            raise NSTError(
+                f"{where} was made {made} model.scales, this run is not; a resumed run cannot change the scales "
+                "(start a new run without --ckpt_path, or give the checkpoint's model.scales)"
+            )
+        plan = [scale.as_dict() for scale in self.schedule]
+        if saved["plan"] != plan:
+            describe = ", ".join(f"{s['long_edge']} px x {s['steps']}" for s in saved["plan"])
+            raise NSTError(
+                f"{where} was made with the scales {describe} (model.scales, model.scale_steps, trainer.max_steps), "
+                "this run plans others; a resumed run cannot change them (give the checkpoint's values)"
+            )
+        self.scale = int(saved["scale"])
+        self._use_scale_inputs(self.scale)
+        scale = self.schedule[self.scale]
+        for i, parameter in enumerate(self.images):  # load_state_dict then fills them
+            self.images[i] = nn.Parameter(parameter.new_zeros(1, 3, scale.height, scale.width))
+        self._scale_records = list(saved["records"])
+        self._scale_carried = float(saved["carried_s"])
+        if saved.get("average") is not None:
+            self.average = [IterateAverage.from_state(average, self.device) for average in saved["average"]]
 
     # -- the objective ----------------------------------------------------------------------------------------
 
@@ -679,10 +875,16 @@ class ImageOptimization(L.LightningModule):
                         f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
                         f"(loss {start['total']:.4g})"
                     )
-        if not counted or all(at is not None for at in self.stopped_at):
-            self.trainer.should_stop = True
+        if self.average is not None:
+            with torch.no_grad():
+                for average, parameter in zip(self.average, self.images, strict=True):
+                    average.update(self.decode(parameter))
+        if (not counted or all(at is not None for at in self.stopped_at)) and self._due_scale() is None:
+            self.trainer.should_stop = True  # unless a next scale follows: it starts at the next step
         metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
         metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
+        if self.schedule:
+            metrics["scale"] = float(self.schedule[self.scale].long_edge)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
         total = sum(row["total"] for row in self._current.values())
         self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
@@ -703,6 +905,8 @@ class ImageOptimization(L.LightningModule):
         if self.best_images is None:
             self._start_best(image)
         self.best_images = self.best_images.to(self.device)
+        if self.average is None:
+            self.average = self._new_average()
 
     @staticmethod
     def _finite_rows(images: Tensor) -> Tensor:
@@ -739,7 +943,12 @@ class ImageOptimization(L.LightningModule):
         for index in range(len(self.objectives)):
             total = self.objective_loss(index, image[index : index + 1])["total"].item()
             last.append(total)
-            if total < self.best_loss[index]:
+            if self.average is not None:  # the average is the output (crowsonkb's avg_decay), not the best iterate
+                average = self.render(index, self.average[index].get().to(image.device))
+                self.best_loss[index] = self.objective_loss(index, average)["total"].item()
+                self.best_step[index] = steps
+                best[index] = average[0]
+            elif total < self.best_loss[index]:
                 self.best_loss[index], self.best_step[index] = total, steps
                 best[index] = image[index]
         self.best_images = best

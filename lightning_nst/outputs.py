@@ -164,6 +164,8 @@ class FitSummary:
     ``inputs`` holds the content digests that checkpoints also keep (:func:`source_digest`); ``images`` names the
     content and style images: ``{"content": {"path", "sha256"} or None, "style": [{"path", "sha256"}, ...]}``, with
     the absolute path and the SHA-256 of a file, or the source as given and ``None`` for an embedded sample.
+    ``scales`` (coarse-to-fine runs only) lists each scale run: ``long_edge``, ``size`` ``[H, W]``, ``steps``,
+    ``end_step`` and ``seconds``.
     """
 
     vgg_weights: str
@@ -182,6 +184,7 @@ class FitSummary:
     grid_sha256: str
     inputs: dict[str, Any] | None
     images: dict[str, Any] | None = None
+    scales: list[dict[str, Any]] | None = None
 
     def to_json(self) -> str:
         """The file's text."""

@@ -396,6 +396,7 @@ class ImageWriter(L.Callback):
                 "content": _source_record(module.content_source) if module.content_source is not None else None,
                 "style": [_source_record(source) for source in module.style_sources],
             },
+            scales=getattr(module, "scale_records", None),
         )
         write_atomic(out / SUMMARY, summary.to_json().encode(), overwrite=self.overwrite)
         self._log_hparams(trainer, module, summary)
