@@ -67,6 +67,20 @@ def test_two_scales_run_in_one_fit_and_the_second_starts_from_the_first(tmp_path
     assert upsampled_start < 0.8 * fresh_start, (upsampled_start, fresh_start)
 
 
+@pytest.mark.parametrize("parameterization", ["laplacian", "fourier"])
+def test_other_parameterizations_run_coarse_to_fine_with_adam_restarted(tmp_path: Path, parameterization: str) -> None:
+    model, trainer = fit(tmp_path, scales=[32, 64], scale_steps=[3, 3], parameterization=parameterization)
+    (parameter,) = model.images
+    assert int(trainer.optimizers[0].state[parameter]["step"]) == 3  # a pyramid's or spectrum's moments restart
+    with Image.open(tmp_path / "t.png") as image:
+        assert image.size == (64, 64)
+    assert torch.equal(model.decode(parameter.detach()).clamp(0, 1), model.decode(parameter.detach()))
+    rows = first_losses(trainer)
+    assert [scale for _, scale, _ in rows] == [0, 0, 0, 1, 1, 1] and all(
+        torch.isfinite(torch.tensor(r[2])) for r in rows
+    )
+
+
 def test_adam_moments_are_resized_and_its_step_count_carried(tmp_path: Path) -> None:
     model, trainer = fit(tmp_path, scales=[32, 64], scale_steps=[3, 3])
     (parameter,) = model.images
