@@ -74,7 +74,6 @@ def test_other_parameterizations_run_coarse_to_fine_with_adam_restarted(tmp_path
     assert int(trainer.optimizers[0].state[parameter]["step"]) == 3  # a pyramid's or spectrum's moments restart
     with Image.open(tmp_path / "t.png") as image:
         assert image.size == (64, 64)
-    assert torch.equal(model.decode(parameter.detach()).clamp(0, 1), model.decode(parameter.detach()))
     rows = first_losses(trainer)
     assert [scale for _, scale, _ in rows] == [0, 0, 0, 1, 1, 1] and all(
         torch.isfinite(torch.tensor(r[2])) for r in rows
