@@ -355,8 +355,20 @@ class ImageOptimization(L.LightningModule):
                     raise NSTError(
                         f"model.optimizer.init_args.line_search_fn: must be strong_wolfe or null, got {line_search!r}"
                     )
+            if isinstance(optimizer, LBFGS) and self._grad_scaler() is not None:
+                # Lightning raises "AMP and the LBFGS optimizer are not compatible" only at the first step.
+                raise NSTError(
+                    f"trainer.precision: {self.trainer.precision} scales the loss with a gradient scaler, which "
+                    "L-BFGS cannot use; choose bf16-mixed or 32-true, or model.optimizer Adam"
+                )
             optimizers.append(optimizer)
         return optimizers
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The gradient scaler of Lightning's ``16-mixed`` precision, if this run has one."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
@@ -549,6 +561,8 @@ class ImageOptimization(L.LightningModule):
             before = parameter.detach().clone()
             first: list[dict[str, Tensor]] = []
             hooks = optimizer._on_before_step, optimizer._on_after_step
+            scaler = self._grad_scaler()
+            scale = scaler.get_scale() if scaler is not None else None
             if counted:
                 # Lightning counts every manual optimizer.step as a global step; a step of all objectives is one.
                 # Lightning 2.6 has no public switch for this: its manual loop installs these two hooks itself.
@@ -571,7 +585,9 @@ class ImageOptimization(L.LightningModule):
                 if bool(torch.isfinite(parameter).all()):
                     self.last_good[index] = self.render(index, self.decode(parameter))[0]
                     self.has_good[index] = True
-                if torch.equal(before, parameter):
+                # 16-mixed: the scaler skips a step with non-finite gradients and lowers its scale; not a stop.
+                skipped = scaler is not None and scaler.get_scale() < scale
+                if torch.equal(before, parameter) and not skipped:
                     self.stopped_at[index] = step
                     rank_zero_info(
                         f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
