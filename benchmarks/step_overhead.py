@@ -74,7 +74,7 @@ def bare(args: argparse.Namespace) -> tuple[float, float]:
         with torch.no_grad():
             image.clamp_(0, 1)
         ends.append(time.perf_counter())
-    return statistics.median(b - a for a, b in zip(ends, ends[1:])), first - started
+    return statistics.median(b - a for a, b in zip(ends, ends[1:], strict=False)), first - started
 
 
 class Clock(L.Callback):
@@ -111,7 +111,7 @@ def ours(args: argparse.Namespace, folder: str) -> tuple[float, float]:
     )
     trainer.fit(model, ImageTargets(content=CONTENT, style=[STYLE], size=args.size))
     ended = time.perf_counter()
-    per_step = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:]))
+    per_step = statistics.median(b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False))
     assert clock.first is not None
     return per_step, (clock.first - started) + (ended - clock.ends[-1])
 

@@ -229,7 +229,9 @@ def run_ours(args: argparse.Namespace, kwargs: dict[str, Any], optimizer: Any, t
         enable_model_summary=False,
     )
     trainer.fit(model, ImageTargets(content=args.content, style=[args.style], size=args.size))
-    steps = " + ".join(f"{n}@{side}" for side, n in sorted(recorder.stages.items()))
+    stages = " + ".join(f"{n}@{side}" for side, n in sorted(recorder.stages.items()))
+    reached = getattr(recorder, "steps_to_target", None)
+    steps = f"{reached} (ran {stages})" if reached is not None else f"ran {stages}"
     return Run(recorder.reached, steps, recorder.image, time.perf_counter() - started)
 
 
@@ -284,7 +286,7 @@ def one_size(args: argparse.Namespace, names: list[str]) -> None:
           f"{initial:.4g}), {args.size} px, {args.device}, {torch.get_num_threads()} threads, medians of "
           f"{args.repeats} round(s); loss at the reference's time scored by one definition")  # fmt: skip
     print(f"content {args.source_content}, style {args.source_style}, VGG weights {args.weights}")
-    print(f"| variant | steps | s to target | × faster than reference | loss at reference's time |")
+    print("| variant | steps | s to target | × faster than reference | loss at reference's time |")
     print("|---|---|---|---|---|")
     base = statistics.median(r.to_target or float("nan") for r in results["reference (tutorial)"])
     for name, runs in results.items():
