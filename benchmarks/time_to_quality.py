@@ -286,7 +286,7 @@ def one_size(args: argparse.Namespace, names: list[str]) -> None:
           f"{initial:.4g}), {args.size} px, {args.device}, {torch.get_num_threads()} threads, medians of "
           f"{args.repeats} round(s); loss at the reference's time scored by one definition")  # fmt: skip
     print(f"content {args.source_content}, style {args.source_style}, VGG weights {args.weights}")
-    print("| variant | steps | s to target | × faster than reference | loss at reference's time |")
+    print("| variant | steps to target | s to target | × faster than reference | loss at reference's time |")
     print("|---|---|---|---|---|")
     base = statistics.median(r.to_target or float("nan") for r in results["reference (tutorial)"])
     for name, runs in results.items():
