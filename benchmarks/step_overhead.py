@@ -90,7 +90,25 @@ class Clock(L.Callback):
         self.ends.append(time.perf_counter())
 
 
-def ours(args: argparse.Namespace, folder: str) -> tuple[float, float]:
+class NoTermLogging(ImageOptimization):
+    """Benchmark-only: the per-term curves not logged, to price them; ``loss`` is still logged."""
+
+    def _log_terms(self, step: int) -> None:
+        pass
+
+
+class LogDictTerms(ImageOptimization):
+    """Benchmark-only: the per-term curves through ``self.log_dict`` every step, as before the overhead hunt."""
+
+    def _log_terms(self, step: int) -> None:
+        metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
+        metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
+
+
+def ours(
+    args: argparse.Namespace, folder: str, module: type[ImageOptimization] = ImageOptimization
+) -> tuple[float, float]:
     started = time.perf_counter()
     objective = Objective(
         "gram",
@@ -98,7 +116,7 @@ def ours(args: argparse.Namespace, folder: str) -> tuple[float, float]:
         style_layers=dict.fromkeys(STYLE_LAYERS, 1.0),
         style_weight=1e6,
     )
-    model = ImageOptimization([objective], vgg=VGGConfig(weights=args.weights), init="content", optimizer=lbfgs)
+    model = module([objective], vgg=VGGConfig(weights=args.weights), init="content", optimizer=lbfgs)
     clock = Clock()
     trainer = L.Trainer(
         max_steps=args.steps,
@@ -108,6 +126,7 @@ def ours(args: argparse.Namespace, folder: str) -> tuple[float, float]:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
+        log_every_n_steps=1,  # as lightning-nst fit (cli.TRAINER_DEFAULTS): every step's terms in TensorBoard
     )
     trainer.fit(model, ImageTargets(content=CONTENT, style=[STYLE], size=args.size))
     ended = time.perf_counter()
@@ -123,6 +142,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--weights", default=str(PARTIAL_WEIGHTS) if PARTIAL_WEIGHTS else "random")
+    parser.add_argument("--price-logging", action="store_true", help="also a fit without the per-term curves")
     parser.add_argument("--profile", action="store_true", help="cProfile one product fit and print the top entries")
     args = parser.parse_args()
     import logging
@@ -136,9 +156,14 @@ def main() -> None:
             pstats.Stats(profile).sort_stats("tottime").print_stats(25)
             return
         rows: dict[str, list[tuple[float, float]]] = {"bare loop": [], "ours (Lightning fit)": []}
+        extra = {"ours, terms via log_dict (before)": LogDictTerms, "ours, terms not logged": NoTermLogging}
+        extra = extra if args.price_logging else {}
+        rows.update({name: [] for name in extra})
         for _ in range(args.repeats):
             rows["bare loop"].append(bare(args))
             rows["ours (Lightning fit)"].append(ours(args, folder))
+            for name, module in extra.items():
+                rows[name].append(ours(args, folder, module))
     base = statistics.median(step for step, _ in rows["bare loop"])
     print(f"\n{args.size} px, {args.steps} steps, {torch.get_num_threads()} threads, weights {args.weights}")
     print(f"{'setting':<22} {'s/step':>8} {'x bare':>7} {'fixed s':>8}")
