@@ -431,8 +431,20 @@ class ImageOptimization(L.LightningModule):
                     raise NSTError(
                         f"model.optimizer.init_args.line_search_fn: must be strong_wolfe or null, got {line_search!r}"
                     )
+            if isinstance(optimizer, LBFGS) and self._grad_scaler() is not None:
+                # Lightning raises "AMP and the LBFGS optimizer are not compatible" only at the first step.
+                raise NSTError(
+                    f"trainer.precision: {self.trainer.precision} scales the loss with a gradient scaler, which "
+                    "L-BFGS cannot use; choose bf16-mixed or 32-true, or model.optimizer Adam"
+                )
             optimizers.append(optimizer)
         return optimizers
+
+    def _grad_scaler(self) -> torch.amp.GradScaler | None:
+        """The gradient scaler of Lightning's ``16-mixed`` precision, if this run has one."""
+        if self._trainer is None:
+            return None
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     @torch.no_grad()
     def on_fit_start(self) -> None:
@@ -847,6 +859,8 @@ class ImageOptimization(L.LightningModule):
             before = parameter.detach().clone()
             first: list[dict[str, Tensor]] = []
             hooks = optimizer._on_before_step, optimizer._on_after_step
+            scaler = self._grad_scaler()
+            scale = scaler.get_scale() if scaler is not None else None
             if counted:
                 # Lightning counts every manual optimizer.step as a global step; a step of all objectives is one.
                 # Lightning 2.6 has no public switch for this: its manual loop installs these two hooks itself.
@@ -869,7 +883,9 @@ class ImageOptimization(L.LightningModule):
                 if bool(torch.isfinite(parameter).all()):
                     self.last_good[index] = self.render(index, self.decode(parameter))[0]
                     self.has_good[index] = True
-                if torch.equal(before, parameter):
+                # 16-mixed: the scaler skips a step with non-finite gradients and lowers its scale; not a stop.
+                skipped = scaler is not None and scaler.get_scale() < scale
+                if torch.equal(before, parameter) and not skipped:
                     self.stopped_at[index] = step
                     rank_zero_info(
                         f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
@@ -881,13 +897,27 @@ class ImageOptimization(L.LightningModule):
                     average.update(self.decode(parameter))
         if (not counted or all(at is not None for at in self.stopped_at)) and self._due_scale() is None:
             self.trainer.should_stop = True  # unless a next scale follows: it starts at the next step
+        self._log_terms(step)
+        total = sum(row["total"] for row in self._current.values())
+        self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+
+    def _log_terms(self, step: int) -> None:
+        """Write each objective's loss terms and best loss (``<objective>/<term>``) to the loggers.
+
+        Straight to the loggers, on the steps Lightning writes logs (every ``trainer.log_every_n_steps``; the CLI
+        sets 1): ``self.log_dict`` costs about a millisecond per key and step in Lightning's result collection,
+        several percent of a 256 px step (``benchmarks/step_overhead.py --price-logging``). The terms are therefore
+        not in ``trainer.callback_metrics``; the total ``loss`` is, logged with ``self.log``.
+        """
+        every = self.trainer.log_every_n_steps
+        if not self.loggers or not every or ((step + 1) % every and not self.trainer.should_stop):
+            return
         metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
         metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
         if self.schedule:
             metrics["scale"] = float(self.schedule[self.scale].long_edge)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        total = sum(row["total"] for row in self._current.values())
-        self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=step)
 
     # -- progress and results ---------------------------------------------------------------------------------
 

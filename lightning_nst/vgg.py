@@ -238,6 +238,7 @@ class VGG19Features(nn.Module):
         self.register_buffer("mean", torch.tensor(transform.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(transform.std).view(1, 3, 1, 1), persistent=False)
         self.pooling = pooling
+        self._channels_last = False
         self.eval()
         self.requires_grad_(False)
 
@@ -301,8 +302,25 @@ class VGG19Features(nn.Module):
         """Smallest image side that keeps at least one pixel at the deepest layer."""
         return min_input_size(self.layers)
 
+    def _set_layout(self, cuda: bool) -> bool:
+        """Keep the trunk's weights ``channels_last`` on CUDA, where cuDNN runs it faster, and NCHW elsewhere.
+
+        On CPU the layout stays as loaded, so CPU results do not depend on having run on a GPU before. Returns
+        whether the input should be ``channels_last`` too.
+        """
+        if self._channels_last != cuda:
+            layout = torch.channels_last if cuda else torch.contiguous_format
+            self.trunk.to(memory_format=layout)
+            self._channels_last = cuda
+        return cuda
+
     def forward(self, image: Tensor, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Map RGB images in ``[0, 1]`` of shape ``(B, 3, H, W)`` to ``{layer: features}``.
+
+        On CUDA the pass runs ``channels_last``; under ``torch.autocast`` (Lightning's ``bf16-mixed`` and
+        ``16-mixed`` precision wrap the training step in it) the convolutions run in bf16/fp16, and the returned
+        features are in that dtype: the statistics in :mod:`lightning_nst.losses` cast them to float32 with autocast
+        off, so Gram matrices, means and variances stay float32.
 
         Args:
             image: The images.
@@ -311,6 +329,8 @@ class VGG19Features(nn.Module):
         wanted = set(self.layers if layers is None else layers)
         features: dict[str, Tensor] = {}
         x = (image - self.mean) / self.std
+        if self._set_layout(x.is_cuda):
+            x = x.contiguous(memory_format=torch.channels_last)
         for name, module in zip(self.names, self.trunk, strict=True):
             x = module(x)
             if name in wanted:

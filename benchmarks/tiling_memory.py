@@ -1,0 +1,157 @@
+"""Peak memory and seconds per step of tiled against untiled optimisation, and the largest size within a memory limit.
+
+    python benchmarks/tiling_memory.py --sizes 512 1024 2048 --steps 3
+    python benchmarks/tiling_memory.py --largest --limit-gb 8 --ladder 1024 1536 2048 3072 4096
+
+Each run is a real Lightning fit of ``ImageOptimization`` (Gatys style transfer: content relu4_2, style relu1_1..
+relu5_1, Gram, L-BFGS as ``configs/style_transfer_gram.yaml``; random VGG weights, which cost the same as ImageNet
+ones) in a fresh process, so its peak resident set (``ru_maxrss``) is its own; s/step is ``summary.json``'s
+``seconds_per_step_after_first``. The parent polls each child's resident set and kills it once it passes
+``--limit-gb`` ("over the limit"), so a size that does not fit cannot take the machine's memory. Tiled runs set the
+contract's ``model.tile_size``/``model.tile_overlap``; if this build's ``ImageOptimization`` has no ``tile_size``,
+the tiled rows print "not available in this build" and no number. On a CUDA device the child also reports
+``torch.cuda.max_memory_allocated``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
+
+STYLE = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
+
+
+def tiling_available() -> bool:
+    return "tile_size" in inspect.signature(ImageOptimization.__init__).parameters
+
+
+def child(size: int, steps: int, tile_size: int, tile_overlap: int) -> None:
+    """One fit; prints {"peak_mb", "baseline_mb", "s_per_step", "cuda_mb"} as JSON on its last line."""
+    warnings.filterwarnings("ignore")
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tiling = {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size else {}
+    model = ImageOptimization(
+        [Objective("gram", content_layers=["relu4_2"], style_layers=STYLE, style_weight=1e6)],
+        vgg=VGGConfig(weights="random"),
+        init="content",
+        optimizer=lambda params: torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=50),
+        **tiling,
+    )
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = L.Trainer(
+            max_steps=steps,
+            accelerator="cuda" if cuda else "cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[ImageWriter(output_dir=folder, snapshot_every=0)],
+        )
+        trainer.fit(model, ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=size))
+        summary = json.loads((Path(folder) / "summary.json").read_text())
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(
+        json.dumps(
+            {
+                "baseline_mb": baseline / 1024,
+                "peak_mb": peak / 1024,
+                "s_per_step": summary.get("seconds_per_step_after_first"),
+                "cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            }
+        )
+    )
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure(size: int, args: argparse.Namespace, tile_size: int) -> dict | str:
+    """Run one child; its JSON, or why there is none ("over the limit", "failed: ...")."""
+    command = [sys.executable, __file__, "--child", str(size), str(args.steps), str(tile_size), str(args.tile_overlap)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    limit = args.limit_gb * 1024
+    while process.poll() is None:
+        try:
+            if rss_mb(process.pid) > limit:
+                process.kill()
+                process.wait()
+                return f"over {args.limit_gb:g} GB"
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.05)
+    out, err = process.communicate()
+    if process.returncode:
+        return f"failed: {(err.strip().splitlines() or ['?'])[-1][:80]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def row(name: str, size: int, result: dict | str) -> str:
+    if isinstance(result, str):
+        return f"| {name} | {size} | {result} | | | |"
+    cuda = f"{result['cuda_mb']:.0f}" if result["cuda_mb"] is not None else "-"
+    over = result["peak_mb"] - result["baseline_mb"]
+    return f"| {name} | {size} | {result['peak_mb']:.0f} | {over:.0f} | {result['s_per_step']:.3f} | {cuda} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--steps", type=int, default=3, help="steps per fit (s/step is after the first)")
+    parser.add_argument("--tile-size", type=int, default=512)
+    parser.add_argument("--tile-overlap", type=int, default=64)
+    parser.add_argument("--limit-gb", type=float, default=8.0, help="kill a run whose resident set passes this")
+    parser.add_argument("--largest", action="store_true", help="find the largest size of --ladder within the limit")
+    parser.add_argument("--ladder", type=int, nargs="+", default=[1024, 1536, 2048, 3072, 4096])
+    parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA device: no GPU figures)"
+    print(f"device: {device}; {torch.get_num_threads()} threads; limit {args.limit_gb:g} GB resident")
+    settings = {"untiled": 0}
+    if tiling_available():
+        settings[f"tiled {args.tile_size} px, overlap {args.tile_overlap}"] = args.tile_size
+    else:
+        print("tiled: not available in this build (ImageOptimization has no tile_size)")
+    if args.largest:
+        print("| setting | largest size within the limit | peak MB there | next size |")
+        print("|---|---|---|---|")
+        for name, tile in settings.items():
+            fits, peak, failed = None, None, "-"
+            for size in args.ladder:
+                result = measure(size, args, tile)
+                if isinstance(result, str):
+                    failed = f"{size}: {result}"
+                    break
+                fits, peak = size, result["peak_mb"]
+            print(f"| {name} | {fits or 'none'} | {f'{peak:.0f}' if peak else '-'} | {failed} |", flush=True)
+        return
+    print("| setting | size | peak RSS MB | above imports MB | s/step | CUDA MB |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        for name, tile in settings.items():
+            print(row(name, size, measure(size, args, tile)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
