@@ -38,7 +38,14 @@ def tiling_available() -> bool:
     return "tile_size" in inspect.signature(ImageOptimization.__init__).parameters
 
 
-def child(size: int, steps: int, tile_size: int, tile_overlap: int) -> None:
+OPTIMIZERS = {
+    # configs/style_transfer_gram.yaml's; its history (2 x 50 image-sized tensors) is most of the memory at 2048 px
+    "lbfgs": lambda params: torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=50),
+    "adam": lambda params: torch.optim.Adam(params, lr=0.02),  # configs/large_print.yaml's
+}
+
+
+def child(size: int, steps: int, tile_size: int, tile_overlap: int, optimizer: str = "lbfgs") -> None:
     """One fit; prints {"peak_mb", "baseline_mb", "s_per_step", "cuda_mb"} as JSON on its last line."""
     warnings.filterwarnings("ignore")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -47,7 +54,7 @@ def child(size: int, steps: int, tile_size: int, tile_overlap: int) -> None:
         [Objective("gram", content_layers=["relu4_2"], style_layers=STYLE, style_weight=1e6)],
         vgg=VGGConfig(weights="random"),
         init="content",
-        optimizer=lambda params: torch.optim.LBFGS(params, lr=1.0, max_iter=1, history_size=50),
+        optimizer=OPTIMIZERS[optimizer],
         **tiling,
     )
     cuda = torch.cuda.is_available()
@@ -87,6 +94,7 @@ def rss_mb(pid: int) -> float:
 def measure(size: int, args: argparse.Namespace, tile_size: int) -> dict | str:
     """Run one child; its JSON, or why there is none ("over the limit", "failed: ...")."""
     command = [sys.executable, __file__, "--child", str(size), str(args.steps), str(tile_size), str(args.tile_overlap)]
+    command += ["--child-optimizer", args.optimizer]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     limit = args.limit_gb * 1024
     while process.poll() is None:
@@ -121,13 +129,15 @@ def main() -> None:
     parser.add_argument("--limit-gb", type=float, default=8.0, help="kill a run whose resident set passes this")
     parser.add_argument("--largest", action="store_true", help="find the largest size of --ladder within the limit")
     parser.add_argument("--ladder", type=int, nargs="+", default=[1024, 1536, 2048, 3072, 4096])
+    parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="lbfgs")
     parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--child-optimizer", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        child(*args.child, optimizer=args.child_optimizer or "lbfgs")
         return
     device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA device: no GPU figures)"
-    print(f"device: {device}; {torch.get_num_threads()} threads; limit {args.limit_gb:g} GB resident")
+    print(f"device: {device}; {torch.get_num_threads()} threads; limit {args.limit_gb:g} GB resident; {args.optimizer}")
     settings = {"untiled": 0}
     if tiling_available():
         settings[f"tiled {args.tile_size} px, overlap {args.tile_overlap}"] = args.tile_size
