@@ -300,7 +300,8 @@ class StyleGuidance(nn.Module):
         guidance_size: Longer edge, in pixels, the decoded image is resized to before VGG; ``None`` keeps it.
         style_size: Longer edge of the style images before VGG; defaults to ``guidance_size``.
         layers: VGG19 layers of the style loss, each weighing ``1 / len(layers)``, or ``{layer: weight}``.
-        statistic: ``"gram"`` (Gatys et al.) or ``"meanvar"`` (per-channel mean and std, as in AdaIN).
+        statistic: ``"gram"`` (Gatys et al.), ``"meanvar"`` (per-channel mean and std, as in AdaIN), ``"w2"`` or
+            ``"sliced_w"`` (:class:`~lightning_nst.losses.StyleLoss`).
         vgg: Weights and pooling of the VGG19 trunk, which is built (and its weights loaded) by :meth:`configure`,
             not here.
         recurrence: Recurrence ("time travel", FreeDoM, MPGD): after a guided step inside ``recurrence_window``,
