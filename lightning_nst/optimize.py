@@ -461,23 +461,22 @@ class ImageOptimization(L.LightningModule):
 
     @torch.no_grad()
     def _compute_targets(self) -> None:
-        """Content and style targets from the current content and style images (at the current scale)."""
-        vgg = self._trunk()
-        content = self.content.to(self.device) if self.content is not None else None
-        if content is not None and self.content_weights:
-            contents = {
-                variant: self._features(self.target_images("content", variant)[0])
-                for _, variant in self.content_weights
-            }
-            for layer, variant in self.content_weights:
-                self.content_losses[_loss_key(layer, variant)] = ContentLoss(contents[variant][layer])
-        if self.style_weights:
-            styles = {
-                variant: [vgg(image) for image in self.target_images("style", variant)]
-                for _, _, variant in self.style_weights
-            }
-            for statistic, layer, variant in self.style_weights:
-                target = [features[layer] for features in styles[variant]]
+        """Content and style targets from the current content and style images (at the current scale).
+
+        One VGG pass per colour variant of the images, up to the layers that variant's targets use.
+        """
+        if self.content is not None and self.content_weights:
+            for variant in {variant for _, variant in self.content_weights}:
+                layers = [layer for layer, v in self.content_weights if v == variant]
+                features = self._features(self.target_images("content", variant)[0], layers)
+                for layer in layers:
+                    self.content_losses[_loss_key(layer, variant)] = ContentLoss(features[layer])
+        for variant in {variant for _, _, variant in self.style_weights}:
+            keys = [(statistic, layer) for statistic, layer, v in self.style_weights if v == variant]
+            layers = sorted({layer for _, layer in keys}, key=layer_index)
+            styles = [self._trunk()(image, layers) for image in self.target_images("style", variant)]
+            for statistic, layer in keys:
+                target = [features[layer] for features in styles]
                 self.style_losses[_loss_key(statistic, layer, variant)] = self._style_loss(target, statistic)
 
     # -- coarse to fine (lightning_nst.scales) ----------------------------------------------------------------
@@ -599,11 +598,11 @@ class ImageOptimization(L.LightningModule):
             return None
         return [*self._scale_records, self._current_scale_record()]
 
-    def _features(self, image: Tensor) -> dict[str, Tensor]:
-        """All layers' features of a target image, assembled tile by tile when tiling applies to it."""
+    def _features(self, image: Tensor, layers: list[str]) -> dict[str, Tensor]:
+        """``layers``' features of a target image, assembled tile by tile when tiling applies to it."""
         if self.tile_plan is None or not self.tile_plan.applies(image):
-            return self._trunk()(image)
-        return tiled_features(self._trunk(), image, self.layers, self.tile_plan.tiles(*image.shape[-2:]))
+            return self._trunk()(image, layers)
+        return tiled_features(self._trunk(), image, layers, self.tile_plan.tiles(*image.shape[-2:]))
 
     def _style_loss(self, target: list[Tensor], statistic: Statistic) -> StyleLoss | nn.ModuleList:
         """One blended target, or with masks one masked loss per region (summed by :meth:`style_term`)."""
