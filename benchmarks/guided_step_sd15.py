@@ -44,7 +44,6 @@ import torch  # noqa: E402
 from diffusers import (  # noqa: E402
     AutoencoderKL,
     AutoencoderTiny,
-    DDIMScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
@@ -55,7 +54,7 @@ from lightning_nst.losses import LayerStyleLoss  # noqa: E402
 from lightning_nst.main import main as cli_main  # noqa: E402
 from lightning_nst.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E402
 from lightning_nst.vgg import VGG19Features  # noqa: E402
-from tests.tiny_pipeline import tiny_args, tiny_tokenizer  # noqa: E402
+from tests.tiny_pipeline import sd_scheduler, tiny_args, tiny_tokenizer  # noqa: E402
 
 LAYERS = "[" + ", ".join(DEFAULT_LAYERS) + "]"
 SETTINGS: dict[str, list[str]] = {
@@ -91,14 +90,7 @@ def build_sd15(folder: Path) -> tuple[Path, Path]:
         sample_size=512,
         scaling_factor=0.18215,
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    scheduler = sd_scheduler()
     tokenizer = tiny_tokenizer(folder / "tokenizer-fallback")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(  # ViT-L/14's text tower, as in SD 1.5

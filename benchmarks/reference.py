@@ -240,6 +240,18 @@ class StopAtLoss(L.Callback):
             trainer.should_stop = True
 
 
+def tutorial_objective() -> Objective:
+    """The tutorial's loss as the product's objective: Gram style layers summed, content conv2_2."""
+    return Objective(
+        "gram",
+        content_layers={CONTENT_LAYER: 1.0},
+        content_weight=CONTENT_WEIGHT,
+        style_layers=dict.fromkeys(STYLE_LAYERS, 1.0),  # summed over layers, as the tutorial does
+        style_weight=STYLE_WEIGHT,
+        statistic="gram",
+    )
+
+
 def fit(
     args: argparse.Namespace,
     size: int,
@@ -250,14 +262,7 @@ def fit(
     output_dir: Path,
     logs: Path,
 ) -> StopAtLoss:
-    objective = Objective(
-        "gram",
-        content_layers={CONTENT_LAYER: 1.0},
-        content_weight=CONTENT_WEIGHT,
-        style_layers=dict.fromkeys(STYLE_LAYERS, 1.0),  # summed over layers, as the tutorial does
-        style_weight=STYLE_WEIGHT,
-        statistic="gram",
-    )
+    objective = tutorial_objective()
     model = ImageOptimization(
         [objective],
         vgg=VGGConfig(weights=str(args.weights)),

@@ -45,17 +45,16 @@ from torchvision.models.vgg import cfgs, make_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference import (  # noqa: E402  (benchmarks/ is no package)
-    CONTENT_LAYER,
     CONTENT_WEIGHT,
     PARTIAL_WEIGHTS,
     STARRY_NIGHT,
-    STYLE_LAYERS,
     STYLE_WEIGHT,
     Score,
     get_style_model_and_losses,
+    tutorial_objective,
 )
 
-from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig  # noqa: E402
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, VGGConfig  # noqa: E402
 from lightning_nst.images import load_image, save_image  # noqa: E402
 from lightning_nst.vgg import VGG19Features  # noqa: E402
 
@@ -205,13 +204,7 @@ def run_ours(args: argparse.Namespace, kwargs: dict[str, Any], optimizer: Any, t
     started = time.perf_counter()
     kwargs = dict(kwargs)
     precision = kwargs.pop("precision", "32-true")
-    objective = Objective(
-        "gram",
-        content_layers={CONTENT_LAYER: 1.0},
-        content_weight=CONTENT_WEIGHT,
-        style_layers=dict.fromkeys(STYLE_LAYERS, 1.0),  # summed over layers, as the tutorial does
-        style_weight=STYLE_WEIGHT,
-    )
+    objective = tutorial_objective()
     model = ImageOptimization(
         [objective], vgg=VGGConfig(weights=str(args.weights)), init="content", optimizer=optimizer, **kwargs
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +23,7 @@ from lightning_nst.color import (
 from lightning_nst.images import load_image
 from lightning_nst.main import main
 from tests.conftest import CONFIGS
+from tests.test_optimize import fit_summary
 
 CONTENT, STYLE = "sample:astronaut", "sample:immunohistochemistry"
 
@@ -78,13 +78,7 @@ def test_chroma_difference_is_zero_for_same_chroma_and_255_scaled() -> None:
 def run(objective: Objective, folder: Path, steps: int = 6, init: str = "content") -> tuple[ImageOptimization, dict]:
     model = ImageOptimization([objective], vgg=VGGConfig(weights="random"), init=init)
     data = ImageTargets(content=CONTENT, style=[STYLE], size=32)
-    trainer = L.Trainer(
-        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(folder),
-        callbacks=[ImageWriter(output_dir=str(folder), snapshot_every=0)],
-    )  # fmt: skip
-    trainer.fit(model, data)
-    return model, json.loads((folder / "summary.json").read_text())["objectives"][objective.name]
+    return model, fit_summary(model, data, folder, steps)[objective.name]
 
 
 def nst(name: str, color: str) -> Objective:

@@ -27,9 +27,8 @@ OPTIMIZERS = {
 }
 
 
-def fit(objectives: list[Objective], optimizer: str, folder: Path, steps: int = 8) -> dict[str, Any]:
-    model = ImageOptimization(objectives, vgg=VGGConfig(weights="random"), optimizer=OPTIMIZERS[optimizer])
-    data = ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=32)
+def fit_summary(model: ImageOptimization, data: ImageTargets, folder: Path, steps: int) -> dict[str, Any]:
+    """Fit ``steps`` steps without logger or checkpoints, writing into ``folder``; its summary's objectives."""
     trainer = L.Trainer(
         max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(folder),
@@ -37,6 +36,12 @@ def fit(objectives: list[Objective], optimizer: str, folder: Path, steps: int = 
     )  # fmt: skip
     trainer.fit(model, data)
     return json.loads((folder / "summary.json").read_text())["objectives"]
+
+
+def fit(objectives: list[Objective], optimizer: str, folder: Path, steps: int = 8) -> dict[str, Any]:
+    model = ImageOptimization(objectives, vgg=VGGConfig(weights="random"), optimizer=OPTIMIZERS[optimizer])
+    data = ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=32)
+    return fit_summary(model, data, folder, steps)
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs", "lbfgs_strong_wolfe"])

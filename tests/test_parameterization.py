@@ -16,22 +16,7 @@ from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objectiv
 from lightning_nst.errors import NSTError
 from lightning_nst.main import main
 from lightning_nst.parameterization import PARAMETERIZATIONS, make_parameterization
-from tests.conftest import CONFIGS
-
-TEXTURE = ["fit", "-c", str(CONFIGS / "texture_gram.yaml")]
-TOY = ["--data.init_args.size=32", "--trainer.max_steps=10", "--model.init_args.vgg.weights=random"]
-QUIET = "--trainer.enable_progress_bar=false"
-EVERY_5 = "--trainer.callbacks=[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {every_n_train_steps: 5, save_top_k: 0, save_last: true}}]"  # noqa: E501
-RUN = Path("logs/texture_gram")
-
-
-def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-nst:")]
-    assert len(lines) == 1 and lines[0].startswith("lightning-nst: error: "), lines
-    return lines[0]
+from tests.test_fit_faults import EVERY_5, QUIET, RUN, TEXTURE, TOY, fails
 
 
 @pytest.mark.parametrize("name", PARAMETERIZATIONS)

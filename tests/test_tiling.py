@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,13 +14,14 @@ import pytest
 import torch
 from torch import Tensor
 
-from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
+from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
 from lightning_nst.errors import NSTError
 from lightning_nst.losses import ContentLoss, StyleLoss
 from lightning_nst.main import main
 from lightning_nst.tiling import TilePlan, exact_margin, tiled_terms
 from lightning_nst.vgg import VGG19Features
 from tests.conftest import CONFIGS, REPO
+from tests.test_optimize import fit_summary
 
 SHALLOW = ["relu1_1", "relu2_1", "relu3_1"]
 DEEP = ["relu4_1"]
@@ -100,13 +100,7 @@ def fit(folder: Path, size: int = 64, steps: int = 4, **tiling: Any) -> dict[str
         [objective], vgg=VGGConfig(weights="random"), optimizer=partial(torch.optim.Adam, lr=0.02), **tiling
     )
     data = ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=size)
-    trainer = L.Trainer(
-        max_steps=steps, max_epochs=-1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(folder),
-        callbacks=[ImageWriter(output_dir=str(folder), snapshot_every=0)],
-    )  # fmt: skip
-    trainer.fit(model, data)
-    return json.loads((folder / "summary.json").read_text())["objectives"]["t"]
+    return fit_summary(model, data, folder, steps)["t"]
 
 
 def test_tiled_fit_lowers_the_loss_and_follows_the_untiled_run(tmp_path: Path) -> None:
