@@ -58,7 +58,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn, optim
 from torchvision.models.vgg import cfgs, make_layers
 
-from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
+from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
 from lightning_nst.images import load_image, save_image
 from lightning_nst.losses import ContentLoss, LayerStyleLoss
 from lightning_nst.vgg import VGG19Features
@@ -231,7 +231,7 @@ class StopAtLoss(L.Callback):
         self._before = pl_module.image.detach().clone()  # the image the step's loss is measured on
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = float(outputs["loss"])
+        loss = sum(row["total"] for row in pl_module._current.values())
         self.steps += 1
         self.losses.append(loss)
         if self.target is not None and self.reached is None and loss <= self.target:
@@ -268,7 +268,6 @@ def fit(
         vgg=VGGConfig(weights=str(args.weights)),
         init=init,
         optimizer=optimizer,
-        output_dir=str(output_dir),
     )
     data = ImageTargets(content=args.content, style=[args.style], size=size)
     stop = StopAtLoss(target)
@@ -276,7 +275,7 @@ def fit(
         max_steps=steps,
         accelerator="cpu",
         logger=TensorBoardLogger(logs, name="bench", default_hp_metric=False),
-        callbacks=[stop],
+        callbacks=[stop, ImageWriter(output_dir=str(output_dir), snapshot_every=50)],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
