@@ -7,8 +7,9 @@ Neither peer is a dependency: ``available()`` reads their versions from the inst
 imported only inside its ``run_*`` function. ``time_to_quality.py`` calls ``run_pystiche`` / ``run_pastiche`` with
 its ``args`` (``content``/``style`` image files of one shape, ``size``, ``weights``; optional ``device``, ``cap``,
 ``max_steps``, ``score_every``, ``layer_weights``), the target loss, the reference's wall time ``budget`` and
-``score`` (``reference.Score``). Each returns a :class:`PeerRun`, a ``time_to_quality.Run`` with the peer's own
-initial loss, the common initial score and the trace of common scores added.
+``score`` (``reference.Score``). Each returns a :class:`PeerRun`: ``time_to_quality.Run``'s fields (same names and
+order; ``run.as_run(Run)`` converts) plus the peer's own initial loss, the common initial score and the trace of
+common scores.
 
 The common settings, as each peer is given them:
 
@@ -40,7 +41,8 @@ The common settings, as each peer is given them:
   initial losses then agree to float precision - a check that weights, layers and images match).
 - Optimiser: each peer's own default L-BFGS, ``LBFGS(lr=1, max_iter=1)`` (history 100, no line search) - one VGG
   forward+backward per step; the tutorial uses ``LBFGS()`` (max_iter 20, history 100, no line search) with a
-  clamping closure. Neither peer clamps the image during the fit; the score clamps to [0, 1].
+  clamping closure. Neither peer clamps the image during the fit; the score clamps to [0, 1] (as both peers do
+  when they write the image), so a peer's own loss can reach the target while its score does not.
 - pystiche runs through its own ``optim.image_optimization`` (``quiet=True``), called for ``score_every`` steps at
   a time with one persistent optimizer. As in pystiche's examples the encoder is not frozen, so each backward also
   computes VGG weight gradients (a cost a user of it pays); pastiche freezes its VGG. pystiche 1.0.1 imports
@@ -85,7 +87,6 @@ from reference import (  # noqa: E402  (benchmarks/ is no package)
     STYLE_WEIGHT,
     Score,
 )
-from time_to_quality import Run  # noqa: E402
 
 from lightning_nst.images import load_image, save_image  # noqa: E402
 from lightning_nst.vgg import VGG19Features  # noqa: E402
@@ -111,12 +112,25 @@ def available() -> dict[str, str | None]:
 
 
 @dataclass
-class PeerRun(Run):
-    """A ``time_to_quality.Run`` plus what the checks need."""
+class PeerRun:
+    """``time_to_quality.Run``'s fields, in its order, plus what the checks need.
 
+    Not a subclass: importing time_to_quality here would be circular once it imports this module.
+    ``run.as_run(Run)`` gives the plain ``Run``.
+    """
+
+    to_target: float | None  # seconds from building the model, None if not reached
+    steps: str  # "<steps to target> (ran <steps>@<px>)" or "ran <steps>@<px>"
+    at_reference: Tensor | None  # the best-scored image (RGB [0, 1], CPU) within the budget
+    seconds: float  # the whole run, scoring excluded
+    stages: dict[int, int] = field(default_factory=dict)
     peer_initial: float = math.nan  # the peer's own loss on the start image
     initial_score: float = math.nan  # the common score of the start image
     scores: list[tuple[int, float, float]] = field(default_factory=list)  # (steps, seconds, common score)
+
+    def as_run(self, run_class: type) -> Any:
+        """This run as ``run_class(to_target, steps, at_reference, seconds, stages)``."""
+        return run_class(self.to_target, self.steps, self.at_reference, self.seconds, self.stages)
 
 
 def state_dict(args: argparse.Namespace) -> dict[str, Tensor]:
@@ -174,8 +188,9 @@ def _drive(
     deadline = getattr(args, "cap", 3.0) * budget
     initial = clock.timed(lambda: score(image()))
     steps, reached, reached_steps = 0, None, 0
-    best, best_image = math.inf, None
-    trace: list[tuple[int, float, float]] = [(0, clock.now(), initial)]
+    start = clock.now()
+    best, best_image = (initial, clock.timed(image)) if start <= budget else (math.inf, None)
+    trace: list[tuple[int, float, float]] = [(0, start, initial)]
     while steps < max_steps:
         k = min(every, max_steps - steps)
         step(k)
@@ -250,7 +265,7 @@ def run_pystiche(args: argparse.Namespace, target: float, budget: float, score: 
         optim.image_optimization(image, criterion, optimizer=optimizer, num_steps=k, quiet=True)
 
     del pystiche
-    return _drive(args, clock, step, lambda: image.detach().cpu(), peer_initial, target, budget, score)
+    return _drive(args, clock, step, lambda: image.detach().to("cpu", copy=True), peer_initial, target, budget, score)
 
 
 # -- pastiche ------------------------------------------------------------------------------------------------------
