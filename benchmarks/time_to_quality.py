@@ -17,15 +17,16 @@ seen by then, scored by the one definition at full size.
 A variant is the contract's ``ImageOptimization`` keys plus an optimizer (``VARIANTS``):
 ``parameterization`` (pixels | laplacian | fourier), ``scales``/``scale_steps`` (coarse-to-fine), ``avg_decay``,
 ``tile_size``/``tile_overlap``. A variant whose key this build's ``ImageOptimization`` does not accept prints
-"not available in this build" and no number. The peers ``pystiche`` and ``pastiche`` are reported as installed or
-not; they are not dependencies. On a CUDA device the reference and every variant run there (and the ``bf16``
-variants run with ``precision: bf16-mixed``); without one the script says so and runs on the CPU.
+"not available in this build" and no number. The peers ``pystiche`` and ``pastiche`` run where installed (they are
+not dependencies: ``pip install --no-deps --target /some/dir pystiche==1.0.1 pastiche==1.6.0`` and
+``PYTHONPATH=/some/dir``), through ``benchmarks/peers.py``: the same weights, layers, images and start, their own
+L-BFGS, with per-layer weights that make each peer's loss the common one, scored every step (every 5 above 128 px). On a CUDA device the reference and every variant run there (and the
+``bf16`` variants run with ``precision: bf16-mixed``); without one the script says so and runs on the CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import inspect
 import logging
 import statistics
@@ -44,6 +45,7 @@ from torch import Tensor, optim
 from torchvision.models.vgg import cfgs, make_layers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peers  # noqa: E402  (benchmarks/peers.py)
 from reference import (  # noqa: E402  (benchmarks/ is no package)
     CONTENT_WEIGHT,
     PARTIAL_WEIGHTS,
@@ -261,13 +263,21 @@ def one_size(args: argparse.Namespace, names: list[str]) -> None:
             print(f"  {name}: not run (bf16 autocast needs a CUDA device; this CPU has no fast bf16 convolutions)")
         else:
             runnable.append(name)
+    installed = {peer: version for peer, version in peers.available().items() if version and peer in args.peers}
+    peer_rows = {peer: f"{peer} {version} (L-BFGS, common layer weights)" for peer, version in installed.items()}
     results: dict[str, list[Run]] = {"reference (tutorial)": [], **{name: [] for name in runnable}}
+    results.update({row: [] for row in peer_rows.values()})
     with tempfile.TemporaryDirectory() as temporary:
         for _ in range(args.repeats):
             reference = run_reference(args, target, args.cap * args.reference_steps, budget=calibration.seconds)
             results["reference (tutorial)"].append(reference)
             budget = reference.to_target or calibration.seconds
             print(f"  reference: {reference.to_target} s", flush=True)
+            for peer, row in peer_rows.items():
+                run_peer = peers.run_pystiche if peer == "pystiche" else peers.run_pastiche
+                run = run_peer(args, target, budget, score).as_run(Run)
+                results[row].append(run)
+                print(f"  {row}: {run.to_target} s, steps {run.steps}", flush=True)
             for name in runnable:
                 optimizer = OPTIMIZERS[name.rsplit(" ", 1)[1]]
                 run = run_ours(args, table[name], optimizer, target, budget, Path(temporary))
@@ -311,6 +321,7 @@ def main() -> None:
     parser.add_argument("--style", default=str(STARRY_NIGHT) if STARRY_NIGHT else "skimage:gravel")
     parser.add_argument("--weights", default=str(PARTIAL_WEIGHTS) if PARTIAL_WEIGHTS else "random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--peers", nargs="*", default=list(peers.PEERS), help="installed peers to run (none: '')")
     args = parser.parse_args()
     if args.device != "cuda":
         print("No CUDA device (or --device cpu): CPU figures only; the GPU rows (bf16) are not run.")
@@ -318,9 +329,10 @@ def main() -> None:
     unknown = [name for name in names if name not in variants(256, 1, 2)]
     if unknown:
         sys.exit(f"unknown variants {unknown}; known: {list(variants(256, 1, 2))}")
-    for peer in ("pystiche", "pastiche"):
-        found = importlib.util.find_spec(peer) is not None
-        print(f"peer {peer}: {'installed, but not wired into this script' if found else 'not installed'}; not run")
+    for peer, version in peers.available().items():
+        run = "run" if version and peer in args.peers else "not run"
+        print(f"peer {peer}: {f'{version} installed' if version else 'not installed'}; {run}")
+    args.layer_weights = "common"  # the peers optimise exactly the common loss (benchmarks/peers.py)
     args.source_content, args.source_style = args.content, args.style
     for size in args.sizes:
         args.size = size
