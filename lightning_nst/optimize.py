@@ -44,7 +44,7 @@ from lightning_nst.scales import (
     resize_image,
     resize_optimizer_state,
 )
-from lightning_nst.tiling import TilePlan, exact_margin, tiled_features, tiled_terms
+from lightning_nst.tiling import Tile, TilePlan, exact_margin, tiled_features, tiled_style_moments, tiled_terms
 from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_index, layer_weights, min_input_size
 from lightning_nst.writers import ImageWriter
 
@@ -148,6 +148,18 @@ class ObjectiveResult:
     last_loss: float
     stopped_at_step: int | None
     metrics: dict[str, float]
+
+
+def _available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or ``None`` where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def default_optimizer(params: Any) -> Optimizer:
@@ -438,7 +450,36 @@ class ImageOptimization(L.LightningModule):
                     "L-BFGS cannot use; choose bf16-mixed or 32-true, or model.optimizer Adam"
                 )
             optimizers.append(optimizer)
+        self._check_lbfgs_memory(optimizers)
         return optimizers
+
+    def _check_lbfgs_memory(self, optimizers: list[Optimizer]) -> None:
+        """Refuse an L-BFGS history larger than the memory available, before the first step (not tiled: whole)."""
+        history = sum(
+            2 * group["history_size"] * self._largest_numel(group["params"][0])
+            for optimizer in optimizers
+            if isinstance(optimizer, LBFGS)
+            for group in optimizer.param_groups
+        )
+        available = _available_bytes()
+        if history and available is not None and 4 * history > available:
+            sizes = sorted(
+                {group["history_size"] for o in optimizers for group in o.param_groups if "history_size" in group}
+            )
+            raise NSTError(
+                f"model.optimizer: L-BFGS with history_size {', '.join(map(str, sizes))} keeps 2 x history_size "
+                f"image-sized tensors, {4 * history / 1e9:.3g} GB at the largest size, more than the "
+                f"{available / 1e9:.3g} GB of memory available; use Adam (as configs/large_print.yaml does) or a "
+                "smaller history_size"
+            )
+
+    def _largest_numel(self, parameter: Tensor) -> int:
+        """Elements of ``parameter`` at the last scale's size (L-BFGS restarts at each scale with a new history)."""
+        if not self.schedule:
+            return parameter.numel()
+        height, width = self.parameterization.image_size(parameter.shape)
+        last = self.schedule[-1]
+        return math.ceil(parameter.numel() * last.height * last.width / (height * width))
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """The gradient scaler of Lightning's ``16-mixed`` precision, if this run has one."""
@@ -473,11 +514,35 @@ class ImageOptimization(L.LightningModule):
                     self.content_losses[_loss_key(layer, variant)] = ContentLoss(features[layer])
         for variant in {variant for _, _, variant in self.style_weights}:
             keys = [(statistic, layer) for statistic, layer, v in self.style_weights if v == variant]
+            images = self.target_images("style", variant)
+            if self._tiles_style(images):
+                moments = [self._style_moments(image, keys) for image in images]
+                for statistic, layer in keys:
+                    target = [image_moments[statistic, layer] for image_moments in moments]
+                    loss = StyleLoss.from_moments(target, statistic, weights=self.blend_weights)
+                    self.style_losses[_loss_key(statistic, layer, variant)] = loss
+                continue
             layers = sorted({layer for _, layer in keys}, key=layer_index)
-            styles = [self._trunk()(image, layers) for image in self.target_images("style", variant)]
+            styles = [self._trunk()(image, layers) for image in images]
             for statistic, layer in keys:
                 target = [features[layer] for features in styles]
                 self.style_losses[_loss_key(statistic, layer, variant)] = self._style_loss(target, statistic)
+
+    def _tiles_style(self, images: list[Tensor]) -> bool:
+        """Whether the style targets are accumulated tile by tile: tiling applies to a style image, no masks."""
+        plan = self.tile_plan
+        unmasked = self.masks is None and not any(mask is not None for mask in self.style_masks or [])
+        return plan is not None and unmasked and any(plan.applies(image) for image in images)
+
+    def _style_moments(
+        self, image: Tensor, keys: list[tuple[Statistic, str]]
+    ) -> dict[tuple[Statistic, str], tuple[Tensor | None, Tensor]]:
+        """A style image's moments per ``(statistic, layer)``, tile by tile when tiling applies to it."""
+        assert self.tile_plan is not None
+        height, width = image.shape[-2:]
+        whole = [Tile(0, height, 0, width, 0, height, 0, width, height, width)]  # a small image of a blend
+        tiles = self.tile_plan.tiles(height, width) if self.tile_plan.applies(image) else whole
+        return tiled_style_moments(self._trunk(), image, keys, tiles)
 
     # -- coarse to fine (lightning_nst.scales) ----------------------------------------------------------------
 
