@@ -18,6 +18,7 @@ from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
 from lightning_nst.errors import NSTError
 from lightning_nst.losses import ContentLoss, StyleLoss
 from lightning_nst.main import main
+from lightning_nst.preflight import activation_bytes, check_image_optimization
 from lightning_nst.tiling import Tile, TilePlan, exact_margin, tiled_style_moments, tiled_terms
 from lightning_nst.vgg import VGG19Features
 from tests.conftest import CONFIGS, REPO
@@ -305,3 +306,22 @@ def test_an_lbfgs_history_larger_than_memory_is_refused_before_the_fit(
         and len(err.splitlines()) == 1
     )
     assert not out.exists() and not any(tmp_path.rglob("*.png")) and not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_memory_preflight_counts_one_tile_of_a_tiled_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = ["relu4_2", "relu5_1"]
+    monkeypatch.setattr(
+        "lightning_nst.preflight._memory_of", lambda device: (2 * activation_bytes(layers, 128, 128, 1), "RAM")
+    )
+    objectives = [{"name": "t", "content_layers": ["relu4_2"], "style_layers": ["relu5_1"]}]
+
+    def config(**tiling: int) -> dict[str, Any]:
+        return {
+            "trainer": {"max_steps": 1},
+            "data": {"init_args": {"content": "sample:astronaut", "style": ["sample:astronaut"], "size": 512}},
+            "model": {"init_args": {"objectives": objectives, **tiling}},
+        }
+
+    with pytest.raises(NSTError, match="^data.size: a 512x512 px image cannot be optimised here"):
+        check_image_optimization(config())
+    check_image_optimization(config(tile_size=128, tile_overlap=32))  # one 128 px tile's activations fit
