@@ -120,7 +120,8 @@ def child(
             recorder.mark("results and writers (PNG, summary.json)")
             trainer.save_checkpoint(Path(folder) / "last.ckpt")
             recorder.mark("checkpoint")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; since the last phase's reset with --phases
+    peak = max([peak, *(1024 * mb for mb in recorder.peaks.values())])
     print(
         json.dumps(
             {

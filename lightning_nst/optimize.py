@@ -504,7 +504,10 @@ class ImageOptimization(L.LightningModule):
     def _compute_targets(self) -> None:
         """Content and style targets from the current content and style images (at the current scale).
 
-        One VGG pass per colour variant of the images, up to the layers that variant's targets use.
+        One VGG pass per colour variant of the images, up to the layers that variant's targets use. When tiling
+        applies, both go tile by tile: the content targets keep only the content layers' features at full size
+        (relu4_2: 512 channels at 1/8 of each side, 8 times the image's floats); the style targets keep only each
+        layer's statistic, accumulated from tile sums (:func:`~lightning_nst.tiling.tiled_style_moments`).
         """
         if self.content is not None and self.content_weights:
             for variant in {variant for _, variant in self.content_weights}:
