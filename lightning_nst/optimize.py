@@ -1037,22 +1037,29 @@ class ImageOptimization(L.LightningModule):
             self._start_best(image)
         best = self.best_images.to(image.device)
         last: list[float] = []
+        # Terms of a result image already evaluated here: a large (tiled) image's loss is a pass over all its tiles.
+        known: dict[int, dict[str, float]] = {}
         for index in range(len(self.objectives)):
-            total = self.objective_loss(index, image[index : index + 1])["total"].item()
+            terms = {term: value.item() for term, value in self.objective_loss(index, image[index : index + 1]).items()}
+            total = terms["total"]
             last.append(total)
             if self.average is not None:  # the average is the output (crowsonkb's avg_decay), not the best iterate
                 average = self.render(index, self.average[index].get().to(image.device))
-                self.best_loss[index] = self.objective_loss(index, average)["total"].item()
+                known[index] = {term: value.item() for term, value in self.objective_loss(index, average).items()}
+                self.best_loss[index] = known[index]["total"]
                 self.best_step[index] = steps
                 best[index] = average[0]
             elif total < self.best_loss[index]:
                 self.best_loss[index], self.best_step[index] = total, steps
                 best[index] = image[index]
+                known[index] = terms
         self.best_images = best
         results = []
         for index, objective in enumerate(self.objectives):
             result = best[index : index + 1].float()
-            final_loss = {term: value.item() for term, value in self.objective_loss(index, result).items()}
+            final_loss = known.get(index) if best.dtype == torch.float32 else None
+            if final_loss is None:
+                final_loss = {term: value.item() for term, value in self.objective_loss(index, result).items()}
             if objective.color == "histogram" and self.content is not None:
                 # A post-step: the losses are those of the optimised image, the metrics those of the image returned.
                 result = match_histograms(result, self.content.to(result.device).float())

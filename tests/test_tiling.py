@@ -325,3 +325,20 @@ def test_the_memory_preflight_counts_one_tile_of_a_tiled_fit(monkeypatch: pytest
     with pytest.raises(NSTError, match="^data.size: a 512x512 px image cannot be optimised here"):
         check_image_optimization(config())
     check_image_optimization(config(tile_size=128, tile_overlap=32))  # one 128 px tile's activations fit
+
+
+def test_results_evaluate_each_image_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 4096 px each loss is a pass over 36 tiles: the averaged result's terms are not computed a second time.
+    model = ImageOptimization(
+        [Objective("t", style_layers=["relu1_1"])], vgg=VGGConfig(weights="random"), avg_decay=0.9,
+        optimizer=partial(torch.optim.Adam, lr=0.02), tile_size=24, tile_overlap=2,
+    )  # fmt: skip
+    fit_summary(model, ImageTargets(style=["skimage:gravel"], size=32), tmp_path, steps=2)
+    calls: list[int] = []
+    objective_loss = ImageOptimization.objective_loss
+    monkeypatch.setattr(
+        ImageOptimization, "objective_loss", lambda self, *args: calls.append(1) or objective_loss(self, *args)
+    )
+    result = model.results()[0]
+    assert len(calls) == 2  # the last image and the average
+    assert result.final_loss["total"] == result.best_loss
