@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--high", type=int, default=8192, help="--find-largest: largest size tried")
     parser.add_argument("--timeout-s", type=float, default=1800, help="kill a run that takes longer")
     parser.add_argument("--phases", action="store_true", help="peak resident set per phase of each fit")
+    parser.add_argument("--only", choices=["untiled", "tiled"], help="run one of the two settings")
     parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-optimizer", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
     parser.add_argument("--child-phases", action="store_true", help=argparse.SUPPRESS)
@@ -224,6 +225,8 @@ def main() -> None:
         settings[f"tiled {args.tile_size} px, overlap {args.tile_overlap}"] = args.tile_size
     else:
         print("tiled: not available in this build (ImageOptimization has no tile_size)")
+    if args.only:
+        settings = {name: tile for name, tile in settings.items() if name.startswith(args.only)}
     if args.find_largest:
         print(f"largest size (multiple of 256) whose {args.steps}-step Adam fit stays within {args.limit_gb:g} GB:")
         rows = {name: find_largest(args, tile) for name, tile in settings.items()}
