@@ -1077,6 +1077,28 @@ class ImageOptimization(L.LightningModule):
             )
         return results
 
+    def _ssim(self, image: Tensor, target: Tensor) -> float:
+        """Torchmetrics' SSIM, over bands of rows about a tile in area when tiling applies to the image.
+
+        Its maps take 2.9 GB at 2048 px (11.7 at 4096). It is the mean of a map of local SSIMs, each from an 11 px
+        Gaussian window over the reflect-padded image, so a band of rows grown by ``pad = 5`` px on each side (the
+        image's own rows, or its reflection at the image's border, as in the whole pass) gives the map's rows of
+        its core exactly; their sum over the bands divided by the map's size is the whole image's SSIM.
+        """
+        if self.tile_plan is None or not self.tile_plan.applies(image):
+            return structural_similarity_index_measure(image, target, data_range=1.0).item()
+        pad, height = 5, image.shape[-2]
+        rows = max(16, self.tile_plan.tile_size**2 // image.shape[-1])
+        total = 0.0
+        for r0 in range(0, height, rows):
+            r1 = min(r0 + rows, height)
+            top, bottom = max(0, r0 - pad), min(height, r1 + pad)
+            _, local = structural_similarity_index_measure(
+                image[..., top:bottom, :], target[..., top:bottom, :], data_range=1.0, return_full_image=True
+            )
+            total += local[..., r0 - top : r1 - top, :].double().sum().item()
+        return total / image[0].numel()
+
     def metrics(self, index: int, image: Tensor) -> dict[str, float]:
         """PSNR and SSIM against the content image, and the style distance, of objective ``index``'s ``image``.
 
@@ -1087,7 +1109,7 @@ class ImageOptimization(L.LightningModule):
         if objective.content_layers and self.content is not None:
             target = self.content.to(image.device)
             metrics["psnr"] = peak_signal_noise_ratio(image, target, data_range=1.0).item()
-            metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
+            metrics["ssim"] = self._ssim(image, target)
         if objective.style_layers:
             layers = layer_weights(objective.style_layers, "style_layers")
             variant = _STYLE_VARIANT[objective.color]

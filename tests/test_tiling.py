@@ -342,3 +342,19 @@ def test_results_evaluate_each_image_once(tmp_path: Path, monkeypatch: pytest.Mo
     result = model.results()[0]
     assert len(calls) == 2  # the last image and the average
     assert result.final_loss["total"] == result.best_loss
+
+
+def test_ssim_of_a_tiled_image_is_computed_in_bands_and_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(2)
+    image, target = torch.rand(1, 3, 90, 70, generator=gen), torch.rand(1, 3, 90, 70, generator=gen)
+    model = ImageOptimization([Objective("t", content_layers=["relu1_1"])], tile_size=24, tile_overlap=2)
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    whole = ssim(image, target, data_range=1.0).item()
+    heights: list[int] = []
+    monkeypatch.setattr(
+        "lightning_nst.optimize.structural_similarity_index_measure",
+        lambda a, b, **kw: heights.append(a.shape[-2]) or ssim(a, b, **kw),
+    )
+    assert model._ssim(image, target) == pytest.approx(whole, rel=1e-5)
+    assert max(heights) <= 16 + 2 * 5 < 90  # bands of rows (at least 16) with their margins, never the whole image
