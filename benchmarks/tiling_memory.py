@@ -2,6 +2,8 @@
 
     python benchmarks/tiling_memory.py --sizes 512 1024 2048 --steps 3
     python benchmarks/tiling_memory.py --largest --limit-gb 8 --ladder 1024 1536 2048 3072 4096
+    python benchmarks/tiling_memory.py --find-largest --limit-gb 8 --high 8192
+    python benchmarks/tiling_memory.py --phases --sizes 2048 --steps 2 --optimizer adam
 
 Each run is a real Lightning fit of ``ImageOptimization`` (Gatys style transfer: content relu4_2, style relu1_1..
 relu5_1, Gram, L-BFGS as ``configs/style_transfer_gram.yaml``; random VGG weights, which cost the same as ImageNet
@@ -11,6 +13,12 @@ ones) in a fresh process, so its peak resident set (``ru_maxrss``) is its own; s
 contract's ``model.tile_size``/``model.tile_overlap``; if this build's ``ImageOptimization`` has no ``tile_size``,
 the tiled rows print "not available in this build" and no number. On a CUDA device the child also reports
 ``torch.cuda.max_memory_allocated``.
+
+``--find-largest`` bisects over sizes in multiples of 256 (a fresh 2-step fit per size) for the largest that stays
+within ``--limit-gb``, untiled and tiled, always with Adam: L-BFGS's history (2 x history_size image-sized tensors)
+is left out, since ``ImageOptimization`` refuses a history larger than the memory available before the fit.
+``--phases`` reports the peak resident set of each phase of one fit (setup, targets, first step, the other steps,
+results and writers, checkpoint), resetting the peak between phases (Linux ``/proc/self/clear_refs``).
 """
 
 from __future__ import annotations
@@ -45,10 +53,47 @@ OPTIMIZERS = {
 }
 
 
-def child(size: int, steps: int, tile_size: int, tile_overlap: int, optimizer: str = "lbfgs") -> None:
+def peak_mb(reset: bool = False) -> float:
+    """This process's peak resident set (VmHWM) in MB; with ``reset``, then reset it to the current one."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    value = next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    return value
+
+
+class Phases(L.Callback):
+    """Peak resident set of each phase of a fit, the peak reset at each phase's start."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        self.peaks[phase] = round(peak_mb(reset=True))
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.mark("setup (images, VGG, data)")
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.mark("targets (content and style)")
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: object) -> None:
+        if trainer.global_step == 1:
+            self.mark("first step")
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.mark("other steps")
+
+
+def child(
+    size: int, steps: int, tile_size: int, tile_overlap: int, optimizer: str = "lbfgs", phases: bool = False
+) -> None:
     """One fit; prints {"peak_mb", "baseline_mb", "s_per_step", "cuda_mb"} as JSON on its last line."""
     warnings.filterwarnings("ignore")
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if phases:
+        peak_mb(reset=True)
+    recorder = Phases()
     tiling = {"tile_size": tile_size, "tile_overlap": tile_overlap} if tile_size else {}
     model = ImageOptimization(
         [Objective("gram", content_layers=["relu4_2"], style_layers=STYLE, style_weight=1e6)],
@@ -67,14 +112,20 @@ def child(size: int, steps: int, tile_size: int, tile_overlap: int, optimizer: s
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[ImageWriter(output_dir=folder, snapshot_every=0)],
+            callbacks=[*([recorder] if phases else []), ImageWriter(output_dir=folder, snapshot_every=0)],
         )
         trainer.fit(model, ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=size))
         summary = json.loads((Path(folder) / "summary.json").read_text())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if phases:
+            recorder.mark("results and writers (PNG, summary.json)")
+            trainer.save_checkpoint(Path(folder) / "last.ckpt")
+            recorder.mark("checkpoint")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB; since the last phase's reset with --phases
+    peak = max([peak, *(1024 * mb for mb in recorder.peaks.values())])
     print(
         json.dumps(
             {
+                "phases_mb": recorder.peaks if phases else None,
                 "baseline_mb": baseline / 1024,
                 "peak_mb": peak / 1024,
                 "s_per_step": summary.get("seconds_per_step_after_first"),
@@ -91,13 +142,18 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def measure(size: int, args: argparse.Namespace, tile_size: int) -> dict | str:
-    """Run one child; its JSON, or why there is none ("over the limit", "failed: ...")."""
+def measure(size: int, args: argparse.Namespace, tile_size: int, optimizer: str | None = None) -> dict | str:
+    """Run one child; its JSON, or why there is none ("over the limit", "timed out", "failed: ...")."""
     command = [sys.executable, __file__, "--child", str(size), str(args.steps), str(tile_size), str(args.tile_overlap)]
-    command += ["--child-optimizer", args.optimizer]
+    command += ["--child-optimizer", optimizer or args.optimizer, *(["--child-phases"] if args.phases else [])]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     limit = args.limit_gb * 1024
+    deadline = time.monotonic() + args.timeout_s
     while process.poll() is None:
+        if time.monotonic() > deadline:
+            process.kill()
+            process.wait()
+            return f"timed out after {args.timeout_s:g} s"
         try:
             if rss_mb(process.pid) > limit:
                 process.kill()
@@ -120,6 +176,25 @@ def row(name: str, size: int, result: dict | str) -> str:
     return f"| {name} | {size} | {result['peak_mb']:.0f} | {over:.0f} | {result['s_per_step']:.3f} | {cuda} |"
 
 
+def find_largest(args: argparse.Namespace, tile_size: int) -> tuple[int | None, float | None, str]:
+    """Bisect sizes in multiples of 256 in ``[--low, --high]``: the largest whose 2-step Adam fit stays in the limit.
+
+    Returns the size, its peak MB and what the smallest refused size gave (or ``"-"``).
+    """
+    low, high = args.low // 256, args.high // 256  # in units of 256 px
+    fits, peak, refused = None, None, "-"
+    while low <= high:
+        middle = (low + high) // 2
+        result = measure(256 * middle, args, tile_size, optimizer="adam")
+        shown = result if isinstance(result, str) else f"{result['peak_mb']:.0f} MB"
+        print(f"  {256 * middle} px: {shown}", flush=True)
+        if isinstance(result, str):
+            high, refused = middle - 1, f"{256 * middle}: {result}"
+        else:
+            low, fits, peak = middle + 1, 256 * middle, result["peak_mb"]
+    return fits, peak, refused
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
@@ -130,11 +205,18 @@ def main() -> None:
     parser.add_argument("--largest", action="store_true", help="find the largest size of --ladder within the limit")
     parser.add_argument("--ladder", type=int, nargs="+", default=[1024, 1536, 2048, 3072, 4096])
     parser.add_argument("--optimizer", choices=list(OPTIMIZERS), default="lbfgs")
+    parser.add_argument("--find-largest", action="store_true", help="bisect for the largest size within the limit")
+    parser.add_argument("--low", type=int, default=512, help="--find-largest: smallest size tried")
+    parser.add_argument("--high", type=int, default=8192, help="--find-largest: largest size tried")
+    parser.add_argument("--timeout-s", type=float, default=1800, help="kill a run that takes longer")
+    parser.add_argument("--phases", action="store_true", help="peak resident set per phase of each fit")
+    parser.add_argument("--only", choices=["untiled", "tiled"], help="run one of the two settings")
     parser.add_argument("--child", nargs=4, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-optimizer", choices=list(OPTIMIZERS), help=argparse.SUPPRESS)
+    parser.add_argument("--child-phases", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child, optimizer=args.child_optimizer or "lbfgs")
+        child(*args.child, optimizer=args.child_optimizer or "lbfgs", phases=args.child_phases)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA device: no GPU figures)"
     print(f"device: {device}; {torch.get_num_threads()} threads; limit {args.limit_gb:g} GB resident; {args.optimizer}")
@@ -143,6 +225,16 @@ def main() -> None:
         settings[f"tiled {args.tile_size} px, overlap {args.tile_overlap}"] = args.tile_size
     else:
         print("tiled: not available in this build (ImageOptimization has no tile_size)")
+    if args.only:
+        settings = {name: tile for name, tile in settings.items() if name.startswith(args.only)}
+    if args.find_largest:
+        print(f"largest size (multiple of 256) whose {args.steps}-step Adam fit stays within {args.limit_gb:g} GB:")
+        rows = {name: find_largest(args, tile) for name, tile in settings.items()}
+        print("| setting | largest size | peak MB there | smallest refused |")
+        print("|---|---|---|---|")
+        for name, (fits, peak, refused) in rows.items():
+            print(f"| {name} | {fits or 'none'} | {f'{peak:.0f}' if peak else '-'} | {refused} |", flush=True)
+        return
     if args.largest:
         print("| setting | largest size within the limit | peak MB there | next size |")
         print("|---|---|---|---|")
@@ -160,7 +252,11 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for size in args.sizes:
         for name, tile in settings.items():
-            print(row(name, size, measure(size, args, tile)), flush=True)
+            result = measure(size, args, tile)
+            print(row(name, size, result), flush=True)
+            if args.phases and isinstance(result, dict):
+                for phase, mb in result["phases_mb"].items():
+                    print(f"|   {phase} | | {mb} | | | |", flush=True)
 
 
 if __name__ == "__main__":

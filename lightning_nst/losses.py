@@ -269,6 +269,19 @@ def _masked_statistic(features: Tensor, statistic: str, mask: Tensor | None) -> 
         return torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1)
 
 
+def feature_sums(features: Tensor, statistic: Statistic, shift: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:meth:`StyleLoss.sums` of ``(B, C, H, W)`` features for ``statistic`` (gram, meanvar or w2), unmasked."""
+    if statistic == "sliced_w":
+        raise ValueError("only unmasked gram, meanvar and w2 losses are functions of feature sums")
+    with torch.autocast(features.device.type, enabled=False):
+        flat = _fp32(features).flatten(2)
+        if shift is not None and statistic != "gram":
+            flat = flat - shift.to(flat.dtype)[..., None]
+        if statistic == "meanvar":
+            return flat.sum(dim=2), flat.square().sum(dim=2)
+        return flat.sum(dim=2), flat @ flat.transpose(1, 2)
+
+
 class StyleLoss(nn.Module):
     r"""Squared distance between the style statistic of features and a fixed target, one value per batch element.
 
@@ -401,32 +414,84 @@ class StyleLoss(nn.Module):
             self._set_target(chosen)
 
     def _set_target(self, chosen: list[tuple[float, Tensor, Tensor | None]]) -> None:
+        if self.statistic == "sliced_w":
+            self._set_sliced_target(chosen)
+            return
+        self._mix_moments([(w, self._moments(f, m)) for w, f, m in chosen])
+
+    def _moments(self, features: Tensor, mask: Tensor | None) -> tuple[Tensor | None, Tensor]:
+        """One style image's ``(mean, second)``: ``(None, Gram)``, ``(mean, variance)`` or ``(mean, covariance)``."""
         if self.statistic == "gram":
-            target = sum(w * _masked_statistic(f, "gram", m) for w, f, m in chosen)
-            self.register_buffer("target", target, persistent=False)
+            return None, _masked_statistic(features, "gram", mask)
+        flat = _fp32(features).flatten(2)
+        return _weighted_mean_cov(flat, _position_weights(_fp32(features), mask), self.statistic == "meanvar")
+
+    def _mix_moments(self, moments: list[tuple[float, tuple[Tensor | None, Tensor]]]) -> None:
+        if self.statistic == "gram":
+            self.register_buffer("target", sum(w * second for w, (_, second) in moments), persistent=False)
             return
         # Mean and variance (covariance for w2) are not linear in the mixture; the mean and second raw moment
         # are. Mixing those and converting back is written as the law of total variance, which avoids the
         # cancellation of E[x^2] - E[x]^2 in fp32.
-        diagonal = self.statistic == "meanvar"
-        moments = [
-            _weighted_mean_cov(_fp32(f).flatten(2), _position_weights(_fp32(f), m), diagonal) for _, f, m in chosen
-        ]
-        mean = sum(w * mu for (w, _, _), (mu, _) in zip(chosen, moments, strict=True))
-        if diagonal:
-            var = sum(w * (v + (mu - mean).square()) for (w, _, _), (mu, v) in zip(chosen, moments, strict=True))
+        mean = sum(w * mu for w, (mu, _) in moments)
+        if self.statistic == "meanvar":
+            var = sum(w * (v + (mu - mean).square()) for w, (mu, v) in moments)
             self.register_buffer("target", torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1), persistent=False)
             return
-        if self.statistic == "w2":
-            cov = sum(
-                w * (c + (mu - mean)[..., :, None] * (mu - mean)[..., None, :])
-                for (w, _, _), (mu, c) in zip(chosen, moments, strict=True)
-            )
-            cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
-            self.register_buffer("target_mean", mean, persistent=False)
-            self.register_buffer("target", cov, persistent=False)
-            self.register_buffer("target_sqrt", _sqrtm_eigh(cov), persistent=False)
-            return
+        cov = sum(w * (c + (mu - mean)[..., :, None] * (mu - mean)[..., None, :]) for w, (mu, c) in moments)
+        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
+        self.register_buffer("target_mean", mean, persistent=False)
+        self.register_buffer("target", cov, persistent=False)
+        self.register_buffer("target_sqrt", _sqrtm_eigh(cov), persistent=False)
+
+    @classmethod
+    def from_moments(
+        cls,
+        moments: Sequence[tuple[Tensor | None, Tensor]],
+        statistic: Statistic,
+        weights: Sequence[float] | None = None,
+    ) -> StyleLoss:
+        """A loss whose target is built from each style image's moments instead of its features.
+
+        For a style image too large to pass through VGG whole: :func:`lightning_nst.tiling.tiled_style_moments`
+        accumulates them tile by tile. The target is the same as from the features, blends included.
+
+        Args:
+            moments: Per style image ``(mean, second)``, float32: ``(None, normalised Gram (1, C, C))`` for
+                ``"gram"``, ``(mean (1, C), population variance (1, C))`` for ``"meanvar"``, ``(mean (1, C),
+                population covariance (1, C, C))`` for ``"w2"`` (see :meth:`moments_of_sums`).
+            statistic: ``"gram"``, ``"meanvar"`` or ``"w2"``.
+            weights: Blend weights, as :class:`StyleLoss` takes them.
+
+        Raises:
+            ValueError: ``"sliced_w"`` (not a function of moments) or bad weights.
+        """
+        if statistic not in ("gram", "meanvar", "w2"):
+            raise ValueError(f"only gram, meanvar and w2 targets are functions of moments, not {statistic!r}")
+        loss = cls.__new__(cls)
+        nn.Module.__init__(loss)
+        loss.statistic, loss.seed = statistic, 0
+        loss.register_buffer("mask", None, persistent=False)
+        blend = _blend_weights(weights, len(moments))
+        loss._mix_moments([(w, m) for w, m in zip(blend, moments, strict=True) if w > 0])
+        return loss
+
+    @staticmethod
+    def moments_of_sums(
+        statistic: Statistic, count: int, first: Tensor, second: Tensor, shift: Tensor | None = None
+    ) -> tuple[Tensor | None, Tensor]:
+        """The float32 moments :meth:`from_moments` takes, from :meth:`sums` of ``count`` positions."""
+        if statistic == "gram":
+            return None, (second / (second.shape[-1] * count)).float()
+        mean = first / count
+        if statistic == "meanvar":
+            second = second / count - mean.square()
+        else:
+            second = second / count - mean[..., :, None] * mean[..., None, :]
+        mean = mean if shift is None else mean + shift.to(mean.dtype)
+        return mean.float(), second.float()
+
+    def _set_sliced_target(self, chosen: list[tuple[float, Tensor, Tensor | None]]) -> None:
         # sliced_w: the mixture's samples, each position weighted by its image's blend weight and mask share.
         samples, masses = [], []
         for w, f, m in chosen:
@@ -460,15 +525,9 @@ class StyleLoss(nn.Module):
         floating point. Sums of disjoint sets of positions add up to the sums of their union, which is what tiled
         optimisation (:mod:`lightning_nst.tiling`) accumulates. Unmasked ``"gram"``, ``"meanvar"`` and ``"w2"``.
         """
-        if self.statistic == "sliced_w" or self.mask is not None:
+        if self.mask is not None:
             raise ValueError("only unmasked gram, meanvar and w2 losses are functions of feature sums")
-        with torch.autocast(features.device.type, enabled=False):
-            flat = _fp32(features).flatten(2)
-            if shift is not None and self.statistic != "gram":
-                flat = flat - shift.to(flat.dtype)[..., None]
-            if self.statistic == "meanvar":
-                return flat.sum(dim=2), flat.square().sum(dim=2)
-            return flat.sum(dim=2), flat @ flat.transpose(1, 2)
+        return feature_sums(features, self.statistic, shift)
 
     def loss_of_sums(self, count: int, first: Tensor, second: Tensor, shift: Tensor | None = None) -> Tensor:
         """The loss ``(B,)`` of features given by :meth:`sums` over ``count`` positions, in the sums' dtype.

@@ -44,7 +44,7 @@ from lightning_nst.scales import (
     resize_image,
     resize_optimizer_state,
 )
-from lightning_nst.tiling import TilePlan, exact_margin, tiled_features, tiled_terms
+from lightning_nst.tiling import Tile, TilePlan, exact_margin, tiled_features, tiled_style_moments, tiled_terms
 from lightning_nst.vgg import VGG19Features, VGGConfig, check_weight, layer_index, layer_weights, min_input_size
 from lightning_nst.writers import ImageWriter
 
@@ -148,6 +148,18 @@ class ObjectiveResult:
     last_loss: float
     stopped_at_step: int | None
     metrics: dict[str, float]
+
+
+def _available_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes, or ``None`` where it cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def default_optimizer(params: Any) -> Optimizer:
@@ -438,7 +450,36 @@ class ImageOptimization(L.LightningModule):
                     "L-BFGS cannot use; choose bf16-mixed or 32-true, or model.optimizer Adam"
                 )
             optimizers.append(optimizer)
+        self._check_lbfgs_memory(optimizers)
         return optimizers
+
+    def _check_lbfgs_memory(self, optimizers: list[Optimizer]) -> None:
+        """Refuse an L-BFGS history larger than the memory available, before the first step (not tiled: whole)."""
+        history = sum(
+            2 * group["history_size"] * self._largest_numel(group["params"][0])
+            for optimizer in optimizers
+            if isinstance(optimizer, LBFGS)
+            for group in optimizer.param_groups
+        )
+        available = _available_bytes()
+        if history and available is not None and 4 * history > available:
+            sizes = sorted(
+                {group["history_size"] for o in optimizers for group in o.param_groups if "history_size" in group}
+            )
+            raise NSTError(
+                f"model.optimizer: L-BFGS with history_size {', '.join(map(str, sizes))} keeps 2 x history_size "
+                f"image-sized tensors, {4 * history / 1e9:.3g} GB at the largest size, more than the "
+                f"{available / 1e9:.3g} GB of memory available; use Adam (as configs/large_print.yaml does) or a "
+                "smaller history_size"
+            )
+
+    def _largest_numel(self, parameter: Tensor) -> int:
+        """Elements of ``parameter`` at the last scale's size (L-BFGS restarts at each scale with a new history)."""
+        if not self.schedule:
+            return parameter.numel()
+        height, width = self.parameterization.image_size(parameter.shape)
+        last = self.schedule[-1]
+        return math.ceil(parameter.numel() * last.height * last.width / (height * width))
 
     def _grad_scaler(self) -> torch.amp.GradScaler | None:
         """The gradient scaler of Lightning's ``16-mixed`` precision, if this run has one."""
@@ -463,7 +504,10 @@ class ImageOptimization(L.LightningModule):
     def _compute_targets(self) -> None:
         """Content and style targets from the current content and style images (at the current scale).
 
-        One VGG pass per colour variant of the images, up to the layers that variant's targets use.
+        One VGG pass per colour variant of the images, up to the layers that variant's targets use. When tiling
+        applies, both go tile by tile: the content targets keep only the content layers' features at full size
+        (relu4_2: 512 channels at 1/8 of each side, 8 times the image's floats); the style targets keep only each
+        layer's statistic, accumulated from tile sums (:func:`~lightning_nst.tiling.tiled_style_moments`).
         """
         if self.content is not None and self.content_weights:
             for variant in {variant for _, variant in self.content_weights}:
@@ -473,11 +517,35 @@ class ImageOptimization(L.LightningModule):
                     self.content_losses[_loss_key(layer, variant)] = ContentLoss(features[layer])
         for variant in {variant for _, _, variant in self.style_weights}:
             keys = [(statistic, layer) for statistic, layer, v in self.style_weights if v == variant]
+            images = self.target_images("style", variant)
+            if self._tiles_style(images):
+                moments = [self._style_moments(image, keys) for image in images]
+                for statistic, layer in keys:
+                    target = [image_moments[statistic, layer] for image_moments in moments]
+                    loss = StyleLoss.from_moments(target, statistic, weights=self.blend_weights)
+                    self.style_losses[_loss_key(statistic, layer, variant)] = loss
+                continue
             layers = sorted({layer for _, layer in keys}, key=layer_index)
-            styles = [self._trunk()(image, layers) for image in self.target_images("style", variant)]
+            styles = [self._trunk()(image, layers) for image in images]
             for statistic, layer in keys:
                 target = [features[layer] for features in styles]
                 self.style_losses[_loss_key(statistic, layer, variant)] = self._style_loss(target, statistic)
+
+    def _tiles_style(self, images: list[Tensor]) -> bool:
+        """Whether the style targets are accumulated tile by tile: tiling applies to a style image, no masks."""
+        plan = self.tile_plan
+        unmasked = self.masks is None and not any(mask is not None for mask in self.style_masks or [])
+        return plan is not None and unmasked and any(plan.applies(image) for image in images)
+
+    def _style_moments(
+        self, image: Tensor, keys: list[tuple[Statistic, str]]
+    ) -> dict[tuple[Statistic, str], tuple[Tensor | None, Tensor]]:
+        """A style image's moments per ``(statistic, layer)``, tile by tile when tiling applies to it."""
+        assert self.tile_plan is not None
+        height, width = image.shape[-2:]
+        whole = [Tile(0, height, 0, width, 0, height, 0, width, height, width)]  # a small image of a blend
+        tiles = self.tile_plan.tiles(height, width) if self.tile_plan.applies(image) else whole
+        return tiled_style_moments(self._trunk(), image, keys, tiles)
 
     # -- coarse to fine (lightning_nst.scales) ----------------------------------------------------------------
 
@@ -969,22 +1037,29 @@ class ImageOptimization(L.LightningModule):
             self._start_best(image)
         best = self.best_images.to(image.device)
         last: list[float] = []
+        # Terms of a result image already evaluated here: a large (tiled) image's loss is a pass over all its tiles.
+        known: dict[int, dict[str, float]] = {}
         for index in range(len(self.objectives)):
-            total = self.objective_loss(index, image[index : index + 1])["total"].item()
+            terms = {term: value.item() for term, value in self.objective_loss(index, image[index : index + 1]).items()}
+            total = terms["total"]
             last.append(total)
             if self.average is not None:  # the average is the output (crowsonkb's avg_decay), not the best iterate
                 average = self.render(index, self.average[index].get().to(image.device))
-                self.best_loss[index] = self.objective_loss(index, average)["total"].item()
+                known[index] = {term: value.item() for term, value in self.objective_loss(index, average).items()}
+                self.best_loss[index] = known[index]["total"]
                 self.best_step[index] = steps
                 best[index] = average[0]
             elif total < self.best_loss[index]:
                 self.best_loss[index], self.best_step[index] = total, steps
                 best[index] = image[index]
+                known[index] = terms
         self.best_images = best
         results = []
         for index, objective in enumerate(self.objectives):
             result = best[index : index + 1].float()
-            final_loss = {term: value.item() for term, value in self.objective_loss(index, result).items()}
+            final_loss = known.get(index) if best.dtype == torch.float32 else None
+            if final_loss is None:
+                final_loss = {term: value.item() for term, value in self.objective_loss(index, result).items()}
             if objective.color == "histogram" and self.content is not None:
                 # A post-step: the losses are those of the optimised image, the metrics those of the image returned.
                 result = match_histograms(result, self.content.to(result.device).float())
@@ -1002,6 +1077,28 @@ class ImageOptimization(L.LightningModule):
             )
         return results
 
+    def _ssim(self, image: Tensor, target: Tensor) -> float:
+        """Torchmetrics' SSIM, over bands of rows about a tile in area when tiling applies to the image.
+
+        Its maps take 2.9 GB at 2048 px (11.7 at 4096). It is the mean of a map of local SSIMs, each from an 11 px
+        Gaussian window over the reflect-padded image, so a band of rows grown by ``pad = 5`` px on each side (the
+        image's own rows, or its reflection at the image's border, as in the whole pass) gives the map's rows of
+        its core exactly; their sum over the bands divided by the map's size is the whole image's SSIM.
+        """
+        if self.tile_plan is None or not self.tile_plan.applies(image):
+            return structural_similarity_index_measure(image, target, data_range=1.0).item()
+        pad, height = 5, image.shape[-2]
+        rows = max(16, self.tile_plan.tile_size**2 // image.shape[-1])
+        total = 0.0
+        for r0 in range(0, height, rows):
+            r1 = min(r0 + rows, height)
+            top, bottom = max(0, r0 - pad), min(height, r1 + pad)
+            _, local = structural_similarity_index_measure(
+                image[..., top:bottom, :], target[..., top:bottom, :], data_range=1.0, return_full_image=True
+            )
+            total += local[..., r0 - top : r1 - top, :].double().sum().item()
+        return total / image[0].numel()
+
     def metrics(self, index: int, image: Tensor) -> dict[str, float]:
         """PSNR and SSIM against the content image, and the style distance, of objective ``index``'s ``image``.
 
@@ -1012,7 +1109,7 @@ class ImageOptimization(L.LightningModule):
         if objective.content_layers and self.content is not None:
             target = self.content.to(image.device)
             metrics["psnr"] = peak_signal_noise_ratio(image, target, data_range=1.0).item()
-            metrics["ssim"] = structural_similarity_index_measure(image, target, data_range=1.0).item()
+            metrics["ssim"] = self._ssim(image, target)
         if objective.style_layers:
             layers = layer_weights(objective.style_layers, "style_layers")
             variant = _STYLE_VARIANT[objective.color]

@@ -181,7 +181,12 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
         scale = size / max(width, height)
         width, height = max(1, round(width * scale)), max(1, round(height * scale))
     images = len(_get(model, "objectives") or []) or 1
-    needed = activation_bytes(layers, height, width, images)
+    tile = _get(model, "tile_size")
+    if isinstance(tile, int) and not isinstance(tile, bool) and 0 < tile < max(width, height):
+        # A tiled fit holds one tile's activations at a time (lightning_nst.tiling); tile_size includes the margins.
+        needed = activation_bytes(layers, min(height, tile), min(width, tile), images)
+    else:
+        needed = activation_bytes(layers, height, width, images)
     memory = _memory_of(device)
     if memory is not None and needed > memory[0]:
         deepest = max(layers, key=LAYER_NAMES.index)

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from lightning_nst.errors import NSTError
-from lightning_nst.losses import ContentLoss, StyleLoss
+from lightning_nst.losses import ContentLoss, Statistic, StyleLoss, feature_sums
 from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES, VGG19Features, layer_index
 
 
@@ -190,7 +190,11 @@ class TilePlan:
 def tiled_features(
     vgg: VGG19Features, image: Tensor, layers: Sequence[str], tiles: Sequence[Tile]
 ) -> dict[str, Tensor]:
-    """``vgg(image, layers)`` assembled tile by tile without autograd (e.g. content targets of a large image)."""
+    """``vgg(image, layers)`` assembled tile by tile without autograd (e.g. content targets of a large image).
+
+    Only ``layers`` are kept, each at its full size (``C x H/s x W/s`` for the layer's stride ``s``: relu4_2's 512
+    channels at 1/8 of each side hold 8 times the image's floats); each tile's other activations are freed with it.
+    """
     height, width = image.shape[-2:]
     out: dict[str, Tensor] = {}
     with torch.no_grad():
@@ -205,6 +209,45 @@ def tiled_features(
                 (lr, lc), (gr, gc) = tile.region(stride)
                 out[layer][..., gr, gc] = value[..., lr, lc]
     return out
+
+
+def tiled_style_moments(
+    vgg: VGG19Features, image: Tensor, targets: Sequence[tuple[Statistic, str]], tiles: Sequence[Tile]
+) -> dict[tuple[Statistic, str], tuple[Tensor | None, Tensor]]:
+    """A style image's moments for :meth:`StyleLoss.from_moments`, accumulated tile by tile without autograd.
+
+    The valid-region sums of :func:`tiled_terms`' pass 1 (float64, shifted by the first tile's mean), so no layer's
+    features exist at full size; with an exact margin they equal the untiled moments up to rounding.
+
+    Args:
+        vgg: The trunk.
+        image: One ``(1, 3, H, W)`` style image as VGG sees it.
+        targets: ``(statistic, layer)`` pairs: ``"gram"``, ``"meanvar"`` or ``"w2"``.
+        tiles: From :meth:`TilePlan.tiles`.
+    """
+    layers = sorted({layer for _, layer in targets}, key=layer_index)
+    sums: dict[tuple[Statistic, str], list[Tensor]] = {}
+    shifts: dict[tuple[Statistic, str], Tensor | None] = {}
+    counts = dict.fromkeys(targets, 0)
+    with torch.no_grad():
+        for tile in tiles:
+            features = vgg(tile.crop(image), layers)
+            for key in targets:
+                statistic, layer = key
+                local, _ = tile.region(reach(layer)[0])
+                value = features[layer][..., local[0], local[1]]
+                if not value.numel():
+                    continue
+                if key not in shifts:
+                    shifts[key] = None if statistic == "gram" else value.float().flatten(2).mean(dim=2)
+                first, second = feature_sums(value, statistic, shifts[key])
+                if key in sums:
+                    sums[key][0] += first.double()
+                    sums[key][1] += second.double()
+                else:
+                    sums[key] = [first.double(), second.double()]
+                counts[key] += value.shape[-2] * value.shape[-1]
+    return {key: StyleLoss.moments_of_sums(key[0], counts[key], *sums[key], shifts[key]) for key in targets}
 
 
 def tiled_terms(

@@ -18,7 +18,8 @@ from lightning_nst import ImageOptimization, ImageTargets, Objective, VGGConfig
 from lightning_nst.errors import NSTError
 from lightning_nst.losses import ContentLoss, StyleLoss
 from lightning_nst.main import main
-from lightning_nst.tiling import TilePlan, exact_margin, tiled_terms
+from lightning_nst.preflight import activation_bytes, check_image_optimization
+from lightning_nst.tiling import Tile, TilePlan, exact_margin, tiled_style_moments, tiled_terms
 from lightning_nst.vgg import VGG19Features
 from tests.conftest import CONFIGS, REPO
 from tests.test_optimize import fit_summary
@@ -226,3 +227,134 @@ def test_tiling_with_masks_is_refused_in_one_line(capsys: pytest.CaptureFixture[
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == "lightning-nst: error: model.tile_size: tiling does not support data.masks; leave one of them out"
+
+
+def style_buffers(loss: StyleLoss) -> dict[str, Tensor]:
+    return {name: buffer for name, buffer in loss.named_buffers() if name.startswith("target")}
+
+
+@pytest.mark.parametrize("statistic", ["gram", "meanvar", "w2"])
+def test_tiled_style_targets_equal_untiled_with_an_exact_overlap(vgg: VGG19Features, statistic: str) -> None:
+    # A blend of a tiled 70x90 style image and one small enough not to be tiled, weighted 3:1.
+    gen = torch.Generator().manual_seed(1)
+    large, small = torch.rand(1, 3, 70, 90, generator=gen), torch.rand(1, 3, 36, 30, generator=gen)
+    plan = TilePlan(2 * exact_margin(SHALLOW) + 16, 2 * exact_margin(SHALLOW), tuple(SHALLOW))
+    assert plan.applies(large) and not plan.applies(small)
+    keys = [(statistic, layer) for layer in SHALLOW]
+    tiled = tiled_style_moments(vgg, large, keys, plan.tiles(70, 90))
+    whole = tiled_style_moments(vgg, small, keys, [Tile(0, 36, 0, 30, 0, 36, 0, 30, 36, 30)])
+    features = [vgg(large, SHALLOW), vgg(small, SHALLOW)]
+    for layer in SHALLOW:
+        reference = StyleLoss([f[layer] for f in features], statistic, weights=[3, 1])  # type: ignore[arg-type]
+        built = StyleLoss.from_moments([tiled[statistic, layer], whole[statistic, layer]], statistic, [3, 1])  # type: ignore[arg-type]
+        for name, expected in style_buffers(reference).items():
+            got = style_buffers(built)[name]
+            assert ((got - expected).norm() / expected.norm()).item() < 1e-4, (layer, name)
+
+
+def test_a_tiled_fit_passes_no_style_image_through_vgg_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    forward = VGG19Features.forward
+
+    def recording(self: VGG19Features, image: Tensor, *args: Any, **kwargs: Any) -> Any:
+        seen.append(max(image.shape[-2:]))
+        return forward(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(VGG19Features, "forward", recording)
+    fit(tmp_path, size=64, steps=2, tile_size=32, tile_overlap=8)
+    assert seen and max(seen) <= 32, sorted(set(seen))  # content, style, steps, results: all in tiles
+
+
+def test_tiled_fit_summary_losses_are_the_untiled_losses_of_its_result(tmp_path: Path) -> None:
+    objective = Objective("t", content_layers=["relu3_1"], style_layers=SHALLOW, style_weight=1e3, statistic="meanvar")
+    overlap = 2 * exact_margin(SHALLOW)
+    data = ImageTargets(content="skimage:astronaut", style=["skimage:gravel"], size=96)
+    model = ImageOptimization(
+        [objective], vgg=VGGConfig(weights="random"), optimizer=partial(torch.optim.Adam, lr=0.02),
+        tile_size=overlap + 32, tile_overlap=overlap, avg_decay=0.9,
+    )  # fmt: skip
+    summary = fit_summary(model, data, tmp_path, steps=3)["t"]
+    result = model.results()[0].image
+    plain = ImageOptimization([objective], vgg=VGGConfig(weights="random"))
+    plain.vgg, plain.content, plain.style = model.vgg, model.content, model.style
+    plain._compute_targets()
+    expected = plain.objective_loss(0, result)
+    for term, value in summary["final_loss"].items():
+        assert value == pytest.approx(expected[term].item(), rel=1e-4), term
+    assert summary["best_loss"] == pytest.approx(expected["total"].item(), rel=1e-4)
+
+
+def test_an_lbfgs_history_larger_than_memory_is_refused_before_the_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 64x64 px, history_size 50: 2 x 50 x 64 x 64 x 3 x 4 bytes = 4.9 MB, more than the 4 MB said to be available.
+    monkeypatch.setattr("lightning_nst.optimize._available_bytes", lambda: 4_000_000)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["fit", "-c", str(CONFIGS / "style_transfer_gram.yaml"), "--model.init_args.vgg.weights=random",
+             "--data.init_args.size=64", "--trainer.max_steps=1", f"--trainer.default_root_dir={tmp_path}",
+             f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"]
+        )  # fmt: skip
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lightning-nst: error: model.optimizer: L-BFGS with history_size 50"), err
+    assert (
+        "0.00492 GB" in err
+        and "0.004 GB of memory available" in err
+        and "use Adam" in err
+        and len(err.splitlines()) == 1
+    )
+    assert not out.exists() and not any(tmp_path.rglob("*.png")) and not any(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_memory_preflight_counts_one_tile_of_a_tiled_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    layers = ["relu4_2", "relu5_1"]
+    monkeypatch.setattr(
+        "lightning_nst.preflight._memory_of", lambda device: (2 * activation_bytes(layers, 128, 128, 1), "RAM")
+    )
+    objectives = [{"name": "t", "content_layers": ["relu4_2"], "style_layers": ["relu5_1"]}]
+
+    def config(**tiling: int) -> dict[str, Any]:
+        return {
+            "trainer": {"max_steps": 1},
+            "data": {"init_args": {"content": "sample:astronaut", "style": ["sample:astronaut"], "size": 512}},
+            "model": {"init_args": {"objectives": objectives, **tiling}},
+        }
+
+    with pytest.raises(NSTError, match="^data.size: a 512x512 px image cannot be optimised here"):
+        check_image_optimization(config())
+    check_image_optimization(config(tile_size=128, tile_overlap=32))  # one 128 px tile's activations fit
+
+
+def test_results_evaluate_each_image_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # At 4096 px each loss is a pass over 36 tiles: the averaged result's terms are not computed a second time.
+    model = ImageOptimization(
+        [Objective("t", style_layers=["relu1_1"])], vgg=VGGConfig(weights="random"), avg_decay=0.9,
+        optimizer=partial(torch.optim.Adam, lr=0.02), tile_size=24, tile_overlap=2,
+    )  # fmt: skip
+    fit_summary(model, ImageTargets(style=["skimage:gravel"], size=32), tmp_path, steps=2)
+    calls: list[int] = []
+    objective_loss = ImageOptimization.objective_loss
+    monkeypatch.setattr(
+        ImageOptimization, "objective_loss", lambda self, *args: calls.append(1) or objective_loss(self, *args)
+    )
+    result = model.results()[0]
+    assert len(calls) == 2  # the last image and the average
+    assert result.final_loss["total"] == result.best_loss
+
+
+def test_ssim_of_a_tiled_image_is_computed_in_bands_and_equals_the_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(2)
+    image, target = torch.rand(1, 3, 90, 70, generator=gen), torch.rand(1, 3, 90, 70, generator=gen)
+    model = ImageOptimization([Objective("t", content_layers=["relu1_1"])], tile_size=24, tile_overlap=2)
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    whole = ssim(image, target, data_range=1.0).item()
+    heights: list[int] = []
+    monkeypatch.setattr(
+        "lightning_nst.optimize.structural_similarity_index_measure",
+        lambda a, b, **kw: heights.append(a.shape[-2]) or ssim(a, b, **kw),
+    )
+    assert model._ssim(image, target) == pytest.approx(whole, rel=1e-5)
+    assert max(heights) <= 16 + 2 * 5 < 90  # bands of rows (at least 16) with their margins, never the whole image
