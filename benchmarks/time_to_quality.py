@@ -20,8 +20,9 @@ A variant is the contract's ``ImageOptimization`` keys plus an optimizer (``VARI
 "not available in this build" and no number. The peers ``pystiche`` and ``pastiche`` run where installed (they are
 not dependencies: ``pip install --no-deps --target /some/dir pystiche==1.0.1 pastiche==1.6.0`` and
 ``PYTHONPATH=/some/dir``), through ``benchmarks/peers.py``: the same weights, layers, images and start, their own
-L-BFGS, with per-layer weights that make each peer's loss the common one, scored every step (every 5 above 128 px). On a CUDA device the reference and every variant run there (and the
-``bf16`` variants run with ``precision: bf16-mixed``); without one the script says so and runs on the CPU.
+L-BFGS, with per-layer weights that make each peer's loss the common one, scored every step (every 5 above 128 px).
+On a CUDA device the reference and every variant run there (and the ``bf16`` variants run with
+``precision: bf16-mixed``); without one the script says so and runs on the CPU.
 """
 
 from __future__ import annotations

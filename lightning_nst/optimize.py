@@ -506,7 +506,7 @@ class ImageOptimization(L.LightningModule):
 
         One VGG pass per colour variant of the images, up to the layers that variant's targets use. When tiling
         applies, both go tile by tile: the content targets keep only the content layers' features at full size
-        (relu4_2: 512 channels at 1/8 of each side, 8 times the image's floats); the style targets keep only each
+        (relu4_2: 512 channels at 1/8 of each side, 2.7 times the image's floats); the style targets keep only each
         layer's statistic, accumulated from tile sums (:func:`~lightning_nst.tiling.tiled_style_moments`).
         """
         if self.content is not None and self.content_weights:

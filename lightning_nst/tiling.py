@@ -193,7 +193,7 @@ def tiled_features(
     """``vgg(image, layers)`` assembled tile by tile without autograd (e.g. content targets of a large image).
 
     Only ``layers`` are kept, each at its full size (``C x H/s x W/s`` for the layer's stride ``s``: relu4_2's 512
-    channels at 1/8 of each side hold 8 times the image's floats); each tile's other activations are freed with it.
+    channels at 1/8 of each side hold 2.7 times the image's floats); each tile's other activations are freed with it.
     """
     height, width = image.shape[-2:]
     out: dict[str, Tensor] = {}
