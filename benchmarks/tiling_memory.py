@@ -219,7 +219,8 @@ def main() -> None:
         child(*args.child, optimizer=args.child_optimizer or "lbfgs", phases=args.child_phases)
         return
     device = "cuda" if torch.cuda.is_available() else "cpu (no CUDA device: no GPU figures)"
-    print(f"device: {device}; {torch.get_num_threads()} threads; limit {args.limit_gb:g} GB resident; {args.optimizer}")
+    optimizer = "adam (--find-largest)" if args.find_largest else args.optimizer
+    print(f"device: {device}; {torch.get_num_threads()} threads; limit {args.limit_gb:g} GB resident; {optimizer}")
     settings = {"untiled": 0}
     if tiling_available():
         settings[f"tiled {args.tile_size} px, overlap {args.tile_overlap}"] = args.tile_size
