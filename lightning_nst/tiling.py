@@ -211,6 +211,32 @@ def tiled_features(
     return out
 
 
+class _Sums:
+    """Float64 sums of one statistic's features over the tiles' valid regions, and how many positions they hold.
+
+    Non-Gram sums are taken about the first tile's channel means (``shift``), so the variance is not the difference
+    of two large sums in float32.
+    """
+
+    def __init__(self, statistic: Statistic) -> None:
+        self.statistic = statistic
+        self.shift: Tensor | None = None
+        self.first: Tensor | None = None
+        self.second: Tensor | None = None
+        self.count = 0
+
+    def add(self, value: Tensor) -> None:
+        """Add the features ``(1, C, h, w)`` of one tile's valid region (none: nothing to add)."""
+        if not value.numel():
+            return
+        if self.count == 0 and self.statistic != "gram":
+            self.shift = value.float().flatten(2).mean(dim=2)
+        first, second = feature_sums(value, self.statistic, self.shift)
+        self.first = first.double() if self.first is None else self.first + first.double()
+        self.second = second.double() if self.second is None else self.second + second.double()
+        self.count += value.shape[-2] * value.shape[-1]
+
+
 def tiled_style_moments(
     vgg: VGG19Features, image: Tensor, targets: Sequence[tuple[Statistic, str]], tiles: Sequence[Tile]
 ) -> dict[tuple[Statistic, str], tuple[Tensor | None, Tensor]]:
@@ -226,28 +252,17 @@ def tiled_style_moments(
         tiles: From :meth:`TilePlan.tiles`.
     """
     layers = sorted({layer for _, layer in targets}, key=layer_index)
-    sums: dict[tuple[Statistic, str], list[Tensor]] = {}
-    shifts: dict[tuple[Statistic, str], Tensor | None] = {}
-    counts = dict.fromkeys(targets, 0)
+    sums = {key: _Sums(key[0]) for key in targets}
     with torch.no_grad():
         for tile in tiles:
             features = vgg(tile.crop(image), layers)
-            for key in targets:
-                statistic, layer = key
+            for (_, layer), accumulated in sums.items():
                 local, _ = tile.region(reach(layer)[0])
-                value = features[layer][..., local[0], local[1]]
-                if not value.numel():
-                    continue
-                if key not in shifts:
-                    shifts[key] = None if statistic == "gram" else value.float().flatten(2).mean(dim=2)
-                first, second = feature_sums(value, statistic, shifts[key])
-                if key in sums:
-                    sums[key][0] += first.double()
-                    sums[key][1] += second.double()
-                else:
-                    sums[key] = [first.double(), second.double()]
-                counts[key] += value.shape[-2] * value.shape[-1]
-    return {key: StyleLoss.moments_of_sums(key[0], counts[key], *sums[key], shifts[key]) for key in targets}
+                accumulated.add(features[layer][..., local[0], local[1]])
+    return {
+        key: StyleLoss.moments_of_sums(key[0], s.count, s.first, s.second, s.shift)  # type: ignore[arg-type]
+        for key, s in sums.items()
+    }
 
 
 def tiled_terms(
@@ -274,10 +289,7 @@ def tiled_terms(
     image = image.detach()
     layers = sorted({*content, *style}, key=layer_index)
     strides = {layer: reach(layer)[0] for layer in layers}
-    firsts: dict[str, Tensor] = {}
-    seconds: dict[str, Tensor] = {}
-    shifts: dict[str, Tensor | None] = {}
-    counts = dict.fromkeys(style, 0)
+    sums = {layer: _Sums(loss.statistic) for layer, (_, loss) in style.items()}
     squares = {layer: torch.zeros((), dtype=torch.float64, device=image.device) for layer in content}
 
     def valid(features: dict[str, Tensor], layer: str, tile: Tile) -> tuple[Tensor, tuple[slice, slice]]:
@@ -292,16 +304,8 @@ def tiled_terms(
         with torch.no_grad():
             for tile in tiles:
                 features = vgg(tile.crop(image), layers)
-                for layer, (_, loss) in style.items():
-                    value, _ = valid(features, layer, tile)
-                    if not value.numel():
-                        continue
-                    if layer not in shifts:
-                        shifts[layer] = None if loss.statistic == "gram" else value.float().flatten(2).mean(dim=2)
-                    first, second = loss.sums(value, shifts[layer])
-                    firsts[layer] = firsts.get(layer, 0) + first.double()
-                    seconds[layer] = seconds.get(layer, 0) + second.double()
-                    counts[layer] += value.shape[-2] * value.shape[-1]
+                for layer, accumulated in sums.items():
+                    accumulated.add(valid(features, layer, tile)[0])
                 if not gradient:
                     for layer in content:
                         value, where = valid(features, layer, tile)
@@ -309,10 +313,12 @@ def tiled_terms(
     style_values: dict[str, Tensor] = {}
     slopes: dict[str, tuple[Tensor, Tensor]] = {}
     for layer, (weight, loss) in style.items():
-        first, second = firsts[layer].requires_grad_(gradient), seconds[layer].requires_grad_(gradient)
-        shift = None if shifts[layer] is None else shifts[layer].double()
+        accumulated = sums[layer]
+        assert accumulated.first is not None and accumulated.second is not None, f"no tile holds {layer}"
+        first, second = accumulated.first.requires_grad_(gradient), accumulated.second.requires_grad_(gradient)
+        shift = None if accumulated.shift is None else accumulated.shift.double()
         with torch.enable_grad() if gradient else torch.no_grad():
-            value = weight * loss.loss_of_sums(counts[layer], first, second, shift)[0]
+            value = weight * loss.loss_of_sums(accumulated.count, first, second, shift)[0]
             if gradient:
                 slope = torch.autograd.grad(value, [first, second], allow_unused=True)  # gram uses no first sums
                 slopes[layer] = tuple(
@@ -330,7 +336,7 @@ def tiled_terms(
                 for layer, (_, loss) in style.items():
                     value, _ = valid(features, layer, tile)
                     if value.numel():
-                        first, second = loss.sums(value, shifts[layer])
+                        first, second = loss.sums(value, sums[layer].shift)
                         surrogate.append(
                             (slopes[layer][0].float() * first).sum() + (slopes[layer][1].float() * second).sum()
                         )
