@@ -104,6 +104,38 @@ def pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd")
 
 
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random SDXL pipeline (two CLIP encoders, Euler), saved once per test module."""
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sdxl", family="sdxl")
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random SD3 pipeline (two CLIP encoders and T5, 16 latent channels), saved once per test module."""
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-sd3", family="sd3")
+
+
+@pytest.fixture(scope="module")
+def flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Flux-dev pipeline (CLIP and T5, packed 16-channel latents), saved once per test module."""
+    from tests.tiny_pipeline import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipelines") / "tiny-flux", family="flux")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae16_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16-channel ``AutoencoderTiny`` (factor 2) for the sd3 and flux pipelines' latents, as taesd3 / taef1."""
+    from tests.tiny_pipeline import build_tiny_autoencoder
+
+    return build_tiny_autoencoder(tmp_path_factory.mktemp("pipelines") / "tiny-taesd16", latent_channels=16)
+
+
 def cli_error(capfd: pytest.CaptureFixture[str], args: list[str]) -> str:
     """The one line a CLI run that must fail printed, after checking it exits 2 without a traceback."""
     from lightning_nst.main import main
