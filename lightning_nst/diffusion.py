@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -10,8 +11,7 @@ from typing import Any, Literal, NamedTuple
 import diffusers
 import lightning as L
 import torch
-from diffusers import AutoencoderTiny, DDIMScheduler, LCMScheduler, StableDiffusionPipeline
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
+from diffusers import AutoencoderTiny, DDIMScheduler, DiffusionPipeline, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecation_utils, is_torchsde_available
@@ -23,15 +23,19 @@ from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
+from lightning_nst.families import FAMILIES, FLOW_FAMILIES, Family, family_of_class, local_family
 from lightning_nst.guidance import (
+    FLOW,
     SUPPORTED_SCHEDULERS,
     StyleGuidance,
     check_scheduler,
     mid_step,
+    model_latents,
     noise_level,
     renoise,
     restore,
     snapshot,
+    vae_input,
 )
 from lightning_nst.hub import DEFAULT_MODEL, SCHEDULERS
 from lightning_nst.prompts import PromptGrid
@@ -50,8 +54,8 @@ def _looks_like_path(source: str) -> bool:
     return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
 
 
-def _load(cls: Any, source: str, key: str, marker: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(source)`` for a local folder or a Hub id, with one-line errors naming ``key``."""
+def _load(cls: Any, source: str, key: str, marker: str, loader: str = "from_pretrained", **kwargs: Any) -> Any:
+    """``cls.from_pretrained(source)``, or another ``loader``, of a local folder or a Hub id; errors name ``key``."""
     path = Path(source).expanduser()
     if path.exists():
         if not (path / marker).is_file():
@@ -60,7 +64,7 @@ def _load(cls: Any, source: str, key: str, marker: str, **kwargs: Any) -> Any:
     elif _looks_like_path(source):
         raise NSTError(f"{key}: no such folder: {path}")
     try:
-        return cls.from_pretrained(source, **kwargs)
+        return getattr(cls, loader)(source, **kwargs)
     except Exception as error:  # from_pretrained raises OSError, ValueError, hub errors, ... for unusable sources
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         reason = reason if len(reason) <= 240 else reason[:240] + "..."
@@ -93,12 +97,54 @@ def scheduler_class(name: str) -> tuple[type, dict[str, Any]] | None:
     return cls, settings
 
 
+def check_family_scheduler(family: str, cls: type, name: str) -> None:
+    """Raise unless the scheduler class ``cls`` (``model.scheduler: name``) samples models of ``family``."""
+    if family in FLOW_FAMILIES and not issubclass(cls, FLOW):
+        flow = ", ".join(alias for alias, (class_name, _) in SCHEDULERS.items() if class_name.startswith("FlowMatch"))
+        raise NSTError(
+            f"model.scheduler: {name} ({cls.__name__}) samples noise-predicting models, but {family.upper()} is a "
+            f"flow-matching model: choose {flow} or pipeline"
+        )
+    if family not in FLOW_FAMILIES and issubclass(cls, FLOW):
+        raise NSTError(
+            f"model.scheduler: {name} ({cls.__name__}) samples flow-matching models (SD3, Flux), not "
+            f"{'SDXL' if family == 'sdxl' else 'Stable Diffusion 1.x/2.x'}"
+        )
+
+
+def model_family(source: str) -> str:
+    """The family of the pipeline ``model.model`` names, from its ``model_index.json`` (fetched for a Hub id)."""
+    family = local_family(source)
+    if family is not None:
+        return family
+    config = _load(DiffusionPipeline, source, "model.model", "model_index.json", loader="load_config")
+    return family_of_class(str(config.get("_class_name")), source)
+
+
 def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) -> None:
     """Raise unless the scheduler, trained over ``num_train_timesteps``, can take ``num_inference_steps`` steps."""
     if num_inference_steps > num_train_timesteps:
         raise NSTError(
             f"model.num_inference_steps: {num_inference_steps} is more than the {num_train_timesteps} timesteps the "
             f"scheduler of {model} was trained over"
+        )
+
+
+def _local_latent_channels(config: Path) -> int | None:
+    """``latent_channels`` of a local autoencoder config file, without loading any weights (``None`` if unknown)."""
+    try:
+        channels = json.loads(config.expanduser().read_text(encoding="utf-8")).get("latent_channels")
+    except (OSError, ValueError, AttributeError):  # a Hub id, or unreadable: reported, naming the key, on loading
+        return None
+    return channels if isinstance(channels, int) else None
+
+
+def check_tiny_channels(tiny: str, own: int | None, channels: int | None, model: str) -> None:
+    """Raise unless the tiny decoder ``tiny``, of ``own`` latent channels, decodes the ``channels`` of ``model``."""
+    if own is not None and channels is not None and own != channels:
+        raise NSTError(
+            f"model.tiny_vae: {tiny} decodes {own}-channel latents, but the VAE of {model} has {channels}; use the "
+            "family's tiny decoder (taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3 for SD3, taef1 for Flux)"
         )
 
 
@@ -165,30 +211,36 @@ def _note(failures: list[Failure | None], values: Tensor, key: str, what: str) -
 
 
 class GuidedDiffusion(L.LightningModule):
-    """Stable Diffusion sampling with optional VGG style guidance; ``predict_step`` generates one batch of items.
+    """Diffusion sampling with optional VGG style guidance; ``predict_step`` generates one batch of items.
 
-    The loop follows ``StableDiffusionPipeline.__call__`` step by step, using the pipeline's own ``encode_prompt``,
-    ``prepare_latents``, scheduler and image processor, and inserts the guidance callback between the noise
+    The loop follows the pipeline's ``__call__`` step by step (``StableDiffusionPipeline``,
+    ``StableDiffusionXLPipeline``, ``StableDiffusion3Pipeline`` or ``FluxPipeline``, detected from the folder's
+    ``model_index.json``; :mod:`lightning_nst.families`), using the pipeline's own ``encode_prompt``,
+    ``prepare_latents``, scheduler and image processor, and inserts the guidance callback between the model's
     prediction and the scheduler step, where diffusers offers no hook. Components are loaded in
     :meth:`configure_model`, so Lightning places them on the device and applies its precision.
 
     Args:
-        model: Any Stable Diffusion 1.x/2.x diffusers pipeline: a Hugging Face Hub id or a local folder.
+        model: A diffusers pipeline of Stable Diffusion 1.x/2.x, SDXL, SD3 or Flux: a Hugging Face Hub id or a local
+            folder.
         guidance: The style-guidance step; ``None`` samples without measuring or guiding style.
-        tiny_vae: An ``AutoencoderTiny`` (e.g. ``madebyollin/taesd``) for the guidance gradient only; the output is
-            always decoded with the pipeline's VAE.
+        tiny_vae: An ``AutoencoderTiny`` for the guidance gradient only, the family's (``madebyollin/taesd``,
+            ``taesdxl``, ``taesd3``, ``taef1``); the output is always decoded with the pipeline's VAE.
         scheduler: A sampler alias (``ddim``, ``ddpm``, ``pndm``, ``euler``, ``euler_a``, ``lms``, ``heun``,
-            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; see :data:`SCHEDULERS`), a diffusers scheduler class name,
-            or ``pipeline`` (keep the pipeline's own); refused if style guidance cannot compute its x̂₀.
+            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; ``flow_euler``, ``flow_heun`` for SD3 and Flux; see
+            :data:`SCHEDULERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's own); refused
+            if style guidance cannot compute its x̂₀ or it does not fit the model's family.
         num_inference_steps: Sampling steps.
-        cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off.
+        cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off. For Flux-dev it
+            is the distilled guidance the transformer embeds (3.5 is the pipeline's default); FLUX.1-schnell ignores
+            it, as its pipeline does.
         eta: DDIM's eta (0 is deterministic DDIM); ignored by DDPM.
         height: Image height in pixels; by default the UNet's native size.
         width: Image width in pixels; by default the UNet's native size.
         dtype: Weights' dtype; ``auto`` follows Lightning's precision (``bf16-true`` loads bfloat16, others float32).
             Style statistics are computed in float32 either way.
         variant: Weights variant to load, e.g. ``fp16`` where the repository has one.
-        safety_checker: Run the pipeline's safety checker, when it has one, on the final images.
+        safety_checker: Run the pipeline's safety checker, when it has one (SD 1.x/2.x), on the final images.
         strength: img2img's strength in (0, 1], as in ``StableDiffusionImg2ImgPipeline``: with ``data.init_images``
             the init image is encoded, noised to the timestep that leaves ``int(num_inference_steps * strength)``
             steps, and denoised from there. ``1.0`` is text-to-image (pure noise; the init image sets the size only);
@@ -242,12 +294,17 @@ class GuidedDiffusion(L.LightningModule):
         self.use_safety_checker = safety_checker
         self.strength = strength
         self.unet: nn.Module | None = None
+        self.transformer: nn.Module | None = None
         self.vae: nn.Module | None = None
         self.text_encoder: nn.Module | None = None
+        self.text_encoder_2: nn.Module | None = None
+        self.text_encoder_3: nn.Module | None = None
         self.tiny_vae: nn.Module | None = None
         self.safety_checker: nn.Module | None = None
-        self.pipeline: StableDiffusionPipeline | None = None
+        self.pipeline: Any = None
+        self.family: Family | None = None
         self.num_timesteps = 0
+        self._size: tuple[int, int] | None = None
 
     # -- setup ----------------------------------------------------------------------------------------------------
 
@@ -256,10 +313,26 @@ class GuidedDiffusion(L.LightningModule):
         """The pipeline's scheduler (stateful: ``set_timesteps`` runs at the start of every batch)."""
         return self._pipe().scheduler
 
-    def _pipe(self) -> StableDiffusionPipeline:
+    def _pipe(self) -> Any:
         if self.pipeline is None:
             raise RuntimeError("GuidedDiffusion.configure_model() has not run yet")
         return self.pipeline
+
+    def _family(self) -> Family:
+        self._pipe()
+        assert self.family is not None
+        return self.family
+
+    @property
+    def denoiser(self) -> nn.Module | None:
+        """The UNet (SD, SDXL) or transformer (SD3, Flux), once loaded."""
+        return self.unet if self.unet is not None else self.transformer
+
+    def spatial_latents(self, latents: Tensor) -> Tensor:
+        """The current batch's latents as ``(B, C, h, w)`` for a decoder: Flux's packed tokens unpacked."""
+        if self._size is None:
+            return latents
+        return self._family().spatial(latents, self._size)
 
     def _data(self) -> PromptGrid:
         data = self.trainer.datamodule if self._trainer is not None else None
@@ -283,6 +356,14 @@ class GuidedDiffusion(L.LightningModule):
         train_timesteps = _local_train_timesteps(self.model_source)
         if train_timesteps is not None:
             check_steps(self.num_inference_steps, train_timesteps, self.model_source)
+        family = local_family(self.model_source)
+        chosen = scheduler_class(self.scheduler_name)
+        if family is not None and chosen is not None:
+            check_family_scheduler(family, chosen[0], self.scheduler_name)
+        if family is not None and self.tiny_vae_source is not None:
+            own = _local_latent_channels(Path(self.tiny_vae_source) / "config.json")
+            channels = _local_latent_channels(Path(self.model_source) / "vae" / "config.json")
+            check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
         if self.guidance is not None:
             # Here rather than in configure_model, whose default device and dtype (Lightning's init contexts) would
             # change the random weights of `weights: random` from one accelerator to another.
@@ -299,13 +380,16 @@ class GuidedDiffusion(L.LightningModule):
         if isinstance(data, PromptGrid) and data.all_finished:
             return
         torch_dtype = torch.get_default_dtype() if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
+        family = FAMILIES[model_family(self.model_source)]
         extra: dict[str, Any] = (
-            {} if self.use_safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+            {"safety_checker": None, "requires_safety_checker": False}
+            if family.name == "sd" and not self.use_safety_checker
+            else {}
         )
         # from_pretrained's default (use_safetensors=None) loads .safetensors where present and falls back to .bin
         # files only without them, through torch.load(weights_only=True) in diffusers and transformers alike.
         pipe = _load(
-            StableDiffusionPipeline,
+            family.pipeline_class,
             self.model_source,
             "model.model",
             "model_index.json",
@@ -318,7 +402,9 @@ class GuidedDiffusion(L.LightningModule):
         chosen = scheduler_class(self.scheduler_name)
         if chosen is not None:
             cls, settings = chosen
+            check_family_scheduler(family.name, cls, self.scheduler_name)
             pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
+        check_family_scheduler(family.name, type(pipe.scheduler), self.scheduler_name)
         check_scheduler(pipe.scheduler)
         check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
         original_steps = pipe.scheduler.config.get("original_inference_steps")
@@ -332,10 +418,19 @@ class GuidedDiffusion(L.LightningModule):
             self.tiny_vae = _load(
                 AutoencoderTiny, self.tiny_vae_source, "model.tiny_vae", "config.json", **{_DTYPE_KWARG: torch_dtype}
             )
+            own, channels = self.tiny_vae.config.latent_channels, pipe.vae.config.latent_channels
+            check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
+        self.family = family(pipe)
+        for key, value in (("model.height", self.height), ("model.width", self.width)):
+            multiple = self.family.size_multiple()
+            if value is not None and value % multiple:
+                name = family.pipeline_class.__name__
+                raise NSTError(f"{key}: {name} needs a multiple of {multiple} px, got {value}")
         # Registered here so Lightning moves them and applies its precision; the pipeline holds the same objects.
-        self.unet, self.vae, self.text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-        self.safety_checker = pipe.safety_checker
-        for module in (self.unet, self.vae, self.text_encoder, self.tiny_vae, self.safety_checker):
+        for name, module in self.family.modules().items():
+            setattr(self, name, module)
+        self.safety_checker = getattr(pipe, "safety_checker", None)
+        for module in (*self.family.modules().values(), self.tiny_vae, self.safety_checker):
             if module is not None:
                 module.eval().requires_grad_(False)
         self.pipeline = pipe
@@ -392,28 +487,27 @@ class GuidedDiffusion(L.LightningModule):
             **{key: options[key] for key in ("model", "num_inference_steps", "cfg_scale", "eta", "guidance")},
             "scheduler": type(self.scheduler).__name__,
             "size": list(self.image_size()),
-            "dtype": str(self.unet.dtype).removeprefix("torch.") if self.unet is not None else self.dtype_name,
+            "dtype": str(self.denoiser.dtype).removeprefix("torch.") if self.denoiser is not None else self.dtype_name,
             "strength": options.get("strength"),
         }
 
     def image_size(self) -> tuple[int, int]:
         """``(height, width)`` of the generated images."""
-        pipe = self._pipe()
-        native = pipe.unet.config.sample_size
-        native = (native, native) if isinstance(native, int) else tuple(native)
-        height = self.height or native[0] * pipe.vae_scale_factor
-        width = self.width or native[1] * pipe.vae_scale_factor
-        return height, width
+        native = self._family().native_size()
+        return self.height or native[0], self.width or native[1]
 
     def init_size(self, image: Tensor) -> tuple[int, int]:
         """``(height, width)`` generated from the init image ``image``: its aspect ratio, sides multiples of 8.
 
-        The long edge is the larger of ``model.height`` and ``model.width`` where either is set, else the image's.
+        Multiples of the family's :meth:`~lightning_nst.families.Family.size_multiple` once the pipeline is loaded
+        (16 for SD3 and Flux). The long edge is the larger of ``model.height`` and ``model.width`` where either is
+        set, else the image's.
         """
         height, width = image.shape[-2:]
         given = [side for side in (self.height, self.width) if side is not None]
         scale = (max(given) if given else max(height, width)) / max(height, width)
-        return tuple(min(MAX_SIDE, max(8, round(side * scale / 8) * 8)) for side in (height, width))  # type: ignore[return-value]
+        step = max(8, self.family.size_multiple()) if self.family is not None else 8
+        return tuple(min(MAX_SIDE, max(step, round(side * scale / step) * step)) for side in (height, width))  # type: ignore[return-value]
 
     def _denoising_callbacks(self) -> list[DenoisingCallback]:
         callbacks = self._trainer.callbacks if self._trainer is not None else []
@@ -432,39 +526,32 @@ class GuidedDiffusion(L.LightningModule):
             per item ``None`` or the :class:`Failure` that makes its image unusable: the first NaN or infinity in its
             noise prediction, latents, decoded image or final style loss.
         """
-        pipe = self._pipe()
-        unet, scheduler = pipe.unet, pipe.scheduler
-        # 0. Default height and width to unet (in _initial_latents), and 1. Check inputs: done once, in __init__ and
-        # configure_model
+        pipe, family = self._pipe(), self._family()
+        scheduler = pipe.scheduler
+        # 0. Default height and width (image_size, or the init image's), and 1. Check inputs: done once, in __init__
+        # and configure_model
+        size = self._batch_size(batch)
+        self._size = size
 
         # 2. Define call parameters
         prompts, negative_prompts = list(batch["prompt"]), list(batch["negative_prompt"])
         batch_size, device = len(prompts), self.device
-        do_cfg = self.cfg_scale > 1 and unet.config.time_cond_proj_dim is None
         # One CPU generator per item, so an item's noise depends on its seed only, not on its batch or device.
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in batch["seed"]]
 
-        # 3. Encode input prompt
-        prompt_embeds, negative_prompt_embeds = pipe.encode_prompt(prompts, device, 1, do_cfg, negative_prompts)
-        if do_cfg:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+        # 3. Encode input prompt, with the family's extra conditioning
+        condition = family.encode(prompts, negative_prompts, device, self.cfg_scale, size)
+        do_cfg = condition.do_cfg
 
         # 4. Prepare timesteps
-        timesteps, _ = retrieve_timesteps(scheduler, self.num_inference_steps, device)
+        timesteps = family.timesteps(scheduler, self.num_inference_steps, device, size)
 
         # 5. Prepare latent variables; with an init image also the timesteps its strength leaves
-        latents, timesteps = self._initial_latents(batch, timesteps, generators, prompt_embeds.dtype)
+        latents, timesteps = self._initial_latents(batch, size, timesteps, generators, condition.dtype)
         self.num_timesteps = len(timesteps)
 
-        # 6. Prepare extra step kwargs
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta)
-
-        # 6.2 Optionally get Guidance Scale Embedding
-        timestep_cond = None
-        if unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(self.cfg_scale - 1).repeat(batch_size)
-            embedding = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
-            timestep_cond = embedding.to(device=device, dtype=latents.dtype)
+        # 6. Prepare extra step kwargs (the flow-matching schedulers take neither eta nor a generator)
+        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta) if not family.flow else {}
 
         # 7. Denoising loop: one UNet call and one guidance step per entry of scheduler.timesteps, as diffusers' own
         # loop does. Second-order schedulers (Heun, DPM-SDE) list a timestep for each of their two model evaluations
@@ -498,19 +585,10 @@ class GuidedDiffusion(L.LightningModule):
                     i = first
                 while True:
                     t = timesteps[i]
-                    latent_model_input = torch.cat([latents] * 2) if do_cfg else latents
-                    latent_model_input = scheduler.scale_model_input(latent_model_input, t)
-                    noise_pred = unet(
-                        latent_model_input,
-                        t,
-                        encoder_hidden_states=prompt_embeds,
-                        timestep_cond=timestep_cond,
-                        return_dict=False,
-                    )[0]
+                    # The model's prediction after classifier-free guidance: noise, v or x0 as the scheduler's
+                    # prediction_type says; the flow velocity for SD3 and Flux. Named noise_pred, as in diffusers.
+                    noise_pred = family.model_output(latents, t, condition, self.cfg_scale)
                     model_evaluations += 1
-                    if do_cfg:
-                        noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
-                        noise_pred = noise_pred_uncond + self.cfg_scale * (noise_pred_text - noise_pred_uncond)
                     _note(failures, noise_pred, *self._noise_failure(i, do_cfg))
 
                     # 7.1 Style guidance: unlike diffusers' callback_on_step_end, this runs before the scheduler step.
@@ -548,9 +626,11 @@ class GuidedDiffusion(L.LightningModule):
         seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
 
         # 8. Decode, check safety and post-process as the pipeline does
-        image = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        image = self.vae.decode(vae_input(self.vae, family.spatial(latents, size)), return_dict=False)[0]
         _note(failures, image, "trainer.precision", "the decoded image (float32 may help: --trainer.precision 32-true)")
-        image, has_nsfw_concept = pipe.run_safety_checker(image, device, prompt_embeds.dtype)
+        has_nsfw_concept = None
+        if hasattr(pipe, "run_safety_checker"):
+            image, has_nsfw_concept = pipe.run_safety_checker(image, device, condition.dtype)
         do_denormalize = [True] * batch_size if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
         images = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=do_denormalize)
 
@@ -572,54 +652,63 @@ class GuidedDiffusion(L.LightningModule):
             "failures": failures,
         }
 
+    def _batch_size(self, batch: dict[str, Any]) -> tuple[int, int]:
+        """``(height, width)`` of the batch's images: :meth:`image_size`, or that of its init images."""
+        sources = batch.get("init_image") or [None]
+        if sources[0] is None:
+            return self.image_size()
+        sizes = {self.init_size(self._data().init_images[source]) for source in sources}
+        if len(sizes) > 1:  # setup refuses such a batch size; this guards the Python API
+            raise NSTError("data.batch_size: init images of different sizes cannot share a batch; set it to 1")
+        return next(iter(sizes))
+
     def _initial_latents(
-        self, batch: dict[str, Any], timesteps: Tensor, generators: list[torch.Generator], dtype: torch.dtype
+        self,
+        batch: dict[str, Any],
+        size: tuple[int, int],
+        timesteps: Tensor,
+        generators: list[torch.Generator],
+        dtype: torch.dtype,
     ) -> tuple[Tensor, Tensor]:
         """The latents the loop starts from and the timesteps it runs, as the text or img2img pipeline has them.
 
-        Without init images, or at ``strength`` 1, ``StableDiffusionPipeline.prepare_latents``: pure noise, the size
-        that of :meth:`image_size`, or of the init image. Otherwise ``StableDiffusionImg2ImgPipeline``'s
-        ``get_timesteps`` and ``prepare_latents``: the image, resized (:meth:`init_size`), is encoded by the VAE
-        (a sample of its latent distribution, drawn with the item's generator), scaled, and noised by the scheduler's
-        ``add_noise`` to the first timestep left. Where no timestep is left (``int(steps * strength) == 0``, which
-        diffusers does not allow) the clean latents are returned, so the output is the image's VAE round trip.
+        Without init images, or at ``strength`` 1, the pipeline's ``prepare_latents``: pure noise of ``size``.
+        Otherwise the img2img pipeline's ``get_timesteps`` and ``prepare_latents``: the image, resized to ``size``
+        (:meth:`init_size`), is encoded by the VAE (a sample of its latent distribution, drawn with the item's
+        generator), scaled, and noised to the first timestep left, by ``add_noise`` (``scale_noise`` for flow
+        matching). Where no timestep is left (``int(steps * strength) == 0``, which diffusers does not allow) the
+        clean latents are returned, so the output is the image's VAE round trip.
         """
-        pipe, device = self._pipe(), self.device
-        batch_size, channels = len(batch["seed"]), pipe.unet.config.in_channels
+        family, device = self._family(), self.device
+        batch_size = len(batch["seed"])
         sources = batch.get("init_image") or [None] * batch_size
-        if sources[0] is None:
-            height, width = self.image_size()
-            return pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generators), timesteps
-        images = [self._data().init_images[source] for source in sources]
-        sizes = {self.init_size(image) for image in images}
-        if len(sizes) > 1:  # setup refuses such a batch size; this guards the Python API
-            raise NSTError("data.batch_size: init images of different sizes cannot share a batch; set it to 1")
-        ((height, width),) = sizes
-        if self.strength == 1.0:
-            return pipe.prepare_latents(batch_size, channels, height, width, dtype, device, generators), timesteps
+        if sources[0] is None or self.strength == 1.0:
+            return family.initial_noise(batch_size, size, dtype, device, generators), timesteps
 
-        # get_timesteps: the last int(steps * strength) steps (times the solver's order) are run.
-        scheduler = pipe.scheduler
-        init_timestep = min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
-        t_start = max(self.num_inference_steps - init_timestep, 0)
+        # get_timesteps: the last steps the strength leaves (times the solver's order) are run.
+        scheduler = self._pipe().scheduler
+        t_start = family.img2img_start(self.num_inference_steps, self.strength)
         timesteps = scheduler.timesteps[t_start * scheduler.order :]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(t_start * scheduler.order)
 
         # prepare_latents with an image, one generator per item
+        height, width = size
+        images = [self._data().init_images[source] for source in sources]
         resized = torch.cat([TF.resize(image, [height, width], antialias=True).clamp(0, 1) for image in images])
-        pixels = pipe.image_processor.preprocess(resized, height=height, width=width)
+        pixels = self._pipe().image_processor.preprocess(resized, height=height, width=width)
         pixels = pixels.to(device=device, dtype=self.vae.dtype)
-        init_latents = torch.cat(
+        encoded = torch.cat(
             [retrieve_latents(self.vae.encode(pixels[i : i + 1]), generator=generators[i]) for i in range(batch_size)]
         )
-        init_latents = (self.vae.config.scaling_factor * init_latents).to(dtype)
+        init_latents = model_latents(self.vae, encoded).to(dtype)
         if len(timesteps) == 0:
-            return init_latents, timesteps
+            return family.packed(init_latents), timesteps
         noise = randn_tensor(init_latents.shape, generator=generators, device=device, dtype=dtype)
-        return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(batch_size)), timesteps
+        noisy = family.add_noise(scheduler, init_latents, noise, timesteps[:1].repeat(batch_size))
+        return family.packed(noisy), timesteps
 
     def _noise_failure(self, step_index: int, do_cfg: bool) -> tuple[str, str]:
         if do_cfg:
             return "model.cfg_scale", f"step {step_index}: the noise prediction with classifier-free guidance"
-        return "model.model", f"step {step_index}: the UNet's noise prediction"
+        return "model.model", f"step {step_index}: the model's prediction"

@@ -32,6 +32,8 @@ from diffusers import (
     DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
     HeunDiscreteScheduler,
     LCMScheduler,
     LMSDiscreteScheduler,
@@ -78,7 +80,11 @@ SIGMA_SPACE: tuple[type, ...] = (
     HeunDiscreteScheduler,
     DPMSolverSDEScheduler,
 )
-SUPPORTED_SCHEDULERS: tuple[type, ...] = VP_TIMESTEP + VP_SIGMA + SIGMA_SPACE
+# - Flow matching (SD3, Flux), x_t = (1 − σ)·x₀ + σ·ε and the model predicts the velocity v = ε − x₀, so
+#   x̂₀ = x_t − σ·v with σ = sigmas[step_index], FlowMatchEuler's ``x0`` of its stochastic step; FlowMatchHeun's
+#   schedule interleaves its sigmas as Heun's does, and both its evaluations take x̂₀ at sigmas[step_index].
+FLOW: tuple[type, ...] = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
+SUPPORTED_SCHEDULERS: tuple[type, ...] = VP_TIMESTEP + VP_SIGMA + SIGMA_SPACE + FLOW
 """Schedulers whose clean-latent prediction :func:`predict_x0` computes as their own ``step`` does."""
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -99,6 +105,8 @@ def check_scheduler(scheduler: Any, key: str = "model.scheduler") -> None:
             f"{key}: {name} is not supported by the guided sampler: its clean-latent prediction x0 is not known "
             f"here (supported: {names})"
         )
+    if isinstance(scheduler, FLOW):
+        return  # velocity prediction is all they know
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
         raise NSTError(f"{key}: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
@@ -135,6 +143,8 @@ def predict_x0(scheduler: Any, model_output: Tensor, sample: Tensor, timestep: A
     configures neither). Reads the scheduler's state, never changes it.
     """
     output, sample = model_output.float(), sample.float()
+    if isinstance(scheduler, FLOW):
+        return sample - _sigma(scheduler, timestep).to(device=sample.device, dtype=torch.float32) * output
     prediction_type = scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
         raise NSTError(
@@ -169,41 +179,47 @@ def predict_x0(scheduler: Any, model_output: Tensor, sample: Tensor, timestep: A
 
 
 def noise_level(scheduler: Any, timesteps: Tensor, position: int) -> tuple[float, float]:
-    r"""``(a, s)``: the sample entering model evaluation ``position`` of ``timesteps`` is :math:`a(x_0+s\epsilon)`.
+    r"""``(a, b)``: the sample entering model evaluation ``position`` of ``timesteps`` is :math:`a x_0 + b\epsilon`.
 
     ``timesteps`` are those the loop runs (img2img runs the scheduler's last ones); ``position == len(timesteps)`` is
-    the level of the sampler's output. VP at a timestep: :math:`a = \sqrt{\bar\alpha}`,
-    :math:`s = \sqrt{(1-\bar\alpha)/\bar\alpha}` (the output at ``final_alpha_cumprod`` where the scheduler has one,
-    else clean); DPM-Solver++ and UniPC: :math:`s = \sigma`, :math:`a = 1/\sqrt{1+\sigma^2}`; σ-space:
-    :math:`a = 1`, :math:`s = \sigma`. The level of each evaluation is the one its x̂₀ is computed at
-    (:func:`predict_x0`), so a re-noised sample is what the next evaluation expects.
+    the level of the sampler's output. VP at a timestep: :math:`a = \sqrt{\bar\alpha}`, :math:`b = \sqrt{1-\bar\alpha}`
+    (the output at ``final_alpha_cumprod`` where the scheduler has one, else clean); DPM-Solver++ and UniPC:
+    :math:`a = 1/\sqrt{1+\sigma^2}`, :math:`b = \sigma a`; σ-space: :math:`a = 1`, :math:`b = \sigma`; flow matching:
+    :math:`a = 1-\sigma`, :math:`b = \sigma` (pure noise at :math:`\sigma = 1`). The level of each evaluation is the
+    one its x̂₀ is computed at (:func:`predict_x0`), so a re-noised sample is what the next evaluation expects.
     """
     if isinstance(scheduler, VP_TIMESTEP):
         if position < len(timesteps):
             alpha_prod = float(scheduler.alphas_cumprod[int(timesteps[position])])
         else:
             alpha_prod = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
-        return math.sqrt(alpha_prod), math.sqrt((1 - alpha_prod) / alpha_prod)
-    if not isinstance(scheduler, VP_SIGMA + SIGMA_SPACE):
+        return math.sqrt(alpha_prod), math.sqrt(1 - alpha_prod)
+    if not isinstance(scheduler, VP_SIGMA + SIGMA_SPACE + FLOW):
         check_scheduler(scheduler)
     # The loop's evaluation k is the scheduler's index offset + k (img2img starts at set_begin_index's index).
     offset = len(scheduler.timesteps) - len(timesteps)
     sigma = float(scheduler.sigmas[min(offset + position, len(scheduler.sigmas) - 1)])
-    return (1 / math.sqrt(1 + sigma**2) if isinstance(scheduler, VP_SIGMA) else 1.0), sigma
+    if isinstance(scheduler, FLOW):
+        return 1 - sigma, sigma
+    if isinstance(scheduler, VP_SIGMA):
+        return 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
+    return 1.0, sigma
 
 
 def renoise(
     sample: Tensor, level: tuple[float, float], target: tuple[float, float], generators: list[torch.Generator]
 ) -> Tensor:
-    r"""Take ``sample`` from noise ``level`` back up to ``target`` (both ``(a, s)`` of :func:`noise_level`).
+    r"""Take ``sample`` from noise ``level`` back up to ``target`` (both ``(a, b)`` of :func:`noise_level`).
 
-    :math:`y = x/a_{prev} + \sqrt{s_t^2 - s_{prev}^2}\,\xi`, :math:`x_t = a_t y`, with :math:`\xi` drawn from each
+    :math:`x_t = (a_t/a_{prev})\,x + \sqrt{b_t^2 - (a_t b_{prev}/a_{prev})^2}\,\xi`, with :math:`\xi` drawn from each
     item's generator: for VP this is FreeDoM's :math:`x_t = \sqrt{\bar\alpha_t/\bar\alpha_{t-1}}\,x_{t-1} +
-    \sqrt{1-\bar\alpha_t/\bar\alpha_{t-1}}\,\xi`.
+    \sqrt{1-\bar\alpha_t/\bar\alpha_{t-1}}\,\xi`. ``level`` is never pure noise (:math:`a_{prev} > 0`): it is the
+    level after a step; ``target`` may be (flow matching's first step, :math:`a_t = 0`).
     """
-    (a_prev, s_prev), (a_t, s_t) = level, target
+    (a_prev, b_prev), (a_t, b_t) = level, target
     noise = randn_tensor(sample.shape, generator=generators, device=sample.device, dtype=sample.dtype)
-    return a_t * (sample / a_prev + math.sqrt(max(s_t**2 - s_prev**2, 0.0)) * noise)
+    carried = a_t * b_prev / a_prev
+    return (a_t / a_prev) * sample + math.sqrt(max(b_t**2 - carried**2, 0.0)) * noise
 
 
 def mid_step(scheduler: Any) -> bool:
@@ -212,7 +228,7 @@ def mid_step(scheduler: Any) -> bool:
     Heun and DPM-SDE between their two evaluations; PNDM inside a Runge-Kutta warm-up step (4 evaluations) or, with
     ``skip_prk_steps``, between its first two evaluations, whose outputs it averages for the first step.
     """
-    if isinstance(scheduler, (HeunDiscreteScheduler, DPMSolverSDEScheduler)):
+    if isinstance(scheduler, (HeunDiscreteScheduler, DPMSolverSDEScheduler, FlowMatchHeunDiscreteScheduler)):
         return not scheduler.state_in_first_order
     if isinstance(scheduler, PNDMScheduler):
         if scheduler.counter < len(scheduler.prk_timesteps):
@@ -252,14 +268,67 @@ def _copied(state: Mapping[str, Any]) -> dict[str, Any]:
     return {key: type(value)(value) if type(value) in (list, dict) else value for key, value in state.items()}
 
 
-def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
-    """Decode Stable Diffusion latents to images in ``[0, 1]`` as the pipeline does.
+def _latents_mean_std(config: Any, like: Tensor) -> tuple[Tensor, Tensor] | None:
+    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+    if mean is None or std is None:
+        return None
+    shape = (1, len(mean), 1, 1)
+    return tuple(torch.tensor(v, device=like.device, dtype=like.dtype).view(shape) for v in (mean, std))  # type: ignore[return-value]
 
-    Works for ``AutoencoderKL`` and ``AutoencoderTiny``: ``decoder.decode(latents / scaling_factor)``, then the image
+
+def vae_input(decoder: nn.Module, latents: Tensor) -> Tensor:
+    """Model latents as the decoder takes them, with the decoder's own config, by the pipelines' formulas.
+
+    ``latents · std / scaling_factor + mean`` where the config has ``latents_mean`` and ``latents_std`` (SDXL
+    pipelines), else ``latents / scaling_factor + shift_factor`` (SD3, Flux; no shift for SD and ``AutoencoderTiny``).
+    """
+    config = decoder.config
+    statistics = _latents_mean_std(config, latents)
+    if statistics is not None:
+        mean, std = statistics
+        return latents * std / config.scaling_factor + mean
+    shift = getattr(config, "shift_factor", None)
+    return latents / config.scaling_factor + shift if shift else latents / config.scaling_factor
+
+
+def model_latents(encoder: nn.Module, encoded: Tensor) -> Tensor:
+    """The inverse of :func:`vae_input`: latents the VAE encoded (a sample of ``encode``'s) as the model's."""
+    config = encoder.config
+    statistics = _latents_mean_std(config, encoded)
+    if statistics is not None:
+        mean, std = statistics
+        return (encoded - mean) * config.scaling_factor / std
+    shift = getattr(config, "shift_factor", None)
+    return (encoded - shift) * config.scaling_factor if shift else config.scaling_factor * encoded
+
+
+def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
+    """Decode ``(B, C, h, w)`` model latents to images in ``[0, 1]`` as the pipelines do.
+
+    Works for ``AutoencoderKL`` and ``AutoencoderTiny`` of every family: :func:`vae_input`, ``decode``, then the image
     processor's denormalisation.
     """
-    latents = latents.to(decoder.dtype) / decoder.config.scaling_factor
+    latents = vae_input(decoder, latents.to(decoder.dtype))
     return VaeImageProcessor.denormalize(decoder.decode(latents, return_dict=False)[0])
+
+
+MAX_NOISE_TO_SIGNAL = 14.6
+"""Stable Diffusion's largest noise-to-signal ratio, √((1−ᾱ)/ᾱ) at t = 999 of its scaled-linear schedule."""
+
+
+def output_gain(scheduler: Any, timestep: Any) -> float:
+    r"""What a unit correction of the noise is in units of the model's output, so one scale means one thing.
+
+    1 for noise-predicting samplers. Flow matching predicts :math:`v = \epsilon - x_0`, and at fixed :math:`x_t`
+    a change :math:`\delta` of :math:`\epsilon` is a change :math:`\delta/(1-\sigma)` of :math:`v`, which moves
+    :math:`\hat x_0` by :math:`\sigma/(1-\sigma)\,\delta`, the noise-to-signal ratio times :math:`\delta` as on
+    the other samplers. The ratio is capped at :data:`MAX_NOISE_TO_SIGNAL`: at :math:`\sigma = 1` (pure noise,
+    every flow sampler's first step) it is infinite.
+    """
+    if not isinstance(scheduler, FLOW):
+        return 1.0
+    sigma = float(_sigma(scheduler, timestep))
+    return min(1 / max(1 - sigma, 1e-12), 1 + MAX_NOISE_TO_SIGNAL)
 
 
 def rms_normalize(gradient: Tensor, eps: float = 1e-12) -> Tensor:
@@ -497,12 +566,14 @@ class StyleGuidance(nn.Module):
         style_index = callback_kwargs["style_index"]
         scheduler, decoder = pipeline.scheduler, self.decoder_of(pipeline)
         active = self.is_active(step_index, pipeline.num_timesteps)
+        # Flux's latents are packed 2x2 patches; the decoder takes them as an image (GuidedDiffusion.spatial_latents).
+        spatial = getattr(pipeline, "spatial_latents", None) or (lambda x0: x0)
         if active:
             for descent in range(self.descent_steps):
                 with torch.enable_grad():
                     noise = noise_pred.detach().requires_grad_()
                     x0_image, x0_loss = self.measure(
-                        decoder, predict_x0(scheduler, noise, latents, timestep), style_index
+                        decoder, spatial(predict_x0(scheduler, noise, latents, timestep)), style_index
                     )
                     (gradient,) = torch.autograd.grad(x0_loss.sum(), noise)
                 if descent == 0:
@@ -511,10 +582,11 @@ class StyleGuidance(nn.Module):
                 gradient = torch.where(torch.isfinite(gradient), gradient, torch.zeros_like(gradient))
                 if self.normalize:
                     gradient = rms_normalize(gradient)
-                noise_pred = noise_pred - self.scale * gradient
+                noise_pred = noise_pred - self.scale * output_gain(scheduler, timestep) * gradient
         else:
             with torch.no_grad():
-                image, loss = self.measure(decoder, predict_x0(scheduler, noise_pred, latents, timestep), style_index)
+                x0 = spatial(predict_x0(scheduler, noise_pred, latents, timestep))
+                image, loss = self.measure(decoder, x0, style_index)
         return {
             **callback_kwargs,
             "noise_pred": noise_pred,
