@@ -16,6 +16,7 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img impo
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecation_utils, is_torchsde_available
 from diffusers.utils.torch_utils import randn_tensor
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -245,6 +246,13 @@ class GuidedDiffusion(L.LightningModule):
             the init image is encoded, noised to the timestep that leaves ``int(num_inference_steps * strength)``
             steps, and denoised from there. ``1.0`` is text-to-image (pure noise; the init image sets the size only);
             where no step is left, the output is the init image's VAE round trip. Other values need init images.
+        cpu_offload: diffusers' ``enable_model_cpu_offload`` (GPU only): the pipeline's models wait in CPU memory and
+            each is moved to the GPU when it runs, so only one is there at a time. In the guided loop the denoiser
+            and the VAE alternate every step, so each step moves both: slower, for the memory of the largest one.
+        vae_slicing: Decode the batch's final images one by one (``AutoencoderKL.enable_slicing``): less memory
+            for a batch; the same images.
+        vae_tiling: Decode in overlapping tiles (``AutoencoderKL.enable_tiling``), for large images; tile seams
+            are blended, so the images differ slightly from an untiled decode. The guidance's decode is tiled too.
     """
 
     def __init__(
@@ -262,6 +270,9 @@ class GuidedDiffusion(L.LightningModule):
         variant: str | None = None,
         safety_checker: bool = True,
         strength: float = 1.0,
+        cpu_offload: bool = False,
+        vae_slicing: bool = False,
+        vae_tiling: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["guidance"])
@@ -293,6 +304,9 @@ class GuidedDiffusion(L.LightningModule):
         self.variant = variant
         self.use_safety_checker = safety_checker
         self.strength = strength
+        self.cpu_offload = cpu_offload
+        self.vae_slicing = vae_slicing
+        self.vae_tiling = vae_tiling
         self.unet: nn.Module | None = None
         self.transformer: nn.Module | None = None
         self.vae: nn.Module | None = None
@@ -364,6 +378,8 @@ class GuidedDiffusion(L.LightningModule):
             own = _local_latent_channels(Path(self.tiny_vae_source) / "config.json")
             channels = _local_latent_channels(Path(self.model_source) / "vae" / "config.json")
             check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
+        if self.cpu_offload and isinstance(self.trainer.accelerator, CPUAccelerator):
+            raise NSTError("model.cpu_offload: moves each model to the GPU as it runs; on the CPU set it to false")
         if self.guidance is not None:
             # Here rather than in configure_model, whose default device and dtype (Lightning's init contexts) would
             # change the random weights of `weights: random` from one accelerator to another.
@@ -427,8 +443,17 @@ class GuidedDiffusion(L.LightningModule):
                 name = family.pipeline_class.__name__
                 raise NSTError(f"{key}: {name} needs a multiple of {multiple} px, got {value}")
         # Registered here so Lightning moves them and applies its precision; the pipeline holds the same objects.
+        # With cpu_offload they are not: accelerate's hooks (enable_model_cpu_offload, in on_predict_start) move
+        # each to the GPU when it runs, and Lightning moving them all there at once would undo that.
         for name, module in self.family.modules().items():
-            setattr(self, name, module)
+            if self.cpu_offload:
+                object.__setattr__(self, name, module)
+            else:
+                setattr(self, name, module)
+        if self.vae_slicing:
+            pipe.vae.enable_slicing()
+        if self.vae_tiling:
+            pipe.vae.enable_tiling()
         self.safety_checker = getattr(pipe, "safety_checker", None)
         for module in (*self.family.modules().values(), self.tiny_vae, self.safety_checker):
             if module is not None:
@@ -437,6 +462,10 @@ class GuidedDiffusion(L.LightningModule):
 
     def on_predict_start(self) -> None:
         """Compute the style targets once, on the device, and say which VGG weights are in use."""
+        if self.cpu_offload and self.pipeline is not None:
+            self.pipeline.enable_model_cpu_offload(device=self.device)
+        if self.family is not None and self.family.name == "flux" and self._data().negative_prompt:
+            rank_zero_warn("data.negative_prompt: FluxPipeline uses no negative prompt (no classifier-free guidance)")
         if self.guidance is not None:
             self.guidance.set_styles(*self._data().style_targets())
             rank_zero_info(f"Style guidance: {guidance_line(self.guidance.settings())}")
@@ -466,6 +495,8 @@ class GuidedDiffusion(L.LightningModule):
             "height": self.height,
             "width": self.width,
             "safety_checker": self.use_safety_checker,
+            # Only where set: a tiled decode changes the images; slicing and offloading do not.
+            **({"vae_tiling": True} if self.vae_tiling else {}),
             "guidance": self.guidance.settings() if self.guidance is not None else None,
             # Only with init images, so that text-to-image fingerprints stay those of earlier versions.
             **({"strength": self.strength} if self._img2img() else {}),
