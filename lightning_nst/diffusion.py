@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
-from lightning_nst.families import FAMILIES, FLOW_FAMILIES, Family, family_of_class, local_family
+from lightning_nst.families import FAMILIES, Family
 from lightning_nst.guidance import (
     FLOW,
     SUPPORTED_SCHEDULERS,
@@ -38,7 +38,7 @@ from lightning_nst.guidance import (
     snapshot,
     vae_input,
 )
-from lightning_nst.hub import DEFAULT_MODEL, SCHEDULERS
+from lightning_nst.hub import DEFAULT_MODEL, FLOW_FAMILIES, SCHEDULERS, family_of_class, local_family
 from lightning_nst.prompts import PromptGrid
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]

@@ -12,9 +12,7 @@ the VAE.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,51 +27,6 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
-
-from lightning_nst.errors import NSTError
-
-# model_index.json's `_class_name` -> family. The img2img classes hold the same components as the text-to-image ones,
-# so their folders load with the text-to-image class.
-PIPELINE_FAMILIES: dict[str, str] = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionImg2ImgPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusion3Img2ImgPipeline": "sd3",
-    "FluxPipeline": "flux",
-    "FluxImg2ImgPipeline": "flux",
-}
-FLOW_FAMILIES = frozenset({"sd3", "flux"})
-"""Families trained with rectified flow: the model predicts a velocity, sampled by flow-matching schedulers."""
-
-
-def family_of_class(class_name: str, source: str, key: str = "model.model") -> str:
-    """The family of a pipeline class named in ``model_index.json``; a one-line error for any other class."""
-    family = PIPELINE_FAMILIES.get(class_name)
-    if family is None:
-        raise NSTError(
-            f"{key}: {source} is a {class_name} (model_index.json); the guided sampler runs StableDiffusionPipeline "
-            "(SD 1.x/2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline folders"
-        )
-    return family
-
-
-def local_family(source: str, key: str = "model.model") -> str | None:
-    """The family of a local pipeline folder from its ``model_index.json``, without loading anything.
-
-    ``None`` for a Hub id or a folder without ``model_index.json`` (loading reports those, naming ``key``).
-    """
-    index = Path(source).expanduser() / "model_index.json"
-    if not index.is_file():
-        return None
-    try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError) as error:
-        raise NSTError(f"{key}: {index} is not a readable model_index.json: {error}") from error
-    if not isinstance(class_name, str):
-        raise NSTError(f"{key}: {index} names no pipeline class (_class_name)")
-    return family_of_class(class_name, source, key)
 
 
 @dataclass

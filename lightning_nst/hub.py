@@ -1,4 +1,4 @@
-"""Names of diffusers models and samplers, kept apart from the modules that load them.
+"""Names of diffusers models, samplers and model families, kept apart from the modules that load them.
 
 Importing :mod:`lightning_nst.diffusion` imports diffusers and transformers (about a second); the report, the
 ``generate`` shortcut and the CLI's help only need the names.
@@ -6,7 +6,11 @@ Importing :mod:`lightning_nst.diffusion` imports diffusers and transformers (abo
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+from lightning_nst.errors import NSTError
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The Stable Diffusion pipeline used when none is given: Stable Diffusion 1.5, as in the shipped configs."""
@@ -30,3 +34,55 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 ones for the flow-matching SD3 and Flux, the others for SD 1.x/2.x and SDXL). Besides these,
 ``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one.
 Each is built ``from_config`` of the pipeline's scheduler, so betas, offsets and spacing stay the model's."""
+
+# model_index.json's `_class_name` -> family. The img2img classes hold the same components as the text-to-image ones,
+# so their folders load with the text-to-image class.
+PIPELINE_FAMILIES: dict[str, str] = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionImg2ImgPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Img2ImgPipeline": "sd3",
+    "FluxPipeline": "flux",
+    "FluxImg2ImgPipeline": "flux",
+}
+FLOW_FAMILIES = frozenset({"sd3", "flux"})
+"""Families trained with rectified flow: the model predicts a velocity, sampled by flow-matching schedulers."""
+
+
+def family_of_class(class_name: str, source: str, key: str = "model.model") -> str:
+    """The family of a pipeline class named in ``model_index.json``; a one-line error for any other class."""
+    family = PIPELINE_FAMILIES.get(class_name)
+    if family is None:
+        raise NSTError(
+            f"{key}: {source} is a {class_name} (model_index.json); the guided sampler runs StableDiffusionPipeline "
+            "(SD 1.x/2.x), StableDiffusionXLPipeline, StableDiffusion3Pipeline and FluxPipeline folders"
+        )
+    return family
+
+
+def local_family(source: str, key: str = "model.model") -> str | None:
+    """The family of a local pipeline folder from its ``model_index.json``, without loading anything.
+
+    ``None`` for a Hub id or a folder without ``model_index.json`` (loading reports those, naming ``key``).
+    """
+    index = Path(source).expanduser() / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as error:
+        raise NSTError(f"{key}: {index} is not a readable model_index.json: {error}") from error
+    if not isinstance(class_name, str):
+        raise NSTError(f"{key}: {index} names no pipeline class (_class_name)")
+    return family_of_class(class_name, source, key)
+
+
+FAMILY_CONFIGS: dict[str, str] = {
+    "sd": "guided_diffusion",
+    "sdxl": "guided_sdxl",
+    "sd3": "guided_sd3",
+    "flux": "guided_flux",
+}
+"""The shipped config of each family, at its native size, steps and sampler."""

@@ -24,7 +24,7 @@ from lightning_nst import shipped
 from lightning_nst.color import COLOR_MODES
 from lightning_nst.data import check_style_weights
 from lightning_nst.errors import NSTError
-from lightning_nst.hub import SCHEDULERS
+from lightning_nst.hub import FAMILY_CONFIGS, SCHEDULERS, local_family
 from lightning_nst.losses import STATISTICS
 
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
@@ -97,24 +97,40 @@ def generate_parser() -> argparse.ArgumentParser:
     """The parser of ``lightning-nst generate``."""
     parser = _Parser(
         prog="lightning-nst generate",
-        description="Style-guided Stable Diffusion: configs/guided_diffusion.yaml with these flags as overrides, "
-        "run as `lightning-nst predict`; one image per prompt and seed in OUTDIR.",
+        description="Style-guided diffusion: the model family's shipped config (configs/guided_diffusion.yaml for SD "
+        "1.x/2.x, guided_sdxl, guided_sd3, guided_flux) with these flags as overrides, run as `lightning-nst "
+        "predict`; one image per prompt and seed in OUTDIR.",
     )
     parser.add_argument("prompt", nargs="+", help="the prompt(s)")
     parser.add_argument("--style", nargs="+", required=True, help="the style image(s); each gives its own images")
     parser.add_argument("-o", "--output", required=True, help="the output folder (a rerun finishes what is missing)")
-    parser.add_argument("--model", help="a diffusers pipeline: hub id or local folder (default: the config's)")
-    parser.add_argument("--steps", type=int, help="sampling steps (default: the config's, 50)")
+    parser.add_argument(
+        "--model",
+        help="a diffusers pipeline of SD 1.x/2.x, SDXL, SD3 or Flux: hub id or local folder (default: SD 1.5)",
+    )
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILY_CONFIGS),
+        help="the model's family, which picks the config; default: read from the model's model_index.json",
+    )
+    parser.add_argument("--steps", type=int, help="sampling steps (default: the config's, 50 for SD 1.5)")
     parser.add_argument("--scale", type=float, help="style guidance scale, 0 for none (default: the config's, 0.2)")
     parser.add_argument(
         "--sampler",
-        help=f"the sampler: {', '.join(SCHEDULERS)}, pipeline or a diffusers scheduler class name (default: ddim)",
+        help=f"the sampler: {', '.join(SCHEDULERS)}, pipeline or a diffusers scheduler class name (default: the "
+        "config's: ddim for SD 1.5, euler for SDXL, flow_euler for SD3 and Flux)",
     )
     seeds = parser.add_mutually_exclusive_group()
     seeds.add_argument("--seed", type=int, help="the seed (default: 0)")
     seeds.add_argument("--seeds", type=int, nargs="+", help="several seeds, one image each")
-    parser.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: 7.5)")
-    parser.add_argument("--size", type=int, help="image height and width in pixels (default: 512)")
+    parser.add_argument(
+        "--cfg-scale",
+        type=float,
+        help="classifier-free guidance scale; Flux-dev's distilled guidance (default: the config's)",
+    )
+    parser.add_argument(
+        "--size", type=int, help="image height and width in pixels (default: the family's native size, 512 for SD 1.5)"
+    )
     parser.add_argument(
         "--init-image",
         help="img2img: start from this image (configs/guided_img2img.yaml); the output keeps its aspect ratio, "
@@ -191,13 +207,34 @@ def texture_config(options: argparse.Namespace) -> dict[str, Any]:
     return _optimisation_config(f"texture_{options.statistic}", options, {"style": list(options.texture)}, {})
 
 
+def _family_of(model: str) -> str:
+    """The family of ``--model``: its ``model_index.json``, read locally or fetched from the Hub (a small file)."""
+    family = local_family(model, key="--model")
+    if family is None:
+        from lightning_nst.diffusion import model_family  # imports diffusers: only for a Hub id
+
+        family = model_family(model)
+    return family
+
+
 def generate_config(options: argparse.Namespace) -> dict[str, Any]:
-    """``configs/guided_diffusion.yaml`` (``guided_img2img.yaml`` with ``--init-image``) with the flags as overrides."""
+    """The family's shipped config with the flags as overrides.
+
+    ``configs/guided_diffusion.yaml`` for SD 1.x/2.x (``guided_img2img.yaml`` with ``--init-image``),
+    ``guided_sdxl.yaml``, ``guided_sd3.yaml`` or ``guided_flux.yaml`` (with ``guided_img2img.yaml``'s strength for
+    ``--init-image``).
+    """
     _positive(options.size, "--size")
     _positive(options.steps, "--steps")
     if options.strength is not None and options.init_image is None:
         raise NSTError("--strength: needs --init-image (img2img)")
-    config = _shipped("guided_img2img" if options.init_image is not None else "guided_diffusion")
+    family = options.family or (_family_of(options.model) if options.model is not None else "sd")
+    if family == "sd" and options.init_image is not None:
+        config = _shipped("guided_img2img")
+    else:
+        config = _shipped(FAMILY_CONFIGS[family])
+        if options.init_image is not None:
+            config["model"]["init_args"]["strength"] = _shipped("guided_img2img")["model"]["init_args"]["strength"]
     seeds = options.seeds if options.seeds is not None else [options.seed if options.seed is not None else 0]
     config["seed_everything"] = seeds[0]
     trainer = config["trainer"]

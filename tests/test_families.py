@@ -454,3 +454,19 @@ def test_flux_says_it_uses_no_negative_prompt(pipelines: dict[str, Path], tmp_pa
                 "--model.guidance=null",
             )
         )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_picks_the_familys_config(
+    family: str, pipelines: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["generate", "a red house", "--style", "sample:immunohistochemistry", "-o", "gen"]
+    toy = ["--model", str(pipelines[family]), "--size", "64", "--steps", "1", "--weights", "random"]
+    main([*args, *toy, "--print-config"])
+    config = capsys.readouterr().out
+    assert (
+        f"name: guided_{family}" in config and f"scheduler: {'euler' if family == 'sdxl' else 'flow_euler'}" in config
+    )
+    main([*args, *toy])
+    (record,) = records(tmp_path / "gen")
+    assert record["scheduler"] == SCHEDULERS[family] and image_of(tmp_path / "gen", record).shape == (64, 64, 3)
