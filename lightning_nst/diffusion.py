@@ -183,7 +183,9 @@ class DenoisingCallback(Callback):
             pl_module: The sampling module.
             step_index: Index of the step, from 0.
             timestep: The scheduler's timestep of the step.
-            callback_kwargs: ``latents`` (after the step), ``noise_pred`` (as the scheduler used it), ``index``
+            callback_kwargs: ``latents`` (after the step; Flux's are packed ``(B, tokens, 4C)``, which
+                ``pl_module.spatial_latents`` unpacks), ``noise_pred`` (the model's prediction as the scheduler used
+                it: noise, or the flow velocity for SD3 and Flux), ``index``
                 (item numbers) and ``style_index``; with style guidance also ``style_loss`` ``(B,)``, ``x0_image``
                 (the decoded clean prediction the loss was measured on) and ``guided``.
 

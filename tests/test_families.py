@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from lightning_nst import diffusion
 from lightning_nst.diffusion import GuidedDiffusion
 from lightning_nst.guidance import MAX_NOISE_TO_SIGNAL, noise_level, output_gain, predict_x0, renoise
 from lightning_nst.main import main
-from tests.conftest import CONFIGS, MODELS, cli_error
+from tests.conftest import CONFIGS, MODELS, REPO, cli_error
 from tests.test_img2img import write_init
 from tests.tiny_pipeline import build_tiny_autoencoder, records, sd_scheduler, tiny_args
 
@@ -470,3 +473,34 @@ def test_generate_picks_the_familys_config(
     main([*args, *toy])
     (record,) = records(tmp_path / "gen")
     assert record["scheduler"] == SCHEDULERS[family] and image_of(tmp_path / "gen", record).shape == (64, 64, 3)
+
+
+def test_flux_on_two_processes_with_recurrence_from_pure_noise(pipelines: dict[str, Path]) -> None:
+    # DDP over the grid (2 prompts x 3 seeds) on the family whose latents differ most (packed tokens), with the
+    # first step (σ = 1) repeated: recurrence re-noises it to pure noise, which must stay finite.
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_nst",
+        *family_args(
+            pipelines["flux"],
+            "flux",
+            "ddp",
+            "--data.seeds=[0, 1, 2]",
+            "--data.batch_size=2",
+            "--data.prompts=[a red house, a blue boat]",
+            "--model.guidance.init_args.recurrence=1",
+            "--model.guidance.init_args.recurrence_window=[0.0, 0.5]",
+        ),
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = Path("logs", "ddp").glob("version_*")
+    lines = records(run)
+    assert sorted(line["index"] for line in lines) == list(range(6)) and {line["rank"] for line in lines} == {0, 1}
+    assert all(line["model_evaluations"] == STEPS + 2 for line in lines)  # steps 0 and 1 repeated once each
+    assert all(np.isfinite(line["final_style_loss"]) and len(line["style_loss"]) == STEPS for line in lines)
+    assert len({image_of(run, line).tobytes() for line in lines}) == 6
