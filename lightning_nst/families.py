@@ -5,8 +5,9 @@ output, predict the clean latents from it, decode, score, correct the output, st
 done here, each step as the family's own diffusers pipeline does it in ``__call__``: prompt encoding and the extra
 conditioning (SDXL's pooled embeddings and time ids, SD3's and Flux's pooled projections, Flux's text and image ids
 and distilled guidance), the initial noise (Flux packs 2x2 latent patches into tokens), the timesteps (SD3's and
-Flux's resolution-dependent shift), the denoiser call with classifier-free guidance, and the latents' scaling around
-the VAE.
+Flux's resolution-dependent shift), the denoiser call with classifier-free guidance, img2img's noising, and Flux's
+packing of the latents. Their scaling around the VAE follows the VAE's own config
+(:func:`~lightning_nst.guidance.vae_input`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from diffusers import (
 )
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 
@@ -308,8 +308,3 @@ def _accepted(scheduler: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Family, SDXLFamily, SD3Family, FluxFamily)}
-
-
-def noise_for(shape: tuple[int, ...], generators: list, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Noise of ``shape``, each item's row drawn from its own generator."""
-    return randn_tensor(shape, generator=generators, device=device, dtype=dtype)
