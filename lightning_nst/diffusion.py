@@ -24,7 +24,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
-from lightning_nst.families import FAMILIES, Family
+from lightning_nst.families import FAMILIES, Family, size_multiple
 from lightning_nst.guidance import (
     FLOW,
     SUPPORTED_SCHEDULERS,
@@ -131,13 +131,25 @@ def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) 
         )
 
 
-def _local_latent_channels(config: Path) -> int | None:
-    """``latent_channels`` of a local autoencoder config file, without loading any weights (``None`` if unknown)."""
+def _local_config(config: Path, key: str) -> Any:
+    """``key`` of a local component's JSON config, without loading any weights (``None`` if not known)."""
     try:
-        channels = json.loads(config.expanduser().read_text(encoding="utf-8")).get("latent_channels")
+        return json.loads(config.expanduser().read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):  # a Hub id, or unreadable: reported, naming the key, on loading
         return None
-    return channels if isinstance(channels, int) else None
+
+
+def _local_int(config: Path, key: str) -> int | None:
+    value = _local_config(config, key)
+    return value if isinstance(value, int) else None
+
+
+def check_size(family: str, multiple: int, height: int | None, width: int | None) -> None:
+    """Raise unless ``model.height`` and ``model.width`` are multiples of ``multiple`` (:func:`size_multiple`)."""
+    for key, value in (("model.height", height), ("model.width", width)):
+        if value is not None and value % multiple:
+            name = FAMILIES[family].pipeline_class.__name__
+            raise NSTError(f"{key}: {name} needs a multiple of {multiple} px, got {value}")
 
 
 def check_tiny_channels(tiny: str, own: int | None, channels: int | None, model: str) -> None:
@@ -376,10 +388,15 @@ class GuidedDiffusion(L.LightningModule):
         chosen = scheduler_class(self.scheduler_name)
         if family is not None and chosen is not None:
             check_family_scheduler(family, chosen[0], self.scheduler_name)
+        model = Path(self.model_source)
         if family is not None and self.tiny_vae_source is not None:
-            own = _local_latent_channels(Path(self.tiny_vae_source) / "config.json")
-            channels = _local_latent_channels(Path(self.model_source) / "vae" / "config.json")
+            own = _local_int(Path(self.tiny_vae_source) / "config.json", "latent_channels")
+            channels = _local_int(model / "vae" / "config.json", "latent_channels")
             check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
+        blocks = _local_config(model / "vae" / "config.json", "block_out_channels")
+        if family is not None and isinstance(blocks, list):  # else checked once the pipeline has loaded
+            patch = _local_int(model / "transformer" / "config.json", "patch_size") or 1
+            check_size(family, size_multiple(family, 2 ** (len(blocks) - 1), patch), self.height, self.width)
         if self.cpu_offload and isinstance(self.trainer.accelerator, CPUAccelerator):
             raise NSTError("model.cpu_offload: moves each model to the GPU as it runs; on the CPU set it to false")
         if self.guidance is not None:
@@ -439,11 +456,7 @@ class GuidedDiffusion(L.LightningModule):
             own, channels = self.tiny_vae.config.latent_channels, pipe.vae.config.latent_channels
             check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
         self.family = family(pipe)
-        for key, value in (("model.height", self.height), ("model.width", self.width)):
-            multiple = self.family.size_multiple()
-            if value is not None and value % multiple:
-                name = family.pipeline_class.__name__
-                raise NSTError(f"{key}: {name} needs a multiple of {multiple} px, got {value}")
+        check_size(family.name, self.family.size_multiple(), self.height, self.width)
         # Registered here so Lightning moves them and applies its precision; the pipeline holds the same objects.
         # With cpu_offload they are not: accelerate's hooks (enable_model_cpu_offload, in on_predict_start) move
         # each to the GPU when it runs, and Lightning moving them all there at once would undo that.

@@ -29,6 +29,19 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retri
 from torch import Tensor, nn
 
 
+def size_multiple(family: str, vae_scale_factor: int, patch_size: int = 1) -> int:
+    """Image sides must be multiples of this many pixels, as each pipeline's ``check_inputs`` requires.
+
+    8 for SD and SDXL; the VAE's factor times the transformer's patch for SD3, times Flux's 2x2 packing for Flux
+    (16 for the real models).
+    """
+    if family == "sd3":
+        return vae_scale_factor * patch_size
+    if family == "flux":
+        return vae_scale_factor * 2
+    return 8
+
+
 @dataclass
 class Conditioning:
     """Everything the denoiser is given besides the latents and the timestep, for one batch.
@@ -74,8 +87,8 @@ class Family:
         return native[0] * self.pipe.vae_scale_factor, native[1] * self.pipe.vae_scale_factor
 
     def size_multiple(self) -> int:
-        """Image sides must be multiples of this many pixels (the pipeline's ``check_inputs``)."""
-        return 8
+        """Image sides must be multiples of this many pixels (:func:`size_multiple`)."""
+        return size_multiple(self.name, self.pipe.vae_scale_factor, getattr(self.pipe, "patch_size", 1))
 
     def latent_channels(self) -> int:
         """Channels of the (unpacked) latents."""
@@ -88,11 +101,10 @@ class Family:
         unet = self.pipe.unet
         do_cfg = cfg_scale > 1 and unet.config.time_cond_proj_dim is None
         embeds, negative = self.pipe.encode_prompt(prompts, device, 1, do_cfg, negatives)
-        kwargs: dict[str, Any] = {"encoder_hidden_states": torch.cat([negative, embeds]) if do_cfg else embeds}
-        if unet.config.time_cond_proj_dim is not None:  # LCM-distilled UNets embed the guidance scale instead
-            scale = torch.tensor(cfg_scale - 1).repeat(len(prompts))
-            embedding = self.pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
-            kwargs["timestep_cond"] = embedding.to(device=device, dtype=embeds.dtype)
+        kwargs = {
+            "encoder_hidden_states": torch.cat([negative, embeds]) if do_cfg else embeds,
+            **_guidance_embedding(self.pipe, cfg_scale, len(prompts), device, embeds.dtype),
+        }
         return Conditioning(kwargs, do_cfg, embeds.dtype)
 
     def initial_noise(
@@ -131,6 +143,17 @@ class Family:
         return max(steps - min(int(steps * strength), steps), 0)
 
 
+def _guidance_embedding(
+    pipe: Any, cfg_scale: float, count: int, device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """``timestep_cond`` for a UNet that embeds the guidance scale (LCM-distilled ones) instead of running CFG."""
+    dim = pipe.unet.config.time_cond_proj_dim
+    if dim is None:
+        return {}
+    embedding = pipe.get_guidance_scale_embedding(torch.tensor(cfg_scale - 1).repeat(count), embedding_dim=dim)
+    return {"timestep_cond": embedding.to(device=device, dtype=dtype)}
+
+
 def _cfg(output: Tensor, do_cfg: bool, cfg_scale: float) -> Tensor:
     if not do_cfg:
         return output
@@ -164,14 +187,11 @@ class SDXLFamily(Family):
         if do_cfg:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([time_ids, time_ids])
-        kwargs: dict[str, Any] = {
+        kwargs = {
             "encoder_hidden_states": embeds,
             "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids.to(device).repeat(len(prompts), 1)},
+            **_guidance_embedding(pipe, cfg_scale, len(prompts), device, embeds.dtype),
         }
-        if unet.config.time_cond_proj_dim is not None:
-            scale = torch.tensor(cfg_scale - 1).repeat(len(prompts))
-            embedding = pipe.get_guidance_scale_embedding(scale, embedding_dim=unet.config.time_cond_proj_dim)
-            kwargs["timestep_cond"] = embedding.to(device=device, dtype=embeds.dtype)
         return Conditioning(kwargs, do_cfg, embeds.dtype)
 
 
@@ -183,9 +203,6 @@ class SD3Family(Family):
     flow = True
     denoiser_name = "transformer"
     text_encoder_names = ("text_encoder", "text_encoder_2", "text_encoder_3")
-
-    def size_multiple(self) -> int:  # noqa: D102
-        return self.pipe.vae_scale_factor * self.pipe.patch_size
 
     def latent_channels(self) -> int:  # noqa: D102
         return self.pipe.transformer.config.in_channels
@@ -233,9 +250,6 @@ class FluxFamily(SD3Family):
     name = "flux"
     pipeline_class = FluxPipeline
     text_encoder_names = ("text_encoder", "text_encoder_2")
-
-    def size_multiple(self) -> int:  # noqa: D102
-        return self.pipe.vae_scale_factor * 2
 
     def latent_channels(self) -> int:  # noqa: D102
         return self.pipe.transformer.config.in_channels // 4

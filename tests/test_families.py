@@ -504,3 +504,18 @@ def test_flux_on_two_processes_with_recurrence_from_pure_noise(pipelines: dict[s
     assert all(line["model_evaluations"] == STEPS + 2 for line in lines)  # steps 0 and 1 repeated once each
     assert all(np.isfinite(line["final_style_loss"]) and len(line["style_loss"]) == STEPS for line in lines)
     assert len({image_of(run, line).tobytes() for line in lines}) == 6
+
+
+def test_a_size_the_transformer_cannot_patch_is_refused_before_loading(
+    pipelines: dict[str, Path], tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # SD3 and Flux need sides in multiples of 16 (VAE factor 8 x patch 2, or x Flux's 2x2 packing). The tiny
+    # pipelines' factor is 2, so this copy claims the real VAE's four blocks: its weights no longer fit that config,
+    # so the one-line refusal proves the check ran before anything loaded.
+    for family in ("sd3", "flux"):
+        folder = tmp_path / family
+        shutil.copytree(pipelines[family], folder)
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        (folder / "vae" / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 8, 8, 8]}))
+        message = cli_error(capfd, family_args(folder, family, "size", "--model.height=72", "--model.width=64"))
+        assert message == f"lightning-nst: error: model.height: {PIPELINES[family]} needs a multiple of 16 px, got 72"
