@@ -9,8 +9,11 @@ ones (Euler, Euler ancestral, LMS, Heun, DPM-SDE). :math:`\hat x_0` is decoded t
 
 .. math:: \tilde\epsilon = \hat\epsilon - s \, \frac{g}{\operatorname{rms}(g)}, \qquad g = \nabla_{\hat\epsilon} L
 
-and the scheduler steps with :math:`\tilde\epsilon`. Only :math:`\hat x_0 \mapsto L` is differentiated: the UNet is
-not, which is what makes this cheaper than classifier guidance through the denoiser.
+and the scheduler steps with :math:`\tilde\epsilon`. Flow-matching models (SD3, Flux) predict a velocity
+:math:`v = \epsilon - x_0` instead: :math:`\hat x_0 = x_t - \sigma v`, and the correction of :math:`v` is divided by
+:math:`1 - \sigma` (:func:`output_gain`), which is the same correction of the noise. Only
+:math:`\hat x_0 \mapsto L` is differentiated: the UNet (or transformer) is not, which is what makes this cheaper
+than classifier guidance through the denoiser.
 
 One scale means one thing across samplers: the correction is in units of the noise's RMS whatever the sampler, and
 a correction :math:`\delta` of :math:`\hat\epsilon` moves :math:`\hat x_0` by :math:`\sigma\delta` in σ-space and by
@@ -322,13 +325,15 @@ def output_gain(scheduler: Any, timestep: Any) -> float:
     1 for noise-predicting samplers. Flow matching predicts :math:`v = \epsilon - x_0`, and at fixed :math:`x_t`
     a change :math:`\delta` of :math:`\epsilon` is a change :math:`\delta/(1-\sigma)` of :math:`v`, which moves
     :math:`\hat x_0` by :math:`\sigma/(1-\sigma)\,\delta`, the noise-to-signal ratio times :math:`\delta` as on
-    the other samplers. The ratio is capped at :data:`MAX_NOISE_TO_SIGNAL`: at :math:`\sigma = 1` (pure noise,
+    the other samplers. That ratio is capped at :data:`MAX_NOISE_TO_SIGNAL`: at :math:`\sigma = 1` (pure noise,
     every flow sampler's first step) it is infinite.
     """
     if not isinstance(scheduler, FLOW):
         return 1.0
     sigma = float(_sigma(scheduler, timestep))
-    return min(1 / max(1 - sigma, 1e-12), 1 + MAX_NOISE_TO_SIGNAL)
+    if sigma <= 0:
+        return 1.0  # clean: x̂₀ does not depend on v
+    return min(1 / (1 - sigma), MAX_NOISE_TO_SIGNAL / sigma) if sigma < 1 else MAX_NOISE_TO_SIGNAL / sigma
 
 
 def rms_normalize(gradient: Tensor, eps: float = 1e-12) -> Tensor:

@@ -171,7 +171,7 @@ def test_one_correction_moves_x0_on_flow_as_on_sd_at_the_same_noise_level() -> N
     torch.testing.assert_close(sd_move, -0.2 * ratio * correction, rtol=1e-3, atol=1e-4)
     # At σ = 1 (every flow sampler's first step, pure noise) the ratio is infinite: capped at SD's largest.
     flow._step_index = 0
-    assert float(flow.sigmas[0]) == 1.0 and output_gain(flow, flow.timesteps[0]) == 1 + MAX_NOISE_TO_SIGNAL
+    assert float(flow.sigmas[0]) == 1.0 and output_gain(flow, flow.timesteps[0]) == MAX_NOISE_TO_SIGNAL
 
 
 def test_flow_noise_level_is_scale_noises_and_renoise_reaches_pure_noise() -> None:
