@@ -441,6 +441,8 @@ def product(
         cli_main(cli_args(folder, name, family, pipeline, tiny, setting, args))
     (manifest,) = (folder / name).glob("version_*/predictions.jsonl")
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    print(f"[{family}] {setting}: s/step per item {[round(r['seconds_per_step'], 3) for r in records]}, load "
+          f"{load_average()}", flush=True)  # fmt: skip
     return statistics.median(record["seconds_per_step"] for record in records[1:] or records)
 
 
