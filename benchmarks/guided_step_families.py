@@ -1,7 +1,8 @@
 """Guided diffusion step on SDXL, SD3 and Flux components: components against the real CLI, and peak memory.
 
     python benchmarks/guided_step_families.py --families sdxl,sd3,flux --size 256 --steps 2 --items 2 --repeats 2
-    python benchmarks/guided_step_families.py --families sdxl,sd3,flux --size 256 --steps 1 --memory
+    python benchmarks/guided_step_families.py --families sdxl,sd3,flux --size 256 --steps 2 --memory
+    (``--both``: speed, then memory, on one build per family)
 
 As ``benchmarks/guided_step_sd15.py`` does for SD 1.5 (``--families sd15`` runs that build here too), each family's
 denoiser and VAE are built from the family's real config with random weights (timing does not depend on weight
@@ -16,11 +17,11 @@ values), saved with ``save_pretrained`` into a temporary folder (one family at a
 * SD3-medium ``SD3Transformer2DModel`` (stabilityai/stable-diffusion-3-medium-diffusers ``transformer/config.json``):
   sample_size 128, patch_size 2, in_channels 16, attention_head_dim 64, num_attention_heads 24 (1536 wide),
   joint_attention_dim 4096, caption_projection_dim 1536, pooled_projection_dim 2048, out_channels 16,
-  pos_embed_max_size 192; num_layers 24 reduced to ``--sd3-layers`` (8: about SD 1.5's UNet size).
+  pos_embed_max_size 192; num_layers 24 reduced to ``--sd3-layers`` (8: 669 M parameters, below SD 1.5's UNet).
 * FLUX.1-dev ``FluxTransformer2DModel`` (black-forest-labs/FLUX.1-dev ``transformer/config.json``): patch_size 1,
   in_channels 64, attention_head_dim 128, num_attention_heads 24 (3072 wide), joint_attention_dim 4096,
   pooled_projection_dim 768, guidance_embeds True, axes_dims_rope (16, 56, 56); 19 double + 38 single blocks reduced
-  to ``--flux-blocks`` (2 + 4: the 12 B model does not fit in float32 here).
+  to ``--flux-blocks`` (2 + 4: 1310 M parameters; the 11.9 B model does not fit in float32 here).
 
 Only the depth is reduced, never a width or a per-block setting, so every block costs what it costs in the real
 model: forward hooks time each transformer block, and the table gives the per-block time and the full-depth
