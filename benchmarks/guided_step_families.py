@@ -89,6 +89,16 @@ from transformers import (  # noqa: E402
     T5EncoderModel,
 )
 
+# The settings, timers and memory readers of the SD 1.5 benchmark, which this one extends to the other families.
+from benchmarks.guided_step_sd15 import (  # noqa: E402
+    LAYERS,
+    SETTINGS,
+    build_sd15,
+    load_average,
+    parameters,
+    peak_rss_mb,
+    timed,
+)
 from lightning_nst.families import FAMILIES  # noqa: E402
 from lightning_nst.guidance import decode_latents  # noqa: E402
 from lightning_nst.losses import LayerStyleLoss  # noqa: E402
@@ -97,12 +107,6 @@ from lightning_nst.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E4
 from lightning_nst.vgg import VGG19Features  # noqa: E402
 from tests.tiny_pipeline import sdxl_scheduler, tiny_args, tiny_t5_tokenizer, tiny_tokenizer  # noqa: E402
 
-LAYERS = "[" + ", ".join(DEFAULT_LAYERS) + "]"
-SETTINGS: dict[str, list[str]] = {
-    "unguided": ["--model.guidance=null"],
-    "guided, VAE decoder": ["--model.guidance.init_args.decoder=vae"],
-    "guided, tiny decoder": ["--model.guidance.init_args.decoder=tiny", "--model.tiny_vae={tiny}"],
-}
 CONFIGS = {
     "sd15": "guided_diffusion.yaml",
     "sdxl": "guided_sdxl.yaml",
@@ -266,8 +270,6 @@ def build(family: str, folder: Path, args: argparse.Namespace) -> tuple[Path, Pa
     """Save ``family``'s pipeline and its ``AutoencoderTiny``, random weights, under ``folder``."""
     torch.manual_seed(0)
     if family == "sd15":
-        from guided_step_sd15 import build_sd15
-
         return build_sd15(folder)
     builders: dict[str, Callable[[Path, argparse.Namespace], Any]] = {
         "sdxl": build_sdxl, "sd3": build_sd3, "flux": build_flux,
@@ -289,16 +291,6 @@ def depth(family: str, args: argparse.Namespace) -> str:
     if family == "flux":
         return f"{args.flux_blocks[0]} + {args.flux_blocks[1]} of 19 + 38 blocks"
     return "whole"
-
-
-def parameters(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
-
-
-def timed(function: Callable[[], None]) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 class BlockTimer:
@@ -447,10 +439,6 @@ def product(
     return statistics.median(record["seconds_per_step"] for record in records[1:] or records)
 
 
-def load_average() -> str:
-    return Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
-
-
 def speed(family: str, folder: Path, pipeline: Path, tiny: Path, args: argparse.Namespace) -> None:
     print(f"[{family}] 1-minute load average at start: {load_average()}", flush=True)
     parts = components(family, pipeline, tiny, args)
@@ -494,14 +482,6 @@ def speed(family: str, folder: Path, pipeline: Path, tiny: Path, args: argparse.
     overhead_tiny = steps["guided, tiny decoder"] - base
     print(f"\nguidance overhead, VAE / tiny decoder: {overhead_vae:.3f} / {overhead_tiny:.3f} s = "
           f"{overhead_vae / overhead_tiny:.2f}x", flush=True)  # fmt: skip
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (``VmHWM``, which does not carry the parent's peak over fork + exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def one_item(family: str, setting: str, args: argparse.Namespace, pipeline: Path, tiny: Path) -> None:
