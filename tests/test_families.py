@@ -148,7 +148,7 @@ def test_flow_heuns_last_step_lands_on_x0() -> None:
 
 
 def test_one_correction_moves_x0_on_flow_as_on_sd_at_the_same_noise_level() -> None:
-    # A correction s·ĝ of the noise moves SD's x̂₀ by s·σ/√ᾱ... i.e. by the noise-to-signal ratio times s; on flow
+    # A correction s·ĝ of the noise moves SD's x̂₀ by s·√((1-ᾱ)/ᾱ), the noise-to-signal ratio times s; on flow
     # matching the correction of v is s·ĝ·output_gain, which must move x̂₀ by σ/(1-σ) times s, the same rule.
     flow = _flow(FlowMatchEulerDiscreteScheduler)
     generator = torch.Generator().manual_seed(0)
