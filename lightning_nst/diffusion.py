@@ -479,6 +479,13 @@ class GuidedDiffusion(L.LightningModule):
         """Compute the style targets once, on the device, and say which VGG weights are in use."""
         if self.cpu_offload and self.pipeline is not None:
             self.pipeline.enable_model_cpu_offload(device=self.device)
+        vae = self.pipeline.vae if self.pipeline is not None else None
+        if self.family is not None and self.family.name == "sdxl" and vae.dtype == torch.float16:
+            # As StableDiffusionXLPipeline does for decoding (its VAE overflows in float16, and the guidance
+            # backpropagates through it every step): float32 for good, here after Lightning's precision has
+            # converted the modules. A VAE that does not need it (sdxl-vae-fp16-fix) says force_upcast: false.
+            if vae.config.get("force_upcast", False):
+                vae.float()
         if self.family is not None and self.family.name == "flux" and self._data().negative_prompt:
             rank_zero_warn("data.negative_prompt: FluxPipeline uses no negative prompt (no classifier-free guidance)")
         if self.guidance is not None:
@@ -672,7 +679,8 @@ class GuidedDiffusion(L.LightningModule):
         seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
 
         # 8. Decode, check safety and post-process as the pipeline does
-        image = self.vae.decode(vae_input(self.vae, family.spatial(latents, size)), return_dict=False)[0]
+        latents = family.spatial(latents, size).to(self.vae.dtype)
+        image = self.vae.decode(vae_input(self.vae, latents), return_dict=False)[0]
         _note(failures, image, "trainer.precision", "the decoded image (float32 may help: --trainer.precision 32-true)")
         has_nsfw_concept = None
         if hasattr(pipe, "run_safety_checker"):

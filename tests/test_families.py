@@ -519,3 +519,33 @@ def test_a_size_the_transformer_cannot_patch_is_refused_before_loading(
         (folder / "vae" / "config.json").write_text(json.dumps({**config, "block_out_channels": [8, 8, 8, 8]}))
         message = cli_error(capfd, family_args(folder, family, "size", "--model.height=72", "--model.width=64"))
         assert message == f"lightning-nst: error: model.height: {PIPELINES[family]} needs a multiple of 16 px, got 72"
+
+
+def test_sdxls_vae_stays_float32_when_the_weights_are_float16(
+    pipelines: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SDXL's VAE overflows in float16 (its config says force_upcast); StableDiffusionXLPipeline decodes in float32,
+    # and so does the guided loop, for the guidance's decodes too, after Lightning's 16-true has converted the rest.
+    dtypes: list[tuple[torch.dtype, torch.dtype]] = []
+    start = GuidedDiffusion.on_predict_start
+
+    def recording(self: GuidedDiffusion) -> None:
+        start(self)
+        dtypes.append((self.unet.dtype, self.vae.dtype))
+
+    monkeypatch.setattr(GuidedDiffusion, "on_predict_start", recording)
+    out = tmp_path / "half"
+    main(
+        family_args(
+            pipelines["sdxl"],
+            "sdxl",
+            "half",
+            "--trainer.precision=16-true",
+            "--model.num_inference_steps=2",
+            f"--trainer.callbacks.init_args.output_dir={out}",
+        )
+    )
+    assert dtypes == [(torch.float16, torch.float32)]
+    (record,) = records(out)
+    assert record["dtype"] == "float16" and np.isfinite(record["final_style_loss"])
+    assert image_of(out, record).std() > 0
