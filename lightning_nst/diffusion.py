@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import time
@@ -603,8 +604,14 @@ class GuidedDiffusion(L.LightningModule):
         latents, timesteps = self._initial_latents(batch, size, timesteps, generators, condition.dtype)
         self.num_timesteps = len(timesteps)
 
-        # 6. Prepare extra step kwargs (the flow-matching schedulers take neither eta nor a generator)
-        extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta) if not family.flow else {}
+        # 6. Prepare extra step kwargs: eta and the items' generators where step takes them. SD3's and Flux's pipelines
+        # pass none, so a stochastic_sampling FlowMatchEuler would draw from the global generator: given the items'
+        # own, each item's image depends on its seed only, as with every other sampler.
+        if hasattr(pipe, "prepare_extra_step_kwargs"):
+            extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta)
+        else:
+            accepted = inspect.signature(scheduler.step).parameters
+            extra_step_kwargs = {"generator": generators} if "generator" in accepted else {}
 
         # 7. Denoising loop: one UNet call and one guidance step per entry of scheduler.timesteps, as diffusers' own
         # loop does. Second-order schedulers (Heun, DPM-SDE) list a timestep for each of their two model evaluations
