@@ -385,7 +385,9 @@ class GuidedDiffusion(L.LightningModule):
         train_timesteps = _local_train_timesteps(self.model_source)
         if train_timesteps is not None:
             check_steps(self.num_inference_steps, train_timesteps, self.model_source)
-        family = local_family(self.model_source)
+        # The family from model_index.json, read locally or fetched alone for a Hub id, so that a sampler the model
+        # cannot take is refused before any weight downloads; not when every item is finished (nothing loads then).
+        family = local_family(self.model_source) if data.all_finished else model_family(self.model_source)
         chosen = scheduler_class(self.scheduler_name)
         if family is not None and chosen is not None:
             check_family_scheduler(family, chosen[0], self.scheduler_name)

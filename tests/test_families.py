@@ -14,7 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+    FluxPipeline,
+)
 from PIL import Image
 
 from lightning_nst import diffusion
@@ -576,3 +582,24 @@ def test_stochastic_flow_sampling_draws_from_each_items_seed(pipelines: dict[str
     for seed in (0, 1):
         assert np.abs(images[1][seed] - images[2][seed]).max() <= 1
     assert np.abs(images[1][0] - images[1][1]).max() > 1
+
+
+def test_a_hub_models_family_is_read_before_any_weight_downloads(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Only model_index.json is fetched for a Hub id before the run sets up, so a sampler of the other kind is refused
+    # before the pipeline (gigabytes) would download. Offline here: the Hub's answers are stood in for.
+    fetched: list[str] = []
+
+    def load_config(cls: type, source: str, **kwargs: Any) -> dict[str, str]:
+        fetched.append(source)
+        return {"_class_name": "FluxPipeline"}
+
+    def from_pretrained(cls: type, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the pipeline's weights were requested")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(load_config))
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", classmethod(from_pretrained))
+    message = cli_error(capfd, family_args(Path("acme/flux-like"), "flux", "hub", "--model.scheduler=ddim"))
+    assert "model.scheduler: ddim (DDIMScheduler) samples noise-predicting models, but FLUX is a flow" in message
+    assert fetched == ["acme/flux-like"]
