@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple
 import diffusers
 import lightning as L
 import torch
-from diffusers import AutoencoderTiny, DDIMScheduler, DiffusionPipeline, LCMScheduler
+from diffusers import AutoencoderTiny, DiffusionPipeline, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecation_utils, is_torchsde_available
@@ -160,19 +160,6 @@ def check_tiny_channels(tiny: str, own: int | None, channels: int | None, model:
             f"model.tiny_vae: {tiny} decodes {own}-channel latents, but the VAE of {model} has {channels}; use the "
             "family's tiny decoder (taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3 for SD3, taef1 for Flux)"
         )
-
-
-def _local_train_timesteps(source: str) -> int | None:
-    """``num_train_timesteps`` from a local pipeline folder's scheduler config, without loading any weights."""
-    config = Path(source).expanduser() / "scheduler" / "scheduler_config.json"
-    if not config.is_file():
-        return None
-    try:
-        values = DDIMScheduler.load_config(config.parent)
-    except (OSError, ValueError):  # an unreadable config is reported, naming model.model, when the pipeline loads
-        return None
-    steps = values.get("num_train_timesteps")
-    return steps if isinstance(steps, int) else None
 
 
 class DenoisingCallback(Callback):
@@ -334,6 +321,7 @@ class GuidedDiffusion(L.LightningModule):
         self.family: Family | None = None
         self.num_timesteps = 0
         self._size: tuple[int, int] | None = None
+        self._family_name: str | None = None
 
     # -- setup ----------------------------------------------------------------------------------------------------
 
@@ -382,16 +370,17 @@ class GuidedDiffusion(L.LightningModule):
                 f"data.batch_size: init images of different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))})"
                 " cannot share a batch; set data.batch_size: 1"
             )
-        train_timesteps = _local_train_timesteps(self.model_source)
+        model = Path(self.model_source)
+        train_timesteps = _local_int(model / "scheduler" / "scheduler_config.json", "num_train_timesteps")
         if train_timesteps is not None:
             check_steps(self.num_inference_steps, train_timesteps, self.model_source)
         # The family from model_index.json, read locally or fetched alone for a Hub id, so that a sampler the model
         # cannot take is refused before any weight downloads; not when every item is finished (nothing loads then).
         family = local_family(self.model_source) if data.all_finished else model_family(self.model_source)
+        self._family_name = family
         chosen = scheduler_class(self.scheduler_name)
         if family is not None and chosen is not None:
             check_family_scheduler(family, chosen[0], self.scheduler_name)
-        model = Path(self.model_source)
         if family is not None and self.tiny_vae_source is not None:
             own = _local_int(Path(self.tiny_vae_source) / "config.json", "latent_channels")
             channels = _local_int(model / "vae" / "config.json", "latent_channels")
@@ -418,7 +407,7 @@ class GuidedDiffusion(L.LightningModule):
         if isinstance(data, PromptGrid) and data.all_finished:
             return
         torch_dtype = torch.get_default_dtype() if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
-        family = FAMILIES[model_family(self.model_source)]
+        family = FAMILIES[self._family_name or model_family(self.model_source)]  # setup has read it
         extra: dict[str, Any] = (
             {"safety_checker": None, "requires_safety_checker": False}
             if family.name == "sd" and not self.use_safety_checker
@@ -440,7 +429,6 @@ class GuidedDiffusion(L.LightningModule):
         chosen = scheduler_class(self.scheduler_name)
         if chosen is not None:
             cls, settings = chosen
-            check_family_scheduler(family.name, cls, self.scheduler_name)
             pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
         check_family_scheduler(family.name, type(pipe.scheduler), self.scheduler_name)
         check_scheduler(pipe.scheduler)
@@ -586,7 +574,7 @@ class GuidedDiffusion(L.LightningModule):
         scheduler = pipe.scheduler
         # 0. Default height and width (image_size, or the init image's), and 1. Check inputs: done once, in __init__
         # and configure_model
-        size = self._batch_size(batch)
+        size = self._batch_image_size(batch)
         self._size = size
 
         # 2. Define call parameters
@@ -715,7 +703,7 @@ class GuidedDiffusion(L.LightningModule):
             "failures": failures,
         }
 
-    def _batch_size(self, batch: dict[str, Any]) -> tuple[int, int]:
+    def _batch_image_size(self, batch: dict[str, Any]) -> tuple[int, int]:
         """``(height, width)`` of the batch's images: :meth:`image_size`, or that of its init images."""
         sources = batch.get("init_image") or [None]
         if sources[0] is None:
