@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,12 +19,13 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.main import main
-from tests.conftest import CONFIGS, MODELS, REPO, cli_error
+from tests.conftest import CONFIGS, MODELS, cli_error
 from tests.tiny_pipeline import (
     GUIDED,
     STEPS,
     build_tiny_autoencoder,
     records,
+    run_ddp,
     tiny_args,
 )
 
@@ -191,19 +189,8 @@ def test_bf16_mixed_precision_keeps_style_statistics_finite(pipeline_dir: Path) 
 
 
 def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None:
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_nst",
-        *tiny_args(pipeline_dir, "ddp", "--data.seeds=[0, 1, 2, 3, 4]", "--data.batch_size=2"),
-        "--model.num_inference_steps=2",
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = Path("logs", "ddp").glob("version_*")
+    args = tiny_args(pipeline_dir, "ddp", "--data.seeds=[0, 1, 2, 3, 4]", "--data.batch_size=2")
+    run = run_ddp([*args, "--model.num_inference_steps=2"], "ddp")
     lines = records(run)
     assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]
     assert sorted(line["seed"] for line in lines) == [0, 1, 2, 3, 4]

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,9 +24,9 @@ from lightning_nst import diffusion
 from lightning_nst.diffusion import GuidedDiffusion
 from lightning_nst.guidance import MAX_NOISE_TO_SIGNAL, noise_level, output_gain, predict_x0, renoise
 from lightning_nst.main import main
-from tests.conftest import CONFIGS, MODELS, REPO, cli_error
+from tests.conftest import CONFIGS, MODELS, cli_error
 from tests.test_img2img import write_init
-from tests.tiny_pipeline import build_tiny_autoencoder, records, sd_scheduler, tiny_args
+from tests.tiny_pipeline import GUIDANCE_VARIANTS, build_tiny_autoencoder, records, run_ddp, sd_scheduler, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -74,12 +71,7 @@ def family_runs(
 
     def runs(family: str) -> dict[str, tuple[Path, dict[str, Any]]]:
         if family not in done:
-            variants = {
-                "plain": "--model.guidance=null",
-                "scale0": "--model.guidance.init_args.scale=0",
-                "guided": "--model.guidance.init_args.scale=0.3",
-            }
-            for variant, override in variants.items():
+            for variant, override in GUIDANCE_VARIANTS.items():
                 out = folder / f"{family}-{variant}"
                 main(
                     family_args(
@@ -484,27 +476,17 @@ def test_generate_picks_the_familys_config(
 def test_flux_on_two_processes_with_recurrence_from_pure_noise(pipelines: dict[str, Path]) -> None:
     # DDP over the grid (2 prompts x 3 seeds) on the family whose latents differ most (packed tokens), with the
     # first step (σ = 1) repeated: recurrence re-noises it to pure noise, which must stay finite.
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_nst",
-        *family_args(
-            pipelines["flux"],
-            "flux",
-            "ddp",
-            "--data.seeds=[0, 1, 2]",
-            "--data.batch_size=2",
-            "--data.prompts=[a red house, a blue boat]",
-            "--model.guidance.init_args.recurrence=1",
-            "--model.guidance.init_args.recurrence_window=[0.0, 0.5]",
-        ),
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run,) = Path("logs", "ddp").glob("version_*")
+    args = family_args(
+        pipelines["flux"],
+        "flux",
+        "ddp",
+        "--data.seeds=[0, 1, 2]",
+        "--data.batch_size=2",
+        "--data.prompts=[a red house, a blue boat]",
+        "--model.guidance.init_args.recurrence=1",
+        "--model.guidance.init_args.recurrence_window=[0.0, 0.5]",
+    )
+    run = run_ddp(args, "ddp")
     lines = records(run)
     assert sorted(line["index"] for line in lines) == list(range(6)) and {line["rank"] for line in lines} == {0, 1}
     assert all(line["model_evaluations"] == STEPS + 2 for line in lines)  # steps 0 and 1 repeated once each

@@ -18,7 +18,7 @@ from lightning_nst.guidance import predict_x0
 from lightning_nst.hub import SCHEDULERS
 from lightning_nst.main import main
 from tests.conftest import MODELS, cli_error
-from tests.tiny_pipeline import STEPS, records, sd_scheduler, tiny_args
+from tests.tiny_pipeline import GUIDANCE_VARIANTS, STEPS, records, sd_scheduler, tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -139,12 +139,7 @@ def sampler_runs(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     def runs(alias: str) -> Runs:
         if alias not in done:
-            variants = {
-                "plain": "--model.guidance=null",
-                "scale0": "--model.guidance.init_args.scale=0",
-                "guided": "--model.guidance.init_args.scale=0.3",
-            }
-            for variant, override in variants.items():
+            for variant, override in GUIDANCE_VARIANTS.items():
                 name = f"{alias}-{variant}"
                 main(tiny_args(pipeline_dir, name, f"--model.scheduler={alias}", override))
                 (run,) = Path("logs", name).glob("version_*")  # in the calling test's folder (conftest._isolate)

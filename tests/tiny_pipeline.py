@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +92,24 @@ def batch_args(pipeline: Path, out: Path | None, seeds: int, *overrides: str) ->
         "--model.guidance=null",
         *overrides,
     )
+
+
+# The same prompt and seed without guidance, with scale 0 (measured, not guided) and guided: a guided run's baselines.
+GUIDANCE_VARIANTS = {
+    "plain": "--model.guidance=null",
+    "scale0": "--model.guidance.init_args.scale=0",
+    "guided": "--model.guidance.init_args.scale=0.3",
+}
+
+
+def run_ddp(args: list[str], name: str) -> Path:
+    """Run ``args`` (``predict`` arguments logging under ``name``) on two CPU processes with DDP; the run folder."""
+    command = [sys.executable, "-m", "lightning_nst", *args, "--trainer.devices=2", "--trainer.strategy=ddp"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = Path("logs", name).glob("version_*")
+    return run
 
 
 def records(folder: Path, manifest: str = "predictions.jsonl") -> list[dict[str, Any]]:
