@@ -337,7 +337,7 @@ def components(family: str, pipeline: Path, tiny: Path, args: argparse.Namespace
         condition = wrapper.encode(["a red house by a lake"], negatives, device, CFG[family], size)
     generator = [torch.Generator(device).manual_seed(0)]
     latents = wrapper.initial_noise(1, size, torch.float32, device, generator)
-    spatial = wrapper.spatial(latents, size) if family == "flux" else latents
+    spatial = wrapper.spatial(latents, size)  # Flux unpacks its tokens; the others are spatial already
     t = torch.tensor(500.0, device=device)
     blocks = FULL_BLOCKS.get(family, {})
     timer = BlockTimer(denoiser, list(blocks))
