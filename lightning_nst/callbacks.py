@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, save_image
+from lightning_nst.images import labelled_grid, save_image, to_uint8
 from lightning_nst.outputs import preview_file
 from lightning_nst.writers import GenerationModule, GenerationWriter
 
@@ -117,7 +117,7 @@ class TrajectoryLogger(DenoisingCallback):
             if preview:
                 # A failing item's preview may hold NaN, which no image format can show: it is drawn black there.
                 image = torch.nan_to_num(images[row].detach().float(), 0.0).clamp(0, 1).cpu()
-                self._writer.add_image(f"x0/{tag}", image, step_index)
+                self._writer.add_image(f"x0/{tag}", to_uint8(image), step_index)
                 if self.save_dir is not None:
                     save_image(image, self.save_dir / preview_file(index, step_index), overwrite=True)
                 loss = losses[row] if losses is not None else math.nan
@@ -142,7 +142,7 @@ class TrajectoryLogger(DenoisingCallback):
         for row, index in enumerate(batch["index"]):
             tag = f"{index:05d}"
             if failures[row] is None:  # a failed item has no image; its previews still show where it went wrong
-                self._writer.add_image(f"image/{tag}", outputs["images"][row], steps)
+                self._writer.add_image(f"image/{tag}", to_uint8(outputs["images"][row]), steps)
             if final is not None and failures[row] is None:
                 self._writer.add_scalar(f"final_style_loss/{tag}", float(final[row]), steps)
             self._writer.add_text(f"prompt/{tag}", _item_text(batch, row, pl_module), steps)

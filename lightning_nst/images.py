@@ -183,11 +183,20 @@ def load_image(source: str | os.PathLike[str], size: int | None = None, *, key: 
     return resize_long_edge(read_image(source, key=key, max_side=size), size)
 
 
+def to_uint8(image: Tensor) -> Tensor:
+    """``[0, 1]`` floats as 8-bit levels, each rounded to the nearest (half to even), on the CPU.
+
+    As diffusers' ``numpy_to_pil`` does; torchvision's ``to_pil_image`` truncates (``mul(255).byte()``), which puts
+    about half of all values one level low.
+    """
+    return image.detach().float().clamp(0, 1).cpu().mul(255).round().to(torch.uint8)
+
+
 def to_pil(image: Tensor) -> Image.Image:
-    """Convert one ``(3, H, W)`` or ``(1, 3, H, W)`` tensor in ``[0, 1]`` to an 8-bit PIL image."""
+    """Convert one ``(3, H, W)`` or ``(1, 3, H, W)`` tensor in ``[0, 1]`` to an 8-bit PIL image (:func:`to_uint8`)."""
     if image.ndim == 4:
         (image,) = image
-    return TF.to_pil_image(image.detach().float().clamp(0, 1).cpu())
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).contiguous().numpy())
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:

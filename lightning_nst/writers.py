@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.nn import functional
 
 from lightning_nst.errors import DivergenceError, NSTError
-from lightning_nst.images import labelled_grid, save_image, to_pil, write_atomic
+from lightning_nst.images import labelled_grid, save_image, to_pil, to_uint8, write_atomic
 from lightning_nst.outputs import (
     GRID,
     ITEM_FILE,
@@ -209,9 +209,9 @@ class ImageWriter(L.Callback):
         experiment = self._experiment(trainer)
         if experiment is not None:
             if module.content is not None:
-                experiment.add_image("inputs/content", module.content[0].float().clamp(0, 1).cpu(), 0)
+                experiment.add_image("inputs/content", to_uint8(module.content[0]), 0)
             for index, style in enumerate(module.style):
-                experiment.add_image(f"inputs/style_{index}", style[0].float().clamp(0, 1).cpu(), 0)
+                experiment.add_image(f"inputs/style_{index}", to_uint8(style[0]), 0)
         if self.snapshot_every:
             self._log_images(trainer, module, "snapshot", module.image)
         if self.save_every:

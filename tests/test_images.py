@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers.utils import numpy_to_pil
 from PIL import Image, ImageDraw
 
 from lightning_nst.errors import NSTError
@@ -19,6 +20,8 @@ from lightning_nst.images import (
     read_image,
     save_image,
     source_size,
+    to_pil,
+    to_uint8,
     write_atomic,
 )
 
@@ -89,6 +92,21 @@ def test_save_is_atomic_and_never_overwrites(tmp_path: Path) -> None:
     assert np.asarray(Image.open(path)).max() == 0
     write_atomic(tmp_path / "out" / "b.json", b"{}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.json"]
+
+
+def test_saved_images_round_to_the_nearest_level(tmp_path: Path) -> None:
+    # Each level k, just below k + 0.5 and just above it: truncation would give k, k, k; rounding gives k, k, k + 1.
+    levels = torch.arange(0, 255, dtype=torch.float64)
+    values = torch.stack([levels, levels + 0.4, levels + 0.6]).flatten() / 255
+    image = values.float().view(1, 1, -1).expand(3, 1, -1)
+    expected = (values * 255).round().to(torch.uint8).numpy()
+    assert (np.asarray(to_pil(image))[0, :, 0] == expected).all()
+    save_image(image, tmp_path / "levels.png")
+    assert (np.asarray(Image.open(tmp_path / "levels.png"))[0, :, 1] == expected).all()
+    # The same levels as diffusers' numpy_to_pil, on random values
+    noise = torch.rand(3, 16, 16)
+    assert (np.asarray(to_pil(noise)) == np.asarray(numpy_to_pil(noise.permute(1, 2, 0).numpy()[None])[0])).all()
+    assert torch.equal(to_uint8(noise), torch.from_numpy(np.asarray(to_pil(noise))).permute(2, 0, 1))
 
 
 def test_labelled_grid_puts_each_image_and_its_label_in_its_tile() -> None:
