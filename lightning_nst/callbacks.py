@@ -22,8 +22,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.errors import NSTError
-from lightning_nst.images import labelled_grid, save_image, to_uint8
-from lightning_nst.outputs import preview_file
+from lightning_nst.images import labelled_grid, png_bytes, to_uint8
+from lightning_nst.outputs import PREVIEW_FILE, OutputFolder, item_file, preview_file
+from lightning_nst.prompts import PromptGrid
 from lightning_nst.writers import GenerationModule, GenerationWriter
 
 __all__ = ["DenoisingCallback", "GenerationWriter", "TrajectoryLogger"]
@@ -57,8 +58,9 @@ class TrajectoryLogger(DenoisingCallback):
         table_columns: Columns of the preview table.
         preview_steps: Step indices previewed as well, e.g. ``[0, 10, 20, 30, 40]`` to match a study's table.
         save_dir: Also write each preview as ``{index:05d}_x0_{step:03d}.png``
-            (:func:`~lightning_nst.outputs.preview_file`) into this folder. A rerun that
-            generates an item again replaces its previews.
+            (:func:`~lightning_nst.outputs.preview_file`) into this folder. A rerun that generates an item again
+            replaces the previews it wrote; a file of a preview's name that it did not write there (the folder's
+            record, :class:`~lightning_nst.outputs.OutputFolder`) is refused when the run sets up.
     """
 
     def __init__(
@@ -76,13 +78,28 @@ class TrajectoryLogger(DenoisingCallback):
         self.preview_every = preview_every
         self.table_columns = table_columns
         self.preview_steps = set(preview_steps or [])
-        self.save_dir = Path(save_dir) if save_dir is not None else None
+        self.save_dir = Path(save_dir).expanduser() if save_dir is not None else None
+        self._folder = OutputFolder(self.save_dir or ".", "TrajectoryLogger.save_dir")
         self._writer: Any = None
         self._own_writer = False
         self._previews: dict[int, list[tuple[int, int, float, Tensor]]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Find the TensorBoard writer of this rank."""
+        """Refuse previews' names the save folder holds files of that it did not write; find this rank's writer."""
+        if self.save_dir is not None:
+            data = trainer.datamodule
+            items = list(data.items) if isinstance(data, PromptGrid) else []
+            for item in items:
+                name = item_file(item.index, item.base_prompt, item.seed)
+                if PREVIEW_FILE.fullmatch(name):  # prompt "x0" and a seed of 3 digits or more
+                    raise NSTError(
+                        f"TrajectoryLogger.save_dir: item {item.index}'s image {name} has the name of a preview; "
+                        "save previews elsewhere (save_dir) or change its prompt"
+                    )
+            indices = {item.index for item in items}
+            found = [PREVIEW_FILE.fullmatch(path.name) for path in self._folder.directory.glob("*_x0_*.png")]
+            previews = [match.group(0) for match in found if match is not None and int(match.group(1)) in indices]
+            self._folder.check(previews, hint="move it away, or choose another TrajectoryLogger.save_dir")
         if not isinstance(trainer.logger, TensorBoardLogger):
             rank_zero_warn("TrajectoryLogger needs trainer.logger to be a TensorBoardLogger; it will log nothing")
             return
@@ -119,7 +136,7 @@ class TrajectoryLogger(DenoisingCallback):
                 image = torch.nan_to_num(images[row].detach().float(), 0.0).clamp(0, 1).cpu()
                 self._writer.add_image(f"x0/{tag}", to_uint8(image), step_index)
                 if self.save_dir is not None:
-                    save_image(image, self.save_dir / preview_file(index, step_index), overwrite=True)
+                    self._folder.write(preview_file(index, step_index), png_bytes(image))
                 loss = losses[row] if losses is not None else math.nan
                 self._previews.setdefault(index, []).append((step_index, timestep, loss, image))
         return None

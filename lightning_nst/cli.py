@@ -274,12 +274,14 @@ class RemoveRefusedRunFolder(L.Callback):
 
     The logger creates its run folder before any setup hook, where most checks run; a run refused there must not
     leave that folder behind looking like a result. A folder that existed before, or that holds anything but the
-    config, hyperparameters and TensorBoard events (a kept image), stays.
+    config, hyperparameters and TensorBoard events (a kept image), stays. The parent folders the run created
+    (``logs/<name>``) are removed too, while empty.
     """
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
         self.existed = folder is not None and folder.exists()
+        self.created = [parent for parent in folder.parents if not parent.exists()] if folder is not None else []
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:  # noqa: D102
         error = NSTError.behind(exception)
@@ -290,6 +292,9 @@ class RemoveRefusedRunFolder(L.Callback):
             return
         if self.folder.is_dir() and _only_bookkeeping(self.folder):
             shutil.rmtree(self.folder, ignore_errors=True)
+        for parent in self.created:  # innermost first; rmdir leaves a folder that is not empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
 
 
 def _plain(value: Any) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from lightning_nst.errors import NSTError
-from lightning_nst.outputs import check_input_file
+from lightning_nst.outputs import check_input_file, write_atomic
 
 SHIPPED_PREFIX = "sample:"
 """``sample:NAME`` names a 256 px copy shipped in ``lightning_nst/samples`` (:data:`SHIPPED_SAMPLES`)."""
@@ -199,38 +198,17 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(to_uint8(image).permute(1, 2, 0).contiguous().numpy())
 
 
-def write_atomic(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
-    """Write ``data`` through a temporary file and a rename, so readers never see half a file.
-
-    Raises:
-        NSTError: If ``path`` exists and ``overwrite`` is false.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() and not overwrite:
-        raise NSTError(f"refusing to overwrite existing output {path}")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())  # the bytes reach the disk before the name does
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
+def png_bytes(image: Tensor | Image.Image) -> bytes:
+    """The PNG file of an image (a PIL image, or a ``(3, H, W)`` or ``(1, 3, H, W)`` tensor in ``[0, 1]``)."""
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def save_image(image: Tensor | Image.Image, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write a PNG atomically (temporary file, then rename); an existing file is kept unless ``overwrite``."""
-    pil = image if isinstance(image, Image.Image) else to_pil(image)
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return write_atomic(path, buffer.getvalue(), overwrite=overwrite)
+    return write_atomic(path, png_bytes(image), overwrite=overwrite)
 
 
 def labelled_grid(images: Tensor, labels: Sequence[str], *, nrow: int = 4, padding: int = 2) -> Image.Image:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
@@ -15,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -28,7 +27,7 @@ from torch import Tensor
 from torch.nn import functional
 
 from lightning_nst.errors import DivergenceError, NSTError
-from lightning_nst.images import labelled_grid, save_image, to_pil, to_uint8, write_atomic
+from lightning_nst.images import labelled_grid, png_bytes, to_uint8, write_atomic
 from lightning_nst.outputs import (
     GRID,
     ITEM_FILE,
@@ -37,6 +36,7 @@ from lightning_nst.outputs import (
     FitSummary,
     GenerationRecord,
     ObjectiveRecord,
+    OutputFolder,
     file_digest,
     interrupted_file,
     item_file,
@@ -117,6 +117,9 @@ def _finite_floats(values: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in values.items() if math.isfinite(float(value))}
 
 
+_OVERWRITE_HINT = "choose another folder or set --trainer.callbacks.init_args.overwrite true"
+
+
 class ImageWriter(L.Callback):
     """Write what :class:`~lightning_nst.ImageOptimization` computes: result PNGs, a grid, ``summary.json``.
 
@@ -125,8 +128,9 @@ class ImageWriter(L.Callback):
     list it as the last callback, so ``--trainer.callbacks.init_args.output_dir DIR`` sets its folder, as for
     ``predict``'s writer. File names are those of :mod:`lightning_nst.outputs`.
 
-    It refuses to start when result files exist in the folder (unless ``overwrite``), saves step snapshots and logs
-    TensorBoard images while the run goes on, and keeps each objective's last finite image as
+    It refuses to start when the folder holds a finished run's results, or any file of a name it may write that it
+    did not write there itself (:class:`~lightning_nst.outputs.OutputFolder`), unless ``overwrite``; it saves step
+    snapshots and logs TensorBoard images while the run goes on, and keeps each objective's last finite image as
     ``<name>.last_good.png`` when a loss becomes non-finite. To TensorBoard it logs the content and style images
     once (``inputs/content``, ``inputs/style_<i>``), snapshots from step 0, the results, and at the end the
     objectives' settings as hyperparameters with their final losses and metrics (``final/<objective>/<name>``), so
@@ -135,7 +139,7 @@ class ImageWriter(L.Callback):
     Args:
         output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``), or
             ``trainer.default_root_dir`` without a logger.
-        overwrite: Replace existing result files in ``output_dir`` instead of refusing to start.
+        overwrite: Replace existing files of the names it writes in ``output_dir`` instead of refusing to start.
         save_every: Also save each objective's image as ``steps/<name>_<step>.png`` every this many steps, and at
             step 0 (neural-style's ``-save_iter``); 0 turns it off. A resumed run replaces the files of the steps it
             repeats.
@@ -161,6 +165,7 @@ class ImageWriter(L.Callback):
         self.grid_columns = int(grid_columns)
         self.grid_inputs = grid_inputs
         self.directory = Path(output_dir).expanduser() if output_dir is not None else None
+        self._folder: OutputFolder | None = None
         self._started = 0.0
         self._start_step = 0
         self._first_step_done = 0.0
@@ -179,9 +184,36 @@ class ImageWriter(L.Callback):
         # Every rank: the logger's run folder is agreed on by a collective call.
         log_dir = trainer.log_dir or trainer.default_root_dir
         self.directory = Path(self.output_dir).expanduser() if self.output_dir is not None else Path(log_dir)
+        self._folder = None
+
+    @property
+    def folder(self) -> OutputFolder:
+        """The output folder with its record of the files written there."""
+        if self._folder is None or self._folder.directory != self.directory:
+            assert self.directory is not None, "setup() resolves the folder"
+            self._folder = OutputFolder(self.directory, "ImageWriter.output_dir")
+        return self._folder
+
+    def _write(self, name: str, data: bytes) -> Path:
+        return self.folder.write(name, data, overwrite=self.overwrite, hint=_OVERWRITE_HINT)
+
+    def _names(self, module: OptimizationModule) -> list[str]:
+        """Every file this writer may write for ``module``'s objectives that exists in the folder now."""
+        assert self.directory is not None
+        names = [result_file(objective.name) for objective in module.objectives] + [GRID, SUMMARY]
+        for objective in module.objectives:
+            names += [interrupted_file(objective.name), last_good_file(objective.name)]
+            if self.save_every:
+                steps = self.directory / step_file(objective.name, 0)
+                names += [f"{steps.parent.name}/{path.name}" for path in steps.parent.glob(f"{objective.name}_*.png")]
+        return [name for name in names if os.path.lexists(self.directory / name)]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Refuse to start if the folder holds results, unless ``overwrite``.
+        """Refuse to start, unless ``overwrite``, if the folder holds results or a file that is not its own.
+
+        Results are those of a finished run (its ``summary.json``); a file that is not its own is any file of a name
+        this run may write that lightning_nst did not write there (:class:`~lightning_nst.outputs.OutputFolder`),
+        such as the user's. A resumed run's own snapshots and interrupted images are replaced.
 
         Here rather than in :meth:`setup`: Lightning's own check of a run folder (``SaveConfigCallback.setup``,
         which names ``trainer.default_root_dir``) comes first, and the module has not computed its targets yet.
@@ -191,13 +223,16 @@ class ImageWriter(L.Callback):
         self._written, self._announce = False, None
         if self.overwrite or not trainer.is_global_zero or self.directory is None:
             return
-        names = [result_file(objective.name) for objective in self._module(pl_module).objectives] + [GRID, SUMMARY]
-        existing = [self.directory / name for name in names if (self.directory / name).exists()]
-        if existing:
-            raise NSTError(
-                f"ImageWriter.output_dir: {existing[0]} exists; choose another folder or set "
-                "--trainer.callbacks.init_args.overwrite true"
-            )
+        module = self._module(pl_module)
+        existing = self._names(module)
+        hint = _OVERWRITE_HINT
+        if SUMMARY in existing:  # a finished run: its first result is named, as the user knows it
+            results = [result_file(objective.name) for objective in module.objectives] + [GRID, SUMMARY]
+            first = next(name for name in existing if name in results)
+            raise NSTError(f"ImageWriter.output_dir: {self.directory / first} exists; {hint}")
+        foreign = self.folder.foreign(existing)
+        if foreign:
+            raise self.folder.refusal(foreign, hint=hint)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """At step 0 (not on resuming): log the input images and a first snapshot, and save the step-0 images."""
@@ -254,8 +289,7 @@ class ImageWriter(L.Callback):
         kept = False
         for index, objective in enumerate(pl_module.objectives):
             if pl_module.has_good[index]:
-                path = self.directory / last_good_file(objective.name)
-                save_image(pl_module.last_good[index], path, overwrite=True)
+                self._write(last_good_file(objective.name), png_bytes(pl_module.last_good[index]))
                 kept = True
         exception.kept(str(self.directory) if kept else None)
 
@@ -273,7 +307,7 @@ class ImageWriter(L.Callback):
         saved = False
         for index, objective in enumerate(pl_module.objectives):
             if bool(torch.isfinite(image[index]).all()):
-                save_image(image[index], self.directory / interrupted_file(objective.name), overwrite=True)
+                self._write(interrupted_file(objective.name), png_bytes(image[index]))
                 saved = True
         return self.directory if saved else None
 
@@ -283,7 +317,7 @@ class ImageWriter(L.Callback):
         image = module.image
         if trainer.is_global_zero and self.directory is not None and image is not None:
             for index, objective in enumerate(module.objectives):
-                save_image(image[index], self.directory / step_file(objective.name, step), overwrite=True)
+                self._write(step_file(objective.name, step), png_bytes(image[index]))
 
     @staticmethod
     def _experiment(trainer: L.Trainer) -> Any:
@@ -353,8 +387,7 @@ class ImageWriter(L.Callback):
         out = self.directory
         records: dict[str, ObjectiveRecord] = {}
         for objective, result in zip(module.objectives, results, strict=True):
-            path = out / result_file(objective.name)
-            save_image(result.image, path, overwrite=self.overwrite)
+            path = self._write(result_file(objective.name), png_bytes(result.image))
             records[objective.name] = ObjectiveRecord(
                 sha256=file_digest(path),
                 objective=asdict(objective),
@@ -369,7 +402,7 @@ class ImageWriter(L.Callback):
             )
         best = torch.cat([result.image for result in results])
         names = [objective.name for objective in module.objectives]
-        save_image(self._grid(module, best, names), out / GRID, overwrite=self.overwrite)
+        self._write(GRID, png_bytes(self._grid(module, best, names)))
         self._log_images(trainer, module, "result", best)
         steps = trainer.global_step
         ran = steps - self._start_step
@@ -398,7 +431,7 @@ class ImageWriter(L.Callback):
             },
             scales=getattr(module, "scale_records", None),
         )
-        write_atomic(out / SUMMARY, summary.to_json().encode(), overwrite=self.overwrite)
+        self._write(SUMMARY, summary.to_json().encode())
         self._log_hparams(trainer, module, summary)
         self._written = True
         self._announce = f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY})"
@@ -433,24 +466,18 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _png_bytes(image: Tensor) -> bytes:
-    """The PNG file of one ``(3, H, W)`` image in ``[0, 1]``, as :func:`~lightning_nst.images.save_image` writes it."""
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class GenerationWriter(BasePredictionWriter):
     """Write each generated image as a PNG and one JSON line per image to a manifest; finish interrupted runs.
 
     Images are named ``{index:05d}_{prompt slug}_{seed}.png``: the index makes each name unique and the slug holds
-    only ASCII letters, digits and ``-``, so no prompt can place a file outside the output folder. Each PNG is
-    written atomically (temporary file, then rename) and only then is its record appended to this process's hidden
-    part file, flushed to disk after every batch. When prediction ends, rank 0 merges the records into the manifest,
-    one per item in index order, and removes the part files. A record holds the prompt, negative prompt, seed, style
-    image and its content digest, sampling and guidance settings, the final style loss, the per-step style-loss
-    trajectory, the image path relative to the manifest, the ``sha256`` of the PNG's bytes and the item's
-    ``fingerprint``: a hash of everything that defines its image.
+    only ASCII letters, digits and ``-``, so no prompt can place a file outside the output folder. Each batch's
+    records are appended to this process's hidden part file and flushed to disk, and only then are its PNGs written,
+    each atomically (temporary file, then rename): a PNG on disk always has a record, so a run killed at any moment
+    leaves no image a rerun could take for a stranger's. When prediction ends, rank 0 merges the records of the PNGs
+    written into the manifest, one per item in index order, and removes the part files. A record holds the prompt,
+    negative prompt, seed, style image and its content digest, sampling and guidance settings, the final style
+    loss, the per-step style-loss trajectory, the image path relative to the manifest, the ``sha256`` of the PNG's
+    bytes and the item's ``fingerprint``: a hash of everything that defines its image.
 
     An item whose sampling produced a NaN or infinity (see ``failures`` in
     :meth:`~lightning_nst.GuidedDiffusion.predict_step`) is neither written nor recorded: one error line names it,
@@ -459,10 +486,13 @@ class GenerationWriter(BasePredictionWriter):
 
     A rerun into the same ``output_dir`` generates only what is missing. Items recorded in the manifest, or in part
     files a killed run left behind, whose PNG still has the recorded ``sha256`` and whose fingerprint matches the
-    current config are kept; the others, including PNGs without a record and truncated or replaced PNGs, are
-    generated again, spread over all processes. When nothing is missing, the pipeline is not even loaded. A folder
-    holding an item made from a different prompt, seed, style (path or content) or sampler setting is refused unless
-    ``overwrite``.
+    current config are kept; recorded items without their PNG are generated again, spread over all processes. When
+    nothing is missing, the pipeline is not even loaded. Unless ``overwrite``, the writer replaces no file it did
+    not write (:class:`~lightning_nst.outputs.OutputFolder`'s rule, with the manifest as the folder's record): a
+    folder holding a PNG of an item's name that no record holds (the user's, or one whose manifest was deleted or
+    moved), or whose bytes are not the recorded ones (edited, replaced or damaged), is refused before anything
+    loads, naming the file; so is a folder holding an item made from a different prompt, seed, style (path or
+    content) or sampler setting.
 
     The module must be a :class:`GenerationModule` (:class:`~lightning_nst.GuidedDiffusion` is): its
     ``fingerprint_options`` enter each item's fingerprint, its ``manifest_settings`` each
@@ -472,7 +502,7 @@ class GenerationWriter(BasePredictionWriter):
         output_dir: Folder of the images and the manifest; by default the logger's run folder
             (``logs/<name>/version_<n>``). A fixed folder lets a rerun of the same command finish an interrupted run.
         manifest: File name of the manifest inside ``output_dir``.
-        overwrite: Generate every item again, replacing the folder's images of the same names and its manifest.
+        overwrite: Generate every item again, replacing any file of the items' names and the manifest.
     """
 
     def __init__(self, output_dir: str | None = None, manifest: str = MANIFEST, overwrite: bool = False) -> None:
@@ -529,7 +559,7 @@ class GenerationWriter(BasePredictionWriter):
         self._fingerprints = {item.index: item.fingerprint(options) for item in data.items}
         # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
         # stops each of them alike instead of leaving the others waiting at a barrier.
-        finished, damaged = ({}, []) if self.overwrite else self._finished()
+        finished = {} if self.overwrite else self._finished()
         trainer.strategy.barrier("GenerationWriter.scan")
         if trainer.is_global_zero:
             self._tidy(finished)
@@ -537,12 +567,6 @@ class GenerationWriter(BasePredictionWriter):
         data.skip(finished)
         self._kept = len(finished)
         self._failures = []
-        if damaged:
-            shown = ", ".join(self._names[index] for index in damaged[:3]) + (", ..." if len(damaged) > 3 else "")
-            rank_zero_info(
-                f"{len(damaged)} finished item{'s' * (len(damaged) != 1)} in {self.directory} no longer match the "
-                f"recorded sha256 of their PNG ({shown}): generating {'them' if len(damaged) != 1 else 'it'} again"
-            )
         total = len(data.items)
         if self._kept == total:
             rank_zero_info(f"All {total} items in {self.directory} are finished; nothing to generate")
@@ -571,14 +595,8 @@ class GenerationWriter(BasePredictionWriter):
             elif strict:
                 raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
 
-    def _recorded_state(self, index: int, record: dict[str, Any]) -> Literal["finished", "missing", "damaged"]:
-        """What became of the recorded item ``index``; raises if the record is not of the current item.
-
-        Returns:
-            ``finished``; ``missing`` if its PNG is gone; ``damaged`` if the PNG's bytes are not the ones recorded
-            (truncated, replaced, or recorded before digests were kept).
-        """
-        assert self.directory is not None
+    def _check_record(self, index: int, record: dict[str, Any]) -> None:
+        """Raise unless ``record`` is one of the current items, made from the current settings."""
         if index not in self._names:
             count = len(self._names)
             raise self._refuse(f"holds item {index}, but the data defines only {count} item{'s' * (count != 1)}")
@@ -588,28 +606,50 @@ class GenerationWriter(BasePredictionWriter):
             raise self._refuse(
                 f"holds item {index}{shown} made from a different prompt, seed, style or sampler setting than now"
             )
-        path = self.directory / self._names[index]
-        if not path.is_file():
-            return "missing"
-        return "finished" if record.get("sha256") == file_digest(path) else "damaged"
 
-    def _finished(self) -> tuple[dict[int, str], list[int]]:
-        """Manifest lines of the finished items by index, and the recorded items whose PNG no longer matches."""
+    def _finished(self) -> dict[int, str]:
+        """Manifest lines of the finished items by index; raises where the folder holds a file that is not its own.
+
+        An item is finished when a record holds it and its PNG has the recorded ``sha256``; a recorded item without
+        its PNG is not. Any other PNG of an item's name (no record holds it, or its bytes are not the recorded ones)
+        is not this folder's output, and is refused: :class:`~lightning_nst.outputs.OutputFolder`'s rule, with the
+        manifest and the part files as the record.
+        """
         assert self.directory is not None
         manifest = self.directory / self.manifest
         if manifest.exists() and not manifest.is_file():
             raise NSTError(f"GenerationWriter.manifest: {manifest} exists and is not a file")
         sources = ([(manifest, True)] if manifest.is_file() else []) + [(part, False) for part in self._parts()]
-        finished: dict[int, str] = {}
-        damaged: set[int] = set()
+        recorded: dict[str, set[str]] = {}
+        lines: dict[int, list[tuple[str, str]]] = {}
         for path, strict in sources:
             for index, record, line in self._records(path, strict):
-                state = self._recorded_state(index, record)
-                if state == "finished":
-                    finished.setdefault(index, line)
-                elif state == "damaged":
-                    damaged.add(index)
-        return finished, sorted(damaged - finished.keys())
+                self._check_record(index, record)
+                digest = str(record.get("sha256"))
+                recorded.setdefault(self._names[index], set()).add(digest)
+                lines.setdefault(index, []).append((digest, line))
+        folder = OutputFolder(self.directory, "GenerationWriter.output_dir")
+        names = [self._names[index] for index in sorted(self._names)]
+        foreign = folder.foreign(names, recorded)
+        if foreign:
+            first = foreign[0]
+            if first in recorded:
+                why = f"is not the image {self.manifest} recorded for it (edited, replaced or damaged since)"
+                hint = "move it away to generate it again, or set overwrite: true to replace it"
+            elif not sources:
+                why = f"has no record: {manifest} is missing (deleted or moved?)"
+                hint = "put the manifest back, move the images away, or set overwrite: true to replace them"
+            else:
+                why = f"is not a file {self.manifest} records (a file of yours?)"
+                hint = "move it away, or set overwrite: true to replace it"
+            raise folder.refusal(foreign, why, hint)
+        finished: dict[int, str] = {}
+        for index, entries in lines.items():
+            path = self.directory / self._names[index]
+            if path.is_file():  # not foreign: its bytes are those of one of its records
+                digest = file_digest(path)
+                finished[index] = next(line for recorded_digest, line in entries if recorded_digest == digest)
+        return finished
 
     def _tidy(self, finished: dict[int, str]) -> None:
         """Rank 0: make the manifest hold exactly the finished items; remove part and temporary files left over."""
@@ -640,7 +680,7 @@ class GenerationWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
-        """Save the batch's PNGs, then append the records of those written to this rank's part file.
+        """Append the batch's records to this rank's part file, then save their PNGs.
 
         Failed items (``prediction["failures"]``, or an image holding NaN or infinity) are reported and skipped.
         """
@@ -652,61 +692,60 @@ class GenerationWriter(BasePredictionWriter):
         evaluations = prediction.get("model_evaluations", len(prediction["timesteps"]))
         failures = prediction.get("failures") or [None] * len(batch["index"])
         self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
-        lines = []
-        try:
-            for row, index in enumerate(batch["index"]):
-                name = self._names[index]
-                image = prediction["images"][row]
-                failure = failures[row]
-                if failure is None and not torch.isfinite(image).all():
-                    failure = ("model", "the image is not finite")
-                if failure is not None:
-                    key, problem = failure
-                    message = f"{key}: item {index} ({name}): {problem}"
-                    log.error(f"{message}; it is not written")
-                    self._failures.append(message)
-                    continue
-                data = _png_bytes(image)
-                # Only unfinished items reach this point, so an existing file of this name is an unrecorded leftover
-                # of an interrupted run, a PNG that no longer matched its record, or overwrite is on: replacing it
-                # loses nothing.
+        lines, images = [], []
+        for row, index in enumerate(batch["index"]):
+            name = self._names[index]
+            image = prediction["images"][row]
+            failure = failures[row]
+            if failure is None and not torch.isfinite(image).all():
+                failure = ("model", "the image is not finite")
+            if failure is not None:
+                key, problem = failure
+                message = f"{key}: item {index} ({name}): {problem}"
+                log.error(f"{message}; it is not written")
+                self._failures.append(message)
+                continue
+            data = png_bytes(image)
+            images.append((name, data))
+            record = GenerationRecord(
+                index=index,
+                image=name,
+                sha256=hashlib.sha256(data).hexdigest(),
+                fingerprint=self._fingerprints[index],
+                prompt=batch["prompt"][row],
+                base_prompt=batch["base_prompt"][row],
+                style_prompt=batch["style_prompt"][row],
+                negative_prompt=batch["negative_prompt"][row],
+                seed=batch["seed"][row],
+                style=batch["style"][row],
+                style_digest=batch["style_digest"][row],
+                **{**settings, "size": list(image.shape[-2:])},  # with init images, each item has its own size
+                final_style_loss=_finite(float(final[row])) if final is not None else None,
+                style_loss=[_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
+                timesteps=prediction["timesteps"],
+                guided=prediction["guided"],
+                nsfw=nsfw[row] if nsfw is not None else None,
+                seconds_per_step=prediction["seconds_per_step"],
+                rank=trainer.global_rank,
+                init_image=batch["init_image"][row],
+                init_image_digest=batch["init_image_digest"][row],
+                model_evaluations=evaluations if evaluations != len(prediction["timesteps"]) else None,
+            )
+            lines.append(record.to_json() + "\n")
+        # Records first, flushed to disk, then the PNGs: setup found each name free or a recorded item's missing PNG,
+        # and a PNG a kill leaves behind is recorded, so a rerun keeps it rather than refusing it as a stranger's.
+        if lines:
+            with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
+                stream.write("".join(lines))
+                stream.flush()
+                os.fsync(stream.fileno())
+        for name, data in images:
+            try:
                 write_atomic(self.directory / name, data, overwrite=True)
-                record = GenerationRecord(
-                    index=index,
-                    image=name,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    fingerprint=self._fingerprints[index],
-                    prompt=batch["prompt"][row],
-                    base_prompt=batch["base_prompt"][row],
-                    style_prompt=batch["style_prompt"][row],
-                    negative_prompt=batch["negative_prompt"][row],
-                    seed=batch["seed"][row],
-                    style=batch["style"][row],
-                    style_digest=batch["style_digest"][row],
-                    **{**settings, "size": list(image.shape[-2:])},  # with init images, each item has its own size
-                    final_style_loss=_finite(float(final[row])) if final is not None else None,
-                    style_loss=[_finite(v) for v in trajectory[row].tolist()] if trajectory is not None else None,
-                    timesteps=prediction["timesteps"],
-                    guided=prediction["guided"],
-                    nsfw=nsfw[row] if nsfw is not None else None,
-                    seconds_per_step=prediction["seconds_per_step"],
-                    rank=trainer.global_rank,
-                    init_image=batch["init_image"][row],
-                    init_image_digest=batch["init_image_digest"][row],
-                    model_evaluations=evaluations if evaluations != len(prediction["timesteps"]) else None,
-                )
-                lines.append(record.to_json() + "\n")
-        except OSError as error:
-            raise NSTError(
-                f"GenerationWriter.output_dir: cannot write {self.directory / name}: {error.strerror or error}"
-            ) from None
-        finally:
-            # The items written before a failed write are recorded: a rerun keeps them.
-            if lines:
-                with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
-                    stream.write("".join(lines))
-                    stream.flush()
-                    os.fsync(stream.fileno())
+            except OSError as error:
+                raise NSTError(
+                    f"GenerationWriter.output_dir: cannot write {self.directory / name}: {error.strerror or error}"
+                ) from None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
@@ -738,9 +777,14 @@ class GenerationWriter(BasePredictionWriter):
         parts = self._parts()
         records: dict[int, str] = {}
         for path in ([manifest] if manifest.is_file() else []) + parts:
-            for index, _, line in self._records(path, strict=False):
-                if index in self._names and (self.directory / self._names[index]).is_file():
-                    records.setdefault(index, line)
+            for index, record, line in self._records(path, strict=False):
+                if index in records or index not in self._names:
+                    continue
+                image = self.directory / self._names[index]
+                # The manifest holds the items setup found finished; a part's record is written before its PNG, which
+                # a failed write or a kill may have left missing.
+                if image.is_file() and (path == manifest or file_digest(image) == record.get("sha256")):
+                    records[index] = line
         if parts:
             text = "".join(records[index] + "\n" for index in sorted(records))
             write_atomic(manifest, text.encode("utf-8"), overwrite=True)

@@ -415,3 +415,50 @@ def test_resume_of_a_run_given_one_style_image_as_a_string(tmp_path: Path) -> No
     main([*args, "--trainer.max_steps=5"])
     main([*args, "--trainer.max_steps=7", f"--ckpt_path={RUN / 'version_0/checkpoints/last.ckpt'}"])
     assert FitSummary.read(RUN / "version_1").steps == 7
+
+
+# -- files the writer did not write -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gram.interrupted.png", "gram.last_good.png", "steps/gram_00004.png", "grid.png"])
+def test_a_file_of_the_users_named_like_an_output_is_refused_before_the_fit(
+    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    (out / name).parent.mkdir(parents=True)
+    (out / name).write_bytes(b"USERDATA")
+    writer = [f"--trainer.callbacks.init_args.output_dir={out}", "--trainer.callbacks.init_args.save_every=2"]
+    err = fails([*TEXTURE, *TOY, QUIET, *writer], capsys)
+    assert err == (
+        f"lightning-nst: error: ImageWriter.output_dir: {out / name} is not a file lightning-nst wrote there; choose "
+        "another folder or set --trainer.callbacks.init_args.overwrite true"
+    )
+    assert (out / name).read_bytes() == b"USERDATA"
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()) == [name]
+    # overwrite: true lets the run go on, replacing the file if it writes one of that name.
+    main([*TEXTURE, *TOY, QUIET, *writer, "--trainer.callbacks.init_args.overwrite=true"])
+    written = name in ("steps/gram_00004.png", "grid.png")  # the others are written on a stop or a divergence
+    assert (out / "gram.png").is_file() and ((out / name).read_bytes() != b"USERDATA") == written
+
+
+def test_a_resumed_run_replaces_only_the_files_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    writer = [f"--trainer.callbacks.init_args.output_dir={out}", "--trainer.callbacks.init_args.save_every=2"]
+    stop = "--trainer.callbacks+={class_path: tests.helpers.SignalAtStep, init_args: {step: 5, signum: 2}}"
+    with pytest.raises(SystemExit):
+        main([*TEXTURE, *TOY, QUIET, *writer, stop])
+    assert sorted(path.name for path in (out / "steps").iterdir()) == [f"gram_{s:05d}.png" for s in (0, 2, 4)]
+    (checkpoint,) = Path("logs").rglob("last.ckpt")
+    resume = [*TEXTURE, *TOY, QUIET, *writer, f"--ckpt_path={checkpoint}"]
+    capsys.readouterr()
+    # The user edits a snapshot: the resume is refused rather than risk replacing it.
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(out / "steps/gram_00004.png")
+    err = fails(resume, capsys)
+    assert err.startswith(f"lightning-nst: error: ImageWriter.output_dir: {out / 'steps/gram_00004.png'} is not a file")
+    assert pixels(out / "steps/gram_00004.png")[0, 0].tolist() == [10, 200, 10]
+    # Moved away, the resume replaces the run's own interrupted image and writes the rest.
+    (out / "steps/gram_00004.png").rename(tmp_path / "mine.png")
+    before = pixels(out / "gram.interrupted.png")
+    main(resume)
+    assert sorted(path.name for path in (out / "steps").iterdir()) == [f"gram_{s:05d}.png" for s in (0, 2, 6, 8, 10)]
+    assert (out / "gram.png").is_file() and pixels(out / "gram.interrupted.png").shape == before.shape

@@ -46,6 +46,25 @@ class Stall(L.Callback):
             time.sleep(600)
 
 
+class StallBeforePng(L.Callback):
+    """Hang the writer just before it writes the PNG ``name``, whose record is on disk by then, until killed."""
+
+    def __init__(self, name: str = "00001_a-red-house-by-a-lake_1.png") -> None:
+        self.name = name
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import lightning_nst.writers as writers
+
+        write = writers.write_atomic
+
+        def stalled(path: Path, data: bytes, **kwargs: Any) -> Path:
+            if Path(path).name == self.name:
+                time.sleep(600)
+            return write(path, data, **kwargs)
+
+        writers.write_atomic = stalled
+
+
 def recorded(out: Path) -> list[str]:
     """The images recorded so far in the part files of ``out``."""
     names = []
@@ -60,7 +79,7 @@ def stalled_then_killed(command: list[str], out: Path, finished: int, log: Path)
     """Start ``command`` in its own process group, SIGKILL the group once ``finished`` items are recorded.
 
     Returns:
-        ``{png name: (inode, mtime_ns)}`` of the recorded items at the time of the kill.
+        ``{png name: (inode, mtime_ns)}`` of the recorded items whose PNG was written at the time of the kill.
     """
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with log.open("wb") as stream:
@@ -76,7 +95,8 @@ def stalled_then_killed(command: list[str], out: Path, finished: int, log: Path)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    return {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in names}
+    written = [name for name in names if (out / name).exists()]
+    return {name: ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) for name in written}
 
 
 def assert_complete(out: Path, count: int) -> list[dict[str, Any]]:
@@ -99,16 +119,15 @@ def test_killed_run_reruns_only_the_missing_items(
 ) -> None:
     out, log = Path("logs/batch/version_0"), tmp_path / "killed.log"
     args = batch_args(pipeline_dir, None, 4)
-    stall = "--trainer.callbacks+=tests.test_generation_faults.Stall"
-    kept = stalled_then_killed([sys.executable, "-m", "lightning_nst", *args, stall], out, finished=1, log=log)
+    # Killed after item 0 is written and item 1 is recorded, before its PNG: records are flushed before the PNGs.
+    stall = "--trainer.callbacks+=tests.test_generation_faults.StallBeforePng"
+    kept = stalled_then_killed([sys.executable, "-m", "lightning_nst", *args, stall], out, finished=2, log=log)
     assert list(kept) == ["00000_a-red-house-by-a-lake_0.png"]
+    assert not (out / "00001_a-red-house-by-a-lake_1.png").exists()
     # The run said how to finish it.
     hint = f"to finish it if interrupted, rerun with --trainer.callbacks.init_args.output_dir {out}"
     assert hint in log.read_text()
-    # What else a kill can leave: a PNG renamed into place before its record was written, a record cut off
-    # mid-line, and a temporary file that was never renamed.
-    orphan = out / "00002_a-red-house-by-a-lake_2.png"
-    orphan.write_bytes(b"not the finished image")
+    # What else a kill can leave: a record cut off mid-line, and a temporary file that was never renamed.
     (part,) = out.glob(".*.part")
     with part.open("a") as stream:
         stream.write('{"index": 3, "image": "00003_a-red-hou')
@@ -372,3 +391,65 @@ def test_a_shared_output_folder_keeps_everything_the_writer_did_not_write(pipeli
         name: data for name, data in mine.items() if name != "predictions.jsonl"
     }
     assert [line["index"] for line in records(out)] == [0, 1]
+
+
+# -- files the writer did not write -----------------------------------------------------------------------------------
+
+
+def generate_args(pipeline_dir: Path, out: Path, style: str, *flags: str) -> list[str]:
+    return [
+        "generate", "a cat", "--style", style, "-o", str(out), "--model", str(pipeline_dir),
+        "--steps", "2", "--size", "32", "--weights", "random", "--scale", "0", *flags,
+    ]  # fmt: skip
+
+
+def test_a_file_of_the_users_under_an_items_name_is_refused_and_kept(
+    pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00000_a-cat_0.png").write_bytes(b"USERDATA\n")
+    message = cli_error(capfd, generate_args(pipeline_dir, out, "sample:gravel"))
+    assert message == (
+        f"lightning-nst: error: GenerationWriter.output_dir: {out / '00000_a-cat_0.png'} has no record: "
+        f"{out / 'predictions.jsonl'} is missing (deleted or moved?); put the manifest back, move the images away, "
+        "or set overwrite: true to replace them"
+    )
+    assert [path.name for path in out.iterdir()] == ["00000_a-cat_0.png"]
+    assert (out / "00000_a-cat_0.png").read_bytes() == b"USERDATA\n"
+    assert not Path("logs").exists()  # refused before the run made its log folder
+    # Beside a manifest of the folder's own items, such a file is named as one the manifest does not record.
+    mine = out / "00001_a-cat_1.png"
+    (out / "00000_a-cat_0.png").rename(mine)
+    main(generate_args(pipeline_dir, out, "sample:gravel", "--seeds", "0"))
+    message = cli_error(capfd, generate_args(pipeline_dir, out, "sample:gravel", "--seeds", "0", "1"))
+    assert message == (
+        f"lightning-nst: error: GenerationWriter.output_dir: {mine} is not a file predictions.jsonl records (a file "
+        "of yours?); move it away, or set overwrite: true to replace it"
+    )
+    assert mine.read_bytes() == b"USERDATA\n"
+    # --overwrite says replace: then it is.
+    main(generate_args(pipeline_dir, out, "sample:gravel", "--seeds", "0", "1", "--overwrite"))
+    with Image.open(mine) as image:
+        assert image.format == "PNG" and image.size == (32, 32)
+
+
+def test_a_finished_batch_whose_manifest_is_gone_is_refused_not_replaced(
+    pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    main(generate_args(pipeline_dir, out, "sample:gravel", "--seeds", "0", "1"))
+    images = {path.name: path.read_bytes() for path in out.glob("*.png")}
+    assert len(images) == 2
+    (out / "predictions.jsonl").rename(tmp_path / "moved.jsonl")
+    message = cli_error(capfd, generate_args(pipeline_dir, out, "sample:immunohistochemistry", "--seeds", "0", "1"))
+    assert message == (
+        f"lightning-nst: error: GenerationWriter.output_dir: {out / '00000_a-cat_0.png'} (and 1 more) has no record: "
+        f"{out / 'predictions.jsonl'} is missing (deleted or moved?); put the manifest back, move the images away, "
+        "or set overwrite: true to replace them"
+    )
+    assert {path.name: path.read_bytes() for path in out.glob("*.png")} == images
+    # The manifest put back, the same command with the first style finds everything finished.
+    (tmp_path / "moved.jsonl").rename(out / "predictions.jsonl")
+    main(generate_args(pipeline_dir, out, "sample:gravel", "--seeds", "0", "1"))
+    assert {path.name: path.read_bytes() for path in out.glob("*.png")} == images

@@ -133,8 +133,8 @@ def test_a_failed_item_is_not_recorded_and_a_rerun_makes_only_it(
 # -- finished means intact, and a changed input is a changed item -------------------------------------------------
 
 
-def test_truncated_or_replaced_pngs_are_generated_again(
-    pipeline_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_a_png_changed_since_it_was_written_is_refused_and_kept(
+    pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "out"
     args = batch_args(pipeline_dir, out, 4)
@@ -143,19 +143,21 @@ def test_truncated_or_replaced_pngs_are_generated_again(
     assert all(line["sha256"] == file_digest(out / line["image"]) for line in lines)
     names = [line["image"] for line in lines]
     original = {name: (out / name).read_bytes() for name in names}
-    (out / names[1]).write_bytes(original[names[1]][:100])
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(out / names[2])
-    before = mtimes(out)
+    (out / names[1]).write_bytes(original[names[1]][:100])  # damaged
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(out / names[2])  # edited: the user's work now
+    changed = {name: (out / name).read_bytes() for name in names}
 
-    with caplog.at_level(logging.INFO):
-        main(args)
-    assert f"2 finished items in {out} no longer match the recorded sha256 of their PNG ({names[1]}, {names[2]})" in (
-        caplog.text
+    message = cli_error(capfd, args)
+    assert message == (
+        f"lightning-nst: error: GenerationWriter.output_dir: {out / names[1]} (and 1 more) is not the image "
+        "predictions.jsonl recorded for it (edited, replaced or damaged since); move it away to generate it again, or "
+        "set overwrite: true to replace it"
     )
-    assert f"Generating 2 of 4 items into {out}; 2 finished earlier are kept" in caplog.text
-    after = mtimes(out)
-    assert [after[name] == before[name] for name in names] == [True, False, False, True]
-    # Regenerated from the same seed: the very bytes the first run wrote, recorded with their digest.
+    assert {name: (out / name).read_bytes() for name in names} == changed
+    # Moved away, they are generated again from their seeds: the very bytes the first run wrote, with their digest.
+    for name in names[1:3]:
+        (out / name).rename(tmp_path / name)
+    main(args)
     assert {name: (out / name).read_bytes() for name in names} == original
     assert [line["sha256"] for line in records(out)] == [line["sha256"] for line in lines]
 

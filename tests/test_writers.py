@@ -22,7 +22,16 @@ from lightning_nst.errors import NSTError
 from lightning_nst.guidance import StyleGuidance
 from lightning_nst.losses import StyleLoss
 from lightning_nst.main import main
-from lightning_nst.outputs import MANIFEST, FitSummary, GenerationRecord, file_digest, preview_file, read_manifest
+from lightning_nst.outputs import (
+    FILES_RECORD,
+    MANIFEST,
+    FitSummary,
+    GenerationRecord,
+    OutputFolder,
+    file_digest,
+    preview_file,
+    read_manifest,
+)
 from lightning_nst.prompts import GenerationItem, PromptGrid
 from lightning_nst.vgg import layer_weights
 from lightning_nst.writers import GenerationWriter
@@ -279,7 +288,10 @@ def test_manifest_lines_keep_their_keys_and_previews_their_names(pipeline_dir: P
     assert record.to_json() == line  # the typed record reads and writes the line as it is
     assert record.image == "00000_a-red-house-by-a-lake_0.png" and record.size == [64, 64]
     assert record.guidance is not None and record.guidance["layers"] == ["relu1_1", "relu2_1", "relu3_1"]
-    assert sorted(path.name for path in previews.iterdir()) == [preview_file(0, 0), preview_file(0, 1)]
+    assert sorted(path.name for path in previews.iterdir()) == [FILES_RECORD, preview_file(0, 0), preview_file(0, 1)]
+    # The folder's record holds each preview with its bytes, so a rerun may replace them and nothing else.
+    folder = OutputFolder(previews, "TrajectoryLogger.save_dir")
+    assert folder.foreign([preview_file(0, 0), preview_file(0, 1)]) == []
 
 
 def test_a_record_missing_a_key_is_named() -> None:
