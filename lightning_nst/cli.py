@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import os
 import re
@@ -24,7 +25,6 @@ from types import FrameType
 from typing import Any
 
 import lightning as L
-import torch
 import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -33,6 +33,7 @@ from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_nst import checkpoint as checkpoints
 from lightning_nst import console, preflight  # console: filters known library messages on import
 from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import is_sample, load_image
@@ -325,14 +326,7 @@ def check_checkpoint(config: Namespace) -> bool:
     if value in ("last", "best", "hpc", "registry") or value.startswith("registry:"):
         return False
     path = Path(value).expanduser()
-    if not path.is_file():
-        raise NSTError(f"ckpt_path: checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # torch raises several types, with messages about pickling, for files that are not checkpoints
-        raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint (torch.load cannot read it)") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
-        raise NSTError(f"ckpt_path: {path} is not a Lightning checkpoint (no state_dict and loop state)")
+    checkpoint = checkpoints.load(path)
     model = config.get("model")
     class_path = model.get("class_path", "") if isinstance(model, Namespace) else ""
     if not class_path.endswith("ImageOptimization"):
@@ -361,6 +355,7 @@ def check_checkpoint(config: Namespace) -> bool:
             f"ckpt_path: {path} was saved with other {', '.join(changed)} than this command; a resumed run cannot "
             f"change them (start a new run without --ckpt_path, or give the checkpoint's values)"
         )
+    _check_optimizer_settings(path, checkpoint.get("optimizer_states") or [], optimizer)
     _check_weights(path, state.get("vgg_weights"), wanted.get("vgg"))
     _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
     if str(data_config.get("class_path", "")).endswith("ImageTargets"):
@@ -378,6 +373,20 @@ def check_checkpoint(config: Namespace) -> bool:
             f"(start a new run without --ckpt_path, or give the checkpoint's values)"
         )
     return True
+
+
+def _check_optimizer_settings(path: Path, states: list[dict[str, Any]], optimizer: Any) -> None:
+    """Refuse optimizer settings that differ from the checkpoint's and that a resume cannot apply (early)."""
+    if not states or not isinstance(optimizer, Namespace) or not optimizer.get("class_path"):
+        return  # the default optimizer, whose class the checkpoint's is compared with above
+    module, _, name = str(optimizer.class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        init_args = _plain(optimizer.get("init_args")) or {}
+        _, fresh = checkpoints.settings_of(lambda params: cls(params, **init_args))
+    except Exception:  # a setting the optimizer rejects is named when the run builds it
+        return
+    checkpoints.refuse_optimizer_overrides(checkpoints.optimizer_overrides(states, fresh), f"ckpt_path: {path}")
 
 
 def _same_but_weights(wanted: Any, saved: Any) -> bool:

@@ -19,6 +19,15 @@ from torch import Tensor, nn
 from torch.optim import LBFGS, Adam, Optimizer
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from lightning_nst.checkpoint import (
+    apply_optimizer_overrides,
+    describe_overrides,
+    optimizer_overrides,
+    refuse_optimizer_overrides,
+    seal,
+    settings_of,
+    verify,
+)
 from lightning_nst.color import (
     COLOR_MODES,
     ColorMode,
@@ -744,6 +753,7 @@ class ImageOptimization(L.LightningModule):
                 "carried_s": time.perf_counter() - self._scale_clock + self._scale_carried,
                 "average": [average.state_dict() for average in self.average] if self.average is not None else None,
             }
+        seal(checkpoint)  # Lightning calls this hook last, so the digest covers everything it writes
 
     @staticmethod
     def weights_identity(description: str) -> tuple[str, ...]:
@@ -767,8 +777,10 @@ class ImageOptimization(L.LightningModule):
         :meth:`setup` and :meth:`configure_model`, the shape and the weights actually loaded are known for certain
         (``auto`` resolved), also for a trainer built in Python.
         """
-        state = checkpoint.get("lightning_nst", {})
         where = f"ckpt_path: {self.trainer.ckpt_path}" if self._trainer is not None else "checkpoint"
+        verify(checkpoint, where)
+        state = checkpoint.get("lightning_nst", {})
+        self._take_optimizer_settings(checkpoint, state.get("optimizer"), where)
         saved_name = state.get("parameterization", "pixels")  # checkpoints from before it was recorded: pixels
         if saved_name != self.parameterization.name:
             raise NSTError(
@@ -800,6 +812,31 @@ class ImageOptimization(L.LightningModule):
             self.best_loss = list(state["best_loss"])
             self.best_step = list(state["best_step"])
             self.stopped_at = list(state["stopped_at"])
+
+    def _take_optimizer_settings(self, checkpoint: dict[str, Any], saved_class: str | None, where: str) -> None:
+        """Put this run's optimizer settings into the checkpoint's optimizer states, which Lightning restores next.
+
+        Lightning would restore the saved ``param_groups`` whole, silently dropping a new ``lr``: the settings
+        :data:`~lightning_nst.checkpoint.APPLIED_ON_RESUME` names are taken from this run, the others must not
+        differ.
+        """
+        states = checkpoint.get("optimizer_states") or []
+        if not states:
+            return
+        try:
+            built, fresh = settings_of(self.optimizer_factory)
+        except (TypeError, ValueError):
+            return  # configure_optimizers names the bad setting
+        if saved_class is not None and saved_class != built:
+            raise NSTError(
+                f"{where} was saved with model.optimizer {saved_class}, this run gives {built}; a resumed run cannot "
+                "change it (start a new run without --ckpt_path, or give the checkpoint's optimizer)"
+            )
+        changed = optimizer_overrides(states, fresh)
+        refuse_optimizer_overrides(changed, where)
+        if changed:
+            apply_optimizer_overrides(states, changed)
+            rank_zero_info(f"Resuming with {describe_overrides(changed)}")
 
     def _restore_scale(self, saved: dict[str, Any] | None, where: str) -> None:
         """Put the images at the checkpoint's scale, or refuse a checkpoint of another coarse-to-fine schedule."""

@@ -10,15 +10,19 @@ import shlex
 import signal
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torchvision.models.vgg import cfgs, make_layers
 
+from lightning_nst.checkpoint import seal
 from lightning_nst.main import main
 from lightning_nst.outputs import FitSummary, file_digest
 from tests.conftest import CONFIGS, REPO
@@ -298,7 +302,7 @@ def test_resume_refuses_another_image_size_in_one_line(finished: Path, capsys: p
 
     # A checkpoint that does not record data.size (older ones): the shape still decides, before any heavy work.
     checkpoint = torch.load(finished, weights_only=True)
-    del checkpoint["lightning_nst"]["size"]
+    del checkpoint["lightning_nst"]["size"], checkpoint["lightning_nst_sha256"]  # older ones had no digest either
     torch.save(checkpoint, "old.ckpt")
     err = fails([*TEXTURE, *TOY, QUIET, "--data.init_args.size=40", "--ckpt_path=old.ckpt"], capsys)
     assert "ckpt_path: old.ckpt holds a 32x32 image, this command's data makes 40x40 (data.size 40)" in err, err
@@ -462,3 +466,128 @@ def test_a_resumed_run_replaces_only_the_files_it_wrote(tmp_path: Path, capsys: 
     main(resume)
     assert sorted(path.name for path in (out / "steps").iterdir()) == [f"gram_{s:05d}.png" for s in (0, 2, 6, 8, 10)]
     assert (out / "gram.png").is_file() and pixels(out / "gram.interrupted.png").shape == before.shape
+
+
+# -- a resume applies the optimizer settings it is given, or refuses them ----------------------------------------
+
+
+def resaved(checkpoint: Path, to: Path, edit: Any) -> Path:
+    """``checkpoint`` read, changed by ``edit`` and sealed again, saved as ``to``: a checkpoint saved that way."""
+    state = torch.load(checkpoint, weights_only=True)
+    edit(state)
+    seal(state)
+    torch.save(state, to)
+    return to
+
+
+def test_resume_applies_a_new_learning_rate_and_records_what_ran(
+    finished: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    longer = [*TEXTURE, *TOY, QUIET, "--trainer.max_steps=14"]
+    with info_lines(caplog):
+        main([*longer, "--model.init_args.optimizer.init_args.lr=0.5", f"--ckpt_path={finished}"])
+    assert "Resuming with model.optimizer.init_args.lr 0.5 (the checkpoint's 1.0)" in caplog.text
+    config = yaml.safe_load((RUN / "version_1/config.yaml").read_text())
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.5
+    main([*longer, f"--ckpt_path={finished}"])  # the checkpoint's own lr, 1.0
+
+    def half_lr(state: dict) -> None:
+        for group in state["optimizer_states"][0]["param_groups"]:
+            group["lr"] = 0.5
+
+    # The same image as a resume of a checkpoint that had lr 0.5 itself (nothing to override), not the plain one's.
+    caplog.clear()
+    with info_lines(caplog):
+        main(
+            [
+                *longer,
+                "--model.init_args.optimizer.init_args.lr=0.5",
+                f"--ckpt_path={resaved(finished, tmp_path / 'half.ckpt', half_lr)}",
+            ]
+        )
+    assert "Resuming with" not in caplog.text
+    overridden, plain, edited = (pixels(RUN / f"version_{v}/gram.png") for v in (1, 2, 3))
+    np.testing.assert_array_equal(overridden, edited)
+    assert np.abs(overridden.astype(int) - plain).max() > 0
+
+
+def test_resume_applies_a_shorter_lbfgs_history(finished: Path) -> None:
+    longer = [*TEXTURE, *TOY, QUIET, EVERY_5, "--trainer.max_steps=14"]
+    assert len(torch.load(finished, weights_only=True)["optimizer_states"][0]["state"][0]["old_dirs"]) > 3
+    main([*longer, "--model.init_args.optimizer.init_args.history_size=3", f"--ckpt_path={finished}"])
+    resumed = torch.load(RUN / "version_1/checkpoints/last.ckpt", weights_only=True)["optimizer_states"][0]
+    assert resumed["param_groups"][0]["history_size"] == 3 and len(resumed["state"][0]["old_dirs"]) == 3
+
+
+def test_resume_refuses_an_optimizer_setting_its_state_cannot_take(capsys: pytest.CaptureFixture[str]) -> None:
+    adam = [*TEXTURE, *TOY, QUIET, EVERY_5, "--model.init_args.optimizer=torch.optim.Adam"]
+    main(adam)
+    checkpoint = RUN / "version_0/checkpoints/last.ckpt"
+    err = fails([*adam, "--model.init_args.optimizer.init_args.amsgrad=true", f"--ckpt_path={checkpoint}"], capsys)
+    assert err == (
+        f"lightning-nst: error: ckpt_path: {checkpoint} was saved with model.optimizer.init_args.amsgrad False, this "
+        "command gives True; the restored optimizer state cannot take that change (start a new run without "
+        "--ckpt_path, or give the checkpoint's value)"
+    )
+    assert not (RUN / "version_1").exists()
+    # betas and weight decay are taken
+    main([*adam, "--model.init_args.optimizer.init_args.betas=[0.8, 0.9]", f"--ckpt_path={checkpoint}"])
+
+
+# -- a damaged checkpoint is refused --------------------------------------------------------------------------------
+
+
+def tensor_data(path: Path) -> range:
+    """The byte range of the largest tensor's data inside a checkpoint (a zip archive, tensors stored uncompressed)."""
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with path.open("rb") as stream:
+        stream.seek(info.header_offset + 26)
+        name_length, extra_length = int.from_bytes(stream.read(2), "little"), int.from_bytes(stream.read(2), "little")
+    start = info.header_offset + 30 + name_length + extra_length
+    return range(start, start + info.file_size)
+
+
+@pytest.mark.parametrize("damage", ["tensor bytes", "truncated", "archive structure"])
+def test_a_damaged_checkpoint_is_refused_in_one_line(damage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    adam = [*TEXTURE, *TOY, QUIET, EVERY_5, "--model.init_args.optimizer=torch.optim.Adam"]
+    main(adam)
+    checkpoint = RUN / "version_0/checkpoints/last.ckpt"
+    data = bytearray(checkpoint.read_bytes())
+    if damage == "tensor bytes":
+        middle = tensor_data(checkpoint)[len(tensor_data(checkpoint)) // 2]
+        data[middle : middle + 2] = bytes(255 - byte for byte in data[middle : middle + 2])
+    elif damage == "truncated":
+        data = data[: len(data) * 2 // 3]
+    else:  # the signature of a tensor's record in the zip archive
+        start = tensor_data(checkpoint).start
+        with zipfile.ZipFile(checkpoint) as archive:
+            (header,) = [i.header_offset for i in archive.infolist() if i.header_offset < start][-1:]
+        data[header : header + 2] = b"\xff\xff"
+    checkpoint.write_bytes(bytes(data))
+    err = fails([*adam, "--trainer.max_steps=12", f"--ckpt_path={checkpoint}"], capsys)
+    if damage == "tensor bytes":
+        assert err == (
+            f"lightning-nst: error: ckpt_path: {checkpoint} is damaged: its content does not match the SHA-256 it was "
+            "saved with; resume from another checkpoint, or start a new run without --ckpt_path"
+        )
+    else:
+        assert err.startswith(f"lightning-nst: error: ckpt_path: {checkpoint} is not a readable Lightning checkpoint")
+    assert not (RUN / "version_1").exists()
+    main(adam)  # a new run starts fresh
+    assert (RUN / "version_1/gram.png").is_file()
+
+
+def test_a_damaged_checkpoint_is_refused_from_python_too(finished: Path, tmp_path: Path) -> None:
+    from lightning_nst.checkpoint import content_digest, verify
+    from lightning_nst.errors import NSTError
+
+    state = torch.load(finished, weights_only=True)
+    verify(state, "checkpoint")  # as saved
+    assert state["lightning_nst_sha256"] == content_digest(state)
+    state["optimizer_states"][0]["state"][0]["d"][0] += 1e-6
+    with pytest.raises(NSTError, match="checkpoint is damaged"):
+        verify(state, "checkpoint")
+    # One saved before digests were kept is read as it is.
+    del state["lightning_nst_sha256"]
+    verify(state, "checkpoint")
