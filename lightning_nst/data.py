@@ -79,7 +79,8 @@ class ImageTargets(L.LightningDataModule):
         style_size: PositiveInt | None = None,
         style_weights: list[float] | None = None,
         masks: list[str | os.PathLike[str]] | None = None,
-        style_masks: list[str | os.PathLike[str] | None] | None = None,
+        # Not `str | os.PathLike[str] | None`: jsonargparse would read a YAML null in the list as the path "None".
+        style_masks: list[str | None] | None = None,
     ) -> None:
         super().__init__()
         style = [style] if isinstance(style, str | os.PathLike) else style

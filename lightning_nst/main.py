@@ -104,6 +104,12 @@ def _command(argv: list[str]) -> None:
         run(argv)
 
 
+def _prints_its_answer(argv: Sequence[str]) -> bool:
+    """Whether the command ``argv`` exists to print something: help, the version, a listing, a config."""
+    asked = {"-h", "--help", "--version", "--print-config", "--print_config"}
+    return not argv or argv[0] in ("layers", "configs") or any(arg.split("=", 1)[0] in asked for arg in argv)
+
+
 def _say(line: str) -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":  # under DDP every process fails or stops alike: say it once
         print(f"lightning-nst: {line}", file=sys.stderr, flush=True)
@@ -114,6 +120,11 @@ def main(args: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
+    if sys.stdout is None:  # started with its standard output closed (`>&-`): Python gives it no stdout at all
+        if _prints_its_answer(argv):
+            _say("error: standard output is closed, so there is nowhere to print the answer")
+            raise SystemExit(1)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime; a run's results are files
     if not argv or argv[0] in ("-h", "--help"):
         print(HELP, end="")
         return

@@ -43,8 +43,9 @@ from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.images import load_image
 from lightning_nst.losses import STATISTICS, ContentLoss, Statistic, StyleLoss, total_variation
 from lightning_nst.metrics import StyleDistance
-from lightning_nst.outputs import source_digest
+from lightning_nst.outputs import GRID, source_digest
 from lightning_nst.parameterization import ParameterizationName, make_parameterization
+from lightning_nst.preflight import check_seed
 from lightning_nst.scales import (
     IterateAverage,
     Scale,
@@ -62,6 +63,7 @@ __all__ = ["DivergenceError", "ImageOptimization", "Objective", "ObjectiveResult
 # Checkpoints hold the state after the step of their global_step, which is what resuming needs.
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -117,9 +119,13 @@ def _check_objectives(objectives: list[Objective]) -> None:
         key = f"model.objectives[{index}]"
         if not _NAME.match(objective.name):
             raise NSTError(f"{key}.name: {objective.name!r} must be 1-64 letters, digits, '_', '-' or '.'")
-        if objective.name in names:
-            raise NSTError(f"{key}.name: {objective.name!r} is used twice")
-        names.add(objective.name)
+        # Names are compared as a case-insensitive file system (macOS, Windows) compares the files they name.
+        if objective.name.casefold() in names:
+            raise NSTError(f"{key}.name: {objective.name!r} is used twice (file names ignore case on some systems)")
+        names.add(objective.name.casefold())
+        reserved = _reserved(objective.name)
+        if reserved:
+            raise NSTError(f"{key}.name: {objective.name!r} would write {reserved}, a file the run writes itself")
         if not objective.content_layers and not objective.style_layers:
             raise NSTError(f"{key}: give content_layers, style_layers or both")
         if objective.statistic not in STATISTICS:
@@ -128,6 +134,17 @@ def _check_objectives(objectives: list[Objective]) -> None:
             raise NSTError(f"{key}.color: must be one of {', '.join(COLOR_MODES)}, got {objective.color!r}")
         for term in ("content_weight", "style_weight", "tv_weight"):
             check_weight(getattr(objective, term), f"{key}.{term}")
+
+
+def _reserved(name: str) -> str | None:
+    """The file of a run that an objective named ``name`` would write over (its PNG or its interrupted image)."""
+    folded = name.casefold()
+    if folded == GRID.casefold().removesuffix(".png"):
+        return GRID
+    for suffix, kind in ((".interrupted", "interrupted"), (".last_good", "last good")):
+        if folded.endswith(suffix):
+            return f"the {kind} image of objective {name.removesuffix(name[-len(suffix) :])!r}"
+    return None
 
 
 def _nothing() -> None:
@@ -248,6 +265,7 @@ class ImageOptimization(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False  # one optimizer, closure and step per objective
         _check_objectives(objectives)
+        check_seed(init_seed, "model.init_seed")
         self.parameterization = make_parameterization(parameterization)
         check_schedule(scales, scale_steps, avg_decay)
         self.scales, self.scale_steps, self.avg_decay = scales, scale_steps, avg_decay
@@ -446,6 +464,13 @@ class ImageOptimization(L.LightningModule):
                 lr = group.get("lr")
                 if isinstance(lr, int | float) and not (math.isfinite(lr) and lr > 0):
                     raise NSTError(f"model.optimizer.init_args.lr: must be a finite number > 0, got {lr}")
+                # A setting beyond float32 (the image's dtype) makes torch's update raise an overflow RuntimeError.
+                for name, value in group.items():
+                    if isinstance(value, float) and math.isfinite(value) and abs(value) > _FLOAT32_MAX:
+                        raise NSTError(
+                            f"model.optimizer.init_args.{name}: {value:g} is beyond float32, the image's precision "
+                            f"(at most {_FLOAT32_MAX:.4g})"
+                        )
                 # torch only checks this inside the first step, after the setup, as a RuntimeError traceback.
                 line_search = group.get("line_search_fn", None)
                 if isinstance(optimizer, LBFGS) and line_search not in (None, "strong_wolfe"):

@@ -7,6 +7,7 @@ key the user wrote.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -16,6 +17,8 @@ from lightning_nst.outputs import check_output_dir
 from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
 
 BYTES_PER_FLOAT = 4
+MAX_STEPS = sys.maxsize
+"""The most ``trainer.max_steps`` a fit can take: its data is one epoch of that many items, a length Python holds."""
 
 
 def _get(namespace: Any, name: str, default: Any = None) -> Any:
@@ -34,6 +37,23 @@ def _components(value: Any) -> list[Any]:
     if value is None or isinstance(value, bool):
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+# -- seeds ----------------------------------------------------------------------------------------------------------
+
+MAX_SEED = 2**32 - 1
+"""The largest global seed: ``seed_everything`` seeds numpy too, whose seeds are 32-bit."""
+
+
+def check_seed(value: Any, key: str, maximum: int = MAX_SEED) -> None:
+    """Raise naming ``key`` unless ``value`` is a whole number from 0 to ``maximum`` (``True``/``False``/``None`` pass).
+
+    ``seed_everything: true`` draws a seed and ``false`` or ``None`` sets none, as in LightningCLI.
+    """
+    if value is None or isinstance(value, bool):
+        return
+    if not isinstance(value, int) or not 0 <= value <= maximum:
+        raise NSTError(f"{key}: must be a whole number from 0 to {maximum}, got {value!r}")
 
 
 # -- output folders -------------------------------------------------------------------------------------------------
@@ -79,15 +99,27 @@ def _connector(trainer: Any) -> Any:
     }
     try:
         return _AcceleratorConnector(**options)
-    except (MisconfigurationException, ValueError, RuntimeError) as error:
-        text = " ".join(str(error).split())
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as error:
+        text = " ".join(str(error).split()).replace("`", "")
         accelerator = options.get("accelerator", "auto")
+        if "devices" in text:  # a device count or list the accelerator cannot take
+            devices = options.get("devices", "auto")
+            on_cpu = "cpu" in text.lower()
+            hint = "; on the CPU, give a number of processes > 0 (or auto)" if on_cpu else ""
+            raise NSTError(f"trainer.devices: {devices!r} cannot be used here ({text}){hint}") from None
         if "not available" in text or "backend found" in text or "accelerator" in text.lower():
             raise NSTError(
                 f"trainer.accelerator: {accelerator!r} is not available on this machine ({text}); "
                 "use --trainer.accelerator cpu or auto"
             ) from None
-        raise NSTError(f"trainer.devices: {text}") from None
+        key = (
+            "trainer.strategy"
+            if "strateg" in text.lower()
+            else "trainer.num_nodes"
+            if "node" in text
+            else "trainer.devices"
+        )
+        raise NSTError(f"{key}: {text}") from None
 
 
 def check_devices(config: Any, subcommand: str) -> Any:
@@ -152,6 +184,8 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
     steps = _get(trainer, "max_steps")
     if not isinstance(steps, int) or steps < 1:
         raise NSTError(f"trainer.max_steps: set a positive number of optimisation steps, got {steps}")
+    if steps > MAX_STEPS:
+        raise NSTError(f"trainer.max_steps: at most {MAX_STEPS} (a run of max_steps items is one epoch), got {steps}")
     data = _get(_get(config, "data"), "init_args")
     content = _get(data, "content")
     styles = _get(data, "style")

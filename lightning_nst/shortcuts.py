@@ -12,7 +12,9 @@ import argparse
 import copy
 import io
 import json
+import math
 import shlex
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -26,6 +28,11 @@ from lightning_nst.data import check_style_weights
 from lightning_nst.errors import NSTError
 from lightning_nst.hub import FAMILY_CONFIGS, SCHEDULERS, local_family
 from lightning_nst.losses import STATISTICS
+from lightning_nst.preflight import MAX_SEED
+from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, LAYER_NAMES, min_input_size
+
+MAX_ITEM_SEED = 2**63 - 1
+"""The largest seed of a generated item (``data.seeds``)."""
 
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
 """``--optimizer adam``: the learning rate of :func:`lightning_nst.optimize.default_optimizer`."""
@@ -151,6 +158,19 @@ def _shipped(name: str) -> dict[str, Any]:
 def _positive(value: int | None, flag: str) -> None:
     if value is not None and value < 1:
         raise NSTError(f"{flag}: must be an integer > 0 (got {value})")
+    if value is not None and value > sys.maxsize:
+        raise NSTError(f"{flag}: must be at most {sys.maxsize} (got {value})")
+
+
+def _number(value: float | None, flag: str, rule: str = "", *, low: float = -math.inf, high: float = math.inf) -> None:
+    """Raise naming ``flag`` unless ``value`` is ``None`` or finite and within ``low`` and ``high`` (``rule``)."""
+    if value is not None and not (math.isfinite(value) and low <= value <= high):
+        raise NSTError(f"{flag}: must be a finite number{rule} (got {value})")
+
+
+def _seed(value: int | None, flag: str, maximum: int) -> None:
+    if value is not None and not 0 <= value <= maximum:
+        raise NSTError(f"{flag}: must be a whole number from 0 to {maximum} (got {value})")
 
 
 def _optimisation_config(
@@ -159,6 +179,11 @@ def _optimisation_config(
     """The shipped config ``name`` with the flags ``stylize`` and ``texture`` share, ``data`` and ``objective``."""
     _positive(options.size, "--size")
     _positive(options.steps, "--steps")
+    _seed(options.seed, "--seed", MAX_SEED)
+    _number(options.style_weight, "--style-weight", " >= 0", low=0)
+    _number(getattr(options, "content_weight", None), "--content-weight", " >= 0", low=0)
+    for weight in getattr(options, "style_weights", None) or []:
+        _number(weight, "--style-weights", " >= 0", low=0)
     for flag, value, choices in (
         ("--statistic", options.statistic, STATISTICS),
         ("--optimizer", options.optimizer, OPTIMIZERS),
@@ -226,6 +251,13 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
     """
     _positive(options.size, "--size")
     _positive(options.steps, "--steps")
+    if options.size is not None and options.size % 8:
+        raise NSTError(f"--size: must be a multiple of 8 pixels (got {options.size})")
+    for seed in options.seeds or [options.seed]:
+        _seed(seed, "--seeds" if options.seeds else "--seed", MAX_ITEM_SEED)
+    _number(options.scale, "--scale")
+    _number(options.cfg_scale, "--cfg-scale", " >= 0", low=0)
+    _number(options.strength, "--strength", " in (0, 1]", low=math.ulp(0.0), high=1)
     if options.strength is not None and options.init_image is None:
         raise NSTError("--strength: needs --init-image (img2img)")
     family = options.family or (_family_of(options.model) if options.model is not None else "sd")
@@ -236,7 +268,7 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
         if options.init_image is not None:
             config["model"]["init_args"]["strength"] = _shipped("guided_img2img")["model"]["init_args"]["strength"]
     seeds = options.seeds if options.seeds is not None else [options.seed if options.seed is not None else 0]
-    config["seed_everything"] = seeds[0]
+    config["seed_everything"] = seeds[0] % (MAX_SEED + 1)  # each item's noise comes from its own seed
     trainer = config["trainer"]
     trainer["logger"]["init_args"]["save_dir"] = options.logs
     writer = trainer["callbacks"][-1]["init_args"]
@@ -259,6 +291,13 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
         guidance["scale"] = options.scale
     if options.size is not None and guidance.get("guidance_size") and options.size < guidance["guidance_size"]:
         guidance["guidance_size"] = options.size  # no finer than the image itself
+        layers = guidance.get("layers") or list(DEFAULT_STYLE_LAYERS)
+        needed = min_input_size(list(layers))
+        if options.size < needed:
+            raise NSTError(
+                f"--size: {options.size} px is too small for the style guidance, whose deepest layer "
+                f"{max(layers, key=LAYER_NAMES.index)} needs images of at least {needed} px"
+            )
     guidance["vgg"]["weights"] = options.weights
     data = config["data"]["init_args"]
     data.update({"prompts": list(options.prompt), "seeds": list(seeds), "style": list(options.style)})

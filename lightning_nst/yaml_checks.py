@@ -82,6 +82,34 @@ def _check_yaml_text(text: str, what: str) -> None:
         raise NSTError(f"{what} is refused: {problem}")
 
 
+MAX_TEXT_BYTES = 16 * 2**20
+"""Largest file checked as YAML text when a value names it; a config or a bomb is far smaller."""
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, false for a value no file could have (too long a name) rather than an error."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _text(path: Path) -> str | None:
+    """The file's text if it is UTF-8 text of at most :data:`MAX_TEXT_BYTES`, else ``None``."""
+    try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    if b"\0" in data:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _flag_values(argv: Sequence[str]) -> list[tuple[str, str]]:
     """``(flag, value)`` of each command-line value, for ``--flag value`` and ``--flag=value`` alike."""
     pairs: list[tuple[str, str]] = []
@@ -111,6 +139,17 @@ def check_yaml_files(argv: Sequence[str]) -> None:
             except UnicodeDecodeError:
                 raise NSTError(f"{key}: {path} is not UTF-8 text") from None
             _check_yaml_text(text, f"{key}: {path}")
+        elif key != "--config" and _is_file(path):
+            # jsonargparse reads the file a class or mapping option names as YAML, whatever its suffix: a file of
+            # text that uses aliases is checked for what they expand to. Images and other binary files are not text.
+            text = _text(path)
+            if text is not None and "*" in text and "&" in text:
+                try:
+                    node = yaml.compose(text, Loader=yaml.SafeLoader)
+                except (yaml.YAMLError, RecursionError):
+                    continue  # not YAML; jsonargparse reports what it makes of it
+                if node is not None and (problem := _yaml_problem(node)):
+                    raise NSTError(f"{key}: {path} is refused: {problem}")
         elif "*" in value and "&" in value:  # jsonargparse parses inline values as YAML too
             try:
                 node = yaml.compose(value, Loader=yaml.SafeLoader)

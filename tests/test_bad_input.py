@@ -342,3 +342,118 @@ def test_a_failed_run_removes_only_a_log_folder_it_made_itself(
         assert "has content layers: set data.content" in capsys.readouterr().err
     assert (mine / "notes.txt").read_text() == "mine"  # the folder was there before: kept, with what it held
     assert not (tmp_path / "logs" / "texture_gram" / "fresh").exists()  # made by the failed run: removed
+
+
+# -- values a user may type ----------------------------------------------------------------------------------------
+
+STYLIZE = ["stylize", "sample:astronaut", "sample:gravel", "-o", "out.png", "--weights", "random", "--size", "32"]
+GENERATE = ["generate", "a cat", "--style", "sample:gravel", "-o", "out", "--weights", "random"]
+FIT = ["fit", "-c", TEXTURE, *TOY]
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([*STYLIZE, "--seed", "-1"], "--seed: must be a whole number from 0 to 4294967295 (got -1)"),
+        ([*STYLIZE, "--seed", "4294967296"], "--seed: must be a whole number from 0 to 4294967295 (got 4294967296)"),
+        ([*STYLIZE, "--style-weight", "nan"], "--style-weight: must be a finite number >= 0 (got nan)"),
+        ([*STYLIZE, "--style-weight", "inf"], "--style-weight: must be a finite number >= 0 (got inf)"),
+        ([*STYLIZE, "--content-weight=-inf"], "--content-weight: must be a finite number >= 0 (got -inf)"),
+        ([*STYLIZE, "--steps", "99999999999999999999"], "--steps: must be at most 9223372036854775807"),
+        (
+            [*GENERATE, "--seed", "99999999999999999999"],
+            "--seed: must be a whole number from 0 to 9223372036854775807 (got 99999999999999999999)",
+        ),
+        ([*GENERATE, "--seeds", "0", "-2"], "--seeds: must be a whole number from 0 to 9223372036854775807 (got -2)"),
+        (
+            [*GENERATE, "--init-image", "sample:astronaut", "--strength", "nan"],
+            "--strength: must be a finite number in (0, 1] (got nan)",
+        ),
+        ([*GENERATE, "--scale", "nan"], "--scale: must be a finite number (got nan)"),
+        ([*GENERATE, "--cfg-scale", "inf"], "--cfg-scale: must be a finite number >= 0 (got inf)"),
+        ([*GENERATE, "--size", "12"], "--size: must be a multiple of 8 pixels (got 12)"),
+        (
+            [*GENERATE, "--size", "8"],
+            "--size: 8 px is too small for the style guidance, whose deepest layer relu5_1 needs images of at least "
+            "16 px",
+        ),
+        (["fit", "-c", TEXTURE, *TOY, "--seed_everything=-1"], "seed_everything: must be a whole number from 0 to"),
+        (["fit", "-c", TEXTURE, *TOY, "--model.init_args.init_seed=-3"], "model.init_seed: must be a whole number"),
+        (
+            ["fit", "-c", TEXTURE, *TOY, "--trainer.max_steps=99999999999999999999"],
+            "trainer.max_steps: at most 9223372036854775807",
+        ),
+        (["fit", "-c", TEXTURE, *TOY, "--trainer.devices=-1"], "trainer.devices: '-1' cannot be used here"),
+        (["fit", "-c", TEXTURE, *TOY, "--trainer.devices=0"], "trainer.devices: '0' cannot be used here"),
+        (["fit", "-c", TEXTURE, *TOY, "--trainer.devices=[0, 1]"], "trainer.devices: [0, 1] cannot be used here"),
+        (
+            ["fit", "-c", TEXTURE, *TOY, "--model.init_args.objectives=[{name: grid, style_layers: [relu1_1]}]"],
+            "model.objectives[0].name: 'grid' would write grid.png, a file the run writes itself",
+        ),
+        (
+            [*FIT, "--model.init_args.objectives=[{name: a.interrupted, style_layers: [conv1_1]}]"],
+            "model.objectives[0].name: 'a.interrupted' would write the interrupted image of objective 'a'",
+        ),
+        (
+            [
+                "fit", "-c", TEXTURE, *TOY,
+                "--model.init_args.objectives=[{name: A, style_layers: [relu1_1]}, {name: a, style_layers: [relu1_1]}]",
+            ],
+            "model.objectives[1].name: 'a' is used twice (file names ignore case on some systems)",
+        ),
+    ],
+)  # fmt: skip
+def test_values_a_user_may_type_get_one_line(
+    args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert fails(args, capsys).startswith(f"lightning-nst: error: {expected}")
+    assert not Path("out").exists() and not Path("out.png").exists()
+
+
+def test_a_learning_rate_beyond_float32_is_refused_and_leaves_no_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    adam = ["--model.init_args.optimizer=torch.optim.Adam", "--model.init_args.optimizer.init_args.lr=1e300"]
+    err = fails(["fit", "-c", TEXTURE, *TOY, *adam], capsys)
+    assert err == (
+        "lightning-nst: error: model.optimizer.init_args.lr: 1e+300 is beyond float32, the image's precision (at most "
+        "3.403e+38)"
+    )
+    assert not Path("logs").exists()
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_a_folder_or_fifo_as_ckpt_path_is_named_as_such(kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = Path("resume.ckpt")
+    path.mkdir() if kind == "folder" else os.mkfifo(path)
+    err = fails(["fit", "-c", TEXTURE, *TOY, f"--ckpt_path={path}"], capsys)
+    what = "is a folder, not a file" if kind == "folder" else "is a FIFO, not a regular file"
+    assert err == f"lightning-nst: error: ckpt_path: {path} {what}"
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+def test_an_alias_bomb_is_refused_whatever_its_files_name(capsys: pytest.CaptureFixture[str]) -> None:
+    Path("bomb.txt").write_text(LAUGHS)
+    started = time.monotonic()
+    err = fails(["fit", "-c", TEXTURE, *TOY, "--data", "bomb.txt"], capsys)
+    assert err == "lightning-nst: error: --data: bomb.txt is refused: its aliases expand to over 100000 values"
+    assert time.monotonic() - started < 5
+
+
+def test_a_style_mask_of_null_is_all_of_the_style_image(capsys: pytest.CaptureFixture[str]) -> None:
+    masks = str(CONFIGS / "style_masks.yaml")
+    main(["fit", "-c", masks, *TOY, "--data.init_args.style_masks=[null, sample:mask_right]"])
+    assert Path("logs/style_masks/version_0/masks.png").is_file()
+
+
+@pytest.mark.parametrize("command", [["layers"], ["configs"], ["--version"], ["fit", "--help"]])
+def test_a_printing_command_with_its_output_closed_says_so(command: list[str]) -> None:
+    # As `lightning-nst layers >&-` starts it: Python then sets sys.stdout to None.
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    argv = [sys.executable, "-m", "lightning_nst", *command]
+    done = subprocess.run(argv, stderr=subprocess.PIPE, text=True, env=env, timeout=120, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 1, done.stderr
+    assert (
+        done.stderr.strip()
+        == "lightning-nst: error: standard output is closed, so there is nowhere to print the answer"
+    )

@@ -73,9 +73,33 @@ def test_overwrite_keeps_a_file_the_user_put_in_a_run_folder(tmp_path: Path, cap
     report(out)
     mine = out / "runs" / "conv1_1" / "mine.txt"
     mine.write_text("mine")
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     err = error_of(capsys, out, "--seed=1", "--overwrite=true")
-    assert "did not record as its own" in err and "mine.txt" in err
-    assert mine.read_text() == "mine"
+    assert err == (
+        f"lightning-nst: error: out: {mine} is not one of the report's files, and --overwrite would have to stop at "
+        "it after removing the report; move it away, then run again"
+    )
+    # Refused before anything was removed: the earlier report is whole, and the user's file is kept.
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    mine.unlink()
+    report(out, "--seed=1", "--overwrite=true")
+    assert "seed: 1" in (out / "report.yaml").read_text()
+
+
+def test_an_out_that_yaml_reads_as_null_is_the_folder_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    monkeypatch.setenv("HOME", str(home))
+    # '~' is the home folder, which is no report: refused, instead of the report going to the default folder.
+    with pytest.raises(SystemExit):
+        main(["report", "reconstruction", *TOY, "--out", "~"])
+    err = capsys.readouterr().err.strip()
+    assert err == f"lightning-nst: error: out: {home} exists and is not a report folder; choose a new or empty folder"
+    main(["report", "reconstruction", *TOY, "--out", "null"])
+    assert Path("null/report.md").is_file() and not Path("reports").exists()
 
 
 @pytest.mark.parametrize("where", ["cwd", "folder"])

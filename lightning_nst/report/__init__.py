@@ -55,9 +55,14 @@ def main(args: list[str]) -> list[Path]:
     parsed = parser()
     config = parsed.instantiate(parsed.parse_args(args))
     settings = {item.name: config[item.name] for item in fields(ReportSettings)}
+    given = _command_line_value(args, "--out")
+    if given is not None and not given.strip():
+        raise NSTError("out: give a folder (got an empty --out)")
+    if given is not None and settings["out"] is None:  # '~' or 'null' read as YAML's null: the folder typed is meant
+        settings["out"] = given
     if config.experiment != "all":
         return [run(config.experiment, ReportSettings(**settings))]
-    root = Path(settings["out"] or "reports")
+    root = Path(settings["out"]).expanduser() if settings["out"] else Path("reports")
     index = root / INDEX
     if index.exists() and not _is_index(index):
         raise NSTError(f"out: {index} exists and was not written by lightning-nst report all; move it or choose --out")
@@ -85,6 +90,17 @@ def main(args: list[str]) -> list[Path]:
             else f"experiment: every experiment failed ({', '.join(failed)}; see above)"
         )
     return written
+
+
+def _command_line_value(args: list[str], flag: str) -> str | None:
+    """The last value ``args`` give ``flag`` (``--flag value`` or ``--flag=value``), as typed; ``None`` if none."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
 
 
 def _is_index(path: Path) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import re
 import textwrap
 from collections.abc import Sequence
@@ -102,6 +103,11 @@ class Series(NamedTuple):
     label: str
     x: Sequence[float]
     y: Sequence[float]
+
+
+def relative_weights(weights: str) -> str:
+    """A VGG weights description with a weights file's path relative to the working folder, as a report prints it."""
+    return re.sub(r"^file (/.+?) \(sha256", lambda match: f"file {os.path.relpath(match.group(1))} (sha256", weights)
 
 
 def short_weights(weights: str) -> str:

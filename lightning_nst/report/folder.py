@@ -31,7 +31,7 @@ from lightning_nst.outputs import (
     file_digest,
     read_manifest,
 )
-from lightning_nst.report.figures import captioned, finish, render, short_weights
+from lightning_nst.report.figures import captioned, finish, relative_weights, render, short_weights
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import VGG19Features
 
@@ -159,7 +159,7 @@ class Report:
         self._started = 0
         self._seconds: list[float] = []
         self.settings = settings
-        self.folder = Path(settings.out or Path("reports") / experiment)
+        self.folder = Path(settings.out).expanduser() if settings.out else Path("reports") / experiment
         self.lines: list[str] = [f"# {title}", ""]
         self.figures: list[str] = []
         self._owned: set[str] = set()
@@ -222,6 +222,19 @@ class Report:
                 raise NSTError(
                     f"out: {self.folder} holds a report that does not list its files ({FILES} is missing), so "
                     "--overwrite cannot tell them from yours; remove it by hand or choose another folder"
+                )
+            # Checked before anything is removed: a file of the user's in a run folder would stop that run later,
+            # after the old report's files were gone, leaving neither report.
+            runs = self.folder / "runs"
+            strangers = sorted(
+                path
+                for path in (runs.rglob("*") if runs.is_dir() else [])
+                if not path.is_dir() and path.relative_to(self.folder).as_posix() not in self._owned
+            )
+            if strangers:
+                raise NSTError(
+                    f"out: {strangers[0]} is not one of the report's files, and --overwrite would have to stop at it "
+                    "after removing the report; move it away, then run again"
                 )
             return True
         if not owned and not recorded.is_file() and self.folder.is_dir() and any(self.folder.iterdir()):
@@ -372,7 +385,7 @@ class Report:
 
     def table(self, caption: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         """Add a captioned table, stating the VGG weights."""
-        self.text(f"**{caption}** VGG19 weights: {self.weights}.", "", md_table(headers, rows))
+        self.text(f"**{caption}** VGG19 weights: {relative_weights(self.weights)}.", "", md_table(headers, rows))
 
     def figure(self, name: str, image: Image.Image, title: str, notes: Sequence[str] = ()) -> None:
         """Save a captioned PNG (title above; notes and the VGG weights below) and link it from ``report.md``."""
