@@ -320,6 +320,15 @@ class ImageOptimization(L.LightningModule):
         self.best_loss: list[float] = []
         self.best_step: list[int] = []
         self.stopped_at: list[int | None] = []
+        self._saved_generators: dict[str, Tensor] | None = None
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        """The style losses' own random generators by module name (sliced_w's projections)."""
+        return {
+            name: module.generator
+            for name, module in self.style_losses.named_modules()
+            if isinstance(getattr(module, "generator", None), torch.Generator)
+        }
 
     def _check_tiling(self, tile_size: int | None, tile_overlap: int) -> TilePlan | None:
         if isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int) or tile_overlap < 0:
@@ -528,6 +537,11 @@ class ImageOptimization(L.LightningModule):
         if self.scales is not None:
             self._scale_clock = time.perf_counter()
         self._compute_targets()
+        if self._saved_generators:  # a resumed run draws on where the checkpoint's sliced_w projections were
+            for name, generator in self._generators().items():
+                if name in self._saved_generators:
+                    generator.set_state(self._saved_generators[name])
+            self._saved_generators = None
         rank_zero_info(f"VGG19 weights: {vgg.weights_used}")
         if self.logger is not None:
             self.logger.log_hyperparams({"vgg_weights": vgg.weights_used})
@@ -769,6 +783,8 @@ class ImageOptimization(L.LightningModule):
             "stopped_at": list(self.stopped_at),
             # The weights actually loaded (a file's with its sha256 prefix), not the config's choice, e.g. ``auto``.
             "vgg_weights": self.vgg.weights_used if self.vgg is not None else None,
+            # The random projections of sliced_w targets: a resume draws the ones the run would have drawn next.
+            "generators": {name: generator.get_state() for name, generator in self._generators().items()},
         }
         if self.schedule:
             checkpoint["lightning_nst"]["scales"] = {
@@ -832,6 +848,7 @@ class ImageOptimization(L.LightningModule):
                 "checkpoint's weights)"
             )
         self._initial = state.get("initial_loss")
+        self._saved_generators = state.get("generators")
         if state.get("best_images") is not None:
             self.best_images = state["best_images"]
             self.best_loss = list(state["best_loss"])

@@ -591,3 +591,20 @@ def test_a_damaged_checkpoint_is_refused_from_python_too(finished: Path, tmp_pat
     # One saved before digests were kept is read as it is.
     del state["lightning_nst_sha256"]
     verify(state, "checkpoint")
+
+
+def test_a_resumed_sliced_w_run_ends_as_an_uninterrupted_one() -> None:
+    # sliced_w draws new random projections at every evaluation; a resume draws the ones the run would have drawn.
+    sliced = ["fit", "-c", str(CONFIGS / "texture_sliced_w.yaml"), *TOY, QUIET]
+    every_3 = EVERY_5.replace("every_n_train_steps: 5", "every_n_train_steps: 3")
+    main([*sliced, "--trainer.max_steps=6"])
+    main([*sliced, "--trainer.max_steps=3", every_3])
+    main(
+        [
+            *sliced,
+            "--trainer.max_steps=6",
+            f"--ckpt_path={Path('logs/texture_sliced_w/version_1/checkpoints/last.ckpt')}",
+        ]
+    )
+    straight, resumed = (pixels(Path(f"logs/texture_sliced_w/version_{v}/sliced_w.png")) for v in (0, 2))
+    np.testing.assert_array_equal(straight, resumed)
