@@ -646,6 +646,29 @@ def nst_error(error: BaseException, args: Sequence[str]) -> NSTError | None:
     return None
 
 
+_SUBCOMMAND_OF_MODEL = {"ImageOptimization": "fit", "GuidedDiffusion": "predict"}
+
+
+def _check_subcommand_of_configs(args: Sequence[str]) -> None:
+    """Refuse a config of the other subcommand (``predict -c texture_gram``) by name, before jsonargparse parses it."""
+    subcommand = args[0] if args else None
+    for index, arg in enumerate(args[:-1]):
+        if arg not in ("-c", "--config") or args[index + 1].lstrip().startswith(("{", "[")):
+            continue
+        try:
+            config = yaml.safe_load(Path(args[index + 1]).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # check_yaml_files has named what is wrong with it
+        model = config.get("model") if isinstance(config, dict) else None
+        class_path = str(model.get("class_path", "")) if isinstance(model, dict) else ""
+        wanted = _SUBCOMMAND_OF_MODEL.get(class_path.rsplit(".", 1)[-1])
+        if wanted is not None and subcommand in ("fit", "predict") and wanted != subcommand:
+            raise NSTError(
+                f"--config: {args[index + 1]} configures {class_path.rsplit('.', 1)[-1]}, which runs with "
+                f"`lightning-nst {wanted}`, not {subcommand}"
+            )
+
+
 def run(args: Sequence[str]) -> NSTCLI:
     """Run ``lightning-nst <args>`` (``fit``, ``predict``, ...) in this process and return the finished CLI.
 
@@ -657,6 +680,7 @@ def run(args: Sequence[str]) -> NSTCLI:
     """
     args = list(args)
     check_yaml_files(args)
+    _check_subcommand_of_configs(args)
     stop = StopOnSignal(args)
     cli = None
     try:

@@ -138,9 +138,10 @@ class ImageTargets(L.LightningDataModule):
         for key, source, image in named:
             if image is not None and min(image.shape[-2:]) < min_side:
                 height, width = image.shape[-2:]
+                size = "data.style_size" if self.style_size_fixed and key != "data.content" else "data.size"
                 raise NSTError(
                     f"{key}: {source} is {width}x{height} px after resizing, but the deepest layer needs at least "
-                    f"{min_side} px per side; use a larger image or data.size"
+                    f"{min_side} px per side; use a larger image or {size}"
                 )
 
     @property

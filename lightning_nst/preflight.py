@@ -81,6 +81,8 @@ def output_folders(config: Any, subcommand: str) -> Iterator[tuple[str, str]]:
 def check_outputs(config: Any, subcommand: str) -> None:
     """Raise naming the key of the first output folder that is a file, read-only or on a nearly full disk."""
     for key, folder in output_folders(config, subcommand):
+        if not folder.strip():  # e.g. an unset shell variable: the empty path would mean the working folder
+            raise NSTError(f"{key}: is empty; give a folder (. for the working folder)")
         check_output_dir(folder, key)
 
 
@@ -178,12 +180,25 @@ def _memory_of(device: Any) -> tuple[int, str] | None:
         return None
 
 
+HALF_PRECISIONS = ("16-true", "bf16-true")
+"""Precisions that would hold the image itself, and the optimizer's step, in 16 bits."""
+
+
 def check_image_optimization(config: Any, device: Any = None) -> None:
-    """Check ``ImageTargets`` sources, ``model.init``, ``trainer.max_steps`` and the memory the size needs."""
+    """Check ``ImageTargets`` sources, ``model.init``, ``trainer.max_steps``, the precision and the memory needed."""
     trainer = _get(config, "trainer")
+    precision = str(_get(trainer, "precision"))
+    if precision in HALF_PRECISIONS:
+        raise NSTError(
+            f"trainer.precision: {precision} would keep the image and its optimizer state in 16 bits, too coarse for "
+            "small steps; use 32-true, or bf16-mixed (VGG in bfloat16, the image in float32)"
+        )
     steps = _get(trainer, "max_steps")
     if not isinstance(steps, int) or steps < 1:
         raise NSTError(f"trainer.max_steps: set a positive number of optimisation steps, got {steps}")
+    for name in ("max_epochs", "limit_train_batches"):
+        if _get(trainer, name) in (0, 0.0):  # Lightning's value for "no training at all"
+            raise NSTError(f"trainer.{name}: 0 stops the fit before its first step; leave it unset")
     if steps > MAX_STEPS:
         raise NSTError(f"trainer.max_steps: at most {MAX_STEPS} (a run of max_steps items is one epoch), got {steps}")
     data = _get(_get(config, "data"), "init_args")
@@ -232,6 +247,12 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
         )
 
 
+def check_predict_batches(config: Any) -> None:
+    """Refuse ``trainer.limit_predict_batches: 0``, which would load the pipeline and generate nothing."""
+    if _get(_get(config, "trainer"), "limit_predict_batches") in (0, 0.0):
+        raise NSTError("trainer.limit_predict_batches: 0 generates nothing; leave it unset")
+
+
 def check_img2img(config: Any) -> None:
     """Refuse a ``model.strength`` below 1 without ``data.init_images``, before the logger makes its folder."""
     model = _get(config, "model")
@@ -246,6 +267,7 @@ def check(config: Any, subcommand: str) -> None:
     """Every check that can be made on the parsed config before instantiation."""
     connector = check_devices(config, subcommand)
     if subcommand == "predict":
+        check_predict_batches(config)
         check_img2img(config)
     if subcommand == "fit" and _class_name(_get(config, "data")) == "ImageTargets":
         device = getattr(getattr(connector, "strategy", None), "root_device", None)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from lightning_nst.data import check_style_weights
 from lightning_nst.errors import NSTError
 from lightning_nst.images import is_sample, load_image
-from lightning_nst.outputs import source_digest
+from lightning_nst.outputs import check_input_file, source_digest
 
 # An empty predict dataloader is how a rerun with every item finished runs no predict step; Lightning's warning about it
 # ("Please make sure this was your intention") would only alarm the user.
@@ -228,8 +228,8 @@ class PromptGrid(L.LightningDataModule):
             raise NSTError("data.style: the list of style images is empty")
         self.style_sources = [str(source) for source in style or []]
         for index, source in enumerate(self.style_sources):
-            if not is_sample(source) and not Path(source).expanduser().is_file():
-                raise NSTError(f"data.style[{index}]: image file not found: {Path(source).expanduser()}")
+            if not is_sample(source):
+                check_input_file(source, f"data.style[{index}]", "image file")
         # Digested here, before any output exists, so results made from an image since edited are recognised.
         self.style_digests = [_digest(source, f"data.style[{i}]") for i, source in enumerate(self.style_sources)]
         self.style_blends = _check_blends(style_blends, len(self.style_sources))
@@ -264,8 +264,8 @@ class PromptGrid(L.LightningDataModule):
             )
         self.init_sources = [str(source) for source in init_images or []]
         for index, source in enumerate(self.init_sources):
-            if not is_sample(source) and not Path(source).expanduser().is_file():
-                raise NSTError(f"data.init_images[{index}]: image file not found: {Path(source).expanduser()}")
+            if not is_sample(source):
+                check_input_file(source, f"data.init_images[{index}]", "image file")
         self.init_digests = [_digest(source, f"data.init_images[{i}]") for i, source in enumerate(self.init_sources)]
         self.seeds = seeds
         self.style_prompts = list(style_prompts) if style_prompts is not None else None

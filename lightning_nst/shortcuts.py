@@ -13,6 +13,7 @@ import copy
 import io
 import json
 import math
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -330,6 +331,8 @@ def _image_format(output: Path) -> str:
 def _check_output_file(output: Path, overwrite: bool) -> str:
     from lightning_nst.outputs import check_output_dir
 
+    if not str(output).strip() or output == Path():
+        raise NSTError("-o: is empty; name the image file to write, e.g. -o out.png")
     image_format = _image_format(output)
     if output.is_dir():
         raise NSTError(f"-o: {output} is a folder; name the image file to write")
@@ -337,6 +340,18 @@ def _check_output_file(output: Path, overwrite: bool) -> str:
         raise NSTError(f"-o: {output} exists; pass --overwrite to replace it")
     check_output_dir(output.parent, "-o")
     return image_format
+
+
+def _check_not_an_input(output: Path, options: argparse.Namespace) -> None:
+    """Refuse an ``-o`` that is one of the run's own input images, even with ``--overwrite``."""
+    inputs = [("content image", getattr(options, "content", None)), ("init image", options.init)]
+    inputs += [("style image", style) for style in getattr(options, "style", None) or getattr(options, "texture", [])]
+    for what, source in inputs:
+        if source is None or str(source).startswith(("sample:", "skimage:")):
+            continue
+        path = Path(source).expanduser()
+        if output.exists() and path.exists() and os.path.samefile(output, path):
+            raise NSTError(f"-o: {output} is the {what} of this run; write the result to another file")
 
 
 def _fit_result(cli: Any) -> tuple[Path, Path]:
@@ -359,6 +374,7 @@ def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) 
         return
     output = Path(options.output).expanduser()
     image_format = _check_output_file(output, options.overwrite)
+    _check_not_an_input(output, options)
     cli = _run("fit", config)
     from lightning_nst.images import write_atomic
 
@@ -390,6 +406,8 @@ def generate(argv: Sequence[str]) -> None:
     if options.print_config:
         print(config_yaml(config, "predict", ["generate", *argv]), end="")
         return
+    if not options.output.strip():
+        raise NSTError("-o: is empty; name the folder to write the images into, e.g. -o outputs/")
     output = Path(options.output).expanduser()
     if output.exists() and not output.is_dir():
         raise NSTError(f"-o: {output} is a file; generate writes a folder of images")

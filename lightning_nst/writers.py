@@ -268,10 +268,19 @@ class ImageWriter(L.Callback):
         self.write_results(trainer, self._module(pl_module))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write the results of a run resumed from a checkpoint at ``max_steps``, which skips the training loop."""
+        """Write the results of a run resumed from a checkpoint at ``max_steps``, which skips the training loop.
+
+        A fit that ends with nothing written (stopped by ``max_time`` before its loop began, say) is a failure, not
+        a success: it raises, so the command exits 2.
+        """
         if not self._written and trainer.global_step >= trainer.max_steps:
             self._start_step = trainer.global_step
             self.write_results(trainer, self._module(pl_module))
+        if not self._written and trainer.is_global_zero and self.directory is not None:
+            raise NSTError(
+                f"trainer: the run ended at step {trainer.global_step} of {trainer.max_steps} before it had a result "
+                "to write (trainer.max_time, max_epochs or limit_train_batches stopped it); nothing was saved"
+            )
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Say where the results went, below the progress bar's last frame."""

@@ -64,13 +64,20 @@ def _yaml_problem(node: yaml.Node) -> str | None:
     return None
 
 
-def _check_yaml_text(text: str, what: str) -> None:
-    """Raise naming ``what`` if ``text`` is not YAML, has duplicate keys, or expands out of proportion."""
+def _check_yaml_text(text: str, what: str, config: bool = False) -> None:
+    """Raise naming ``what`` if ``text`` is not YAML, has duplicate keys, or expands out of proportion.
+
+    A ``config`` (a ``--config`` file) must moreover be a mapping of options.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         problem = _yaml_problem(node) if node is not None else None
         if problem is None:
-            yaml.safe_load(text)
+            document = yaml.safe_load(text)
+            if config and document is None:
+                problem = "it holds no options (an empty config)"
+            elif config and not isinstance(document, dict):
+                problem = f"it holds a {type(document).__name__}, not a mapping of options such as `trainer: ...`"
     except RecursionError:
         problem = "it is nested too deeply"
     except yaml.YAMLError as error:
@@ -138,7 +145,7 @@ def check_yaml_files(argv: Sequence[str]) -> None:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 raise NSTError(f"{key}: {path} is not UTF-8 text") from None
-            _check_yaml_text(text, f"{key}: {path}")
+            _check_yaml_text(text, f"{key}: {path}", config=key == "--config")
         elif key != "--config" and _is_file(path):
             # jsonargparse reads the file a class or mapping option names as YAML, whatever its suffix: a file of
             # text that uses aliases is checked for what they expand to. Images and other binary files are not text.

@@ -402,13 +402,74 @@ FIT = ["fit", "-c", TEXTURE, *TOY]
             ],
             "model.objectives[1].name: 'a' is used twice (file names ignore case on some systems)",
         ),
+        ([*FIT, "--trainer.precision=16-true"], "trainer.precision: 16-true would keep the image and its optimizer"),
+        ([*FIT, "--trainer.precision=bf16-true"], "trainer.precision: bf16-true would keep the image"),
+        ([*FIT, "--trainer.max_epochs=0"], "trainer.max_epochs: 0 stops the fit before its first step"),
+        ([*FIT, "--trainer.limit_train_batches=0"], "trainer.limit_train_batches: 0 stops the fit"),
+        ([*FIT, "--trainer.callbacks.init_args.output_dir="], "ImageWriter.output_dir: is empty; give a folder"),
+        (
+            ["predict", "-c", DIFFUSION, "--trainer.limit_predict_batches=0"],
+            "trainer.limit_predict_batches: 0 generates nothing",
+        ),
+        (
+            ["predict", "-c", TEXTURE],
+            f"--config: {TEXTURE} configures ImageOptimization, which runs with `lightning-nst fit`, not predict",
+        ),
+        (
+            ["fit", "-c", DIFFUSION],
+            f"--config: {DIFFUSION} configures GuidedDiffusion, which runs with `lightning-nst predict`, not fit",
+        ),
+        ([*STYLIZE[:4], "", *STYLIZE[5:]], "-o: is empty; name the image file to write"),
+        ([*GENERATE[:5], "", *GENERATE[6:]], "-o: is empty; name the folder to write the images into"),
+        ([*GENERATE[:3], "a_folder", *GENERATE[4:]], "data.style[0]: a_folder is a folder, not a file"),
+        ([*GENERATE, "--init-image", "a_folder"], "data.init_images[0]: a_folder is a folder, not a file"),
     ],
 )  # fmt: skip
 def test_values_a_user_may_type_get_one_line(
     args: list[str], expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    Path("a_folder").mkdir()
     assert fails(args, capsys).startswith(f"lightning-nst: error: {expected}")
     assert not Path("out").exists() and not Path("out.png").exists()
+
+
+@pytest.mark.usefixtures("no_heavy_work")
+@pytest.mark.parametrize(("text", "holds"), [("", "no options (an empty config)"), ("- a\n", "a list, not a mapping")])
+def test_a_config_that_is_no_mapping_is_named(text: str, holds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    Path("mine.yaml").write_text(text)
+    assert fails(["fit", "-c", "mine.yaml"], capsys).startswith(
+        f"lightning-nst: error: --config: mine.yaml is refused: it holds {holds}"
+    )
+
+
+def test_a_fit_that_ends_before_a_result_exits_2_and_leaves_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails([*FIT, "--trainer.max_time=00:00:00:00"], capsys)
+    assert err == (
+        "lightning-nst: error: trainer: the run ended at step 0 of 2 before it had a result to write "
+        "(trainer.max_time, max_epochs or limit_train_batches stopped it); nothing was saved"
+    )
+    assert not Path("logs").exists()
+
+
+def test_a_style_size_too_small_names_data_style_size(capsys: pytest.CaptureFixture[str]) -> None:
+    err = fails([*FIT, "--data.init_args.style_size=1"], capsys)
+    assert err.endswith("but the deepest layer needs at least 16 px per side; use a larger image or data.style_size")
+
+
+@pytest.mark.parametrize("command", ["stylize", "texture"])
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.copy(Path(lightning_nst.outputs.__file__).parent / "samples/gravel.jpg", "mine.jpg")
+    before = Path("mine.jpg").read_bytes()
+    inputs = ["mine.jpg", "sample:gravel"] if command == "stylize" else ["mine.jpg"]
+    args = [command, *inputs, "-o", "./mine.jpg", "--overwrite", "--weights", "random", "--size", "32"]
+    what = "content" if command == "stylize" else "style"
+    assert (
+        fails(args, capsys)
+        == f"lightning-nst: error: -o: mine.jpg is the {what} image of this run; write the result to another file"
+    )
+    assert Path("mine.jpg").read_bytes() == before
 
 
 def test_a_learning_rate_beyond_float32_is_refused_and_leaves_no_folder(capsys: pytest.CaptureFixture[str]) -> None:
