@@ -13,7 +13,7 @@ from typing import Any, Literal, NamedTuple
 import diffusers
 import lightning as L
 import torch
-from diffusers import AutoencoderTiny, DiffusionPipeline, LCMScheduler
+from diffusers import AutoencoderTiny, DiffusionPipeline, DPMSolverSDEScheduler, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecation_utils, is_torchsde_available
@@ -612,6 +612,11 @@ class GuidedDiffusion(L.LightningModule):
 
         # 4. Prepare timesteps
         timesteps = family.timesteps(scheduler, self.num_inference_steps, device, size)
+        if isinstance(scheduler, DPMSolverSDEScheduler):
+            # Its Brownian noise seeds itself from torch's global random state, which the items' generators never
+            # reach, so an item's image would depend on what ran before it. Given one seed per row, diffusers'
+            # BatchedBrownianTree grows each item a tree of its own (set_timesteps has dropped the last batch's).
+            scheduler.noise_sampler_seed = [int(seed) for seed in batch["seed"]]
 
         # 5. Prepare latent variables; with an init image also the timesteps its strength leaves
         latents, timesteps = self._initial_latents(batch, size, timesteps, generators, condition.dtype)
