@@ -220,12 +220,12 @@ def test_img2img_on_each_family(family: str, pipelines: dict[str, Path], tmp_pat
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_batches_match_single_items_and_a_rerun_finishes_the_rest(
+def test_a_rerun_at_another_batch_size_finishes_the_rest(
     family: str, pipelines: dict[str, Path], tmp_path: Path
 ) -> None:
     # Two seeds in one batch, then three seeds one by one into the same folder: the first two are recognised as
-    # done (not generated again), the third is generated, and batching changed no image beyond kernel rounding.
-    out, single = tmp_path / "out", tmp_path / "single"
+    # done (not generated again) and the third is generated. How far batching moves an image: test_item_independence.
+    out = tmp_path / "out"
     common = ("--model.num_inference_steps=2", "--model.guidance.init_args.scale=0.3")
     main(
         family_args(
@@ -254,21 +254,7 @@ def test_batches_match_single_items_and_a_rerun_finishes_the_rest(
     after = records(out)
     assert sorted(record["seed"] for record in after) == [0, 1, 2] and len(after) == 3
     assert all((out / first[seed]["image"]).stat().st_mtime_ns == written[seed] for seed in (0, 1))
-    main(
-        family_args(
-            pipelines[family],
-            family,
-            "s1",
-            *common,
-            "--data.seeds=[0, 1]",
-            "--data.batch_size=1",
-            f"--trainer.callbacks.init_args.output_dir={single}",
-        )
-    )
-    for one in records(single):
-        difference = np.abs(image_of(single, one).astype(int) - image_of(out, first[one["seed"]]).astype(int))
-        assert difference.max() <= 1 and (difference > 0).mean() < 0.1
-        assert first[one["seed"]]["final_style_loss"] == pytest.approx(one["final_style_loss"], rel=1e-3)
+    assert np.isfinite(next(record for record in after if record["seed"] == 2)["final_style_loss"])
 
 
 # -- tiny decoders and errors ---------------------------------------------------------------------------------------
