@@ -251,9 +251,10 @@ class GuidedDiffusion(L.LightningModule):
         tiny_vae: An ``AutoencoderTiny`` for the guidance gradient only, the family's (``madebyollin/taesd``,
             ``taesdxl``, ``taesd3``, ``taef1``); the output is always decoded with the pipeline's VAE.
         scheduler: A sampler alias (``ddim``, ``ddpm``, ``pndm``, ``euler``, ``euler_a``, ``lms``, ``heun``,
-            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; ``flow_euler``, ``flow_heun`` for SD3 and Flux; see
-            :data:`SCHEDULERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's own); refused
-            if style guidance cannot compute its x̂₀ or it does not fit the model's family.
+            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; ``flow_euler`` for SD3 and Flux, ``flow_heun`` for SD3;
+            see :data:`SCHEDULERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's own);
+            refused if style guidance cannot compute its x̂₀, it does not fit the model's family or it cannot run the
+            schedule the family's pipeline sets (:func:`check_family_scheduler`).
         num_inference_steps: Sampling steps.
         cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off. For Flux-dev it
             is the distilled guidance the transformer embeds (3.5 is the pipeline's default); FLUX.1-schnell ignores
