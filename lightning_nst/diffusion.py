@@ -6,13 +6,14 @@ import inspect
 import json
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import diffusers
 import lightning as L
 import torch
-from diffusers import AutoencoderTiny, DiffusionPipeline, LCMScheduler
+from diffusers import AutoencoderTiny, DiffusionPipeline, DPMSolverSDEScheduler, LCMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import deprecation_utils, is_torchsde_available
@@ -25,7 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.console import guidance_line
 from lightning_nst.errors import NSTError
-from lightning_nst.families import FAMILIES, Family, size_multiple
+from lightning_nst.families import FAMILIES, Family, missing_schedule_arguments, size_multiple
 from lightning_nst.guidance import (
     FLOW,
     SUPPORTED_SCHEDULERS,
@@ -99,8 +100,12 @@ def scheduler_class(name: str) -> tuple[type, dict[str, Any]] | None:
     return cls, settings
 
 
-def check_family_scheduler(family: str, cls: type, name: str) -> None:
-    """Raise unless the scheduler class ``cls`` (``model.scheduler: name``) samples models of ``family``."""
+def check_family_scheduler(family: str, cls: type, name: str, config: Mapping[str, Any] | None = None) -> None:
+    """Raise unless the scheduler class ``cls`` (``model.scheduler: name``) samples models of ``family``.
+
+    With ``config``, the model's own scheduler config, also unless ``cls`` can run the schedule the family's pipeline
+    sets for that model (:func:`~lightning_nst.families.missing_schedule_arguments`), as diffusers would refuse it.
+    """
     if family in FLOW_FAMILIES and not issubclass(cls, FLOW):
         flow = ", ".join(alias for alias, (class_name, _) in SCHEDULERS.items() if class_name.startswith("FlowMatch"))
         raise NSTError(
@@ -111,6 +116,16 @@ def check_family_scheduler(family: str, cls: type, name: str) -> None:
         raise NSTError(
             f"model.scheduler: {name} ({cls.__name__}) samples flow-matching models (SD3, Flux), not "
             f"{'SDXL' if family == 'sdxl' else 'Stable Diffusion 1.x/2.x'}"
+        )
+    missing = missing_schedule_arguments(family, cls, config) if config is not None else []
+    if missing:
+        why = {
+            "sigmas": f"{FAMILIES[family].pipeline_class.__name__} sets sigmas from 1 to 1/steps",
+            "mu": "the model's scheduler config sets use_dynamic_shifting, a shift that follows the image size",
+        }
+        raise NSTError(
+            f"model.scheduler: {name} ({cls.__name__}) cannot run {family.upper()}'s own schedule: its set_timesteps "
+            f"takes no {' and no '.join(missing)} ({'; '.join(why[key] for key in missing)}); choose flow_euler"
         )
 
 
@@ -132,12 +147,18 @@ def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) 
         )
 
 
+def _local_json(config: Path) -> dict[str, Any] | None:
+    """A local component's JSON config, without loading any weights (``None`` if not known)."""
+    try:
+        value = json.loads(config.expanduser().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # a Hub id, or unreadable: reported, naming the key, on loading
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def _local_config(config: Path, key: str) -> Any:
     """``key`` of a local component's JSON config, without loading any weights (``None`` if not known)."""
-    try:
-        return json.loads(config.expanduser().read_text(encoding="utf-8")).get(key)
-    except (OSError, ValueError, AttributeError):  # a Hub id, or unreadable: reported, naming the key, on loading
-        return None
+    return (_local_json(config) or {}).get(key)
 
 
 def _local_int(config: Path, key: str) -> int | None:
@@ -230,9 +251,10 @@ class GuidedDiffusion(L.LightningModule):
         tiny_vae: An ``AutoencoderTiny`` for the guidance gradient only, the family's (``madebyollin/taesd``,
             ``taesdxl``, ``taesd3``, ``taef1``); the output is always decoded with the pipeline's VAE.
         scheduler: A sampler alias (``ddim``, ``ddpm``, ``pndm``, ``euler``, ``euler_a``, ``lms``, ``heun``,
-            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; ``flow_euler``, ``flow_heun`` for SD3 and Flux; see
-            :data:`SCHEDULERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's own); refused
-            if style guidance cannot compute its x̂₀ or it does not fit the model's family.
+            ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; ``flow_euler`` for SD3 and Flux, ``flow_heun`` for SD3;
+            see :data:`SCHEDULERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's own);
+            refused if style guidance cannot compute its x̂₀, it does not fit the model's family or it cannot run the
+            schedule the family's pipeline sets (:func:`check_family_scheduler`).
         num_inference_steps: Sampling steps.
         cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off. For Flux-dev it
             is the distilled guidance the transformer embeds (3.5 is the pipeline's default); FLUX.1-schnell ignores
@@ -380,7 +402,8 @@ class GuidedDiffusion(L.LightningModule):
         self._family_name = family
         chosen = scheduler_class(self.scheduler_name)
         if family is not None and chosen is not None:
-            check_family_scheduler(family, chosen[0], self.scheduler_name)
+            schedule = _local_json(model / "scheduler" / "scheduler_config.json")
+            check_family_scheduler(family, chosen[0], self.scheduler_name, schedule)
         if family is not None and self.tiny_vae_source is not None:
             own = _local_int(Path(self.tiny_vae_source) / "config.json", "latent_channels")
             channels = _local_int(model / "vae" / "config.json", "latent_channels")
@@ -427,10 +450,11 @@ class GuidedDiffusion(L.LightningModule):
         # The pipeline's own scheduler, or the one named by model.scheduler configured from it (betas, offsets,
         # spacing); the name was checked in __init__.
         chosen = scheduler_class(self.scheduler_name)
+        schedule = pipe.scheduler.config  # the model's own, which a scheduler built from it may not keep
         if chosen is not None:
             cls, settings = chosen
             pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
-        check_family_scheduler(family.name, type(pipe.scheduler), self.scheduler_name)
+        check_family_scheduler(family.name, type(pipe.scheduler), self.scheduler_name, schedule)
         check_scheduler(pipe.scheduler)
         check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
         original_steps = pipe.scheduler.config.get("original_inference_steps")
@@ -589,6 +613,11 @@ class GuidedDiffusion(L.LightningModule):
 
         # 4. Prepare timesteps
         timesteps = family.timesteps(scheduler, self.num_inference_steps, device, size)
+        if isinstance(scheduler, DPMSolverSDEScheduler):
+            # Its Brownian noise seeds itself from torch's global random state, which the items' generators never
+            # reach, so an item's image would depend on what ran before it. Given one seed per row, diffusers'
+            # BatchedBrownianTree grows each item a tree of its own (set_timesteps has dropped the last batch's).
+            scheduler.noise_sampler_seed = [int(seed) for seed in batch["seed"]]
 
         # 5. Prepare latent variables; with an init image also the timesteps its strength leaves
         latents, timesteps = self._initial_latents(batch, size, timesteps, generators, condition.dtype)

@@ -13,6 +13,7 @@ packing of the latents. Their scaling around the VAE follows the VAE's own confi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,6 +114,14 @@ class Family:
         """The pipeline's ``prepare_latents``: the latents sampling starts from (one generator per item)."""
         height, width = size
         return self.pipe.prepare_latents(batch_size, self.latent_channels(), height, width, dtype, device, generators)
+
+    @staticmethod
+    def schedule_arguments(config: Mapping[str, Any]) -> tuple[str, ...]:
+        """What the pipeline passes ``set_timesteps`` besides the steps, for a model of scheduler config ``config``.
+
+        Nothing for SD and SDXL.
+        """
+        return ()
 
     def timesteps(self, scheduler: Any, steps: int, device: torch.device, size: tuple[int, int]) -> Tensor:
         """Set the scheduler's timesteps for ``steps`` steps as the pipeline does; returns them."""
@@ -220,14 +229,19 @@ class SD3Family(Family):
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, do_cfg, embeds.dtype)
 
+    @staticmethod
+    def schedule_arguments(config: Mapping[str, Any]) -> tuple[str, ...]:
+        """``mu``, the shift by the image's token count, where the scheduler shifts dynamically."""
+        return ("mu",) if config.get("use_dynamic_shifting", None) else ()
+
     def timesteps(self, scheduler: Any, steps: int, device: torch.device, size: tuple[int, int]) -> Tensor:
         """The pipeline's: shifted by the image's token count where the scheduler shifts dynamically."""
         kwargs: dict[str, Any] = {}
-        if scheduler.config.get("use_dynamic_shifting", None):
+        if "mu" in self.schedule_arguments(scheduler.config):
             patch = self.pipe.transformer.config.patch_size
             tokens = (size[0] // self.pipe.vae_scale_factor // patch) * (size[1] // self.pipe.vae_scale_factor // patch)
             kwargs["mu"] = _shift(scheduler, tokens, max_shift=1.16)
-        return retrieve_timesteps(scheduler, steps, device, **_accepted(scheduler, kwargs))[0]
+        return retrieve_timesteps(scheduler, steps, device, **kwargs)[0]
 
     def model_output(self, latents: Tensor, t: Tensor, condition: Conditioning, cfg_scale: float) -> Tensor:  # noqa: D102
         model_input = torch.cat([latents] * 2) if condition.do_cfg else latents
@@ -283,13 +297,20 @@ class FluxFamily(SD3Family):
         latents, _ = self.pipe.prepare_latents(batch_size, self.latent_channels(), *size, dtype, device, generators)
         return latents
 
+    @staticmethod
+    def schedule_arguments(config: Mapping[str, Any]) -> tuple[str, ...]:
+        """``sigmas`` (unless the scheduler has ``use_flow_sigmas``), and ``mu`` where it shifts dynamically."""
+        sigmas = () if config.get("use_flow_sigmas", False) else ("sigmas",)
+        return (*sigmas, *SD3Family.schedule_arguments(config))
+
     def timesteps(self, scheduler: Any, steps: int, device: torch.device, size: tuple[int, int]) -> Tensor:
         """``FluxPipeline``'s: sigmas from 1 to 1/steps, shifted by the image's token count (steps ``steps``)."""
         tokens = (size[0] // self.pipe.vae_scale_factor // 2) * (size[1] // self.pipe.vae_scale_factor // 2)
+        # The pipeline passes mu always; a scheduler that does not shift dynamically ignores it.
         kwargs: dict[str, Any] = {"mu": _shift(scheduler, tokens, max_shift=1.15)}
-        if not scheduler.config.get("use_flow_sigmas", False):
+        if "sigmas" in self.schedule_arguments(scheduler.config):
             kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-        return retrieve_timesteps(scheduler, steps, device, **_accepted(scheduler, kwargs))[0]
+        return retrieve_timesteps(scheduler, steps, device, **kwargs)[0]
 
     def model_output(self, latents: Tensor, t: Tensor, condition: Conditioning, cfg_scale: float) -> Tensor:  # noqa: D102
         timestep = t.expand(latents.shape[0]).to(latents.dtype) / 1000
@@ -315,10 +336,14 @@ def _shift(scheduler: Any, tokens: int, max_shift: float) -> float:
     )
 
 
-def _accepted(scheduler: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The ``set_timesteps`` arguments ``scheduler`` takes: FlowMatchHeun takes neither ``sigmas`` nor ``mu``."""
-    parameters = inspect.signature(scheduler.set_timesteps).parameters
-    return {key: value for key, value in kwargs.items() if key in parameters}
+def missing_schedule_arguments(family: str, scheduler_class: type, config: Mapping[str, Any]) -> list[str]:
+    """What ``family``'s pipeline passes ``set_timesteps`` that ``scheduler_class``'s does not take.
+
+    For a model of scheduler config ``config`` (:meth:`Family.schedule_arguments`). FlowMatchHeun takes neither Flux's
+    ``sigmas`` nor a dynamic shift's ``mu``: such a scheduler cannot run the model's own schedule.
+    """
+    accepted = inspect.signature(scheduler_class.set_timesteps).parameters
+    return [name for name in FAMILIES[family].schedule_arguments(config) if name not in accepted]
 
 
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Family, SDXLFamily, SD3Family, FluxFamily)}

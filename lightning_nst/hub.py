@@ -28,10 +28,11 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "lcm": ("LCMScheduler", {}),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3's and Flux's own sampler
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),  # SD3 only: it cannot take Flux's sigmas or a dynamic shift
 }
 """``model.scheduler`` aliases: the diffusers class and the settings that make it the named sampler (the ``flow_``
-ones for the flow-matching SD3 and Flux, the others for SD 1.x/2.x and SDXL). Besides these,
+ones for the flow-matching SD3 and Flux, the others for SD 1.x/2.x and SDXL; the README tabulates which runs where,
+``check_family_scheduler`` in ``lightning_nst.diffusion`` refuses the others). Besides these,
 ``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one.
 Each is built ``from_config`` of the pipeline's scheduler, so betas, offsets and spacing stay the model's."""
 
