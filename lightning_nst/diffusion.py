@@ -537,7 +537,14 @@ class GuidedDiffusion(L.LightningModule):
             "guidance": self.guidance.settings() if self.guidance is not None else None,
             # Only with init images, so that text-to-image fingerprints stay those of earlier versions.
             **({"strength": self.strength} if self._img2img() else {}),
+            # DPM-SDE's noise has come from each item's seed since this key: an item made before (from torch's global
+            # random state) is another image, so a folder begun then is refused rather than mixed.
+            **({"sde_noise": "per item"} if self._sde() else {}),
         }
+
+    def _sde(self) -> bool:
+        chosen = scheduler_class(self.scheduler_name)
+        return chosen is not None and issubclass(chosen[0], DPMSolverSDEScheduler)
 
     def _img2img(self) -> bool:
         data = self.trainer.datamodule if self._trainer is not None else None

@@ -526,6 +526,7 @@ class GenerationWriter(BasePredictionWriter):
         self._fingerprints: dict[int, str] = {}
         self._kept = 0
         self._failures: list[str] = []
+        self._plan = ""
         # write_atomic's temporary files: ".<name>.<random>.tmp"
         self._temporary = re.compile(rf"\.({ITEM_FILE.pattern}|{re.escape(manifest)})\..+\.tmp")
 
@@ -577,12 +578,19 @@ class GenerationWriter(BasePredictionWriter):
         self._kept = len(finished)
         self._failures = []
         total = len(data.items)
+        # Said once the run is sure to start (on_predict_start) or has ended (teardown), not before the module's own
+        # checks, which may still refuse the run.
         if self._kept == total:
-            rank_zero_info(f"All {total} items in {self.directory} are finished; nothing to generate")
-            return
-        kept = f"; {self._kept} finished earlier are kept" if self._kept else ""
-        hint = "" if self.output_dir is not None else f"; to finish it if interrupted, rerun with {self._flag}"
-        rank_zero_info(f"Generating {total - self._kept} of {total} items into {self.directory}{kept}{hint}")
+            self._plan = f"All {total} items in {self.directory} are finished; nothing to generate"
+        else:
+            kept = f"; {self._kept} finished earlier are kept" if self._kept else ""
+            hint = "" if self.output_dir is not None else f"; to finish it if interrupted, rerun with {self._flag}"
+            self._plan = f"Generating {total - self._kept} of {total} items into {self.directory}{kept}{hint}"
+
+    def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say how many items this run generates, and where."""
+        rank_zero_info(self._plan)
+        self._plan = ""
 
     def _records(self, path: Path, strict: bool) -> Iterator[tuple[int, dict[str, Any], str]]:
         """``(index, record, line)`` of each record in ``path``.
@@ -764,6 +772,9 @@ class GenerationWriter(BasePredictionWriter):
         # but every process tears down.
         trainer.strategy.barrier("GenerationWriter.merge")
         _close_progress_bar(trainer, pl_module, stage)  # the Results line comes below it
+        if self._plan:  # no predict loop ran: every item was finished
+            rank_zero_info(self._plan)
+            self._plan = ""
         recorded = self._merge() if trainer.is_global_zero else 0
         directory, self.directory = self.directory, None
         failures, self._failures = self._failures, []

@@ -453,3 +453,13 @@ def test_a_finished_batch_whose_manifest_is_gone_is_refused_not_replaced(
     (tmp_path / "moved.jsonl").rename(out / "predictions.jsonl")
     main(generate_args(pipeline_dir, out, "sample:gravel", "--seeds", "0", "1"))
     assert {path.name: path.read_bytes() for path in out.glob("*.png")} == images
+
+
+def test_a_refused_run_does_not_say_it_is_generating(
+    pipeline_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    args = batch_args(pipeline_dir, tmp_path / "out", 1, f"--model.model={tmp_path / 'no_such_model'}")
+    with caplog.at_level(logging.INFO):
+        message = cli_error(capfd, args)
+    assert message.startswith("lightning-nst: error: model.model: ") and "no_such_model" in message
+    assert "Generating" not in caplog.text

@@ -340,6 +340,15 @@ def test_fingerprints_of_earlier_folders_are_unchanged(model: object, fingerprin
     assert ITEM.fingerprint(module.fingerprint_options()) == fingerprint
 
 
+def test_dpmpp_sde_items_made_before_their_noise_was_per_item_are_other_items() -> None:
+    # Before, DPM-SDE's noise came from torch's global random state: such an item is another image than now.
+    sde = GuidedDiffusion("some/model", None, scheduler="dpmpp_sde", height=64, width=64)
+    assert sde.fingerprint_options()["sde_noise"] == "per item"
+    before = {key: value for key, value in sde.fingerprint_options().items() if key != "sde_noise"}
+    assert ITEM.fingerprint(sde.fingerprint_options()) != ITEM.fingerprint(before)
+    assert "sde_noise" not in GuidedDiffusion("some/model", None, scheduler="euler_a").fingerprint_options()
+
+
 def test_writer_refuses_a_module_it_cannot_describe(tmp_path: Path) -> None:
     grid = PromptGrid(prompts=["a"])
     grid.setup("predict")
