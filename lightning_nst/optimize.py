@@ -143,7 +143,7 @@ def _reserved(name: str) -> str | None:
         return GRID
     for suffix, kind in ((".interrupted", "interrupted"), (".last_good", "last good")):
         if folded.endswith(suffix):
-            return f"the {kind} image of objective {name.removesuffix(name[-len(suffix) :])!r}"
+            return f"the {kind} image of objective {name[: -len(suffix)]!r}"
     return None
 
 

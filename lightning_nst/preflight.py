@@ -114,13 +114,11 @@ def _connector(trainer: Any) -> Any:
                 f"trainer.accelerator: {accelerator!r} is not available on this machine ({text}); "
                 "use --trainer.accelerator cpu or auto"
             ) from None
-        key = (
-            "trainer.strategy"
-            if "strateg" in text.lower()
-            else "trainer.num_nodes"
-            if "node" in text
-            else "trainer.devices"
-        )
+        key = "trainer.devices"
+        if "strateg" in text.lower():
+            key = "trainer.strategy"
+        elif "node" in text:
+            key = "trainer.num_nodes"
         raise NSTError(f"{key}: {text}") from None
 
 

@@ -204,8 +204,9 @@ class ImageWriter(L.Callback):
         for objective in module.objectives:
             names += [interrupted_file(objective.name), last_good_file(objective.name)]
             if self.save_every:
-                steps = self.directory / step_file(objective.name, 0)
-                names += [f"{steps.parent.name}/{path.name}" for path in steps.parent.glob(f"{objective.name}_*.png")]
+                steps = (self.directory / step_file(objective.name, 0)).parent
+                found = steps.glob(f"{glob.escape(objective.name)}_*.png")
+                names += [path.relative_to(self.directory).as_posix() for path in found]
         return [name for name in names if os.path.lexists(self.directory / name)]
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
