@@ -19,7 +19,7 @@ import sys
 import threading
 import warnings
 from argparse import ArgumentError
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -150,9 +150,11 @@ class StopOnSignal(L.Callback):
     ``lightning-nst`` prints, exiting with ``128 + signal``. A second signal interrupts at once, as Ctrl-C does.
     """
 
-    def __init__(self, args: Sequence[str] | None = None) -> None:
+    def __init__(self, args: Sequence[str] | None = None, resume: Callable[[Path], str] | None = None) -> None:
         self.args = list(args) if args is not None else None
         """The command's arguments, for the resume command in :attr:`message`; ``None``: unknown."""
+        self.resume = resume
+        """The command that resumes from a checkpoint, where it is not ``args`` with ``--ckpt_path`` (a shortcut's)."""
         self.signum: int | None = None
         self.stopped = False
         self.checkpoint: Path | None = None
@@ -221,7 +223,12 @@ class StopOnSignal(L.Callback):
         name = signal.Signals(self.signum or signal.SIGTERM).name
         if self.checkpoint is not None:
             kept = f"; the current images are in {self.interrupted} as *.interrupted.png" if self.interrupted else ""
-            if self.args is None:
+            writer = next((c for c in trainer.callbacks if isinstance(c, ImageWriter)), None)
+            if writer is not None and writer.partial is not None:
+                kept += f"; the best image so far is in {writer.partial}"
+            if self.resume is not None:
+                resume = f"resume with: {self.resume(self.checkpoint)}"
+            elif self.args is None:
                 resume = f"resume with the same command and --ckpt_path {shlex.quote(str(self.checkpoint))}"
             else:
                 resume = f"resume with: {resume_command(self.args, self.checkpoint)}"
@@ -669,10 +676,12 @@ def _check_subcommand_of_configs(args: Sequence[str]) -> None:
             )
 
 
-def run(args: Sequence[str]) -> NSTCLI:
+def run(args: Sequence[str], *, resume: Callable[[Path], str] | None = None) -> NSTCLI:
     """Run ``lightning-nst <args>`` (``fit``, ``predict``, ...) in this process and return the finished CLI.
 
-    The library's entry point: it prints nothing of its own and raises instead of exiting.
+    The library's entry point: it prints nothing of its own and raises instead of exiting. ``resume`` gives the
+    command that resumes from a checkpoint, for the message of a stopped run, where that is not these arguments with
+    ``--ckpt_path`` (``stylize``'s own command with ``--resume``).
 
     Raises:
         NSTError: On bad input, with the one line ``lightning-nst`` prints.
@@ -681,7 +690,7 @@ def run(args: Sequence[str]) -> NSTCLI:
     args = list(args)
     check_yaml_files(args)
     _check_subcommand_of_configs(args)
-    stop = StopOnSignal(args)
+    stop = StopOnSignal(args, resume)
     cli = None
     try:
         # Around the whole run, as the handlers must be in place before the trainer starts; a signal that comes

@@ -206,6 +206,26 @@ def png_bytes(image: Tensor | Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def image_format(path: str | os.PathLike[str], key: str) -> str:
+    """PIL's format name for the file ``path`` by its suffix (``PNG``, ``JPEG``, ...); raises naming ``key``."""
+    suffix = Path(path).suffix.lower()
+    formats = Image.registered_extensions()
+    if suffix not in formats or formats[suffix] not in Image.SAVE:
+        raise NSTError(f"{key}: {path}: unknown image file extension {Path(path).suffix!r} (use .png)")
+    return formats[suffix]
+
+
+def encoded(image: Tensor | Image.Image, path: str | os.PathLike[str], key: str) -> bytes:
+    """The file of an image in the format ``path``'s suffix names (:func:`image_format`): PNG, JPEG, WebP, ..."""
+    fmt = image_format(path, key)
+    if fmt == "PNG":
+        return png_bytes(image)
+    pil = image if isinstance(image, Image.Image) else to_pil(image)
+    buffer = io.BytesIO()
+    pil.convert("RGB").save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
 def save_image(image: Tensor | Image.Image, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write a PNG atomically (temporary file, then rename); an existing file is kept unless ``overwrite``."""
     return write_atomic(path, png_bytes(image), overwrite=overwrite)

@@ -1043,12 +1043,14 @@ class ImageOptimization(L.LightningModule):
                     average.update(self.decode(parameter))
         if (not counted or all(at is not None for at in self.stopped_at)) and self._due_scale() is None:
             self.trainer.should_stop = True  # unless a next scale follows: it starts at the next step
-        self._log_terms(step)
         total = sum(row["total"] for row in self._current.values())
-        self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, batch_size=1)
+        self._log_terms(step, total)
+        # The progress bar's; the loggers get it from _log_terms, since through self.log Lightning would add a flat
+        # `epoch` curve (a fit is one epoch) to every step's scalars.
+        self.log("loss", total, on_step=True, on_epoch=False, prog_bar=True, logger=False, batch_size=1)
 
-    def _log_terms(self, step: int) -> None:
-        """Write each objective's loss terms and best loss (``<objective>/<term>``) to the loggers.
+    def _log_terms(self, step: int, total: float) -> None:
+        """Write each objective's loss terms and best loss (``<objective>/<term>``) and the ``loss`` to the loggers.
 
         Straight to the loggers, on the steps Lightning writes logs (every ``trainer.log_every_n_steps``; the CLI
         sets 1): ``self.log_dict`` costs about a millisecond per key and step in Lightning's result collection,
@@ -1060,6 +1062,7 @@ class ImageOptimization(L.LightningModule):
             return
         metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
         metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
+        metrics["loss"] = total
         if self.schedule:
             metrics["scale"] = float(self.schedule[self.scale].long_edge)
         for logger in self.loggers:

@@ -280,7 +280,8 @@ class FitSummary:
     content and style images: ``{"content": {"path", "sha256"} or None, "style": [{"path", "sha256"}, ...]}``, with
     the absolute path and the SHA-256 of a file, or the source as given and ``None`` for an embedded sample.
     ``scales`` (coarse-to-fine runs only) lists each scale run: ``long_edge``, ``size`` ``[H, W]``, ``steps``,
-    ``end_step`` and ``seconds``.
+    ``end_step`` and ``seconds``. ``result_file`` (with ``ImageWriter.output``, as ``stylize -o`` sets it) is the
+    result's own image file: ``{"path", "sha256"}``.
     """
 
     vgg_weights: str
@@ -300,6 +301,7 @@ class FitSummary:
     inputs: dict[str, Any] | None
     images: dict[str, Any] | None = None
     scales: list[dict[str, Any]] | None = None
+    result_file: dict[str, str] | None = None
 
     def to_json(self) -> str:
         """The file's text."""

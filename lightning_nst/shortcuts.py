@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import json
 import math
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
-from PIL import Image
 
 from lightning_nst import shipped
 from lightning_nst.color import COLOR_MODES
@@ -62,9 +60,31 @@ def _common(parser: argparse.ArgumentParser, size_default: str, init_default: st
     parser.add_argument("--init", default=init_default, help=f"noise, content or an image path ({init_default})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run and of a noise start (0)")
     parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
-    parser.add_argument("--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<config>/version_N")
+    _fill_missing(parser)
+    parser.add_argument(
+        "--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<-o's stem>/version_N"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
+    parser.add_argument(
+        "--keep-partial",
+        action="store_true",
+        help="when Ctrl-C or SIGTERM stops the run, write the best image so far to -o (--resume replaces it)",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="CHECKPOINT",
+        help="finish a stopped run from its checkpoint (the command a stop prints), with the same flags",
+    )
     parser.add_argument("--print-config", action="store_true", help="print the equivalent `fit -c` YAML and stop")
+
+
+def _fill_missing(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--fill-missing",
+        action="store_true",
+        help="with a weights file that covers fewer layers than the run uses (a partial VGG19), give the deeper "
+        "layers seeded random weights (said in the run's weights line) instead of refusing",
+    )
 
 
 def stylize_parser() -> argparse.ArgumentParser:
@@ -146,7 +166,10 @@ def generate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--strength", type=float, help="img2img strength in (0, 1]; 1 is text-to-image (default: 0.6)")
     parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
-    parser.add_argument("--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<config>/version_N")
+    _fill_missing(parser)
+    parser.add_argument(
+        "--logs", default="logs", help="TensorBoard folder; the run goes to <logs>/<-o's name>/version_N"
+    )
     parser.add_argument("--overwrite", action="store_true", help="generate every item again, replacing the folder's")
     parser.add_argument("--print-config", action="store_true", help="print the equivalent `predict -c` YAML and stop")
     return parser
@@ -199,9 +222,20 @@ def _optimisation_config(
     trainer = config["trainer"]
     if options.steps is not None:
         trainer["max_steps"] = options.steps
-    trainer["logger"]["init_args"]["save_dir"] = options.logs
+    # The Python API (lightning_nst.stylize) passes no output: it writes no file.
+    output = getattr(options, "output", None)
+    if output is not None:
+        _name_the_run(trainer, options.logs, Path(output).stem)
+        writer = _writer(trainer, "ImageWriter")
+        writer.update({"output": output, "overwrite": options.overwrite})
+        if options.keep_partial:
+            writer["keep_partial"] = True
+    if getattr(options, "resume", None) is not None:
+        config["ckpt_path"] = options.resume
     model = config["model"]["init_args"]
     model["vgg"]["weights"] = options.weights
+    if getattr(options, "fill_missing", False):
+        model["vgg"]["fill_missing"] = True
     model["init"] = options.init
     model["init_seed"] = options.seed
     if options.optimizer == "adam":
@@ -214,6 +248,22 @@ def _optimisation_config(
     if options.size is not None:
         config["data"]["init_args"]["size"] = options.size
     return config
+
+
+def _name_the_run(trainer: dict[str, Any], logs: str, name: str) -> None:
+    """Log under ``<logs>/<name>``: a run is named after what the user asked for (``-o``), not after the config."""
+    logger = trainer["logger"]["init_args"]
+    logger["save_dir"] = logs
+    if name.strip(". "):
+        logger["name"] = name
+
+
+def _writer(trainer: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The ``init_args`` of the shipped config's writer (the last callback, of class ``kind``)."""
+    writer = trainer["callbacks"][-1]
+    if not str(writer.get("class_path", "")).endswith(kind):
+        raise AssertionError(f"the shipped config's last callback is not its {kind}")
+    return writer.setdefault("init_args", {})
 
 
 def stylize_config(options: argparse.Namespace) -> dict[str, Any]:
@@ -271,8 +321,8 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
     seeds = options.seeds if options.seeds is not None else [options.seed if options.seed is not None else 0]
     config["seed_everything"] = seeds[0] % (MAX_SEED + 1)  # each item's noise comes from its own seed
     trainer = config["trainer"]
-    trainer["logger"]["init_args"]["save_dir"] = options.logs
-    writer = trainer["callbacks"][-1]["init_args"]
+    _name_the_run(trainer, options.logs, Path(options.output).expanduser().resolve().name)
+    writer = _writer(trainer, "GenerationWriter")
     writer["output_dir"] = options.output
     writer["overwrite"] = options.overwrite
     model = config["model"]["init_args"]
@@ -300,6 +350,8 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
                 f"{max(layers, key=LAYER_NAMES.index)} needs images of at least {needed} px"
             )
     guidance["vgg"]["weights"] = options.weights
+    if options.fill_missing:
+        guidance["vgg"]["fill_missing"] = True
     data = config["data"]["init_args"]
     data.update({"prompts": list(options.prompt), "seeds": list(seeds), "style": list(options.style)})
     if options.init_image is not None:
@@ -313,33 +365,40 @@ def config_yaml(config: dict[str, Any], command: str, argv: Sequence[str]) -> st
     return head + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
-def _run(command: str, config: dict[str, Any]) -> Any:
+def _run(command: str, config: dict[str, Any], resume: Callable[[Path], str] | None = None) -> Any:
     from lightning_nst.cli import run  # the CLI imports torch and Lightning: not for --help or bad flags
 
     # Inline JSON is YAML that --config takes as it is, so the run reads exactly the config --print-config prints.
-    return run([command, "--config", json.dumps(config)])
+    return run([command, "--config", json.dumps(config)], resume=resume)
 
 
-def _image_format(output: Path) -> str:
-    extension = output.suffix.lower()
-    formats = Image.registered_extensions()
-    if extension not in formats or formats[extension] not in Image.SAVE:
-        raise NSTError(f"-o: {output}: unknown image file extension {output.suffix!r} (use .png)")
-    return formats[extension]
+def _run_folder(checkpoint: Path) -> Path | None:
+    """The run folder a resume from ``checkpoint`` writes into: that of ``<run>/checkpoints/*.ckpt`` if unfinished."""
+    from lightning_nst.outputs import SUMMARY
+
+    folder = checkpoint.parent.parent
+    if checkpoint.parent.name != "checkpoints" or (folder / SUMMARY).exists():
+        return None
+    return folder
 
 
-def _check_output_file(output: Path, overwrite: bool) -> str:
-    from lightning_nst.outputs import check_output_dir
+def _check_output_file(output: Path, overwrite: bool, resume: str | None) -> None:
+    """Refuse, before any work, an ``-o`` that exists unless ``--overwrite`` or it is the partial result resumed."""
+    from lightning_nst.images import image_format
+    from lightning_nst.outputs import OutputFolder, check_output_dir
 
     if not str(output).strip() or output == Path():
         raise NSTError("-o: is empty; name the image file to write, e.g. -o out.png")
-    image_format = _image_format(output)
+    image_format(output, "-o")
     if output.is_dir():
         raise NSTError(f"-o: {output} is a folder; name the image file to write")
     if output.exists() and not overwrite:
-        raise NSTError(f"-o: {output} exists; pass --overwrite to replace it")
+        # A stopped run's --keep-partial image is recorded in its folder, which the resume writes into again.
+        folder = _run_folder(Path(resume).expanduser()) if resume is not None else None
+        if folder is None or OutputFolder(folder, "-o").foreign([str(output.resolve())]):
+            partial = " and is not the partial result of the run --resume finishes" if resume is not None else ""
+            raise NSTError(f"-o: {output} exists{partial}; pass --overwrite to replace it")
     check_output_dir(output.parent, "-o")
-    return image_format
 
 
 def _check_not_an_input(output: Path, options: argparse.Namespace) -> None:
@@ -354,39 +413,39 @@ def _check_not_an_input(output: Path, options: argparse.Namespace) -> None:
             raise NSTError(f"-o: {output} is the {what} of this run; write the result to another file")
 
 
-def _fit_result(cli: Any) -> tuple[Path, Path]:
-    """The PNG of the (one) objective's result that the run's ImageWriter wrote, and the run's log folder."""
-    from lightning_nst.outputs import FitSummary
-    from lightning_nst.writers import ImageWriter
-
-    log_dir = Path(cli.trainer.log_dir)
-    writer = next((c for c in cli.trainer.callbacks if isinstance(c, ImageWriter)), None)
-    folder = Path(getattr(writer, "directory", None) or log_dir)
-    (record,) = FitSummary.read(folder).objectives.values()
-    return folder / record.output, log_dir
+def _without_resume(argv: Sequence[str]) -> list[str]:
+    """``argv`` without a ``--resume CHECKPOINT`` (or ``--resume=CHECKPOINT``)."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return kept
 
 
 def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) -> None:
+    command = parser.prog.split()[-1]
     options = parser.parse_args(argv)
     config = build(options)
     if options.print_config:
-        print(config_yaml(config, "fit", [parser.prog.split()[-1], *argv]), end="")
+        print(config_yaml(config, "fit", [command, *argv]), end="")
         return
     output = Path(options.output).expanduser()
-    image_format = _check_output_file(output, options.overwrite)
+    _check_output_file(output, options.overwrite, options.resume)
     _check_not_an_input(output, options)
-    cli = _run("fit", config)
-    from lightning_nst.images import write_atomic
+    # A stop says how to finish into the same -o: this very command, with --resume and the checkpoint.
+    base = ["lightning-nst", command, *_without_resume(argv)]
+    cli = _run("fit", config, resume=lambda checkpoint: shlex.join([*base, "--resume", str(checkpoint)]))
+    from lightning_nst.writers import ImageWriter
 
-    result, log_dir = _fit_result(cli)
-    data = result.read_bytes()
-    if image_format != "PNG":
-        with Image.open(io.BytesIO(data)) as image:
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format=image_format)
-            data = buffer.getvalue()
-    write_atomic(output, data, overwrite=options.overwrite)
-    print(f"Wrote {output}; the run (TensorBoard, config, checkpoints) is in {log_dir}", flush=True)
+    writer = next(callback for callback in cli.trainer.callbacks if isinstance(callback, ImageWriter))
+    run = Path(cli.trainer.log_dir)
+    where = f"is in {run}" if writer.directory == run else f"is in {writer.directory} (TensorBoard: {run})"
+    print(f"Wrote {output}; the run (TensorBoard, config, checkpoints) {where}", flush=True)
 
 
 def stylize(argv: Sequence[str]) -> None:

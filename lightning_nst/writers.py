@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn import functional
 
 from lightning_nst.errors import DivergenceError, NSTError
-from lightning_nst.images import labelled_grid, png_bytes, to_uint8, write_atomic
+from lightning_nst.images import encoded, image_format, labelled_grid, png_bytes, to_uint8, write_atomic
 from lightning_nst.outputs import (
     GRID,
     ITEM_FILE,
@@ -69,6 +69,9 @@ class OptimizationModule(Protocol):
     style_sources: list[str]
     last_good: Tensor | None
     has_good: list[bool]
+    best_images: Tensor | None
+    best_loss: list[float]
+    best_step: list[int]
 
     @property
     def image(self) -> Tensor | None:
@@ -134,7 +137,12 @@ class ImageWriter(L.Callback):
     ``<name>.last_good.png`` when a loss becomes non-finite. To TensorBoard it logs the content and style images
     once (``inputs/content``, ``inputs/style_<i>``), snapshots from step 0, the results, and at the end the
     objectives' settings as hyperparameters with their final losses and metrics (``final/<objective>/<name>``), so
-    the HParams tab compares runs.
+    the HParams tab compares runs; a run stopped by a signal logs them too, with the best losses so far.
+
+    With ``output``, the result of the (one) objective is also written to that image file: what ``lightning-nst
+    stylize -o`` writes. The folder's record of its files (:class:`~lightning_nst.outputs.OutputFolder`) holds it
+    too, so a run resumed into the same folder may replace the best image so far that ``keep_partial`` left there,
+    but never a file of the user's.
 
     Args:
         output_dir: Where results go; by default the logger's run folder (``logs/<name>/version_<n>``), or
@@ -143,10 +151,15 @@ class ImageWriter(L.Callback):
         save_every: Also save each objective's image as ``steps/<name>_<step>.png`` every this many steps, and at
             step 0 (neural-style's ``-save_iter``); 0 turns it off. A resumed run replaces the files of the steps it
             repeats.
-        snapshot_every: Log the current images to TensorBoard at step 0 and every this many steps; 0 turns it off.
+        snapshot_every: Log the current images to TensorBoard at step 0 and every this many steps; ``None`` (the
+            default) about ten times a run (every ``max_steps // 10`` steps, at least every step); 0 turns it off.
         grid_columns: Columns of the labelled grid of results.
         grid_inputs: With a single objective, show the content and style images left of the result in
             ``grid.png`` (``content | style | result``); sweeps' grids show the results only.
+        output: Also write the result to this image file (PNG, JPEG, WebP, ... by its suffix); one objective only.
+            Refused at the start if it exists and is not this folder's own, unless ``overwrite``.
+        keep_partial: When a signal stops the run, write the best image so far to ``output`` (a resumed run into
+            the same folder replaces it with the result).
     """
 
     def __init__(
@@ -154,16 +167,28 @@ class ImageWriter(L.Callback):
         output_dir: str | None = None,
         overwrite: bool = False,
         save_every: NonNegativeInt = 0,
-        snapshot_every: NonNegativeInt = 50,
+        snapshot_every: NonNegativeInt | None = None,
         grid_columns: PositiveInt = 4,
         grid_inputs: bool = True,
+        output: str | None = None,
+        keep_partial: bool = False,
     ) -> None:
+        if output is not None and not str(output).strip():
+            raise NSTError("ImageWriter.output: is empty; name the image file to write, or leave it null")
+        if output is not None:
+            image_format(output, "ImageWriter.output")
+        if keep_partial and output is None:
+            raise NSTError("ImageWriter.keep_partial: needs ImageWriter.output, the file to keep the partial image in")
         self.output_dir = output_dir
         self.overwrite = overwrite
         self.save_every = int(save_every)
-        self.snapshot_every = int(snapshot_every)
+        self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
         self.grid_columns = int(grid_columns)
         self.grid_inputs = grid_inputs
+        self.output = Path(output).expanduser() if output is not None else None
+        self.keep_partial = keep_partial
+        self.partial: Path | None = None
+        """Where a stop left the best image so far (``keep_partial``), once it did."""
         self.directory = Path(output_dir).expanduser() if output_dir is not None else None
         self._folder: OutputFolder | None = None
         self._started = 0.0
@@ -221,10 +246,20 @@ class ImageWriter(L.Callback):
         """
         self._started = time.perf_counter()
         self._start_step = trainer.global_step
-        self._written, self._announce = False, None
+        self._written, self._announce, self.partial = False, None, None
+        module = self._module(pl_module)
+        if self.output is not None and len(module.objectives) != 1:
+            raise NSTError(
+                f"ImageWriter.output: is the result file of one objective, but this run has {len(module.objectives)} "
+                "(each one's result is <name>.png in the run folder)"
+            )
         if self.overwrite or not trainer.is_global_zero or self.directory is None:
             return
-        module = self._module(pl_module)
+        if self.output is not None and self.folder.foreign([self._output_name]):
+            raise NSTError(
+                f"ImageWriter.output: {self.output} exists and is not this run folder's partial result; choose another "
+                "file or set overwrite (--overwrite for stylize and texture)"
+            )
         existing = self._names(module)
         hint = _OVERWRITE_HINT
         if SUMMARY in existing:  # a finished run: its first result is named, as the user knows it
@@ -248,10 +283,16 @@ class ImageWriter(L.Callback):
                 experiment.add_image("inputs/content", to_uint8(module.content[0]), 0)
             for index, style in enumerate(module.style):
                 experiment.add_image(f"inputs/style_{index}", to_uint8(style[0]), 0)
-        if self.snapshot_every:
+        if self._snapshots(trainer):
             self._log_images(trainer, module, "snapshot", module.image)
         if self.save_every:
             self._save_steps(trainer, module)
+
+    def _snapshots(self, trainer: L.Trainer) -> int:
+        """Steps between TensorBoard snapshots (0: none): ``snapshot_every``, or about ten a run."""
+        if self.snapshot_every is not None:
+            return self.snapshot_every
+        return max(1, trainer.max_steps // 10) if trainer.max_steps and trainer.max_steps > 0 else 50
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         """Time the first step, log snapshots to TensorBoard and save step images."""
@@ -259,7 +300,8 @@ class ImageWriter(L.Callback):
         step = trainer.global_step
         if step == self._start_step + 1:
             self._first_step_done = time.perf_counter()
-        if self.snapshot_every and step % self.snapshot_every == 0:
+        every = self._snapshots(trainer)
+        if every and step % every == 0:
             self._log_images(trainer, module, "snapshot", module.image)
         if self.save_every and step % self.save_every == 0:
             self._save_steps(trainer, module)
@@ -319,7 +361,19 @@ class ImageWriter(L.Callback):
             if bool(torch.isfinite(image[index]).all()):
                 self._write(interrupted_file(objective.name), png_bytes(image[index]))
                 saved = True
+        best = pl_module.best_images
+        if self.keep_partial and self.output is not None and best is not None and bool(torch.isfinite(best[0]).all()):
+            # The best image seen so far, as optimised (before a histogram colour mode's final matching).
+            self._write(self._output_name, encoded(best[0], self.output, "ImageWriter.output"))
+            self.partial = self.output
+        self._log_hparams(trainer, pl_module, self._settings(pl_module), self._progress(trainer, pl_module))
         return self.directory if saved else None
+
+    @property
+    def _output_name(self) -> str:
+        """``output`` as the folder's record names it: an absolute path, which ``folder / name`` leaves as it is."""
+        assert self.output is not None
+        return str(self.output.resolve())
 
     def _save_steps(self, trainer: L.Trainer, module: OptimizationModule) -> None:
         step = trainer.global_step
@@ -358,27 +412,42 @@ class ImageWriter(L.Callback):
             labels.insert(0, label)
         return labelled_grid(torch.cat(tiles), labels, nrow=len(tiles))
 
-    def _log_hparams(self, trainer: L.Trainer, module: OptimizationModule, summary: FitSummary) -> None:
-        """The objectives' settings as hyperparameters with their final losses and metrics, for the HParams tab."""
+    @staticmethod
+    def _settings(module: OptimizationModule) -> dict[str, Any]:
+        """The run's settings as TensorBoard hyperparameters: weights, pooling, size and each objective's options."""
+        image = module.image
         params: dict[str, Any] = {
-            "vgg_weights": summary.vgg_weights,
-            "pooling": summary.pooling,
-            "image_size": "x".join(map(str, summary.image_size)),
-            "steps": summary.steps,
+            "vgg_weights": module.vgg.weights_used if module.vgg is not None else "",
+            "pooling": module.vgg.pooling if module.vgg is not None else "",
+            "image_size": "x".join(map(str, image.shape[-2:])) if image is not None else "",
         }
-        metrics: dict[str, float] = {}
-        for name, record in summary.objectives.items():
-            params.update({f"{name}/{key}": value for key, value in record.objective.items() if key != "name"})
-            final = {"best_loss": record.best_loss, "last_loss": record.last_loss, "best_step": record.best_step}
-            final.update({key: value for key, value in record.final_loss.items() if key != "total"})
-            final.update(record.metrics)
-            metrics.update({f"final/{name}/{key}": value for key, value in _finite_floats(final).items()})
+        for objective in module.objectives:
+            params.update(
+                {f"{objective.name}/{key}": value for key, value in asdict(objective).items() if key != "name"}
+            )
+        return params
+
+    @staticmethod
+    def _progress(trainer: L.Trainer, module: OptimizationModule) -> dict[str, float]:
+        """The best losses so far of a run stopped before its results (``final/<objective>/best_loss``, ...)."""
+        metrics: dict[str, float] = {"final/stopped_at_step": float(trainer.global_step)}
+        for index, objective in enumerate(module.objectives):
+            if index < len(module.best_loss):
+                best = {"best_loss": module.best_loss[index], "best_step": module.best_step[index]}
+                metrics.update({f"final/{objective.name}/{key}": v for key, v in _finite_floats(best).items()})
+        return metrics
+
+    def _log_hparams(
+        self, trainer: L.Trainer, module: OptimizationModule, params: dict[str, Any], metrics: dict[str, float]
+    ) -> None:
+        """The run's settings as hyperparameters with its final (or best so far) losses, for the HParams tab."""
+        params = {**params, "steps": trainer.global_step}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, metrics)  # logs the metrics too, as scalars at step 0
             else:
                 logger.log_hyperparams(params)
-                logger.log_metrics(metrics, summary.steps)
+                logger.log_metrics(metrics, trainer.global_step)
 
     def write_results(self, trainer: L.Trainer, module: OptimizationModule) -> None:
         """Write each objective's best image as a PNG, a labelled grid and ``summary.json``; log them to TensorBoard.
@@ -413,6 +482,10 @@ class ImageWriter(L.Callback):
         best = torch.cat([result.image for result in results])
         names = [objective.name for objective in module.objectives]
         self._write(GRID, png_bytes(self._grid(module, best, names)))
+        own_file = None
+        if self.output is not None:
+            path = self._write(self._output_name, encoded(results[0].image, self.output, "ImageWriter.output"))
+            own_file = {"path": str(path), "sha256": file_digest(path)}
         self._log_images(trainer, module, "result", best)
         steps = trainer.global_step
         ran = steps - self._start_step
@@ -440,11 +513,19 @@ class ImageWriter(L.Callback):
                 "style": [_source_record(source) for source in module.style_sources],
             },
             scales=getattr(module, "scale_records", None),
+            result_file=own_file,
         )
         self._write(SUMMARY, summary.to_json().encode())
-        self._log_hparams(trainer, module, summary)
+        metrics: dict[str, float] = {}
+        for name, record in summary.objectives.items():
+            final = {"best_loss": record.best_loss, "last_loss": record.last_loss, "best_step": record.best_step}
+            final.update({key: value for key, value in record.final_loss.items() if key != "total"})
+            final.update(record.metrics)
+            metrics.update({f"final/{name}/{key}": value for key, value in _finite_floats(final).items()})
+        self._log_hparams(trainer, module, self._settings(module), metrics)
         self._written = True
-        self._announce = f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY})"
+        written = f" and {self.output}" if self.output is not None else ""
+        self._announce = f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY}){written}"
 
 
 # -- predict: GenerationWriter --------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_nst.images import load_image, to_pil
 from lightning_nst.main import COMMANDS, main
@@ -46,14 +48,14 @@ def test_stylize_writes_exactly_the_output_and_refuses_to_overwrite(
         assert image.format == "PNG" and image.size == (32, 24)  # long edge = --size, aspect kept
     assert sorted(p.name for p in out.parent.iterdir()) == ["result.png"]
     printed = capsys.readouterr().out
-    run = tmp_path / "logs" / "style_transfer_gram" / "version_0"
-    assert f"Wrote {Path('out/result.png')}" in printed and str(Path("logs/style_transfer_gram/version_0")) in printed
+    run = tmp_path / "logs" / "result" / "version_0"  # the run is named after -o
+    assert f"Wrote {Path('out/result.png')}" in printed and str(Path("logs/result/version_0")) in printed
     assert any(path.name.startswith("events.out.tfevents") for path in run.iterdir())
     before = out.read_bytes()
 
     line = cli_error(capsys, ["stylize", content, style, "-o", "out/result.png", *TOY])
     assert line == "lightning-nst: error: -o: out/result.png exists; pass --overwrite to replace it"
-    assert out.read_bytes() == before and not (tmp_path / "logs" / "style_transfer_gram" / "version_1").exists()
+    assert out.read_bytes() == before and not (tmp_path / "logs" / "result" / "version_1").exists()
 
     main(["stylize", content, style, "-o", "out/result.png", *TOY, "--overwrite", "--style-weight", "1e9"])
     assert out.read_bytes() != before
@@ -69,10 +71,11 @@ def test_print_config_is_a_fit_config_that_gives_the_same_image(
     main(["stylize", content, style, "-o", "b.png", *TOY, *flags, "--print-config"])
     config = capsys.readouterr().out
     assert not (tmp_path / "b.png").exists()
-    assert "name: style_transfer_meanvar" in config and "torch.optim.Adam" in config
+    assert "name: b" in config and "output: b.png" in config and "torch.optim.Adam" in config
     (tmp_path / "run.yaml").write_text(config)
-    main(["fit", "-c", "run.yaml"])
-    fit = tmp_path / "logs" / "style_transfer_meanvar" / "version_1" / "meanvar.png"
+    main(["fit", "-c", "run.yaml"])  # writes b.png, as the stylize command would have
+    assert np.array_equal(pixels(tmp_path / "b.png"), pixels(tmp_path / "a.png"))
+    fit = tmp_path / "logs" / "b" / "version_0" / "meanvar.png"
     assert np.array_equal(pixels(fit), pixels(tmp_path / "a.png"))
 
 
@@ -198,7 +201,7 @@ def test_every_statistic_has_a_stylize_and_a_texture_config(statistic: str, caps
     main(["stylize", "sample:astronaut", "sample:gravel", "-o", "x.png", "--statistic", statistic, "--print-config"])
     main(["texture", "sample:gravel", "-o", "y.png", "--statistic", statistic, "--print-config"])
     out = capsys.readouterr().out
-    assert f"name: style_transfer_{statistic}" in out and f"name: texture_{statistic}" in out
+    assert "name: x\n" in out and "name: y\n" in out  # runs are named after -o
     assert out.count(f"statistic: {statistic}") == 2
 
 
@@ -220,3 +223,68 @@ def test_stylize_colour_and_blend_flags(tmp_path: Path, capsys: pytest.CaptureFi
     line = cli_error(capsys, ["stylize", content, style, "-o", "b.png", "--color", "sepia"])
     assert line.startswith("lightning-nst: error: stylize: argument --color: invalid choice: 'sepia'")
     assert not (tmp_path / "b.png").exists()
+
+
+@pytest.fixture
+def stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
+    """Ctrl-C as it lands at step 3 of the next run: what StopOnSignal's handler records, at the step's end."""
+    import signal
+
+    from lightning_nst.cli import StopOnSignal
+
+    original = StopOnSignal.on_train_batch_end
+    armed = {"on": True}
+
+    def interrupted(self: StopOnSignal, trainer: object, *args: object) -> None:
+        if armed["on"] and getattr(trainer, "global_step", 0) == 3:
+            self.signum = signal.SIGINT
+            armed["on"] = False
+        original(self, trainer, *args)
+
+    monkeypatch.setattr(StopOnSignal, "on_train_batch_end", interrupted)
+    return armed
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_an_interrupted_stylize_says_how_to_finish_into_the_same_output(
+    keep: bool, stop_at_step_3: dict[str, bool], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    content, style = write_images(tmp_path)
+    flags = ["--size", "32", "--steps", "6", "--weights", "random", *(["--keep-partial"] if keep else [])]
+    with pytest.raises(SystemExit) as stopped:
+        main(["stylize", content, style, "-o", "sig.png", *flags])
+    assert stopped.value.code == 130
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("lightning-nst: stopped")]
+    checkpoint = Path("logs/sig/version_0/checkpoints/last.ckpt")  # the run is named after -o
+    # The user's own command, with --resume: a command to read and copy, not a config.
+    assert line.endswith(f"resume with: lightning-nst stylize {content} {style} -o sig.png {' '.join(flags)} "
+                         f"--resume {checkpoint}")  # fmt: skip
+    assert "{" not in line
+    # The -o file is written only when asked: then the best image so far, said so.
+    assert (tmp_path / "sig.png").exists() == keep and ("the best image so far is in sig.png" in line) == keep
+    # The stopped run has its hyperparameters and best loss so far in TensorBoard's HParams.
+    events = EventAccumulator(str(checkpoint.parent.parent))
+    events.Reload()
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")
+    assert "final/gram/best_loss" in events.Tags()["scalars"]
+    # The printed command finishes the run into the same -o: the image of a run never stopped.
+    main(shlex.split(line.split("resume with: ", 1)[1])[1:])
+    main(["stylize", content, style, "-o", "straight.png", *flags])
+    assert np.array_equal(pixels(tmp_path / "sig.png"), pixels(tmp_path / "straight.png"))
+
+
+def test_resume_refuses_an_output_that_is_not_the_stopped_runs(
+    stop_at_step_3: dict[str, bool], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    content, style = write_images(tmp_path)
+    flags = ["--size", "32", "--steps", "6", "--weights", "random"]
+    with pytest.raises(SystemExit):
+        main(["stylize", content, style, "-o", "sig.png", *flags])
+    (tmp_path / "sig.png").write_bytes(b"mine")
+    line = cli_error(capsys, ["stylize", content, style, "-o", "sig.png", *flags, "--resume",
+                              "logs/sig/version_0/checkpoints/last.ckpt"])  # fmt: skip
+    assert line == (
+        "lightning-nst: error: -o: sig.png exists and is not the partial result of the run --resume finishes; pass "
+        "--overwrite to replace it"
+    )
+    assert (tmp_path / "sig.png").read_bytes() == b"mine"

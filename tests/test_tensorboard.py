@@ -86,10 +86,11 @@ def test_fit_run_shows_curves_inputs_results_and_hparams(server: tuple[str, Path
     base, logs = server
     scalars = _get(base, "/data/plugin/scalars/tags")[FIT]
     assert {"gatys/total", "gatys/best", "gatys/style_gram_relu1_1", "gatys/content_relu2_1", "loss"} <= set(scalars)
+    assert "epoch" not in scalars  # a fit is one epoch: Lightning's flat epoch curve is not written
     images = _get(base, "/data/plugin/images/tags")[FIT]
     assert {"inputs/content", "inputs/style_0", "snapshot", "result"} <= set(images)
     snapshots = _get(base, "/data/plugin/images/images", run=FIT, tag="snapshot")
-    assert [entry["step"] for entry in snapshots][0] == 0  # the step-0 snapshot
+    assert [entry["step"] for entry in snapshots] == [0, 1, 2, 3]  # about ten a run: every step of 3
     content = _get(base, "/data/plugin/images/images", run=FIT, tag="inputs/content")
     (entry,) = content
     png = _get(base, "/data/plugin/images/individualImage?" + entry["query"].split("?", 1)[-1])
