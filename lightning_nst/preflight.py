@@ -14,7 +14,7 @@ from typing import Any
 from lightning_nst.errors import NSTError
 from lightning_nst.images import check_source, source_size
 from lightning_nst.outputs import check_output_dir
-from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
+from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, LAYER_GEOMETRY, LAYER_NAMES, check_weights_cover
 
 BYTES_PER_FLOAT = 4
 MAX_STEPS = sys.maxsize
@@ -216,6 +216,7 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
     if isinstance(init, str) and init not in ("noise", "content"):
         check_source(init, "model.init")
     layers = [name for name in _layers(_get(model, "objectives")) if name in LAYER_NAMES]
+    _check_vgg_weights(_get(model, "vgg"), layers, "model.vgg")
     reference = content if content is not None else (styles[0] if styles else None)
     size = _get(data, "size")
     if not layers or reference is None or (size is not None and not isinstance(size, int)):
@@ -245,6 +246,25 @@ def check_image_optimization(config: Any, device: Any = None) -> None:
         )
 
 
+def _check_vgg_weights(vgg: Any, layers: list[str], key: str) -> None:
+    """A weights file that covers too few of ``layers`` (without ``fill_missing``), named before anything loads."""
+    if vgg is None or not layers:
+        return
+    check_weights_cover(_get(vgg, "weights", "auto"), layers, bool(_get(vgg, "fill_missing", False)), key)
+
+
+def check_guidance_weights(config: Any) -> None:
+    """``model.guidance.vgg``'s weights file against the guidance's layers (see :func:`_check_vgg_weights`)."""
+    model = _get(config, "model")
+    guidance = _get(_get(model, "init_args"), "guidance")
+    if _class_name(model) != "GuidedDiffusion" or guidance is None:
+        return
+    args = _get(guidance, "init_args")
+    layers = _get(args, "layers") or list(DEFAULT_STYLE_LAYERS)
+    names = [str(name) for name in (layers.keys() if isinstance(layers, Mapping) else layers) if name in LAYER_NAMES]
+    _check_vgg_weights(_get(args, "vgg"), names, "model.guidance.vgg")
+
+
 def check_predict_batches(config: Any) -> None:
     """Refuse ``trainer.limit_predict_batches: 0``, which would load the pipeline and generate nothing."""
     if _get(_get(config, "trainer"), "limit_predict_batches") in (0, 0.0):
@@ -267,6 +287,7 @@ def check(config: Any, subcommand: str) -> None:
     if subcommand == "predict":
         check_predict_batches(config)
         check_img2img(config)
+        check_guidance_weights(config)
     if subcommand == "fit" and _class_name(_get(config, "data")) == "ImageTargets":
         device = getattr(getattr(connector, "strategy", None), "root_device", None)
         check_image_optimization(config, device)

@@ -171,6 +171,52 @@ def _covered_convs(state: Mapping[str, Tensor], reference: nn.Sequential) -> lis
     return covered
 
 
+def _not_covered(path: Path, available: Sequence[str], deepest: str, key: str) -> NSTError:
+    return NSTError(
+        f"{key}: {path} covers only layers {available[0]}..{available[-1]}, but {deepest} was requested; available "
+        f"layers: {', '.join(available)} (or set fill_missing: true, --fill-missing for stylize, texture and "
+        f"generate, for random weights beyond {available[-1]})"
+    )
+
+
+def check_weights_cover(weights: str | os.PathLike[str], layers: Iterable[str], fill_missing: bool, key: str) -> None:
+    """Raise, before any trunk is built, if the weights file ``weights`` names covers too few of ``layers``.
+
+    Only the file's keys are read (memory-mapped), so this costs next to nothing; ``auto`` is checked where it will
+    take ``$LIGHTNING_NST_VGG_WEIGHTS``. Anything else about the file (a broken file, wrong shapes) is left to
+    :class:`VGG19Features`, which reads it whole.
+    """
+    choice = str(weights)
+    if fill_missing or choice in ("random", "imagenet"):
+        return
+    if choice == "auto":
+        fallback = os.environ.get(WEIGHTS_ENV)
+        if not fallback or _imagenet_cache_path().is_file():
+            return
+        path, key = Path(fallback).expanduser(), WEIGHTS_ENV
+    else:
+        path, key = Path(choice).expanduser(), f"{key}.weights"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a readable file: the trunk names what is wrong with it
+        return
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        return
+    names = {str(name).removeprefix("features.") for name in state}
+    covered = 0
+    for conv in CONV_LAYERS:
+        index = layer_index(conv)
+        if f"{index}.weight" not in names or f"{index}.bias" not in names:
+            break
+        covered += 1
+    available = _covered_layers(list(range(covered)))
+    deepest = max(layers, key=layer_index)
+    if covered and layer_index(deepest) >= len(available):
+        raise _not_covered(path, available, deepest, key)
+
+
 def _covered_layers(covered: Sequence[int]) -> list[str]:
     """Layer names whose value depends only on the convolutions in ``covered``."""
     conv_indices = [layer_index(name) for name in CONV_LAYERS]
@@ -269,7 +315,8 @@ class VGG19Features(nn.Module):
                 return state, f"{description}, chosen by auto from ${WEIGHTS_ENV}"
             warnings.warn(
                 f"VGG19 ImageNet weights are unavailable ({reason}) and ${WEIGHTS_ENV} is unset: using RANDOM "
-                f"weights (seed {seed}). Results will not look like neural style; pass a weights file to fix this.",
+                f"weights (seed {seed}). Style losses measured with them do not measure style (no style transfer, "
+                "no style guidance); pass a weights file to fix this.",
                 UserWarning,
                 stacklevel=3,
             )
@@ -289,12 +336,8 @@ class VGG19Features(nn.Module):
         span = f"{available[0]}..{available[-1]}"
         if depth <= len(available):
             return state, f"{label}, covers {span})"
-        deepest = LAYER_NAMES[depth - 1]
         if not fill_missing:
-            raise NSTError(
-                f"{key}: {path} covers only layers {span}, but {deepest} was requested; available layers: "
-                f"{', '.join(available)} (or set fill_missing: true for random weights beyond {available[-1]})"
-            )
+            raise _not_covered(path, available, LAYER_NAMES[depth - 1], key)
         return state, f"{label}, covers {span}) + random beyond {available[-1]} (seed {seed})"
 
     @property

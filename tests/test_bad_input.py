@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -518,3 +519,25 @@ def test_a_printing_command_with_its_output_closed_says_so(command: list[str]) -
         done.stderr.strip()
         == "lightning-nst: error: standard output is closed, so there is nowhere to print the answer"
     )
+
+
+TEXTURE_SHORTCUT = ["texture", "sample:gravel", "-o", "t.png"]
+
+
+@pytest.mark.parametrize(
+    ("command", "key"),
+    [(STYLIZE, "model.vgg.weights"), (TEXTURE_SHORTCUT, "model.vgg.weights"), (GENERATE, "model.guidance.vgg.weights")],
+)
+def test_a_partial_weights_file_is_named_before_any_work_and_says_fill_missing(
+    command: list[str], key: str, partial_random_weights: Path, no_heavy_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:  # the file is made first (its fixture builds a trunk), then building one is forbidden
+    err = fails([*command, "--weights", str(partial_random_weights)], capsys)
+    assert err.startswith(f"lightning-nst: error: {key}: {partial_random_weights} covers only layers conv1_1..relu3_1")
+    assert "--fill-missing for stylize, texture and generate" in err
+
+
+def test_fill_missing_lets_the_shortcuts_use_a_partial_weights_file(partial_random_weights: Path) -> None:
+    main([*STYLIZE, "--steps", "2", "--weights", str(partial_random_weights), "--fill-missing"])
+    summary = json.loads(Path("logs/out/version_0/summary.json").read_text())
+    assert summary["vgg_weights"].endswith("covers conv1_1..relu3_1) + random beyond relu3_1 (seed 0)")
+    assert Path("out.png").is_file()
