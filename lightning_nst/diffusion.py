@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import math
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
@@ -57,6 +59,27 @@ def _looks_like_path(source: str) -> bool:
     return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
 
 
+@contextlib.contextmanager
+def _one_loading_bar() -> Iterator[None]:
+    """While a pipeline loads, diffusers' bar over its components only, and on a terminal only.
+
+    transformers draws a bar of its own over each text encoder's weights inside diffusers' bar, which breaks that
+    bar's line in two; off a terminal, tqdm's carriage returns only clutter a log.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(module, module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
+    transformers_logging.disable_progress_bar()
+    if not sys.stderr.isatty():
+        diffusers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, enabled in states:
+            (module.enable_progress_bar if enabled else module.disable_progress_bar)()
+
+
 def _load(cls: Any, source: str, key: str, marker: str, loader: str = "from_pretrained", **kwargs: Any) -> Any:
     """``cls.from_pretrained(source)``, or another ``loader``, of a local folder or a Hub id; errors name ``key``."""
     path = Path(source).expanduser()
@@ -67,7 +90,8 @@ def _load(cls: Any, source: str, key: str, marker: str, loader: str = "from_pret
     elif _looks_like_path(source):
         raise NSTError(f"{key}: no such folder: {path}")
     try:
-        return getattr(cls, loader)(source, **kwargs)
+        with _one_loading_bar():
+            return getattr(cls, loader)(source, **kwargs)
     except Exception as error:  # from_pretrained raises OSError, ValueError, hub errors, ... for unusable sources
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         reason = reason if len(reason) <= 240 else reason[:240] + "..."

@@ -168,6 +168,17 @@ def test_bf16_mixed_precision_keeps_style_statistics_finite(pipeline_dir: Path) 
     assert record["style_loss"][-1] < record["style_loss"][0]  # measured 0.17x with real models, 0.69x with random
 
 
+def test_loading_a_pipeline_into_a_log_draws_no_progress_bars(
+    pipeline_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # Off a terminal (here: captured), diffusers' loading bar and transformers' bar nested in it would only clutter
+    # the log, the nested one breaking the other's line in two.
+    capfd.readouterr()
+    predict(pipeline_dir, "bars", "--model.guidance=null", "--model.num_inference_steps=1")
+    err = capfd.readouterr().err
+    assert "Loading pipeline components" not in err and "Loading weights" not in err
+
+
 def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None:
     args = tiny_args(pipeline_dir, "ddp", "--data.seeds=[0, 1, 2, 3, 4]", "--data.batch_size=2")
     run = run_ddp([*args, "--model.num_inference_steps=2"], "ddp")
