@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import lightning_nst.outputs
+import lightning_nst.vgg
 from lightning_nst.main import main
 from lightning_nst.vgg import VGG19Features
 from tests.conftest import CONFIGS, REPO
@@ -172,6 +173,8 @@ def test_imagenet_weights_offline(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     def offline(*args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("no network")
 
+    # The host answers, but the download fails: the reason is named as well (unreachable hosts: test_vgg.py).
+    monkeypatch.setattr(lightning_nst.vgg, "_unreachable", lambda url: None)
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.vgg.weights=imagenet"], capsys)
     assert "model.vgg.weights: the ImageNet VGG19 weights are not in the torch hub cache" in err
