@@ -1,18 +1,45 @@
 # Two commands on a fresh machine: `make demo` runs style transfer on embedded sample images, `make test` the tests.
-# Both create .venv on first use. TORCH pins the wheels these development machines have on disk; elsewhere use
-# `make TORCH=torch`, or for CPU-only wheels `make TORCH="torch torchvision --index-url https://download.pytorch.org/whl/cpu"`
-# (or install the package into your own environment with `pip install -e .`).
+# Both create .venv on first use. TORCH is what `pip install` is given for torch and torchvision: by default the CPU
+# build from PyTorch's CPU index where no NVIDIA GPU is found (nvidia-smi), falling back to PyPI's torch where that
+# index cannot be reached, and PyPI's default (a CUDA build on Linux) where a GPU is found. `make TORCH="..."` chooses
+# yourself, e.g. TORCH="torch==2.14.1 torchvision==0.29.1" (what CI installs); or install the package into your own
+# environment with `pip install -e ".[dev]"`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+NVIDIA := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ifeq ($(origin TORCH),undefined)
+ifeq ($(NVIDIA),yes)
+TORCH := torch torchvision
+TORCH_CHOICE := PyPI's default build (an NVIDIA GPU was found)
+else
+TORCH := torch torchvision --index-url $(CPU_INDEX) --timeout 15 --retries 1
+TORCH_CHOICE := the CPU build (no NVIDIA GPU was found)
+TORCH_FALLBACK := torch torchvision
+endif
+else
+TORCH_CHOICE := TORCH as given
+endif
 
 .PHONY: demo test lint report-samples
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
+	@if [ -n "$(TORCH_FALLBACK)" ] && ! $(PY) -c "import urllib.request as u; u.urlopen('$(CPU_INDEX)/', timeout=10)" \
+		2>/dev/null; then \
+		echo "make: $(CPU_INDEX) cannot be reached; installing PyPI's torch: pip install $(TORCH_FALLBACK)"; \
+		$(PY) -m pip install -q $(TORCH_FALLBACK); \
+	else \
+		echo "make: installing torch, $(TORCH_CHOICE): pip install $(TORCH)"; \
+		$(PY) -m pip install -q $(TORCH); \
+	fi
+	@$(PY) -c "import torchvision" 2>/dev/null || { test -n "$(TORCH_FALLBACK)" && \
+		echo "make: that torchvision does not import beside that torch; installing PyPI's: pip install $(TORCH_FALLBACK)" && \
+		$(PY) -m pip install -q --upgrade $(TORCH_FALLBACK); }
+	@$(PY) -c "import torch, torchvision; print(f'make: installed torch {torch.__version__}, a', \
+		f'CUDA {torch.version.cuda}' if torch.version.cuda else 'CPU-only', 'build')"
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
