@@ -180,8 +180,10 @@ def test_offline_auto_falls_back_without_trying_to_download(
 
     monkeypatch.setattr(vgg_module, "_unreachable", lambda url: "Name or service not known")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    with pytest.warns(UserWarning, match=r"unavailable \(.*Name or service not known\).*using RANDOM weights"):
+    with pytest.warns(UserWarning, match=r"unavailable \(.*Name or service not known\).*using RANDOM weights") as seen:
         used = VGG19Features(["relu1_1"], weights="auto").weights_used
+    # Worded for style transfer and guided diffusion alike
+    assert "no style transfer, no style guidance" in str(seen[0].message) and "neural style" not in str(seen[0].message)
     assert used == "random (seed 0, chosen by auto: ImageNet unavailable)"
     assert "Downloading" not in "".join(capfd.readouterr())
 
