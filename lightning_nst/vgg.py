@@ -204,15 +204,16 @@ def check_weights_cover(weights: str | os.PathLike[str], layers: Iterable[str], 
         return
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
-    if not isinstance(state, Mapping):
+    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
         return
-    names = {str(name).removeprefix("features.") for name in state}
-    covered = 0
-    for conv in CONV_LAYERS:
-        index = layer_index(conv)
-        if f"{index}.weight" not in names or f"{index}.bias" not in names:
-            break
-        covered += 1
+    features = {
+        str(name).removeprefix("features."): value
+        for name, value in state.items()
+        if not str(name).startswith("classifier.")
+    }
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        reference = make_layers(cfgs["E"])
+    covered = len(_check_architecture(features, reference, path, key))
     available = _covered_layers(list(range(covered)))
     deepest = max(layers, key=layer_index)
     if covered and layer_index(deepest) >= len(available):

@@ -569,9 +569,8 @@ def test_generate_picks_the_familys_config(
     toy = ["--model", str(pipelines[family]), "--size", "64", "--steps", "1", "--weights", "random"]
     main([*args, *toy, "--print-config"])
     config = capsys.readouterr().out
-    assert (
-        f"name: guided_{family}" in config and f"scheduler: {'euler' if family == 'sdxl' else 'flow_euler'}" in config
-    )
+    # The family's config brings its scheduler; the TensorBoard run is named after -o.
+    assert f"scheduler: {'euler' if family == 'sdxl' else 'flow_euler'}" in config and "name: gen\n" in config
     main([*args, *toy])
     (record,) = records(tmp_path / "gen")
     assert record["scheduler"] == SCHEDULERS[family] and image_of(tmp_path / "gen", record).shape == (64, 64, 3)
