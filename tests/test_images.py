@@ -180,6 +180,20 @@ def test_shipped_samples_load_without_scikit_image(no_skimage: None) -> None:
         check_source("sample:camera", "data.content")
 
 
+def test_report_defaults_are_shipped_samples(no_skimage: None) -> None:
+    from lightning_nst.report.experiments import EXPERIMENTS, check_images
+    from lightning_nst.report.settings import ReportSettings
+
+    settings = ReportSettings()
+    sources = [settings.content, settings.texture, *settings.textures, settings.style, settings.second_style]
+    assert all(source.startswith("sample:") for source in [*sources, *settings.masks]), sources
+    assert len(set(settings.textures)) == 5  # gram_vs_meanvar's claims are counted over several textures
+    for experiment in EXPERIMENTS:
+        check_images(experiment, settings)  # each experiment's images, as a report checks them before anything
+    for source in sources:
+        assert read_image(source, key="report").std() > 0.05, source
+
+
 def test_skimage_names_stay_scikit_images_originals() -> None:
     pytest.importorskip("skimage", reason="scikit-image (the samples extra) is not installed")
     # The shipped 256 px copies never stand in for scikit-image's full-size image of the same name.

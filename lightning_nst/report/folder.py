@@ -53,6 +53,11 @@ def _inside(name: object) -> bool:
     return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML (flow style), for a message."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
+
+
 def _damaged_outputs(out: Path, done: str) -> str | None:
     """The first output of a finished run that is missing or differs from the sha256 its run recorded, if any."""
     try:
@@ -186,24 +191,29 @@ class Report:
         text = yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
         return text + ALLOW_LINE if allow_random else text
 
-    def _same_settings(self, recorded: str) -> bool:
-        """Whether ``recorded`` (a ``report.yaml``) holds this report's settings.
+    def _changed_settings(self, recorded: str) -> list[str]:
+        """The settings ``recorded`` (a ``report.yaml``) holds otherwise than this report, each as ``key: old -> new``.
 
-        A setting added to :class:`ReportSettings` after the report was made is missing from its ``report.yaml``;
-        at its default it changes no run, so that report is still this one.
+        Empty when it is this report. A setting added to :class:`ReportSettings` after the report was made is missing
+        from its ``report.yaml``; at its default it changes no run, so that report is still this one.
         """
         recorded = recorded.replace(ALLOW_LINE, "")
         if recorded == self._settings_yaml():
-            return True
+            return []
         try:
             older = yaml.safe_load(recorded)
         except yaml.YAMLError:
-            return False
+            older = None
         if not isinstance(older, dict):
-            return False
+            return ["report.yaml: not a mapping of settings"]
         current = yaml.safe_load(self._settings_yaml())
         defaults = yaml.safe_load(yaml.safe_dump(asdict(ReportSettings())))
-        return {key: older.get(key, defaults.get(key)) for key in current} == current and set(older) <= set(current)
+        changed = [
+            f"{key}: {_flow(older.get(key, defaults.get(key)))} -> {_flow(value)}"
+            for key, value in current.items()
+            if older.get(key, defaults.get(key)) != value
+        ]
+        return changed + [f"{key}: not a setting of this version" for key in older if key not in current]
 
     def _check_folder(self) -> bool:
         """Raise unless the folder is new, empty or this report's; return whether its files are to be replaced."""
@@ -212,11 +222,13 @@ class Report:
         owned = self._files.is_file()
         if owned:
             self._owned = self._read_files()
-        if recorded.is_file() and not self._same_settings(recorded.read_text(encoding="utf-8")):
+        changed = self._changed_settings(recorded.read_text(encoding="utf-8")) if recorded.is_file() else []
+        if changed:
             if not self.settings.overwrite:
+                more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
                 raise NSTError(
-                    f"out: {self.folder} holds a report made with other settings (see {recorded}); choose another "
-                    "folder or set --overwrite true"
+                    f"out: {self.folder} holds a report made with other settings ({changed[0]}{more}; see {recorded}, "
+                    "which --config takes to make that report again); choose another folder or set --overwrite true"
                 )
             if not owned:
                 raise NSTError(
