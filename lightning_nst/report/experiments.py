@@ -26,7 +26,7 @@ from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
-from lightning_nst.report.folder import Report, weights_stated_once
+from lightning_nst.report.folder import Report, report_folder, undone_if_refused, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
 
@@ -1239,12 +1239,15 @@ def check_images(experiment: str, settings: ReportSettings) -> None:
 
 
 def run(experiment: str, settings: ReportSettings) -> Path:
-    """Make the report of ``experiment`` and return its ``report.md``."""
+    """Make the report of ``experiment`` and return its ``report.md``.
+
+    A report refused for bad input leaves a folder that was new or empty as it was (:func:`undone_if_refused`).
+    """
     if experiment not in EXPERIMENTS:
         raise NSTError(f"experiment: {experiment!r} is not one of {', '.join(EXPERIMENTS)}")
     settings.check()
     for name in SHIPPED.get(experiment, []):
         shipped(name)  # before any run: a missing one is named at once
     check_images(experiment, settings)
-    with weights_stated_once():
+    with weights_stated_once(), undone_if_refused(report_folder(experiment, settings)):
         return EXPERIMENTS[experiment](settings)

@@ -8,9 +8,10 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_nst import cli
-from lightning_nst.errors import NSTError
+from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.images import save_image, write_atomic
 from lightning_nst.outputs import (
     MANIFEST,
@@ -73,6 +74,59 @@ def _damaged_outputs(out: Path, done: str) -> str | None:
         if digest is None or not (out / name).is_file() or file_digest(out / name) != digest:
             return name
     return None
+
+
+def _remove_listed(folder: Path, names: Iterable[str]) -> None:
+    """Remove the files ``names`` (relative to ``folder``), then the folders inside it that leaves empty."""
+    folders: set[Path] = set()
+    for name in sorted(names):
+        path = folder / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        folders.update(parent for parent in path.parents if folder in parent.parents)
+    for inner in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        if inner.is_dir() and not any(inner.iterdir()):
+            inner.rmdir()
+
+
+def report_folder(experiment: str, settings: ReportSettings) -> Path:
+    """The folder of the report of ``experiment``: ``settings.out``, or ``reports/<experiment>``."""
+    return Path(settings.out).expanduser() if settings.out else Path("reports") / experiment
+
+
+@contextmanager
+def undone_if_refused(folder: Path) -> Iterator[None]:
+    """Leave a report folder that was new or empty as it was, should the report made in it be refused.
+
+    A refusal is bad input (an :class:`~lightning_nst.errors.NSTError`): the report removes the files it listed in
+    :data:`FILES`, the list itself and the folders it created, so the corrected command runs without ``--overwrite``.
+    A folder that held anything before keeps everything; so does a run that diverged, whose message points at the
+    last finite images it kept, and a report stopped by a signal, which resumes.
+    """
+    created = list(takewhile(lambda path: not path.exists() and not path.is_symlink(), (folder, *folder.parents)))
+    fresh = bool(created) or (folder.is_dir() and not any(folder.iterdir()))
+    try:
+        yield
+    except Exception as error:
+        refusal = NSTError.behind(error)
+        if fresh and refusal is not None and not isinstance(refusal, DivergenceError):
+            _remove_report(folder, created)
+        raise
+
+
+def _remove_report(folder: Path, created: Sequence[Path]) -> None:
+    """Remove every file :data:`FILES` lists in ``folder``, the list, and the ``created`` folders left empty."""
+    listed = folder / FILES
+    try:
+        names = json.loads(listed.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = None  # never written: refused before the report wrote anything
+    if isinstance(names, list) and all(_inside(name) for name in names):
+        _remove_listed(folder, names)
+        listed.unlink()
+    for path in created:  # deepest first
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 class _WithoutWeightsLine(logging.Filter):
@@ -164,7 +218,7 @@ class Report:
         self._started = 0
         self._seconds: list[float] = []
         self.settings = settings
-        self.folder = Path(settings.out).expanduser() if settings.out else Path("reports") / experiment
+        self.folder = report_folder(experiment, settings)
         self.lines: list[str] = [f"# {title}", ""]
         self.figures: list[str] = []
         self._owned: set[str] = set()
@@ -287,15 +341,7 @@ class Report:
         """Remove the recorded files below ``under``, then the folders that leaves empty; nothing else."""
         prefix = under.relative_to(self.folder).as_posix()
         chosen = {name for name in self._owned if prefix == "." or name == prefix or name.startswith(prefix + "/")}
-        folders: set[Path] = set()
-        for name in sorted(chosen):
-            path = self.folder / name
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-            folders.update(parent for parent in path.parents if self.folder in parent.parents)
-        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_listed(self.folder, chosen)
         self._owned -= chosen
         self._save_files()
 
