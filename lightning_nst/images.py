@@ -28,9 +28,19 @@ MIN_SIDE = 8
 """Smallest accepted side of a source image in pixels: below this an image holds no usable content or style."""
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
-"""256 px copies of three scikit-image samples, shipped with the package (provenance in its README.md)."""
+"""Copies of six scikit-image samples, 256 px on their long edge, and two masks, shipped with the package (provenance
+in its README.md)."""
 
-SHIPPED_SAMPLES: tuple[str, ...] = ("astronaut", "gravel", "immunohistochemistry", "mask_left", "mask_right")
+SHIPPED_SAMPLES: tuple[str, ...] = (
+    "astronaut",
+    "brick",
+    "coffee",
+    "grass",
+    "gravel",
+    "immunohistochemistry",
+    "mask_left",
+    "mask_right",
+)
 """The samples in :data:`SAMPLES_DIR`, usable without scikit-image."""
 
 # Bundled inside the scikit-image wheel, so they load offline once it is installed.

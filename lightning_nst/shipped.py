@@ -7,7 +7,7 @@ The repository's top-level ``configs/`` is the one copy: a wheel carries it as t
 from __future__ import annotations
 
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from lightning_nst.errors import NSTError
 
@@ -48,13 +48,19 @@ def resolve(value: str, key: str = "--config") -> str:
     Inline YAML (``{...}``) is returned as it is.
 
     Raises:
-        NSTError: If ``value`` is neither a file nor a shipped config's name, listing the names.
+        NSTError: If ``value`` is neither a file nor a shipped config's name: naming the shipped config a missing
+            path such as ``configs/NAME.yaml`` ends in, else listing the names.
     """
     if value.lstrip().startswith(("{", "[")) or Path(value).expanduser().exists():
         return value
     name = value.removesuffix(SUFFIX)
     if "/" not in value and "\\" not in value and path(name).is_file():
         return str(path(name))
+    # A path ending in a shipped name, `configs/NAME.yaml` as a checkout has it, typed where there is none (after
+    # `pip install .`): the shipped config is most likely meant, but another file may be, so it is named, not run.
+    stem = PurePath(value.replace("\\", "/")).name.removesuffix(SUFFIX)
+    if stem and path(stem).is_file():
+        raise NSTError(f"{key}: file not found: {value}; did you mean -c {stem}, the shipped config of that name?")
     raise NSTError(f"{key}: file not found: {value}, and no shipped config has that name ({', '.join(names())})")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -18,8 +19,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from lightning_nst import vgg
-from lightning_nst.errors import NSTError
+from lightning_nst import cli, vgg
+from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.main import main
 from lightning_nst.report import Report, ReportSettings, configs, experiments
 from lightning_nst.vgg import VGGConfig
@@ -156,6 +157,77 @@ def test_a_finished_run_whose_image_was_damaged_is_run_again(tmp_path: Path) -> 
     untouched = (out / "runs" / "conv1_1" / "summary.json").stat().st_mtime_ns
     report(out)  # intact now: read back, not run
     assert (out / "runs" / "conv1_1" / "summary.json").stat().st_mtime_ns == untouched
+
+
+# -- a refused report leaves nothing behind ---------------------------------------------------------------------------
+
+
+def test_a_report_refused_for_a_missing_image_leaves_nothing_so_the_corrected_one_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "new" / "report"
+    err = error_of(capsys, out, "--content=photo.png")
+    assert err == "lightning-nst: error: content: image file not found: photo.png"
+    assert not (tmp_path / "new").exists()
+    report(out, "--content=sample:astronaut")  # the corrected command, without --overwrite
+    assert (out / "report.md").is_file()
+
+
+def _refusing_run(monkeypatch: pytest.MonkeyPatch, error: NSTError, user_file: bool = False) -> None:
+    """Make every run write a file into its run folder, as a started run does, and then raise ``error``."""
+
+    def run(args: list[str]) -> None:
+        config = Path(args[2])  # fit -c <folder>/configs/<run>.yaml
+        folder = config.parents[1] / "runs" / config.stem
+        folder.mkdir(parents=True)
+        (folder / "events.out.tfevents.0").write_bytes(b"started")
+        if user_file:  # a file of the user's, put into the report folder while the run was going
+            (config.parents[1] / "notes.txt").write_text("mine")
+        raise error
+
+    monkeypatch.setattr(cli, "run", run)
+
+
+@pytest.mark.parametrize("before", ["absent", "empty"])
+def test_a_report_refused_inside_a_run_leaves_its_folder_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, before: str
+) -> None:
+    out = tmp_path / "new" / "report"
+    if before == "empty":
+        out.mkdir(parents=True)
+    _refusing_run(monkeypatch, NSTError("data.content: refused inside the run"))
+    assert error_of(capsys, out) == "lightning-nst: error: data.content: refused inside the run"
+    if before == "absent":
+        assert not (tmp_path / "new").exists()
+    else:
+        assert out.is_dir() and not any(out.iterdir())
+
+
+def test_a_refused_report_keeps_what_it_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "report"
+    _refusing_run(monkeypatch, NSTError("data.content: refused inside the run"), user_file=True)
+    error_of(capsys, out)
+    assert sorted(path.relative_to(out).as_posix() for path in out.rglob("*")) == ["notes.txt"]
+
+
+def test_a_diverged_or_earlier_report_is_kept_when_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    diverged = tmp_path / "diverged"
+    with monkeypatch.context() as patch:
+        _refusing_run(patch, DivergenceError(2, "conv1_1", "content", math.nan))
+        error_of(capsys, diverged)  # its message points at the run's folder, which keeps the last finite images
+    assert (diverged / "report.yaml").is_file() and (diverged / "runs/conv1_1/events.out.tfevents.0").is_file()
+    earlier = tmp_path / "earlier"
+    report(earlier)
+    (earlier / "runs/conv1_1/summary.json").unlink()  # as if killed: the rerun makes the run again
+    _refusing_run(monkeypatch, NSTError("data.content: refused inside the run"))
+    error_of(capsys, earlier)
+    assert {"report.yaml", "report-files.json", "report.md", "reconstructions.png"} <= {
+        path.name for path in earlier.iterdir()
+    }
 
 
 # -- the report as a client of the library --------------------------------------------------------------------------

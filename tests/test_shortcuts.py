@@ -159,6 +159,19 @@ def test_configs_are_listed_and_found_by_name(capsys: pytest.CaptureFixture[str]
     assert "texture_gram, texture_meanvar" in line
 
 
+def test_a_missing_path_to_a_shipped_config_suggests_its_name(capsys: pytest.CaptureFixture[str]) -> None:
+    # A checkout's `-c configs/NAME.yaml`, typed where there is no configs/ folder (after `pip install .`).
+    for args, name in (
+        (["report", "reconstruction", "-c", "configs/report_cpu.yaml"], "report_cpu"),
+        (["fit", "--config=configs/texture_gram.yaml"], "texture_gram"),
+    ):
+        assert cli_error(capsys, args) == (
+            f"lightning-nst: error: --config: file not found: configs/{name}.yaml; did you mean -c {name}, the "
+            "shipped config of that name?"
+        )
+    assert not any(Path().iterdir())  # nothing written
+
+
 def test_a_real_file_takes_precedence_over_a_shipped_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "texture_gram.yaml").write_text("trainer:\n  max_steps: 7\n")
     with pytest.raises(SystemExit):

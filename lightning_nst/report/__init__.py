@@ -27,8 +27,8 @@ Run one of the study's experiments (or `all`) and write a report folder: caption
 numbers, configs/ with one YAML per run (each rerunnable with `lightning-nst fit|predict -c`), and runs/ with their
 outputs and TensorBoard events. A finished run is read back rather than run again, so an interrupted report resumes.
 `all` goes on past an experiment that fails and exits with status 2 naming it, and writes index.md linking them
-all. Random VGG weights are refused unless --allow_random_weights=true. Options may come from YAML:
-`--config configs/report_cpu.yaml`.
+all. Random VGG weights are refused unless --allow_random_weights=true. Options may come from YAML: `-c report_cpu`
+(the shipped CPU-sized settings) or `-c FILE.yaml`. A report refused for bad input leaves a new folder as it was.
 """
 
 INDEX = "index.md"

@@ -20,13 +20,13 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from lightning_nst.color import COLOR_MODES, chroma_difference
 from lightning_nst.data import load_mask
 from lightning_nst.errors import NSTError
-from lightning_nst.images import is_sample, load_image, to_pil
+from lightning_nst.images import check_source, is_sample, load_image, read_image, to_pil
 from lightning_nst.losses import STATISTICS, LayerStyleLoss, Statistic
 from lightning_nst.metrics import StyleDistance
 from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
-from lightning_nst.report.folder import Report, weights_stated_once
+from lightning_nst.report.folder import Report, report_folder, undone_if_refused, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
 from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
 
@@ -797,7 +797,8 @@ class ContentMeter:
     @torch.no_grad()
     def __call__(self, path: str | Path) -> tuple[float, float]:
         """``(PSNR in dB, SSIM)`` of the image file at ``path``."""
-        image = load_image(path, key=str(path))
+        # Decoded as the target was (a JPEG several times larger at reduced scale), so the photo is itself exactly.
+        image = read_image(path, key=str(path), max_side=max(self.target.shape[-2:]))
         image = TF.resize(image, list(self.target.shape[-2:]), antialias=True).clamp(0, 1)
         psnr = peak_signal_noise_ratio(image, self.target, data_range=1.0).item()
         ssim = structural_similarity_index_measure(image, self.target, data_range=1.0).item()
@@ -980,6 +981,13 @@ def _rgb_mean_gap(image: torch.Tensor, reference: torch.Tensor) -> float:
     return float((image.mean(dim=(0, 2, 3)) - reference.mean(dim=(0, 2, 3))).abs().max()) * 255
 
 
+def _same_image(first: str, second: str) -> bool:
+    """Whether two image sources show the same picture: one file, or a sample's shipped copy and its original."""
+    if is_sample(first) or is_sample(second):
+        return is_sample(first) and is_sample(second) and first.split(":", 1)[1] == second.split(":", 1)[1]
+    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+
+
 def _monotone(values: Sequence[float], rising: bool) -> bool:
     return all((b > a) if rising else (b < a) for a, b in zip(values, values[1:], strict=False))
 
@@ -988,8 +996,10 @@ def style_controls(settings: ReportSettings) -> Path:
     """Colour modes, a blend sweep of two styles, a two-region mask and Gram/mean-var/W2/SW textures, measured."""
     layers = check_layers(settings.style_layers, "style_layers")
     content_layers = check_layers([settings.content_layer], "content_layer")
-    if settings.second_style == settings.style:
-        raise NSTError(f"second_style: must be another image than style, got {settings.style!r} for both")
+    if _same_image(settings.second_style, settings.style):
+        raise NSTError(
+            f"second_style: must be another image than style, got {settings.second_style!r} and {settings.style!r}"
+        )
     content = load_image(settings.content, settings.size, key="content")
     size = list(content.shape[-2:])
     styles = {
@@ -1208,12 +1218,36 @@ SHIPPED = {
 """The shipped configs each experiment's runs are built from."""
 
 
+IMAGES = {
+    "reconstruction": ["content"],
+    "texture_layers": ["texture"],
+    "gram_vs_meanvar": ["textures"],
+    "guided_vs_nst": ["style"],
+    "guided_vs_prompt": ["style"],
+    "guided_img2img_vs_nst": ["content", "style"],
+    "style_controls": ["content", "style", "second_style", "texture", "masks"],
+}
+"""The image settings each experiment reads: checked (each file exists, each sample is known) before anything else."""
+
+
+def check_images(experiment: str, settings: ReportSettings) -> None:
+    """Raise naming the first image setting of ``experiment`` that is neither a file nor a known sample."""
+    for key in IMAGES.get(experiment, []):
+        value = getattr(settings, key)
+        for index, source in enumerate(value) if isinstance(value, list) else [(None, value)]:
+            check_source(source, key if index is None else f"{key}[{index}]")
+
+
 def run(experiment: str, settings: ReportSettings) -> Path:
-    """Make the report of ``experiment`` and return its ``report.md``."""
+    """Make the report of ``experiment`` and return its ``report.md``.
+
+    A report refused for bad input leaves a folder that was new or empty as it was (:func:`undone_if_refused`).
+    """
     if experiment not in EXPERIMENTS:
         raise NSTError(f"experiment: {experiment!r} is not one of {', '.join(EXPERIMENTS)}")
     settings.check()
     for name in SHIPPED.get(experiment, []):
         shipped(name)  # before any run: a missing one is named at once
-    with weights_stated_once():
+    check_images(experiment, settings)
+    with weights_stated_once(), undone_if_refused(report_folder(experiment, settings)):
         return EXPERIMENTS[experiment](settings)

@@ -8,9 +8,10 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_nst import cli
-from lightning_nst.errors import NSTError
+from lightning_nst.errors import DivergenceError, NSTError
 from lightning_nst.images import save_image, write_atomic
 from lightning_nst.outputs import (
     MANIFEST,
@@ -53,6 +54,11 @@ def _inside(name: object) -> bool:
     return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
+def _flow(value: Any) -> str:
+    """``value`` as one line of YAML (flow style), for a message."""
+    return yaml.safe_dump(value, default_flow_style=True, width=float("inf")).strip().removesuffix("...").strip()
+
+
 def _damaged_outputs(out: Path, done: str) -> str | None:
     """The first output of a finished run that is missing or differs from the sha256 its run recorded, if any."""
     try:
@@ -68,6 +74,59 @@ def _damaged_outputs(out: Path, done: str) -> str | None:
         if digest is None or not (out / name).is_file() or file_digest(out / name) != digest:
             return name
     return None
+
+
+def _remove_listed(folder: Path, names: Iterable[str]) -> None:
+    """Remove the files ``names`` (relative to ``folder``), then the folders inside it that leaves empty."""
+    folders: set[Path] = set()
+    for name in sorted(names):
+        path = folder / name
+        if path.is_file() or path.is_symlink():
+            path.unlink()
+        folders.update(parent for parent in path.parents if folder in parent.parents)
+    for inner in sorted(folders, key=lambda path: len(path.parts), reverse=True):
+        if inner.is_dir() and not any(inner.iterdir()):
+            inner.rmdir()
+
+
+def report_folder(experiment: str, settings: ReportSettings) -> Path:
+    """The folder of the report of ``experiment``: ``settings.out``, or ``reports/<experiment>``."""
+    return Path(settings.out).expanduser() if settings.out else Path("reports") / experiment
+
+
+@contextmanager
+def undone_if_refused(folder: Path) -> Iterator[None]:
+    """Leave a report folder that was new or empty as it was, should the report made in it be refused.
+
+    A refusal is bad input (an :class:`~lightning_nst.errors.NSTError`): the report removes the files it listed in
+    :data:`FILES`, the list itself and the folders it created, so the corrected command runs without ``--overwrite``.
+    A folder that held anything before keeps everything; so does a run that diverged, whose message points at the
+    last finite images it kept, and a report stopped by a signal, which resumes.
+    """
+    created = list(takewhile(lambda path: not path.exists() and not path.is_symlink(), (folder, *folder.parents)))
+    fresh = bool(created) or (folder.is_dir() and not any(folder.iterdir()))
+    try:
+        yield
+    except Exception as error:
+        refusal = NSTError.behind(error)
+        if fresh and refusal is not None and not isinstance(refusal, DivergenceError):
+            _remove_report(folder, created)
+        raise
+
+
+def _remove_report(folder: Path, created: Sequence[Path]) -> None:
+    """Remove every file :data:`FILES` lists in ``folder``, the list, and the ``created`` folders left empty."""
+    listed = folder / FILES
+    try:
+        names = json.loads(listed.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        names = None  # never written: refused before the report wrote anything
+    if isinstance(names, list) and all(_inside(name) for name in names):
+        _remove_listed(folder, names)
+        listed.unlink()
+    for path in created:  # deepest first
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 class _WithoutWeightsLine(logging.Filter):
@@ -159,7 +218,7 @@ class Report:
         self._started = 0
         self._seconds: list[float] = []
         self.settings = settings
-        self.folder = Path(settings.out).expanduser() if settings.out else Path("reports") / experiment
+        self.folder = report_folder(experiment, settings)
         self.lines: list[str] = [f"# {title}", ""]
         self.figures: list[str] = []
         self._owned: set[str] = set()
@@ -186,24 +245,29 @@ class Report:
         text = yaml.safe_dump({"experiment": self.experiment, **settings}, sort_keys=False)
         return text + ALLOW_LINE if allow_random else text
 
-    def _same_settings(self, recorded: str) -> bool:
-        """Whether ``recorded`` (a ``report.yaml``) holds this report's settings.
+    def _changed_settings(self, recorded: str) -> list[str]:
+        """The settings ``recorded`` (a ``report.yaml``) holds otherwise than this report, each as ``key: old -> new``.
 
-        A setting added to :class:`ReportSettings` after the report was made is missing from its ``report.yaml``;
-        at its default it changes no run, so that report is still this one.
+        Empty when it is this report. A setting added to :class:`ReportSettings` after the report was made is missing
+        from its ``report.yaml``; at its default it changes no run, so that report is still this one.
         """
         recorded = recorded.replace(ALLOW_LINE, "")
         if recorded == self._settings_yaml():
-            return True
+            return []
         try:
             older = yaml.safe_load(recorded)
         except yaml.YAMLError:
-            return False
+            older = None
         if not isinstance(older, dict):
-            return False
+            return ["report.yaml: not a mapping of settings"]
         current = yaml.safe_load(self._settings_yaml())
         defaults = yaml.safe_load(yaml.safe_dump(asdict(ReportSettings())))
-        return {key: older.get(key, defaults.get(key)) for key in current} == current and set(older) <= set(current)
+        changed = [
+            f"{key}: {_flow(older.get(key, defaults.get(key)))} -> {_flow(value)}"
+            for key, value in current.items()
+            if older.get(key, defaults.get(key)) != value
+        ]
+        return changed + [f"{key}: not a setting of this version" for key in older if key not in current]
 
     def _check_folder(self) -> bool:
         """Raise unless the folder is new, empty or this report's; return whether its files are to be replaced."""
@@ -212,11 +276,13 @@ class Report:
         owned = self._files.is_file()
         if owned:
             self._owned = self._read_files()
-        if recorded.is_file() and not self._same_settings(recorded.read_text(encoding="utf-8")):
+        changed = self._changed_settings(recorded.read_text(encoding="utf-8")) if recorded.is_file() else []
+        if changed:
             if not self.settings.overwrite:
+                more = f", and {len(changed) - 1} more" if len(changed) > 1 else ""
                 raise NSTError(
-                    f"out: {self.folder} holds a report made with other settings (see {recorded}); choose another "
-                    "folder or set --overwrite true"
+                    f"out: {self.folder} holds a report made with other settings ({changed[0]}{more}; see {recorded}, "
+                    "which --config takes to make that report again); choose another folder or set --overwrite true"
                 )
             if not owned:
                 raise NSTError(
@@ -275,15 +341,7 @@ class Report:
         """Remove the recorded files below ``under``, then the folders that leaves empty; nothing else."""
         prefix = under.relative_to(self.folder).as_posix()
         chosen = {name for name in self._owned if prefix == "." or name == prefix or name.startswith(prefix + "/")}
-        folders: set[Path] = set()
-        for name in sorted(chosen):
-            path = self.folder / name
-            if path.is_file() or path.is_symlink():
-                path.unlink()
-            folders.update(parent for parent in path.parents if self.folder in parent.parents)
-        for folder in sorted(folders, key=lambda path: len(path.parts), reverse=True):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_listed(self.folder, chosen)
         self._owned -= chosen
         self._save_files()
 

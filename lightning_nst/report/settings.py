@@ -8,8 +8,8 @@ from lightning_nst.errors import NSTError
 from lightning_nst.hub import DEFAULT_MODEL
 from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, VGGConfig
 
-TEXTURES = ["skimage:gravel", "skimage:brick", "skimage:grass", "skimage:immunohistochemistry", "skimage:coffee"]
-"""Experiment 3's default textures: scikit-image's embedded samples, three grey and two in colour."""
+TEXTURES = ["sample:gravel", "sample:brick", "sample:grass", "sample:immunohistochemistry", "sample:coffee"]
+"""Experiment 3's default textures: the shipped copies of five scikit-image samples, three grey and two in colour."""
 
 
 @dataclass
@@ -17,7 +17,8 @@ class ReportSettings:
     """Options of ``lightning-nst report``; each experiment uses those it needs.
 
     The defaults are the study's full-size settings (for a GPU and ImageNet weights); ``configs/report_cpu.yaml``
-    shrinks them for a CPU.
+    shrinks them for a CPU. The default images are the samples shipped with the package (``sample:NAME``), so a
+    report needs no scikit-image; reports made before they were (``skimage:NAME``) record those in ``report.yaml``.
 
     Attributes:
         out: Report folder; ``reports/<experiment>`` by default.
@@ -75,11 +76,11 @@ class ReportSettings:
     steps: int = 500
     vgg: VGGConfig = field(default_factory=VGGConfig)
     allow_random_weights: bool = False
-    content: str = "skimage:astronaut"
-    texture: str = "skimage:gravel"
+    content: str = "sample:astronaut"
+    texture: str = "sample:gravel"
     textures: list[str] = field(default_factory=lambda: list(TEXTURES))
-    style: str = "skimage:immunohistochemistry"
-    second_style: str = "skimage:gravel"
+    style: str = "sample:immunohistochemistry"
+    second_style: str = "sample:gravel"
     blend_weights: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     masks: list[str] = field(default_factory=lambda: ["sample:mask_left", "sample:mask_right"])
     layers: list[str] | None = None
