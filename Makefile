@@ -54,13 +54,15 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_nst tests && $(VENV)/bin/ruff format --check lightning_nst tests
 
 # The CPU report samples under docs/reports: the partial ImageNet VGG19 weights of ../shared (random weights beyond
-# relu3_1, labelled as such), the tests' tiny random Stable Diffusion pipeline, and Starry Night from ../shared as
-# one of gram_vs_meanvar's textures (with scikit-image's samples) and the style of the diffusion reports and of
-# style_controls (whose second style is scikit-image's gravel).
+# relu3_1, labelled as such), the tests' tiny random Stable Diffusion pipeline, scikit-image's full-size images
+# (installed with .[dev]; the reports' defaults are the smaller shipped samples) and Starry Night from ../shared as
+# one of gram_vs_meanvar's textures and the style of the diffusion reports and of style_controls.
 SAMPLE_WEIGHTS ?= ../shared/models/vgg19_imagenet_conv1_1-conv3_1.pth
 SAMPLE_STYLE ?= ../shared/data/style/starry_night.jpg
 TEXTURES := skimage:gravel, skimage:brick, skimage:grass, skimage:immunohistochemistry, skimage:coffee
-SAMPLES := --config configs/report_cpu.yaml --model reports/tiny-sd --progress_bar false
+IMAGES := --content skimage:astronaut --texture skimage:gravel --textures "[$(TEXTURES)]" \
+	--style skimage:immunohistochemistry
+SAMPLES := --config configs/report_cpu.yaml --model reports/tiny-sd --progress_bar false $(IMAGES)
 STARRY := --style_prompt "in the style of Van Gogh's The Starry Night, swirling brushstrokes"
 
 reports/tiny-sd: | $(STAMP)
@@ -79,4 +81,5 @@ report-samples: $(STAMP) reports/tiny-sd
 	done && \
 	$(VENV)/bin/lightning-nst report guided_img2img_vs_nst $(SAMPLES) --style $(SAMPLE_STYLE) --image_size 64 \
 		--out docs/reports/guided_img2img_vs_nst && \
-	$(VENV)/bin/lightning-nst report style_controls $(SAMPLES) --style $(SAMPLE_STYLE) --out docs/reports/style_controls
+	$(VENV)/bin/lightning-nst report style_controls $(SAMPLES) --style $(SAMPLE_STYLE) --second_style skimage:gravel \
+		--out docs/reports/style_controls
