@@ -2,7 +2,9 @@
 
 The settings are those of ``lightning-nst stylize``/``texture`` (the shipped configs with the same overrides,
 :mod:`lightning_nst.shortcuts`); the run is a plain Trainer without logger, checkpoints or writer, so nothing is
-written and a notebook cell can run again.
+written and a notebook cell can run again. Bad input is refused before the run with the ``NSTError`` whose line
+``lightning-nst`` prints; during the call, the messages the CLI drops are dropped
+(:func:`lightning_nst.console.quieted`), and Ctrl-C raises ``KeyboardInterrupt`` with every signal handler as it was.
 """
 
 from __future__ import annotations
@@ -16,12 +18,23 @@ from typing import Any
 
 from PIL import Image
 
+from lightning_nst import console, preflight
 from lightning_nst.shortcuts import stylize_config, texture_config
 
 Source = str | os.PathLike[str]
 
 
 def _run(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Image:
+    """Check the config as ``fit`` would, then run it with the CLI's filters and every signal handler kept."""
+    # fit's checks of the parsed config, on the Trainer this call builds: devices and accelerator, sources, memory
+    config["trainer"].update(accelerator=accelerator, devices=1)
+    connector = preflight.check_devices(config, "fit")
+    preflight.check_image_optimization(config, getattr(getattr(connector, "strategy", None), "root_device", None))
+    with console.quieted(), console.restoring_signal_handlers():
+        return _fit(config, progress, accelerator)
+
+
+def _fit(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Image:
     """Build the config's module and data as ``fit`` would, run a Trainer that writes nothing, return the result."""
     import lightning as L
 

@@ -17,7 +17,6 @@ import shutil
 import signal
 import sys
 import threading
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -34,7 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_nst import checkpoint as checkpoints
-from lightning_nst import console, preflight  # console: filters known library messages on import
+from lightning_nst import console, preflight
 from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import is_sample, load_image
 from lightning_nst.optimize import ImageOptimization
@@ -59,9 +58,7 @@ VGG-style-guided Stable Diffusion (`predict`). Run `lightning-nst layers` to lis
 `lightning-nst report --help` for the study's experiments as reports.
 """
 
-
-# The frozen VGG trunk is in eval mode on purpose (it has no dropout or batch norm, so the mode changes nothing).
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+console.quiet()  # before anything builds a Trainer; the library API filters only during its calls
 
 
 class NSTCLI(LightningCLI):
@@ -167,21 +164,25 @@ class StopOnSignal(L.Callback):
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt(signum)  # the second signal's number, for run's exit status
         self.signum = signum
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator[None]:
-        """Install the handlers for SIGINT and SIGTERM for the duration, then restore the previous ones."""
-        previous = {}
-        if threading.current_thread() is threading.main_thread():  # the only thread that may install handlers
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                previous[signum] = signal.signal(signum, self._handle)
-        try:
+        """Take SIGTERM and SIGINT for the duration where Python's defaults hold them; restore every handler after.
+
+        A default SIGTERM would kill the process mid-step and a default SIGINT raise ``KeyboardInterrupt`` wherever
+        it lands; a handler the caller installed, or ``SIG_IGN`` (a background job's SIGINT), stays theirs. A run
+        stopped by SIGINT ends in a ``KeyboardInterrupt`` all the same (:func:`run`), so a caller that relies on one
+        (a test runner, a notebook) stops as it would have, one step later and with the step kept.
+        """
+        defaults = {signal.SIGTERM: signal.SIG_DFL, signal.SIGINT: signal.default_int_handler}
+        with console.restoring_signal_handlers():
+            if threading.current_thread() is threading.main_thread():  # the only thread that may install handlers
+                for signum, default in defaults.items():
+                    if signal.getsignal(signum) == default:
+                        signal.signal(signum, self._handle)
             yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
 
     def _stop(self) -> None:
         if self.signum is not None:
@@ -685,7 +686,8 @@ def run(args: Sequence[str], *, resume: Callable[[Path], str] | None = None) -> 
 
     Raises:
         NSTError: On bad input, with the one line ``lightning-nst`` prints.
-        StoppedBySignal: When SIGINT or SIGTERM stopped the run after keeping what was done.
+        StoppedBySignal: When SIGINT or SIGTERM stopped the run after keeping what was done, or a second signal at
+            once; after SIGINT an :class:`InterruptedBySignal`, which is a ``KeyboardInterrupt`` too.
     """
     args = list(args)
     check_yaml_files(args)
@@ -700,10 +702,28 @@ def run(args: Sequence[str], *, resume: Callable[[Path], str] | None = None) -> 
     except SystemExit:  # Lightning's SIGTERMException, once the stop is done
         if not stop.stopped:
             raise
+    except KeyboardInterrupt as interrupt:  # Lightning's exit after it, made a KeyboardInterrupt again
+        if stop.signum is None:  # not this run's: a Ctrl-C it did not take (the caller's handler) or raised in code
+            raise
+        second = interrupt.args[0] if interrupt.args and isinstance(interrupt.args[0], int) else signal.SIGINT
+        name = signal.Signals(second).name
+        raise stopped_by(second, f"stopped at once by a second {name}, without saving the step under way") from None
     except (ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
         if (found := nst_error(error, args)) is None:
             raise
         raise found from error
     if stop.stopped or cli is None:  # only a stop ends the try without a CLI
-        raise StoppedBySignal(stop.signum or signal.SIGTERM, stop.message)
+        raise stopped_by(stop.signum or signal.SIGTERM, stop.message)
     return cli
+
+
+class InterruptedBySignal(StoppedBySignal, KeyboardInterrupt):
+    """A run stopped by Ctrl-C (SIGINT): a :class:`StoppedBySignal`, and a ``KeyboardInterrupt`` for callers that stop.
+
+    pytest ends its session on it, a notebook cell its run, a script its ``except KeyboardInterrupt``.
+    """
+
+
+def stopped_by(signum: int, message: str) -> StoppedBySignal:
+    """The exception of a run stopped by ``signum``: :class:`InterruptedBySignal` for SIGINT."""
+    return (InterruptedBySignal if signum == signal.SIGINT else StoppedBySignal)(signum, message)

@@ -8,7 +8,9 @@ unless ``--debug`` or ``LIGHTNING_NST_DEBUG=1`` asks for the traceback.
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import sys
 from argparse import ArgumentError
 from collections.abc import Sequence
@@ -110,13 +112,36 @@ def _prints_its_answer(argv: Sequence[str]) -> bool:
     return not argv or argv[0] in ("layers", "configs") or any(arg.split("=", 1)[0] in asked for arg in argv)
 
 
+class Interrupted(SystemExit, KeyboardInterrupt):
+    """The exit after Ctrl-C: status ``128 + signal`` for the shell, and a ``KeyboardInterrupt`` for a Python caller.
+
+    pytest, for one, counts a ``SystemExit`` raised in a test as that test's failure and goes on with the next, but
+    ends its whole session on a ``KeyboardInterrupt``.
+    """
+
+
 def _say(line: str) -> None:
     if os.environ.get("LOCAL_RANK", "0") == "0":  # under DDP every process fails or stops alike: say it once
         print(f"lightning-nst: {line}", file=sys.stderr, flush=True)
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Run ``lightning-nst COMMAND ...`` on ``args`` (the command line by default); see :data:`COMMANDS`."""
+    """Run ``lightning-nst COMMAND ...`` on ``args`` (the command line by default); see :data:`COMMANDS`.
+
+    Ctrl-C ends it with :class:`Interrupted`. Run on the command line (``args`` None), the process it ends then skips
+    the interpreter's final garbage collection (:func:`gc.freeze`), which costs seconds with torch, Lightning and
+    their ~4000 modules loaded (``docs/benchmarks.md``, "Exit after the results").
+    """
+    try:
+        _main(args)
+    finally:
+        if args is None:
+            # Everything alive now lives until the process ends, whose memory the system frees at once; the collector
+            # would visit and free every object of every module one by one first.
+            gc.freeze()
+
+
+def _main(args: Sequence[str] | None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     debug = os.environ.get(DEBUG_ENV) == "1" or "--debug" in argv
     argv = [arg for arg in argv if arg != "--debug"]
@@ -141,7 +166,12 @@ def main(args: Sequence[str] | None = None) -> None:
         raise SystemExit(1) from None
     except StoppedBySignal as stop:
         _say(stop.message)
-        raise SystemExit(stop.exit_code) from None
+        raise (Interrupted if isinstance(stop, KeyboardInterrupt) else SystemExit)(stop.exit_code) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a run (while starting, between a report's runs): no traceback
+        if debug:
+            raise
+        _say("interrupted")
+        raise Interrupted(128 + signal.SIGINT) from None
     except (NSTError, ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
         if debug:
             raise
