@@ -29,6 +29,8 @@ from lightning_nst.errors import NSTError
 _WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # Lightning's own _pytree helper still builds torch's LeafSpec; torch >= 2.10 deprecates it. Nothing to act on.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # diffusers still passes huggingface_hub's retired `local_dir_use_symlinks` when it loads a Hub model.
+    (r"The `local_dir_use_symlinks` argument is deprecated and ignored in `hf_hub_download`", UserWarning),
     # The frozen VGG trunk is in eval mode on purpose (it has no dropout or batch norm, so the mode changes nothing).
     (
         r"Found \d+ module\(s\) in eval mode at the start of training\. This may lead to unexpected behavior",

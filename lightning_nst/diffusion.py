@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import diffusers
+import huggingface_hub.constants
 import lightning as L
 import torch
 from diffusers import AutoencoderTiny, DiffusionPipeline, DPMSolverSDEScheduler, LCMScheduler
@@ -43,6 +44,7 @@ from lightning_nst.guidance import (
     vae_input,
 )
 from lightning_nst.hub import DEFAULT_MODEL, FLOW_FAMILIES, SCHEDULERS, family_of_class, local_family
+from lightning_nst.net import unreachable
 from lightning_nst.prompts import PromptGrid
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
@@ -89,6 +91,9 @@ def _load(cls: Any, source: str, key: str, marker: str, loader: str = "from_pret
         source = str(path)
     elif _looks_like_path(source):
         raise NSTError(f"{key}: no such folder: {path}")
+    offline = None if path.exists() else hub_unreachable()
+    if offline is not None:  # the cache only, at once, rather than huggingface_hub's retries
+        kwargs["local_files_only"] = True
     try:
         with _one_loading_bar():
             return getattr(cls, loader)(source, **kwargs)
@@ -97,10 +102,30 @@ def _load(cls: Any, source: str, key: str, marker: str, loader: str = "from_pret
         reason = reason if len(reason) <= 240 else reason[:240] + "..."
         if path.exists():
             raise NSTError(f"{key}: cannot load {cls.__name__} from {path}: {reason}") from error
+        if offline is not None:
+            reason = f"the Hub cannot be reached ({offline}) and the cache has no complete copy of {source!r}"
         raise NSTError(
             f"{key}: cannot load {source!r} from the Hugging Face Hub or its cache; offline, pass a local folder "
             f"instead (a downloaded snapshot, or a folder written by {cls.__name__}.save_pretrained). Cause: {reason}"
         ) from error
+
+
+_HUB_ANSWER: dict[str, str | None] = {}
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or ``None``; asked once per process, never when it is offline.
+
+    With ``HF_HUB_OFFLINE=1`` huggingface_hub reads only its cache itself. Otherwise an unreachable Hub is found at
+    once here, where huggingface_hub would retry each request with back-off for about 23 s before failing, even for
+    a model its cache holds.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return None
+    endpoint = huggingface_hub.constants.ENDPOINT
+    if endpoint not in _HUB_ANSWER:
+        _HUB_ANSWER[endpoint] = unreachable(endpoint)
+    return _HUB_ANSWER[endpoint]
 
 
 def scheduler_class(name: str) -> tuple[type, dict[str, Any]] | None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import difflib
 import math
 import os
-import socket
-import urllib.parse
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from torchvision.models import VGG19_Weights
 from torchvision.models.vgg import cfgs, make_layers
 
 from lightning_nst.errors import NSTError
+from lightning_nst.net import unreachable
 from lightning_nst.outputs import check_input_file, file_digest
 
 WEIGHTS_ENV = "LIGHTNING_NST_VGG_WEIGHTS"
@@ -391,22 +390,9 @@ def _imagenet_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(_IMAGENET.url).name
 
 
-def _unreachable(url: str, timeout: float = 5.0) -> str | None:
-    """Why ``url``'s host cannot be reached (no name lookup, no connection within ``timeout`` s), or ``None``.
-
-    Asked before a download, so that offline the hub does not first print "Downloading: ..." for nothing.
-    """
-    parsed = urllib.parse.urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout):
-            return None
-    except OSError as error:
-        return str(error.strerror or error)
-
-
 def _imagenet_state(key: str = "model.vgg.weights") -> dict[str, Tensor]:
     cached = _imagenet_cache_path()
-    if not cached.is_file() and (reason := _unreachable(_IMAGENET.url)) is not None:
+    if not cached.is_file() and (reason := unreachable(_IMAGENET.url)) is not None:
         raise NSTError(
             f"{key}: the ImageNet VGG19 weights are not in the torch hub cache ({cached}) and cannot be "
             f"downloaded ({reason}); pass a weights file instead (weights: /path/to/vgg19.pth)"

@@ -174,7 +174,7 @@ def test_imagenet_weights_offline(monkeypatch: pytest.MonkeyPatch, capsys: pytes
         raise urllib.error.URLError("no network")
 
     # The host answers, but the download fails: the reason is named as well (unreachable hosts: test_vgg.py).
-    monkeypatch.setattr(lightning_nst.vgg, "_unreachable", lambda url: None)
+    monkeypatch.setattr(lightning_nst.vgg, "unreachable", lambda url: None)
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     err = fails(["fit", "-c", TEXTURE, *TOY, "--model.init_args.vgg.weights=imagenet"], capsys)
     assert "model.vgg.weights: the ImageNet VGG19 weights are not in the torch hub cache" in err

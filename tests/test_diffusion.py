@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -19,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from lightning_nst.diffusion import DenoisingCallback
 from lightning_nst.main import main
-from tests.conftest import CONFIGS, MODELS, cli_error
+from tests.conftest import CONFIGS, MODELS, REPO, cli_error
 from tests.tiny_pipeline import (
     GUIDED,
     STEPS,
@@ -177,6 +180,36 @@ def test_loading_a_pipeline_into_a_log_draws_no_progress_bars(
     predict(pipeline_dir, "bars", "--model.guidance=null", "--model.num_inference_steps=1")
     err = capfd.readouterr().err
     assert "Loading pipeline components" not in err and "Loading weights" not in err
+
+
+def test_offline_a_cached_hub_model_loads_at_once_and_a_missing_one_fails_at_once(
+    pipeline_dir: Path, tmp_path: Path
+) -> None:
+    # A Hub id with the Hub unreachable (a closed local port) and HF_HUB_OFFLINE unset, as on a laptop on a train:
+    # huggingface_hub would retry each request with back-off (about 23 s, a log line per try) before using its cache.
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    shutil.copytree(pipeline_dir, cache / "models--someone--tiny-sd" / "snapshots" / revision)
+    (cache / "models--someone--tiny-sd" / "refs").mkdir()
+    (cache / "models--someone--tiny-sd" / "refs" / "main").write_text(revision)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env.pop("HF_HUB_OFFLINE", None)
+    for model, code in (("someone/tiny-sd", 0), ("someone/not-cached", 2)):
+        args = tiny_args(pipeline_dir, model.split("/")[1], f"--model.model={model}", "--model.guidance=null")
+        result = subprocess.run(
+            [sys.executable, "-m", "lightning_nst", *args], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert result.returncode == code, result.stderr[-3000:]
+        assert "thrown while requesting" not in result.stderr and "Retrying" not in result.stderr, result.stderr
+    assert len(records(next(Path("logs/tiny-sd").glob("version_*")))) == 1
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "Cause: the Hub cannot be reached (Connection refused) and the cache has no complete copy of "
+            "'someone/not-cached'"
+        )
+    )
 
 
 def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None:

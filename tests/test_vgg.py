@@ -148,7 +148,7 @@ def test_imagenet_goes_through_torchvision_weights(
         return {f"features.{k}": v for k, v in torchvision_features.state_dict().items()}
 
     monkeypatch.setattr(VGG19_Weights, "get_state_dict", get_state_dict)
-    monkeypatch.setattr(vgg_module, "_unreachable", lambda url: None)  # as online: the hub's host answers
+    monkeypatch.setattr(vgg_module, "unreachable", lambda url: None)  # as online: the hub's host answers
     features = VGG19Features(["relu1_1"], weights="imagenet")
     assert calls and calls[0][0] is VGG19_Weights.IMAGENET1K_V1 and calls[0][1].get("weights_only") is True
     assert features.weights_used.startswith("imagenet (torchvision VGG19_Weights.IMAGENET1K_V1")
@@ -178,7 +178,7 @@ def test_offline_auto_falls_back_without_trying_to_download(
     def no_download(*args: object, **kwargs: object) -> None:
         pytest.fail("the hub was asked to download while its host cannot be reached")
 
-    monkeypatch.setattr(vgg_module, "_unreachable", lambda url: "Name or service not known")
+    monkeypatch.setattr(vgg_module, "unreachable", lambda url: "Name or service not known")
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     with pytest.warns(UserWarning, match=r"unavailable \(.*Name or service not known\).*using RANDOM weights") as seen:
         used = VGG19Features(["relu1_1"], weights="auto").weights_used
