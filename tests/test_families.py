@@ -576,6 +576,7 @@ def test_generate_picks_the_familys_config(
     assert record["scheduler"] == SCHEDULERS[family] and image_of(tmp_path / "gen", record).shape == (64, 64, 3)
 
 
+@pytest.mark.slow  # 12-15 s: two processes, each importing torch and loading the tiny Flux pipeline
 def test_flux_on_two_processes_with_recurrence_from_pure_noise(pipelines: dict[str, Path]) -> None:
     # DDP over the grid (2 prompts x 3 seeds) on the family whose latents differ most (packed tokens), with the
     # first step (σ = 1) repeated: recurrence re-noises it to pure noise, which must stay finite.

@@ -183,6 +183,7 @@ for size in (256, 512):
 """
 
 
+@pytest.mark.slow  # 15-20 s: four fits in fresh processes, each measuring its peak memory
 def test_tiled_peak_memory_grows_less_than_untiled_from_256_to_512_px() -> None:
     try:
         Path("/proc/self/clear_refs").write_text("5")
