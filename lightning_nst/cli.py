@@ -38,6 +38,7 @@ from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import is_sample, load_image
 from lightning_nst.optimize import ImageOptimization
 from lightning_nst.outputs import SUMMARY, file_digest, source_digest
+from lightning_nst.shortcuts import without_option
 from lightning_nst.writers import ImageWriter
 from lightning_nst.yaml_checks import check_yaml_files
 
@@ -247,16 +248,7 @@ class StopOnSignal(L.Callback):
 
 def resume_command(args: Sequence[str], checkpoint: Path) -> str:
     """The shell command that resumes ``lightning-nst <args>`` from ``checkpoint``: the same arguments, quoted."""
-    kept: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == "--ckpt_path":
-            skip = True
-        elif not arg.startswith("--ckpt_path="):
-            kept.append(arg)
-    return shlex.join(["lightning-nst", *kept, "--ckpt_path", str(checkpoint)])
+    return shlex.join(["lightning-nst", *without_option(args, "--ckpt_path"), "--ckpt_path", str(checkpoint)])
 
 
 def resume_in_run_folder(trainer: L.Trainer, ckpt_path: str, stop: StopOnSignal) -> None:

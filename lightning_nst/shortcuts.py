@@ -413,16 +413,16 @@ def _check_not_an_input(output: Path, options: argparse.Namespace) -> None:
             raise NSTError(f"-o: {output} is the {what} of this run; write the result to another file")
 
 
-def _without_resume(argv: Sequence[str]) -> list[str]:
-    """``argv`` without a ``--resume CHECKPOINT`` (or ``--resume=CHECKPOINT``)."""
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` or ``option=VALUE`` (e.g. ``--resume CHECKPOINT``), wherever it stands."""
     kept: list[str] = []
     skip = False
     for arg in argv:
         if skip:
             skip = False
-        elif arg == "--resume":
+        elif arg == option:
             skip = True
-        elif not arg.startswith("--resume="):
+        elif not arg.startswith(f"{option}="):
             kept.append(arg)
     return kept
 
@@ -438,7 +438,7 @@ def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) 
     _check_output_file(output, options.overwrite, options.resume)
     _check_not_an_input(output, options)
     # A stop says how to finish into the same -o: this very command, with --resume and the checkpoint.
-    base = ["lightning-nst", command, *_without_resume(argv)]
+    base = ["lightning-nst", command, *without_option(argv, "--resume")]
     cli = _run("fit", config, resume=lambda checkpoint: shlex.join([*base, "--resume", str(checkpoint)]))
     from lightning_nst.writers import ImageWriter
 
