@@ -6,6 +6,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import lightning as L
 import torch
@@ -33,6 +34,21 @@ class _Steps(Dataset[Tensor]):
 
     def __getitem__(self, index: int) -> Tensor:
         return torch.tensor(index)
+
+
+class _StepLoader(DataLoader[Tensor]):
+    """The loader of :class:`_Steps`, resumable in Lightning's sense (``state_dict``/``load_state_dict``).
+
+    Its items carry nothing (the module counts with ``global_step``), so a resumed run may iterate it from the start
+    and there is no position to keep; Lightning would otherwise warn on every resume that the run may not be exact.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: every item is the same."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore."""
 
 
 def check_style_weights(weights: Sequence[float], count: int, key: str) -> list[float]:
@@ -157,7 +173,7 @@ class ImageTargets(L.LightningDataModule):
         steps = self.trainer.max_steps if self.trainer is not None else -1
         if steps is None or steps < 1:
             raise NSTError(f"trainer.max_steps: set a positive number of optimisation steps, got {steps}")
-        return DataLoader(_Steps(steps), batch_size=None)
+        return _StepLoader(_Steps(steps), batch_size=None)
 
 
 def load_mask(source: str | os.PathLike[str], shape: tuple[int, int] | torch.Size, key: str) -> Tensor:
