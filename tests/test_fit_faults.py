@@ -207,6 +207,7 @@ def test_signal_during_fit_keeps_the_images_and_prints_the_command_that_resumes(
     assert interrupted.shape == (32, 32, 3) and interrupted.std() > 10  # the image of step 3, not a blank
     (line,) = [line for line in stopped.stderr.splitlines() if line.startswith("lightning-nst: stopped by")]
     assert f"the current images are in {run} as *.interrupted.png; resume with: lightning-nst fit -c" in line
+    assert "weights_only" not in stopped.stderr  # the stop saves the whole state on purpose, without a word
     resume = shlex.split(line.split("resume with: ", 1)[1])
     assert resume[0] == "lightning-nst" and resume[-2:] == ["--ckpt_path", str(checkpoint)]
 
