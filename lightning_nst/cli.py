@@ -209,7 +209,8 @@ class StopOnSignal(L.Callback):
                 folder = trainer.checkpoint_callback.dirpath
             folder = Path(folder) if folder else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
             self.checkpoint = folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-            trainer.save_checkpoint(self.checkpoint, weights_only=False)  # all a resume needs (unset, Lightning logs that it chose this)
+            # All a resume needs; left unset, Lightning logs that it chose this.
+            trainer.save_checkpoint(self.checkpoint, weights_only=False)
             writer = next((c for c in trainer.callbacks if isinstance(c, ImageWriter)), None)
             if writer is not None:
                 self.interrupted = writer.save_interrupted(trainer, pl_module)
