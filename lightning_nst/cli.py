@@ -37,7 +37,7 @@ from lightning_nst import console, preflight
 from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import is_sample, load_image
 from lightning_nst.optimize import ImageOptimization
-from lightning_nst.outputs import SUMMARY, file_digest, source_digest
+from lightning_nst.outputs import SUMMARY, checkpoint_run_folder, file_digest, source_digest
 from lightning_nst.shortcuts import without_option
 from lightning_nst.writers import ImageWriter
 from lightning_nst.yaml_checks import check_yaml_files
@@ -261,19 +261,16 @@ def resume_in_run_folder(trainer: L.Trainer, ckpt_path: str, stop: StopOnSignal)
     A finished run's folder (it holds ``summary.json``) is never written into: its results stay, the new ones go to
     the new run folder. One info line says which.
     """
-    path = Path(ckpt_path).expanduser()
     writer = next((c for c in trainer.callbacks if isinstance(c, ImageWriter)), None)
-    if writer is None or writer.output_dir is not None or path.parent.name != "checkpoints":
+    folder = checkpoint_run_folder(ckpt_path)
+    if writer is None or writer.output_dir is not None or folder is None:
         return
-    folder = path.parent.parent
-    if not (folder / "config.yaml").is_file() and not (folder / "hparams.yaml").is_file():
-        return  # not a run folder of lightning-nst or Lightning
     if (folder / SUMMARY).exists():
         rank_zero_info(f"Resuming the finished run {folder}: results go to this run's folder {trainer.log_dir}")
         return
     writer.output_dir = str(folder)
     writer.directory = folder
-    stop.checkpoint_dir = path.parent
+    stop.checkpoint_dir = Path(ckpt_path).expanduser().parent
     rank_zero_info(f"Resuming {folder}: results go there, TensorBoard logs to {trainer.log_dir}")
 
 

@@ -215,6 +215,20 @@ class OutputFolder:
         return write_atomic(self.directory / name, data, overwrite=True)
 
 
+def checkpoint_run_folder(checkpoint: str | os.PathLike[str]) -> Path | None:
+    """The run folder a checkpoint lies in as ``<run>/checkpoints/NAME.ckpt``, or ``None``.
+
+    A run folder of lightning_nst or Lightning: it holds the run's ``config.yaml`` or ``hparams.yaml``.
+    """
+    path = Path(checkpoint).expanduser()
+    folder = path.parent.parent
+    if path.parent.name != "checkpoints":
+        return None
+    if not (folder / "config.yaml").is_file() and not (folder / "hparams.yaml").is_file():
+        return None
+    return folder
+
+
 # -- image optimisation results ---------------------------------------------------------------------------------------
 
 GRID = "grid.png"

@@ -53,7 +53,7 @@ def check_seed(value: Any, key: str, maximum: int = MAX_SEED) -> None:
     if value is None or isinstance(value, bool):
         return
     if not isinstance(value, int) or not 0 <= value <= maximum:
-        raise NSTError(f"{key}: must be a whole number from 0 to {maximum}, got {value!r}")
+        raise NSTError(f"{key}: must be a whole number from 0 to {maximum} (got {value!r})")
 
 
 # -- output folders -------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from lightning_nst.data import check_style_weights
 from lightning_nst.errors import NSTError
 from lightning_nst.hub import FAMILY_CONFIGS, SCHEDULERS, local_family
 from lightning_nst.losses import STATISTICS
-from lightning_nst.preflight import MAX_SEED
+from lightning_nst.preflight import MAX_SEED, check_seed
 from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, LAYER_NAMES, min_input_size
 
 MAX_ITEM_SEED = 2**63 - 1
@@ -192,18 +192,13 @@ def _number(value: float | None, flag: str, rule: str = "", *, low: float = -mat
         raise NSTError(f"{flag}: must be a finite number{rule} (got {value})")
 
 
-def _seed(value: int | None, flag: str, maximum: int) -> None:
-    if value is not None and not 0 <= value <= maximum:
-        raise NSTError(f"{flag}: must be a whole number from 0 to {maximum} (got {value})")
-
-
 def _optimisation_config(
     name: str, options: argparse.Namespace, data: dict[str, Any], objective: dict[str, Any]
 ) -> dict[str, Any]:
     """The shipped config ``name`` with the flags ``stylize`` and ``texture`` share, ``data`` and ``objective``."""
     _positive(options.size, "--size")
     _positive(options.steps, "--steps")
-    _seed(options.seed, "--seed", MAX_SEED)
+    check_seed(options.seed, "--seed")
     _number(options.style_weight, "--style-weight", " >= 0", low=0)
     _number(getattr(options, "content_weight", None), "--content-weight", " >= 0", low=0)
     for weight in getattr(options, "style_weights", None) or []:
@@ -305,7 +300,7 @@ def generate_config(options: argparse.Namespace) -> dict[str, Any]:
     if options.size is not None and options.size % 8:
         raise NSTError(f"--size: must be a multiple of 8 pixels (got {options.size})")
     for seed in options.seeds or [options.seed]:
-        _seed(seed, "--seeds" if options.seeds else "--seed", MAX_ITEM_SEED)
+        check_seed(seed, "--seeds" if options.seeds else "--seed", MAX_ITEM_SEED)
     _number(options.scale, "--scale")
     _number(options.cfg_scale, "--cfg-scale", " >= 0", low=0)
     _number(options.strength, "--strength", " in (0, 1]", low=math.ulp(0.0), high=1)
@@ -372,14 +367,12 @@ def _run(command: str, config: dict[str, Any], resume: Callable[[Path], str] | N
     return run([command, "--config", json.dumps(config)], resume=resume)
 
 
-def _run_folder(checkpoint: Path) -> Path | None:
-    """The run folder a resume from ``checkpoint`` writes into: that of ``<run>/checkpoints/*.ckpt`` if unfinished."""
-    from lightning_nst.outputs import SUMMARY
+def _run_folder(checkpoint: str) -> Path | None:
+    """The unfinished run folder a resume from ``checkpoint`` writes into, as the CLI's ``resume_in_run_folder``."""
+    from lightning_nst.outputs import SUMMARY, checkpoint_run_folder
 
-    folder = checkpoint.parent.parent
-    if checkpoint.parent.name != "checkpoints" or (folder / SUMMARY).exists():
-        return None
-    return folder
+    folder = checkpoint_run_folder(checkpoint)
+    return None if folder is None or (folder / SUMMARY).exists() else folder
 
 
 def _check_output_file(output: Path, overwrite: bool, resume: str | None) -> None:
@@ -394,7 +387,7 @@ def _check_output_file(output: Path, overwrite: bool, resume: str | None) -> Non
         raise NSTError(f"-o: {output} is a folder; name the image file to write")
     if output.exists() and not overwrite:
         # A stopped run's --keep-partial image is recorded in its folder, which the resume writes into again.
-        folder = _run_folder(Path(resume).expanduser()) if resume is not None else None
+        folder = _run_folder(resume) if resume is not None else None
         if folder is None or OutputFolder(folder, "-o").foreign([str(output.resolve())]):
             partial = " and is not the partial result of the run --resume finishes" if resume is not None else ""
             raise NSTError(f"-o: {output} exists{partial}; pass --overwrite to replace it")

@@ -126,12 +126,13 @@ def _load_problem(error: Exception) -> str:
     return "the file is truncated or corrupt (not a complete torch.save file)"
 
 
-def _read_state_dict(path: Path, key: str) -> dict[str, Tensor]:
+def _read_state_dict(path: Path, key: str, *, mmap: bool = False) -> dict[str, Tensor]:
+    """The VGG19 ``features`` tensors of a weights file; ``mmap`` maps them rather than reading them."""
     check_input_file(path, key, "weights file")
     if path.stat().st_size == 0:
         raise NSTError(f"{key}: {path} is empty (0 bytes); pass a state_dict saved with torch.save")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # torch raises several types for corrupt or unsafe files
         raise NSTError(f"{key}: cannot load {path} as a torch state_dict: {_load_problem(error)}") from None
     if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
@@ -183,8 +184,8 @@ def _not_covered(path: Path, available: Sequence[str], deepest: str, key: str) -
 def check_weights_cover(weights: str | os.PathLike[str], layers: Iterable[str], fill_missing: bool, key: str) -> None:
     """Raise, before any trunk is built, if the weights file ``weights`` names covers too few of ``layers``.
 
-    Only the file's keys are read (memory-mapped), so this costs next to nothing; ``auto`` is checked where it will
-    take ``$LIGHTNING_NST_VGG_WEIGHTS``. Anything else about the file (a broken file, wrong shapes) is left to
+    The tensors are memory-mapped, not read, so this costs next to nothing; ``auto`` is checked where it will take
+    ``$LIGHTNING_NST_VGG_WEIGHTS``. A file of another architecture is named as such; an unusable one is left to
     :class:`VGG19Features`, which reads it whole.
     """
     choice = str(weights)
@@ -198,18 +199,9 @@ def check_weights_cover(weights: str | os.PathLike[str], layers: Iterable[str], 
     else:
         path, key = Path(choice).expanduser(), f"{key}.weights"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a readable file: the trunk names what is wrong with it
+        features = _read_state_dict(path, key, mmap=True)
+    except NSTError:  # not a usable file: the trunk names what is wrong with it when it loads
         return
-    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(value, Tensor) for value in state.values()):
-        return
-    features = {
-        str(name).removeprefix("features."): value
-        for name, value in state.items()
-        if not str(name).startswith("classifier.")
-    }
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         reference = make_layers(cfgs["E"])
     covered = len(_check_architecture(features, reference, path, key))

@@ -366,7 +366,7 @@ class ImageWriter(L.Callback):
             # The best image seen so far, as optimised (before a histogram colour mode's final matching).
             self._write(self._output_name, encoded(best[0], self.output, "ImageWriter.output"))
             self.partial = self.output
-        self._log_hparams(trainer, pl_module, self._settings(pl_module), self._progress(trainer, pl_module))
+        self._log_hparams(trainer, pl_module, self._progress(trainer, pl_module))
         return self.directory if saved else None
 
     @property
@@ -437,11 +437,9 @@ class ImageWriter(L.Callback):
                 metrics.update({f"final/{objective.name}/{key}": v for key, v in _finite_floats(best).items()})
         return metrics
 
-    def _log_hparams(
-        self, trainer: L.Trainer, module: OptimizationModule, params: dict[str, Any], metrics: dict[str, float]
-    ) -> None:
+    def _log_hparams(self, trainer: L.Trainer, module: OptimizationModule, metrics: dict[str, float]) -> None:
         """The run's settings as hyperparameters with its final (or best so far) losses, for the HParams tab."""
-        params = {**params, "steps": trainer.global_step}
+        params = {**self._settings(module), "steps": trainer.global_step}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, metrics)  # logs the metrics too, as scalars at step 0
@@ -522,7 +520,7 @@ class ImageWriter(L.Callback):
             final.update({key: value for key, value in record.final_loss.items() if key != "total"})
             final.update(record.metrics)
             metrics.update({f"final/{name}/{key}": value for key, value in _finite_floats(final).items()})
-        self._log_hparams(trainer, module, self._settings(module), metrics)
+        self._log_hparams(trainer, module, metrics)
         self._written = True
         written = f" and {self.output}" if self.output is not None else ""
         self._announce = f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY}){written}"
