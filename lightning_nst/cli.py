@@ -710,7 +710,7 @@ def run(args: Sequence[str], *, resume: Callable[[Path], str] | None = None) -> 
 class InterruptedBySignal(StoppedBySignal, KeyboardInterrupt):
     """A run stopped by Ctrl-C (SIGINT): a :class:`StoppedBySignal`, and a ``KeyboardInterrupt`` for callers that stop.
 
-    pytest ends its session on it, a notebook cell its run, a script its ``except KeyboardInterrupt``.
+    pytest stops the whole test run on it, a notebook cell its run, a script its ``except KeyboardInterrupt``.
     """
 
 

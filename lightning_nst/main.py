@@ -116,7 +116,7 @@ class Interrupted(SystemExit, KeyboardInterrupt):
     """The exit after Ctrl-C: status ``128 + signal`` for the shell, and a ``KeyboardInterrupt`` for a Python caller.
 
     pytest, for one, counts a ``SystemExit`` raised in a test as that test's failure and goes on with the next, but
-    ends its whole session on a ``KeyboardInterrupt``.
+    stops the whole test run on a ``KeyboardInterrupt``.
     """
 
 

@@ -115,7 +115,7 @@ def test_the_api_raises_keyboard_interrupt_and_gives_every_handler_back(monkeypa
     assert handlers() == before  # SIGINT is not left ignored
 
 
-SESSION = """
+TESTS = """
 from pathlib import Path
 
 from lightning_nst.main import main
@@ -132,16 +132,16 @@ def test_after_it():
 """
 
 
-def test_ctrl_c_stops_a_pytest_session_running_fits_in_process(tmp_path: Path) -> None:
-    """The whole session stops, not just the test whose run took the Ctrl-C (``make test`` could not be stopped)."""
+def test_ctrl_c_stops_a_test_run_of_fits_in_process(tmp_path: Path) -> None:
+    """The whole test run stops, not just the test whose run took the Ctrl-C (``make test`` could not be stopped)."""
     adam = "--model.init_args.optimizer={class_path: torch.optim.Adam, init_args: {lr: 0.01}}"
     started = "--trainer.callbacks+={class_path: tests.helpers.TouchAtStep, init_args: {path: started, step: 1}}"
     args = [*FIT, "--trainer.max_steps=100000", adam, started]
-    (tmp_path / "test_session.py").write_text(SESSION.format(args=args), encoding="utf-8")
+    (tmp_path / "test_fits.py").write_text(TESTS.format(args=args), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
-    session = subprocess.Popen(
-        [*command, "test_session.py"],
+    child = subprocess.Popen(
+        [*command, "test_fits.py"],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -150,16 +150,16 @@ def test_ctrl_c_stops_a_pytest_session_running_fits_in_process(tmp_path: Path) -
     )
     try:
         deadline = time.monotonic() + 240
-        while not (tmp_path / "started").exists() and session.poll() is None and time.monotonic() < deadline:
+        while not (tmp_path / "started").exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert (tmp_path / "started").exists(), session.communicate(timeout=60)[0][-3000:]
-        session.send_signal(signal.SIGINT)
-        output = session.communicate(timeout=120)[0]  # the bound: one step, the checkpoint and pytest's exit
+        assert (tmp_path / "started").exists(), child.communicate(timeout=60)[0][-3000:]
+        child.send_signal(signal.SIGINT)
+        output = child.communicate(timeout=120)[0]  # the bound: one step, the checkpoint and pytest's exit
     finally:
-        if session.poll() is None:
-            session.kill()
-            session.communicate()
-    assert session.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    assert child.returncode == pytest.ExitCode.INTERRUPTED, output[-3000:]
     assert "Interrupted: 130" in output, output[-3000:]  # pytest's line for the KeyboardInterrupt that ended it
-    assert not (tmp_path / "after").exists()  # the session ended with the interrupted test
+    assert not (tmp_path / "after").exists()  # the run ended with the interrupted test
     assert (tmp_path / "logs/texture_gram/version_0/checkpoints/last.ckpt").is_file()  # the run's stop kept its step
