@@ -38,7 +38,6 @@ from lightning_nst.errors import DivergenceError, NSTError, StoppedBySignal
 from lightning_nst.images import is_sample, load_image
 from lightning_nst.optimize import ImageOptimization
 from lightning_nst.outputs import SUMMARY, checkpoint_run_folder, file_digest, source_digest
-from lightning_nst.shortcuts import without_option
 from lightning_nst.writers import ImageWriter
 from lightning_nst.yaml_checks import check_yaml_files
 
@@ -245,6 +244,20 @@ class StopOnSignal(L.Callback):
             f"stopped by {name}; finished items are kept in {folder}: rerun the same command with "
             f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(folder))} to generate the rest"
         )
+
+
+def without_option(argv: Sequence[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` or ``option=VALUE`` (e.g. ``--resume CHECKPOINT``), wherever it stands."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(f"{option}="):
+            kept.append(arg)
+    return kept
 
 
 def resume_command(args: Sequence[str], checkpoint: Path) -> str:

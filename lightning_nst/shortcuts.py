@@ -406,20 +406,6 @@ def _check_not_an_input(output: Path, options: argparse.Namespace) -> None:
             raise NSTError(f"-o: {output} is the {what} of this run; write the result to another file")
 
 
-def without_option(argv: Sequence[str], option: str) -> list[str]:
-    """``argv`` without ``option VALUE`` or ``option=VALUE`` (e.g. ``--resume CHECKPOINT``), wherever it stands."""
-    kept: list[str] = []
-    skip = False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == option:
-            skip = True
-        elif not arg.startswith(f"{option}="):
-            kept.append(arg)
-    return kept
-
-
 def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) -> None:
     command = parser.prog.split()[-1]
     options = parser.parse_args(argv)
@@ -430,6 +416,8 @@ def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) 
     output = Path(options.output).expanduser()
     _check_output_file(output, options.overwrite, options.resume)
     _check_not_an_input(output, options)
+    from lightning_nst.cli import without_option  # the run imports the CLI next anyway
+
     # A stop says how to finish into the same -o: this very command, with --resume and the checkpoint.
     base = ["lightning-nst", command, *without_option(argv, "--resume")]
     cli = _run("fit", config, resume=lambda checkpoint: shlex.join([*base, "--resume", str(checkpoint)]))
