@@ -19,8 +19,8 @@ import lightning as L
 import torch
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
-from lightning_nst.color import COLOR_MODES, chroma_difference
-from lightning_nst.images import load_image
+from lightning_nst.core.color import COLOR_MODES, chroma_difference
+from lightning_nst.core.images import load_image
 
 
 def colour_gap(image: torch.Tensor, content: torch.Tensor) -> tuple[float, float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_nst.vgg import VGG19Features
+from lightning_nst.core.vgg import VGG19Features
 
 
 def cpu_flags() -> set[str]:

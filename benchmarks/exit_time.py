@@ -77,7 +77,7 @@ def main() -> None:
     options = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
-        build = [sys.executable, "-m", "lightning_nst.tiny", str(work / "tiny-sd")]
+        build = [sys.executable, "-m", "lightning_nst.diffusion.tiny", str(work / "tiny-sd")]
         subprocess.run(build, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         commands = {
             "stylize": ["stylize", "sample:astronaut", "sample:gravel", "-o", "out.png", "--size", "64", "--steps",

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from lightning_nst.main import main  # noqa: E402
-from tests.test_recurrence import SolverState  # noqa: E402
+from tests.diffusion.test_recurrence import SolverState  # noqa: E402
 from tests.tiny_pipeline import VGG, build_tiny_pipeline, records, tiny_args  # noqa: E402
 
 OPTION = "--model.guidance.init_args."
@@ -54,7 +54,7 @@ def measure(pipeline: Path, name: str, alias: str, steps: int, seeds: int, *over
         name,
         f"--model.scheduler={alias}",
         f"--data.seeds=[{', '.join(str(seed) for seed in range(seeds))}]",
-        "--trainer.callbacks+=tests.test_recurrence.SolverState",
+        "--trainer.callbacks+=tests.diffusion.test_recurrence.SolverState",
         *overrides,
         steps=steps,
     )

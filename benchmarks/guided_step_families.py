@@ -36,7 +36,7 @@ only their output widths are the real ones, so the denoiser sees real-shaped con
 2048, T5 256 tokens; Flux CLIP pooled 768, T5 4096 wide, 512 tokens (the pipelines' ``max_sequence_length``).
 
 Components (median of ``--repeats`` rounds, interleaved): the denoiser's forward as the guided loop calls it
-(``lightning_nst.families``; classifier-free batch of 2 for SDXL and SD3, batch 1 with the distilled guidance
+(``lightning_nst.diffusion.families``; classifier-free batch of 2 for SDXL and SD3, batch 1 with the distilled guidance
 embedding for Flux), VAE decoder and tiny decoder forward+backward, VGG19 forward+backward to relu5_1 at the guidance
 size. The product: ``lightning-nst predict -c configs/guided_<family>.yaml --trainer.precision=32-true`` through
 ``lightning_nst.main.main`` on the saved folder with the config's five style layers (random VGG weights); each
@@ -99,12 +99,12 @@ from benchmarks.guided_step_sd15 import (  # noqa: E402
     peak_rss_mb,
     timed,
 )
-from lightning_nst.families import FAMILIES  # noqa: E402
-from lightning_nst.guidance import decode_latents  # noqa: E402
-from lightning_nst.losses import LayerStyleLoss  # noqa: E402
+from lightning_nst.core.losses import LayerStyleLoss  # noqa: E402
+from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E402
+from lightning_nst.core.vgg import VGG19Features  # noqa: E402
+from lightning_nst.diffusion.families import FAMILIES  # noqa: E402
+from lightning_nst.diffusion.guidance import decode_latents  # noqa: E402
 from lightning_nst.main import main as cli_main  # noqa: E402
-from lightning_nst.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E402
-from lightning_nst.vgg import VGG19Features  # noqa: E402
 from tests.tiny_pipeline import sdxl_scheduler, tiny_args, tiny_t5_tokenizer, tiny_tokenizer  # noqa: E402
 
 CONFIGS = {

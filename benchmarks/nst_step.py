@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
-from lightning_nst.vgg import VGG19Features, layer_index
+from lightning_nst.core.vgg import VGG19Features, layer_index
 
 STYLE = ["relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"]
 WEIGHTS = {"gram": 1e6, "meanvar": 1e3}

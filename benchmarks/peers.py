@@ -26,7 +26,7 @@ The common settings, as each peer is given them:
   pastiche needs but the partial file lacks (conv3_2..conv5_4) get torchvision's random init; they are never
   run (its forward stops at the deepest requested layer).
 - Images: the content and style files (style already at the content's shape). pystiche gets them through
-  ``lightning_nst.images.load_image``; pastiche reads them with its own ``load_image`` at ``size=(H, W)`` (the same
+  ``lightning_nst.core.images.load_image``; pastiche reads them with its own ``load_image`` at ``size=(H, W)`` (the same
   8-bit pixels, as BGR 0-255 minus the caffe mean).
 - Layers: style conv1_1, conv1_2, conv2_1, conv2_2, conv3_1 (pastiche: block1_conv1 ... block3_conv1), content
   conv2_2 (block2_conv2); conv outputs before the ReLU in both, as the tutorial's. Style weight 1e6, content 1.
@@ -90,8 +90,8 @@ from reference import (  # noqa: E402  (benchmarks/ is no package)
     run_reference,
 )
 
-from lightning_nst.images import load_image, save_image  # noqa: E402
-from lightning_nst.vgg import VGG19Features  # noqa: E402
+from lightning_nst.core.images import load_image, save_image  # noqa: E402
+from lightning_nst.core.vgg import VGG19Features  # noqa: E402
 
 PEERS = ("pystiche", "pastiche")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -11,7 +11,7 @@ module first, ReLUs replaced by non-inplace ones, truncated after the last loss 
 Both sides use the same weights (the real ImageNet VGG19 convolutions conv1_1..conv3_1 from
 ``../shared/models/vgg19_imagenet_conv1_1-conv3_1.pth``, which cover exactly the tutorial's five layers; seeded random
 weights where that file is absent), the same images (``skimage:astronaut`` content, ``starry_night.jpg`` or
-``skimage:gravel`` style, both through ``lightning_nst.images.load_image`` at ``--size``) and the same objective:
+``skimage:gravel`` style, both through ``lightning_nst.core.images.load_image`` at ``--size``) and the same objective:
 ``1e6 · Σ_l mse(G_l, A_l) + mse(F, P)`` over conv1_1, conv1_2, conv2_1, conv2_2, conv3_1 (style) and conv2_2
 (content). Ours is ``ImageOptimization`` + ``ImageTargets`` fitted by a ``lightning.Trainer`` with the product's
 defaults (TensorBoard logger, snapshots every 50 steps, PNG/grid/summary.json written at the end of each stage).
@@ -19,7 +19,7 @@ defaults (TensorBoard logger, snapshots every 50 steps, PNG/grid/summary.json wr
 The target is the reference's own loss after ``--reference-steps`` loss evaluations (the tutorial's 300). Each
 implementation runs until its training loss first reaches the target; the clock runs from building the model
 (loading weights and images) to that moment. The image that reached it is then scored by ONE definition
-(``lightning_nst.losses.LayerStyleLoss`` + ``ContentLoss`` on ``VGG19Features``) at full size. Settings are
+(``lightning_nst.core.losses.LayerStyleLoss`` + ``ContentLoss`` on ``VGG19Features``) at full size. Settings are
 interleaved within each of ``--repeats`` rounds, and medians are printed. "steps" counts VGG forward+backward passes
 (L-BFGS closure evaluations), as ``steps@px``. Not a test.
 
@@ -59,9 +59,9 @@ from torch import Tensor, nn, optim
 from torchvision.models.vgg import cfgs, make_layers
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
-from lightning_nst.images import load_image, save_image
-from lightning_nst.losses import ContentLoss, LayerStyleLoss
-from lightning_nst.vgg import VGG19Features
+from lightning_nst.core.images import load_image, save_image
+from lightning_nst.core.losses import ContentLoss, LayerStyleLoss
+from lightning_nst.core.vgg import VGG19Features
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

@@ -36,9 +36,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
-from lightning_nst.images import load_image
-from lightning_nst.losses import ContentLoss, LayerStyleLoss
-from lightning_nst.vgg import VGG19Features
+from lightning_nst.core.images import load_image
+from lightning_nst.core.losses import ContentLoss, LayerStyleLoss
+from lightning_nst.core.vgg import VGG19Features
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))

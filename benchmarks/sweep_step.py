@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
-from lightning_nst.vgg import LAYER_NAMES
+from lightning_nst.core.vgg import LAYER_NAMES
 
 CONVS = [name for name in LAYER_NAMES if name.startswith("conv")]
 

@@ -58,8 +58,8 @@ from reference import (  # noqa: E402  (benchmarks/ is no package)
 )
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, VGGConfig  # noqa: E402
-from lightning_nst.images import load_image, save_image  # noqa: E402
-from lightning_nst.vgg import VGG19Features  # noqa: E402
+from lightning_nst.core.images import load_image, save_image  # noqa: E402
+from lightning_nst.core.vgg import VGG19Features  # noqa: E402
 
 
 def lbfgs(params: Any) -> optim.Optimizer:

@@ -1,39 +1,76 @@
-"""lightning_nst: neural style on PyTorch Lightning."""
+"""lightning_nst: neural style on PyTorch Lightning.
+
+Two wings over a core: :mod:`lightning_nst.nst` (image optimisation) and :mod:`lightning_nst.diffusion` (style-guided
+sampling) stand on :mod:`lightning_nst.core`; :mod:`lightning_nst.cli` drives both. The names below are the public
+API and the ``class_path`` names of the shipped configs, so a config never depends on where a class lives.
+"""
 
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning_nst.api import stylize, texture
-from lightning_nst.data import ImageTargets
-from lightning_nst.errors import NSTError
-from lightning_nst.losses import ContentLoss, LayerStyleLoss, StyleLoss, gram_matrix, mean_std, total_variation
-from lightning_nst.metrics import StyleDistance
-from lightning_nst.optimize import ImageOptimization, Objective
-from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, VGG19Features, VGGConfig
-from lightning_nst.writers import ImageWriter
+__version__ = "0.1.0"
 
-# Imported on first use: diffusers and transformers add seconds to every start-up, and `fit` never needs them.
-_LAZY = {
-    "GuidedDiffusion": "lightning_nst.diffusion",
-    "StyleGuidance": "lightning_nst.guidance",
-    "PromptGrid": "lightning_nst.prompts",
-    "DenoisingCallback": "lightning_nst.diffusion",
-    "GenerationWriter": "lightning_nst.writers",
-    "TrajectoryLogger": "lightning_nst.callbacks",
+# Each name is imported on first use: `import lightning_nst` itself imports neither torch nor Lightning, so the
+# command line's help and listings answer at once, and `fit` never imports diffusers or transformers.
+_PUBLIC = {
+    "stylize": "lightning_nst.api",
+    "texture": "lightning_nst.api",
+    "NSTError": "lightning_nst.core.errors",
+    "ContentLoss": "lightning_nst.core.losses",
+    "LayerStyleLoss": "lightning_nst.core.losses",
+    "StyleLoss": "lightning_nst.core.losses",
+    "gram_matrix": "lightning_nst.core.losses",
+    "mean_std": "lightning_nst.core.losses",
+    "total_variation": "lightning_nst.core.losses",
+    "StyleDistance": "lightning_nst.core.metrics",
+    "CONV_LAYERS": "lightning_nst.core.vgg",
+    "LAYER_NAMES": "lightning_nst.core.vgg",
+    "VGG19Features": "lightning_nst.core.vgg",
+    "VGGConfig": "lightning_nst.core.vgg",
+    "ImageTargets": "lightning_nst.nst.data",
+    "ImageOptimization": "lightning_nst.nst.module",
+    "Objective": "lightning_nst.nst.module",
+    "ImageWriter": "lightning_nst.nst.writer",
+    "GuidedDiffusion": "lightning_nst.diffusion.module",
+    "DenoisingCallback": "lightning_nst.diffusion.module",
+    "StyleGuidance": "lightning_nst.diffusion.guidance",
+    "PromptGrid": "lightning_nst.diffusion.prompts",
+    "GenerationWriter": "lightning_nst.diffusion.writer",
+    "TrajectoryLogger": "lightning_nst.diffusion.trajectory",
 }
+
+if TYPE_CHECKING:
+    from lightning_nst.api import stylize, texture
+    from lightning_nst.core.errors import NSTError
+    from lightning_nst.core.losses import ContentLoss, LayerStyleLoss, StyleLoss, gram_matrix, mean_std, total_variation
+    from lightning_nst.core.metrics import StyleDistance
+    from lightning_nst.core.vgg import CONV_LAYERS, LAYER_NAMES, VGG19Features, VGGConfig
+    from lightning_nst.diffusion.guidance import StyleGuidance
+    from lightning_nst.diffusion.module import DenoisingCallback, GuidedDiffusion
+    from lightning_nst.diffusion.prompts import PromptGrid
+    from lightning_nst.diffusion.trajectory import TrajectoryLogger
+    from lightning_nst.diffusion.writer import GenerationWriter
+    from lightning_nst.nst.data import ImageTargets
+    from lightning_nst.nst.module import ImageOptimization, Objective
+    from lightning_nst.nst.writer import ImageWriter
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
     raise AttributeError(f"module 'lightning_nst' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_PUBLIC])
 
 
 __all__ = [
     "CONV_LAYERS",
-    "LAYER_NAMES",
     "ContentLoss",
     "DenoisingCallback",
     "GenerationWriter",
@@ -41,6 +78,7 @@ __all__ = [
     "ImageOptimization",
     "ImageTargets",
     "ImageWriter",
+    "LAYER_NAMES",
     "LayerStyleLoss",
     "NSTError",
     "Objective",
@@ -57,4 +95,3 @@ __all__ = [
     "texture",
     "total_variation",
 ]
-__version__ = "0.1.0"

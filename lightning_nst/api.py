@@ -1,10 +1,11 @@
 """``lightning_nst.stylize`` and ``lightning_nst.texture``: one call, one PIL image, no file written.
 
 The settings are those of ``lightning-nst stylize``/``texture`` (the shipped configs with the same overrides,
-:mod:`lightning_nst.shortcuts`); the run is a plain Trainer without logger, checkpoints or writer, so nothing is
+:mod:`lightning_nst.cli.shortcuts`); the run is a plain Trainer without logger, checkpoints or writer, so nothing is
 written and a notebook cell can run again. Bad input is refused before the run with the ``NSTError`` whose line
 ``lightning-nst`` prints; during the call, the messages the CLI drops are dropped
-(:func:`lightning_nst.console.quieted`), and Ctrl-C raises ``KeyboardInterrupt`` with every signal handler as it was.
+(:func:`~lightning_nst.cli.console.quieted`), and Ctrl-C raises ``KeyboardInterrupt`` with every signal handler as it
+was.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Any
 
 from PIL import Image
 
-from lightning_nst import console, preflight
-from lightning_nst.shortcuts import stylize_config, texture_config
+from lightning_nst.cli import console, preflight
+from lightning_nst.cli.shortcuts import stylize_config, texture_config
 
 Source = str | os.PathLike[str]
 
@@ -38,10 +39,10 @@ def _fit(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Imag
     """Build the config's module and data as ``fit`` would, run a Trainer that writes nothing, return the result."""
     import lightning as L
 
-    from lightning_nst.data import ImageTargets
-    from lightning_nst.images import to_pil
-    from lightning_nst.optimize import ImageOptimization, Objective
-    from lightning_nst.vgg import VGGConfig
+    from lightning_nst.core.images import to_pil
+    from lightning_nst.core.vgg import VGGConfig
+    from lightning_nst.nst.data import ImageTargets
+    from lightning_nst.nst.module import ImageOptimization, Objective
 
     L.seed_everything(config["seed_everything"], verbose=False)
     model_args = config["model"]["init_args"]

@@ -1,6 +1,8 @@
-"""``lightning-nst``: the command. ``fit``/``predict`` run through :func:`lightning_nst.cli.run`; bad input exits 2.
+"""``lightning-nst``: the command; bad input exits 2.
 
-``stylize``, ``texture`` and ``generate`` are shortcuts onto ``fit``/``predict`` (:mod:`lightning_nst.shortcuts`),
+``fit``/``predict`` run through :func:`~lightning_nst.cli.lightning.run`.
+
+``stylize``, ``texture`` and ``generate`` are shortcuts onto ``fit``/``predict`` (:mod:`lightning_nst.cli.shortcuts`),
 ``report`` makes the study's reports, ``layers`` lists the VGG19 layers and ``configs`` the shipped configs, which
 ``-c NAME`` finds by name. Errors for bad input are one line, ``lightning-nst: error: <key or file>: <problem>``,
 unless ``--debug`` or ``LIGHTNING_NST_DEBUG=1`` asks for the traceback.
@@ -17,11 +19,12 @@ from collections.abc import Sequence
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-from lightning_nst import __version__, shipped
-from lightning_nst.cli import nst_error, run
-from lightning_nst.errors import NSTError, StoppedBySignal
-from lightning_nst.vgg import LAYER_GEOMETRY, LAYER_NAMES
-from lightning_nst.yaml_checks import check_yaml_files
+from lightning_nst import __version__
+from lightning_nst.cli import shipped
+from lightning_nst.cli.lightning import nst_error, run
+from lightning_nst.cli.yaml_checks import check_yaml_files
+from lightning_nst.core.errors import NSTError, StoppedBySignal
+from lightning_nst.core.vgg import LAYER_GEOMETRY, LAYER_NAMES
 
 DEBUG_ENV = "LIGHTNING_NST_DEBUG"
 """Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""
@@ -94,7 +97,7 @@ def _command(argv: list[str]) -> None:
         return
     argv = shipped.resolve_argv(argv)
     if command in ("stylize", "texture", "generate"):
-        from lightning_nst import shortcuts
+        from lightning_nst.cli import shortcuts
 
         getattr(shortcuts, command)(argv[1:])
     elif command == "report":

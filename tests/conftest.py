@@ -76,7 +76,7 @@ def partial_weights() -> Path:
 def partial_random_weights(tmp_path: Path) -> Path:
     """A file shaped like the partial real one (``vgg19().features`` conv1_1 ... conv3_1) but holding seeded random
     weights: for tests of how partial files are handled, which need no real weights and so run everywhere."""
-    from lightning_nst.vgg import VGG19Features
+    from lightning_nst.core.vgg import VGG19Features
 
     path = tmp_path / "vgg19_random_conv1_1-conv3_1.pth"
     torch.save(VGG19Features(["relu3_1"], weights="random").trunk.state_dict(), path)

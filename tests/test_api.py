@@ -67,7 +67,7 @@ import warnings
 
 import lightning_nst
 from lightning.pytorch.utilities import rank_zero_info
-from lightning_nst.data import ImageTargets
+from lightning_nst.nst.data import ImageTargets
 
 setup = ImageTargets.setup
 

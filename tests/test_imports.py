@@ -23,8 +23,9 @@ class Probe:
             importers[name] = frames[-1] if frames else "?"
         return None
 sys.meta_path.insert(0, Probe())
-import lightning_nst, lightning_nst.optimize, lightning_nst.data, lightning_nst.vgg, lightning_nst.losses
-import lightning_nst.writers, lightning_nst.api, lightning_nst.cli, lightning_nst.main
+import lightning_nst, lightning_nst.nst.module, lightning_nst.nst.data, lightning_nst.core.vgg
+import lightning_nst.core.losses
+import lightning_nst.nst.writer, lightning_nst.api, lightning_nst.cli.lightning, lightning_nst.main
 if len(sys.argv) > 1:
     from lightning_nst.main import main
     try:

@@ -11,21 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import lightning_nst.outputs as outputs
-from lightning_nst.errors import NSTError
-from lightning_nst.outputs import (
-    GRID,
-    SUMMARY,
-    FitSummary,
-    ObjectiveRecord,
-    check_input_file,
-    check_output_dir,
-    file_digest,
-    last_good_file,
-    result_file,
-    source_digest,
-    step_file,
-)
+import lightning_nst.core.files as files
+from lightning_nst.core.errors import NSTError
+from lightning_nst.core.files import check_input_file, check_output_dir, file_digest, source_digest
+from lightning_nst.outputs import GRID, SUMMARY, FitSummary, ObjectiveRecord, last_good_file, result_file, step_file
 
 
 def test_a_missing_folder_is_accepted_but_not_created(tmp_path: Path) -> None:
@@ -48,7 +37,7 @@ def test_read_only(code: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     def refuse(*args: object, **kwargs: object) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(outputs.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(files.tempfile, "mkstemp", refuse)
     with pytest.raises(NSTError, match=r"^key: cannot write to .*/out \(in .*\): it is read-only$"):
         check_output_dir(tmp_path / "out", "key")
 

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from lightning_nst import __version__
-from lightning_nst.images import SHIPPED_SAMPLES
+from lightning_nst.core.images import SHIPPED_SAMPLES
 from tests.conftest import REPO
 
 SOURCES = ("pyproject.toml", "README.md", "lightning_nst", "configs")
@@ -162,7 +162,7 @@ def test_the_readmes_first_hour_runs_from_the_wheel_alone(tmp_path: Path) -> Non
     assert len(list((folder / "configs").glob("*.yaml"))) == 10 and (folder / "report.md").is_file()
 
     # The tiny pipeline the README offers for trying `generate` offline, built without pytest, then used.
-    printed = run([str(installed / "python"), "-m", "lightning_nst.tiny", "tiny-sd"], work, env)
+    printed = run([str(installed / "python"), "-m", "lightning_nst.diffusion.tiny", "tiny-sd"], work, env)
     assert printed.strip().splitlines()[-1] == "tiny-sd"
     assert json.loads((work / "tiny-sd" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
     generate = [command, "generate", "a red house", "--style", "sample:gravel", "--model", "tiny-sd", "--size", "64"]

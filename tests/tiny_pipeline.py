@@ -1,7 +1,9 @@
-"""The tests' tiny pipelines and helpers: the builders of :mod:`lightning_nst.tiny` with ``../shared``'s vocabulary.
+"""The tests' tiny pipelines and helpers: the builders of :mod:`~lightning_nst.diffusion.tiny`, ``../shared``'s
+vocabulary.
 
 Run as a script, ``python tests/tiny_pipeline.py [--family F] DIR`` saves the pipeline the tests use (with
-``../shared``'s CLIP vocabulary where it exists); users run ``python -m lightning_nst.tiny`` instead, which needs
+``../shared``'s CLIP vocabulary where it exists); users run ``python -m lightning_nst.diffusion.tiny`` instead, which
+needs
 neither pytest nor ``../shared``.
 """
 
@@ -19,9 +21,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from transformers import CLIPTokenizer
 
-from lightning_nst import tiny
-from lightning_nst.diffusion import DenoisingCallback
-from lightning_nst.tiny import (  # noqa: F401 - the tests import them from here
+from lightning_nst.diffusion import tiny
+from lightning_nst.diffusion.module import DenoisingCallback
+from lightning_nst.diffusion.tiny import (  # noqa: F401 - the tests import them from here
     FAMILIES,
     LATENT_CHANNELS,
     PIPELINE_CLASSES,
@@ -154,7 +156,7 @@ def tiny_tokenizer(directory: Path) -> CLIPTokenizer:
 
 
 def build_tiny_pipeline(path: Path, prediction_type: str = "epsilon", family: str = "sd") -> Path:
-    """:func:`lightning_nst.tiny.build_tiny_pipeline` with the tests' vocabulary (:data:`VOCABULARY`)."""
+    """:func:`lightning_nst.diffusion.tiny.build_tiny_pipeline` with the tests' vocabulary (:data:`VOCABULARY`)."""
     return tiny.build_tiny_pipeline(path, prediction_type, family, tokenizer=VOCABULARY)
 
 

@@ -1,7 +1,8 @@
 """``lightning-nst report <experiment>``: the study's experiments as folders of captioned figures and report.md.
 
 An ordinary client of the library: each run is a shipped config plus the report's settings (:mod:`.configs`), made
-through :func:`lightning_nst.cli.run` by a :class:`Report` folder (:mod:`.folder`); :mod:`.experiments` holds the
+through :func:`~lightning_nst.cli.lightning.run` by a :class:`Report` folder (:mod:`.folder`); :mod:`.experiments`
+holds the
 experiments.
 """
 
@@ -14,8 +15,8 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from lightning_nst.errors import NSTError, StoppedBySignal
-from lightning_nst.images import write_atomic
+from lightning_nst.core.errors import NSTError, StoppedBySignal
+from lightning_nst.core.files import write_atomic
 from lightning_nst.report.experiments import EXPERIMENTS, run
 from lightning_nst.report.folder import Report, report_features, weights_stated_once
 from lightning_nst.report.settings import ReportSettings

@@ -11,11 +11,11 @@ from typing import Any
 
 import yaml
 
-from lightning_nst.errors import NSTError
-from lightning_nst.shipped import configs_dir
+from lightning_nst.cli.shipped import configs_dir
+from lightning_nst.core.errors import NSTError
 
 CONFIGS = configs_dir()
-"""The shipped configs (:func:`lightning_nst.shipped.configs_dir`): the checkout's ``configs/``, or a wheel's copy.
+"""The shipped configs (:func:`lightning_nst.cli.shipped.configs_dir`): the checkout's ``configs/``, or a wheel's copy.
 
 One copy of each config, rather than defaults embedded in Python and a YAML generated from them, keeps the shipped
 configs the readable source the README points at.

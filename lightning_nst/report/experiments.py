@@ -17,18 +17,18 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from lightning_nst.color import COLOR_MODES, chroma_difference
-from lightning_nst.data import load_mask
-from lightning_nst.errors import NSTError
-from lightning_nst.images import check_source, is_sample, load_image, read_image, to_pil
-from lightning_nst.losses import STATISTICS, LayerStyleLoss, Statistic
-from lightning_nst.metrics import StyleDistance
+from lightning_nst.core.color import COLOR_MODES, chroma_difference
+from lightning_nst.core.errors import NSTError
+from lightning_nst.core.images import check_source, is_sample, load_image, read_image, to_pil
+from lightning_nst.core.losses import STATISTICS, LayerStyleLoss, Statistic
+from lightning_nst.core.metrics import StyleDistance
+from lightning_nst.core.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
+from lightning_nst.nst.data import load_mask
 from lightning_nst.outputs import GenerationRecord, ObjectiveRecord, preview_file, result_file, step_file
 from lightning_nst.report.configs import run_config, shipped
 from lightning_nst.report.figures import Series, image_table, line_plot
 from lightning_nst.report.folder import Report, report_folder, undone_if_refused, weights_stated_once
 from lightning_nst.report.settings import ReportSettings
-from lightning_nst.vgg import CONV_LAYERS, LAYER_NAMES, check_layers, layer_index
 
 CUMULATIVE = {f"conv1-{n}": list(CONV_LAYERS[:n]) for n in (3, 6, 10, 16)}
 SINGLE = {f"conv{n}": [CONV_LAYERS[n - 1]] for n in (1, 4, 8, 16)}
@@ -90,7 +90,7 @@ def _style_objective(name: str, layers: list[str], statistic: Statistic, setting
 class StyleMeter:
     """Style loss of image files against the style image on one definition, as the guidance measures it.
 
-    A :class:`~lightning_nst.metrics.StyleDistance` over the report's VGG trunk; images and the style are resized to
+    A :class:`~lightning_nst.StyleDistance` over the report's VGG trunk; images and the style are resized to
     ``size`` on their long edge, and layers weigh ``1 / len(layers)``.
     """
 
@@ -592,14 +592,14 @@ def _generation_config(
     """
     s = report.settings
     logger = {
-        "class_path": "lightning_nst.callbacks.TrajectoryLogger",
+        "class_path": "lightning_nst.TrajectoryLogger",
         "init_args": {
             "preview_every": preview_every,
             "preview_steps": preview_steps,
             "save_dir": str(report.run_dir(run) / "x0"),
         },
     }
-    writer = {"class_path": "lightning_nst.writers.GenerationWriter", "init_args": {"output_dir": None}}
+    writer = {"class_path": "lightning_nst.GenerationWriter", "init_args": {"output_dir": None}}
     # Gram, whatever the shipped config says: the report's tables compare Gram style losses.
     guidance = {"scale": scale, "guidance_size": s.guidance_size, "layers": s.style_layers, "statistic": "gram"}
     guidance["vgg"] = asdict(s.vgg)
@@ -928,7 +928,7 @@ def guided_img2img_vs_nst(settings: ReportSettings) -> Path:
 def _reseed(loss: LayerStyleLoss) -> None:
     """Draw ``sliced_w``'s projections again from their seeds, so every image is measured on the same ones.
 
-    :class:`~lightning_nst.losses.StyleLoss` redraws them at each call from a generator seeded once (right for
+    :class:`~lightning_nst.core.losses.StyleLoss` redraws them at each call from a generator seeded once (right for
     optimisation); a measurement must not depend on how many images were measured before it.
     """
     for layer_loss in loss.losses.values():

@@ -1,4 +1,4 @@
-"""A report folder: its files, the runs it makes through :func:`lightning_nst.cli.run`, and report.md."""
+"""A report folder: its files, the runs it makes through :func:`lightning_nst.cli.lightning.run`, and report.md."""
 
 from __future__ import annotations
 
@@ -20,24 +20,17 @@ from matplotlib.figure import Figure
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_nst import cli
-from lightning_nst.errors import DivergenceError, NSTError
-from lightning_nst.images import save_image, write_atomic
-from lightning_nst.outputs import (
-    MANIFEST,
-    SUMMARY,
-    FitSummary,
-    GenerationRecord,
-    check_output_dir,
-    file_digest,
-    read_manifest,
-)
+from lightning_nst.cli import lightning as cli
+from lightning_nst.core.errors import DivergenceError, NSTError
+from lightning_nst.core.files import check_output_dir, file_digest, write_atomic
+from lightning_nst.core.images import save_image
+from lightning_nst.core.vgg import VGG19Features
+from lightning_nst.outputs import MANIFEST, SUMMARY, FitSummary, GenerationRecord, read_manifest
 from lightning_nst.report.figures import captioned, finish, relative_weights, render, short_weights
 from lightning_nst.report.settings import ReportSettings
-from lightning_nst.vgg import VGG19Features
 
 RANDOM_WARNING = "VGG19 ImageNet weights are unavailable"
-"""The start of the warning :class:`~lightning_nst.vgg.VGG19Features` gives when ``auto`` falls back to random."""
+"""The start of the warning :class:`~lightning_nst.core.vgg.VGG19Features` gives when ``auto`` falls back to random."""
 RUN_LOGGERS = (
     "lightning_utilities.core.rank_zero",
     "lightning.pytorch.utilities.rank_zero",
@@ -98,7 +91,7 @@ def report_folder(experiment: str, settings: ReportSettings) -> Path:
 def undone_if_refused(folder: Path) -> Iterator[None]:
     """Leave a report folder that was new or empty as it was, should the report made in it be refused.
 
-    A refusal is bad input (an :class:`~lightning_nst.errors.NSTError`): the report removes the files it listed in
+    A refusal is bad input (an :class:`~lightning_nst.core.errors.NSTError`): the report removes the files it listed in
     :data:`FILES`, the list itself and the folders it created, so the corrected command runs without ``--overwrite``.
     A folder that held anything before keeps everything; so does a run that diverged, whose message points at the
     last finite images it kept, and a report stopped by a signal, which resumes.
@@ -206,7 +199,8 @@ ALLOW_LINE = "allow_random_weights: true  # the weights are random: making this 
 class Report:
     """A report folder: ``report.md``, figures, ``configs/`` (one YAML per run) and ``runs/`` (their outputs).
 
-    Runs go through :func:`lightning_nst.cli.run`, exactly as ``lightning-nst fit|predict -c configs/<run>.yaml``
+    Runs go through :func:`~lightning_nst.cli.lightning.run`, exactly as ``lightning-nst fit|predict -c
+    configs/<run>.yaml``
     from the same working directory would run them; bad input raises NSTError. A finished run whose config is
     unchanged is read back instead of being run again, so an interrupted report resumes where it stopped.
     """

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lightning_nst.errors import NSTError
-from lightning_nst.hub import DEFAULT_MODEL
-from lightning_nst.vgg import DEFAULT_STYLE_LAYERS, VGGConfig
+from lightning_nst.core.errors import NSTError
+from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS, VGGConfig
+from lightning_nst.diffusion.catalog import DEFAULT_MODEL
 
 TEXTURES = ["sample:gravel", "sample:brick", "sample:grass", "sample:immunohistochemistry", "sample:coffee"]
 """Experiment 3's default textures: the shipped copies of five scikit-image samples, three grey and two in colour."""
