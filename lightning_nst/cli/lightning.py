@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
-import json
-import os
 import re
 import shlex
 import shutil
@@ -35,10 +32,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning_nst.cli import console, preflight
 from lightning_nst.cli.yaml_checks import check_yaml_files
 from lightning_nst.core.errors import DivergenceError, NSTError, StoppedBySignal
-from lightning_nst.core.files import checkpoint_run_folder, file_digest, source_digest
-from lightning_nst.core.images import is_sample, load_image
+from lightning_nst.core.files import checkpoint_run_folder
 from lightning_nst.core.seeds import check_seed
-from lightning_nst.nst import checkpoint as checkpoints
+from lightning_nst.nst.checkpoint import check_checkpoint
 from lightning_nst.nst.module import ImageOptimization
 from lightning_nst.nst.writer import ImageWriter
 from lightning_nst.outputs import SUMMARY
@@ -315,200 +311,6 @@ class RemoveRefusedRunFolder(L.Callback):
         for parent in self.created:  # innermost first; rmdir leaves a folder that is not empty
             with contextlib.suppress(OSError):
                 parent.rmdir()
-
-
-def _plain(value: Any) -> Any:
-    """A config value as JSON-comparable plain data."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    return json.loads(json.dumps(value, default=str))
-
-
-UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed", "parameterization", "scales", "scale_steps", "avg_decay")
-"""ImageOptimization options a resumed run may not change: the checkpoint's image was made for them."""
-
-
-def check_checkpoint(config: Namespace) -> bool:
-    """Check ``ckpt_path`` before any heavy work; return whether it is an image optimisation checkpoint.
-
-    Refuses, naming ``ckpt_path``, a file that is not a checkpoint, one of another task, and one whose model options
-    (:data:`UNSAFE_ON_RESUME`), optimizer class, data size or input images differ from this command's. Options that
-    only steer the run (steps, logging, ``snapshot_every``, ``save_every``, outputs) are taken from the command line.
-    """
-    value = str(config.ckpt_path)
-    if value in ("last", "best", "hpc", "registry") or value.startswith("registry:"):
-        return False
-    path = Path(value).expanduser()
-    checkpoint = checkpoints.load(path)
-    model = config.get("model")
-    class_path = model.get("class_path", "") if isinstance(model, Namespace) else ""
-    if not class_path.endswith("ImageOptimization"):
-        return False
-    state = checkpoint.get("lightning_nst")
-    if "images.0" not in checkpoint["state_dict"] or not isinstance(state, dict):
-        raise NSTError(f"ckpt_path: {path} is not a checkpoint of lightning_nst.ImageOptimization (no image state)")
-    wanted = model.get("init_args") or Namespace()
-    saved = checkpoint.get("hyper_parameters") or {}
-    changed = [
-        f"model.{key}" for key in UNSAFE_ON_RESUME if key in saved and _plain(wanted.get(key)) != _plain(saved[key])
-    ]
-    if "model.vgg" in changed and state.get("vgg_weights") and _same_but_weights(wanted.get("vgg"), saved["vgg"]):
-        changed.remove("model.vgg")  # the weights themselves are compared below, whichever way they were named
-    optimizer = wanted.get("optimizer")
-    name = optimizer.get("class_path", "") if isinstance(optimizer, Namespace) else "Adam"
-    if state.get("optimizer") and name.rsplit(".", 1)[-1] != state["optimizer"]:
-        changed.append("model.optimizer")
-    data_config = config.get("data") or Namespace()
-    data = data_config.get("init_args") or Namespace()
-    size = data.get("size")
-    if state.get("size") and [size, data.get("style_size") or size] != list(state["size"]):
-        changed.append("data.size")
-    if changed and changed != ["data.size"]:
-        raise NSTError(
-            f"ckpt_path: {path} was saved with other {', '.join(changed)} than this command; a resumed run cannot "
-            f"change them (start a new run without --ckpt_path, or give the checkpoint's values)"
-        )
-    _check_optimizer_settings(path, checkpoint.get("optimizer_states") or [], optimizer)
-    _check_weights(path, state.get("vgg_weights"), wanted.get("vgg"))
-    _check_inputs(path, state.get("inputs"), data, wanted.get("init"))
-    if str(data_config.get("class_path", "")).endswith("ImageTargets"):
-        # A coarse-to-fine checkpoint holds the image at its scale's size: compare the output size instead. Otherwise
-        # the decoded image's shape: a laplacian parameter is wider than its image.
-        plan = (state.get("scales") or {}).get("plan")
-        if plan:
-            shape = [plan[-1]["height"], plan[-1]["width"]]
-        else:
-            shape = state.get("image_shape") or checkpoint["state_dict"]["images.0"].shape
-        _check_image_shape(path, shape, state.get("size"), data)
-    if changed:  # the same image shape, but other style targets (style_size)
-        raise NSTError(
-            f"ckpt_path: {path} was saved with other data.size than this command; a resumed run cannot change it "
-            f"(start a new run without --ckpt_path, or give the checkpoint's values)"
-        )
-    return True
-
-
-def _check_optimizer_settings(path: Path, states: list[dict[str, Any]], optimizer: Any) -> None:
-    """Refuse optimizer settings that differ from the checkpoint's and that a resume cannot apply (early)."""
-    if not states or not isinstance(optimizer, Namespace) or not optimizer.get("class_path"):
-        return  # the default optimizer, whose class the checkpoint's is compared with above
-    module, _, name = str(optimizer.class_path).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name)
-        init_args = _plain(optimizer.get("init_args")) or {}
-        _, fresh = checkpoints.settings_of(lambda params: cls(params, **init_args))
-    except Exception:  # a setting the optimizer rejects is named when the run builds it
-        return
-    checkpoints.refuse_optimizer_overrides(checkpoints.optimizer_overrides(states, fresh), f"ckpt_path: {path}")
-
-
-def _same_but_weights(wanted: Any, saved: Any) -> bool:
-    """Whether two ``model.vgg`` configs differ at most in how they name the weights."""
-    wanted, saved = _plain(wanted) or {}, _plain(saved) or {}
-    if not isinstance(wanted, dict) or not isinstance(saved, dict):
-        return False
-    fields = set(wanted) | set(saved)
-    return all(wanted.get(field) == saved.get(field) for field in fields - {"weights"})
-
-
-def _styles(data: Namespace) -> list[Any]:
-    """``data.style`` as a list: one image may be given as a plain string, as ImageTargets accepts it."""
-    style = data.get("style")
-    return [style] if isinstance(style, str | os.PathLike) else list(style or [])
-
-
-def _check_image_shape(path: Path, saved: Sequence[int], sizes: Sequence[int | None] | None, data: Namespace) -> None:
-    """Refuse when this command's data makes an image of another shape than the checkpoint's.
-
-    The shape follows from the reference image (content, else the first style image) and its size, loaded here as
-    ImageTargets will load it; a shape mismatch would otherwise surface as a traceback when Lightning restores the
-    image parameters. Also covers checkpoints that do not record ``data.size``.
-    """
-    style = _styles(data)
-    size = data.get("size")
-    if data.get("content") is not None:
-        height, width = load_image(data.content, size, key="data.content").shape[-2:]
-    elif style:
-        height, width = load_image(style[0], data.get("style_size") or size, key="data.style[0]").shape[-2:]
-    else:
-        return  # the data module names what is missing
-    if (height, width) != tuple(saved[-2:]):
-        made_with = f" (data.size {sizes[0]})" if sizes else ""
-        raise NSTError(
-            f"ckpt_path: {path} holds a {saved[-1]}x{saved[-2]} image{made_with}, this command's data makes "
-            f"{width}x{height} (data.size {size}); a resumed run cannot change the image size (start a new run "
-            "without --ckpt_path, or give the checkpoint's data.size)"
-        )
-
-
-def _check_weights(path: Path, recorded: str | None, vgg: Any) -> None:
-    """Refuse when this command's ``model.vgg.weights`` names other weights than the checkpoint's were.
-
-    Checkpoints saved before the weights were recorded hold no record and are not checked. ``auto`` is left to
-    :meth:`ImageOptimization.on_load_checkpoint`, which knows what it resolved to once the trunk is built; a named
-    file is compared here by its content digest, without loading it.
-    """
-    if not recorded or vgg is None:
-        return
-    choice = str(vgg.get("weights", "auto"))
-    if choice == "random":
-        wanted = f"random (seed {vgg.get('seed', 0)})"
-    elif choice == "imagenet":
-        wanted = "imagenet"
-    elif choice != "auto" and Path(choice).expanduser().is_file():
-        file = Path(choice).expanduser()
-        wanted = f"file {file.resolve()} (sha256 {file_digest(file)[:12]})"
-    else:
-        return  # auto, or a missing file, which the trunk names with its own key
-    if ImageOptimization.weights_identity(recorded) != ImageOptimization.weights_identity(wanted):
-        raise NSTError(
-            f"ckpt_path: {path} was made with VGG weights {recorded}, but this command's model.vgg.weights gives "
-            f"{wanted}; a resumed run cannot change the weights (start a new run without --ckpt_path, or give the "
-            "checkpoint's weights)"
-        )
-
-
-def _check_inputs(path: Path, saved: dict[str, Any] | None, data: Namespace, init: str | None) -> None:
-    """Refuse when the input images (content, style, masks, init) or blend weights differ from the checkpoint's."""
-    if not saved:
-        return
-    sources: dict[str, Any] = {"data.content": data.get("content")}
-    styles = _styles(data)
-    sources.update({f"data.style[{i}]": source for i, source in enumerate(styles)})
-    if init not in (None, "noise", "content"):
-        sources["model.init"] = init
-    recorded: dict[str, Any] = {"data.content": saved.get("data.content"), "model.init": saved.get("model.init")}
-    recorded.update({f"data.style[{i}]": digest for i, digest in enumerate(saved.get("data.style") or [])})
-    if len(saved.get("data.style") or []) != len(styles):
-        raise NSTError(
-            f"data.style: the checkpoint {path} was made from {len(saved.get('data.style') or [])} "
-            f"style images, this command gives {len(styles)}; start a new run"
-        )
-    weights = data.get("style_weights")
-    if (None if weights is None else [float(w) for w in weights]) != saved.get("data.style_weights"):
-        raise NSTError(f"data.style_weights: differs from the checkpoint {path}; start a new run without --ckpt_path")
-    for key in ("data.masks", "data.style_masks"):
-        given = data.get(key.removeprefix("data."))
-        if (given is None) != (saved.get(key) is None) or len(given or []) != len(saved.get(key) or []):
-            raise NSTError(f"{key}: differs from the checkpoint {path}; start a new run without --ckpt_path")
-        sources.update({f"{key}[{i}]": source for i, source in enumerate(given or [])})
-        recorded.update({f"{key}[{i}]": digest for i, digest in enumerate(saved.get(key) or [])})
-    for key, source in sources.items():
-        if (source is None) != (recorded.get(key) is None):
-            raise NSTError(f"{key}: differs from the checkpoint {path}; start a new run without --ckpt_path")
-        if source is None or (not is_sample(source) and not Path(source).expanduser().is_file()):
-            continue  # a missing file is reported by the data module with its own key
-        if source_digest(source) != recorded[key]:
-            raise NSTError(
-                f"{key}: {source} changed since the checkpoint {path} was saved (the target changed under the "
-                f"checkpoint); start a new run without --ckpt_path, or restore the file"
-            )
 
 
 def _replace_listed_objectives(config: Namespace, argv: list[str]) -> None:

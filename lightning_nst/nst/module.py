@@ -44,6 +44,7 @@ from lightning_nst.nst.checkpoint import (
     seal,
     settings_of,
     verify,
+    weights_identity,
 )
 from lightning_nst.nst.data import ImageTargets
 from lightning_nst.nst.parameterization import ParameterizationName, make_parameterization
@@ -797,25 +798,10 @@ class ImageOptimization(L.LightningModule):
             }
         seal(checkpoint)  # Lightning calls this hook last, so the digest covers everything it writes
 
-    @staticmethod
-    def weights_identity(description: str) -> tuple[str, ...]:
-        """What identifies the weights a :attr:`~lightning_nst.core.vgg.VGG19Features.weights_used` description names.
-
-        ``("imagenet",)``, ``("random", seed)`` or ``("file", sha256 prefix)``: the same weights chosen another way
-        (``auto`` or by name, a file moved) are the same.
-        """
-        if description.startswith("random"):
-            seed = re.search(r"seed (\d+)", description)
-            return ("random", seed.group(1) if seed else "")
-        if description.startswith("file"):
-            digest = re.search(r"sha256 ([0-9a-f]+)", description)
-            return ("file", digest.group(1) if digest else description)
-        return (description.split(" ", 1)[0],)
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint made for another image shape or other VGG weights; restore the best images.
 
-        :func:`lightning_nst.cli.lightning.check_checkpoint` refuses most of this before any heavy work; here, after
+        :func:`~lightning_nst.nst.checkpoint.check_checkpoint` refuses most of this before any heavy work; here, after
         :meth:`setup` and :meth:`configure_model`, the shape and the weights actually loaded are known for certain
         (``auto`` resolved), also for a trainer built in Python.
         """
@@ -842,7 +828,7 @@ class ImageOptimization(L.LightningModule):
                 )
         recorded = state.get("vgg_weights")  # None in checkpoints saved before it was recorded: those still load
         used = self.vgg.weights_used if self.vgg is not None else None
-        if recorded and used and self.weights_identity(recorded) != self.weights_identity(used):
+        if recorded and used and weights_identity(recorded) != weights_identity(used):
             raise NSTError(
                 f"{where} was made with VGG weights {recorded}, but this run's model.vgg.weights gives {used}; a "
                 "resumed run cannot change the weights (start a new run without --ckpt_path, or give the "
