@@ -62,11 +62,15 @@ def test_the_wheel_holds_the_shipped_configs(tmp_path: Path) -> None:
             == (REPO / "configs" / "style_transfer_gram.yaml").read_bytes()
         )
     assert configs == {f"lightning_nst/configs/{path.name}" for path in (REPO / "configs").glob("*.yaml")}
-    with zipfile.ZipFile(wheel) as archive:  # the samples every default needs, and the tiny pipelines' builder
+    with zipfile.ZipFile(wheel) as archive:  # the samples every default needs, and every module of every subpackage
         for name in SHIPPED_SAMPLES:
             sample = f"lightning_nst/samples/{name}.jpg"
             assert archive.read(sample) == (REPO / sample).read_bytes(), sample
-        assert archive.read("lightning_nst/tiny.py") == (REPO / "lightning_nst" / "tiny.py").read_bytes()
+        modules = {path.relative_to(REPO).as_posix() for path in (REPO / "lightning_nst").rglob("*.py")}
+        assert modules <= set(archive.namelist()), sorted(modules - set(archive.namelist()))
+        assert (
+            archive.read("lightning_nst/diffusion/tiny.py") == (REPO / "lightning_nst/diffusion/tiny.py").read_bytes()
+        )
 
 
 class Installed(NamedTuple):
