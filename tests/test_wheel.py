@@ -174,3 +174,21 @@ def test_the_readmes_first_hour_runs_from_the_wheel_alone(tmp_path: Path) -> Non
     (image,) = (work / "out").glob("*.png")
     with Image.open(image) as opened:
         assert opened.size == (64, 64)
+
+
+@pytest.mark.parametrize("package", ["lightning", "diffusers"])
+def test_the_fast_moving_dependencies_have_an_upper_bound_that_the_tested_version_meets(package: str) -> None:
+    """Lightning's and diffusers' internals this package leans on change between minor releases: pin what was tested."""
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S)
+    assert dependencies is not None
+    requirements = [Requirement(line) for line in re.findall(r'^\s*"([^"]+)"', dependencies.group(1), re.M)]
+    (requirement,) = [r for r in requirements if r.name == package]
+    assert any(spec.operator in ("<", "<=") for spec in requirement.specifier), f"{requirement} has no upper bound"
+    assert requirement.specifier.contains(version(package)), (
+        f"installed {package} {version(package)} is not {requirement}"
+    )
