@@ -66,7 +66,7 @@ SAMPLES := --config configs/report_cpu.yaml --model reports/tiny-sd --progress_b
 STARRY := --style_prompt "in the style of Van Gogh's The Starry Night, swirling brushstrokes"
 
 reports/tiny-sd: | $(STAMP)
-	$(PY) -m lightning_nst.tiny --tokenizer ../shared/models/clip-tokenizer $@
+	$(PY) -m lightning_nst.diffusion.tiny --tokenizer ../shared/models/clip-tokenizer $@
 
 report-samples: $(STAMP) reports/tiny-sd
 	export LIGHTNING_NST_VGG_WEIGHTS=$(SAMPLE_WEIGHTS) && \

@@ -2,7 +2,9 @@
 
 A fit's folder holds one PNG per objective, ``grid.png`` and ``summary.json`` (:class:`FitSummary`); a generation's
 folder holds one PNG per item and ``predictions.jsonl`` (:class:`GenerationRecord`, one line per item). The names
-and fields here are what a user's scripts read: change them only with a new ``format`` version.
+and fields here are what a user's scripts read. Each record carries :data:`FORMAT`, the version of this contract: a
+change that a reader of an earlier folder would misread comes with a new version, and a reader refuses a record of a
+newer version than it knows, naming the file. Records from before the version was written read as version 0.
 """
 
 from __future__ import annotations
@@ -15,6 +17,22 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from lightning_nst.core.errors import NSTError
+
+FORMAT = 1
+"""The version of the files and records described here (``"format"`` in ``summary.json`` and in each manifest line)."""
+
+
+def check_format(record: Mapping[str, Any], where: str) -> None:
+    """Refuse, naming ``where``, a record written in a newer format than this version of lightning_nst reads."""
+    version = record.get("format", 0)
+    if not isinstance(version, int) or version > FORMAT:
+        raise NSTError(
+            f"{where}: written in format {version!r} by a newer lightning_nst; this one reads format {FORMAT} and "
+            "earlier (upgrade lightning_nst to read it)"
+        )
+
 
 # -- image optimisation results ---------------------------------------------------------------------------------------
 
@@ -82,7 +100,7 @@ class FitSummary:
     the absolute path and the SHA-256 of a file, or the source as given and ``None`` for an embedded sample.
     ``scales`` (coarse-to-fine runs only) lists each scale run: ``long_edge``, ``size`` ``[H, W]``, ``steps``,
     ``end_step`` and ``seconds``. ``result_file`` (with ``ImageWriter.output``, as ``stylize -o`` sets it) is the
-    result's own image file: ``{"path", "sha256"}``.
+    result's own image file: ``{"path", "sha256"}``. ``format`` is the version of the record (:data:`FORMAT`).
     """
 
     vgg_weights: str
@@ -103,6 +121,7 @@ class FitSummary:
     images: dict[str, Any] | None = None
     scales: list[dict[str, Any]] | None = None
     result_file: dict[str, str] | None = None
+    format: int = FORMAT
 
     def to_json(self) -> str:
         """The file's text."""
@@ -111,7 +130,10 @@ class FitSummary:
     @classmethod
     def read(cls, folder: str | os.PathLike[str]) -> FitSummary:
         """Read ``folder/summary.json``."""
-        data = json.loads((Path(folder) / SUMMARY).read_text(encoding="utf-8"))
+        path = Path(folder) / SUMMARY
+        data = json.loads(path.read_text(encoding="utf-8"))
+        check_format(data, str(path))
+        data.setdefault("format", 0)
         objectives = {name: ObjectiveRecord(**record) for name, record in data.pop("objectives").items()}
         return cls(**data, objectives=objectives)
 
@@ -186,6 +208,7 @@ class GenerationRecord:
         strength: img2img's strength (``model.strength``), or ``None`` for text-to-image.
         model_evaluations: UNet calls made for the item's batch where they were more than its timesteps
             (``model.guidance.recurrence``), else ``None``.
+        format: The version of the record (:data:`FORMAT`).
 
     The img2img keys and ``model_evaluations`` come last and are left out of a line where they are ``None``, which
     keeps the keys a text-to-image line always had.
@@ -221,6 +244,7 @@ class GenerationRecord:
     init_image_digest: str | None = None
     strength: float | None = None
     model_evaluations: int | None = None
+    format: int = FORMAT
 
     def to_json(self) -> str:
         """The manifest line, without its newline."""
@@ -233,17 +257,19 @@ class GenerationRecord:
         return json.dumps(record)
 
     @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> GenerationRecord:
+    def from_dict(cls, record: Mapping[str, Any], where: str = "a manifest line") -> GenerationRecord:
         """The record of a parsed manifest line; raises ``KeyError`` naming a missing key, ignores unknown ones.
 
-        The img2img keys and ``model_evaluations`` may be missing: they are then ``None``.
+        The img2img keys and ``model_evaluations`` may be missing: they are then ``None``; so may ``format``, in
+        lines written before it was recorded (version 0). A line of a newer format raises :class:`NSTError`.
         """
-        return cls(
-            **{
-                field.name: record.get(field.name) if field.name in _OPTIONAL_KEYS else record[field.name]
-                for field in fields(cls)
-            }
-        )
+        check_format(record, where)
+        values = {
+            field.name: record.get(field.name) if field.name in _OPTIONAL_KEYS else record[field.name]
+            for field in fields(cls)
+            if field.name != "format"
+        }
+        return cls(**values, format=record.get("format", 0))
 
 
 _IMG2IMG_KEYS = ("init_image", "init_image_digest", "strength")
@@ -253,4 +279,8 @@ _OPTIONAL_KEYS = (*_IMG2IMG_KEYS, "model_evaluations")
 def read_manifest(path: str | os.PathLike[str]) -> list[GenerationRecord]:
     """The records of a finished manifest, in file order (item order, as the writer leaves it)."""
     text = Path(path).read_text(encoding="utf-8")
-    return [GenerationRecord.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]
+    return [
+        GenerationRecord.from_dict(json.loads(line), f"{path} line {number}")
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,19 @@ import pytest
 import lightning_nst.core.files as files
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.files import check_input_file, check_output_dir, file_digest, source_digest
-from lightning_nst.outputs import GRID, SUMMARY, FitSummary, ObjectiveRecord, last_good_file, result_file, step_file
+from lightning_nst.outputs import (
+    FORMAT,
+    GRID,
+    MANIFEST,
+    SUMMARY,
+    FitSummary,
+    GenerationRecord,
+    ObjectiveRecord,
+    last_good_file,
+    read_manifest,
+    result_file,
+    step_file,
+)
 
 
 def test_a_missing_folder_is_accepted_but_not_created(tmp_path: Path) -> None:
@@ -82,7 +95,7 @@ def test_digests(tmp_path: Path) -> None:
 SUMMARY_KEYS = [
     "vgg_weights", "pooling", "image_size", "precision", "device", "steps", "resumed_at_step", "wall_time_s",
     "seconds_per_step", "seconds_per_step_after_first", "output_dir", "objectives", "grid", "grid_sha256", "inputs",
-    "images", "scales", "result_file",
+    "images", "scales", "result_file", "format",
 ]  # fmt: skip
 OBJECTIVE_KEYS = [
     "sha256", "objective", "initial_loss", "final_loss", "best_step", "best_loss", "last_loss", "stopped_at_step",
@@ -118,3 +131,28 @@ def test_fit_summary_keeps_the_keys_and_reads_back(tmp_path: Path) -> None:
     del data["images"], data["scales"], data["result_file"]
     (tmp_path / SUMMARY).write_text(json.dumps(data))
     assert FitSummary.read(tmp_path).images is None and FitSummary.read(tmp_path).scales is None
+
+
+RECORD = {
+    "index": 0, "image": "00000_a_0.png", "sha256": "ab", "fingerprint": "cd", "prompt": "a", "base_prompt": "a",
+    "style_prompt": None, "negative_prompt": "", "seed": 0, "style": None, "style_digest": None, "model": "tiny-sd",
+    "scheduler": "DDIMScheduler", "num_inference_steps": 2, "cfg_scale": 7.5, "eta": 0.0, "size": [64, 64],
+    "dtype": "float32", "guidance": None, "final_style_loss": None, "style_loss": None, "timesteps": [500, 0],
+    "guided": [False, False], "nsfw": None, "seconds_per_step": 0.1, "rank": 0,
+}  # fmt: skip
+
+
+def test_records_carry_their_format_and_a_newer_one_is_refused_naming_the_file(tmp_path: Path) -> None:
+    summary = {"format": FORMAT + 1, "objectives": {}}
+    (tmp_path / SUMMARY).write_text(json.dumps(summary))
+    with pytest.raises(NSTError, match=rf"^{re.escape(str(tmp_path / SUMMARY))}: written in format {FORMAT + 1} by a"):
+        FitSummary.read(tmp_path)
+    manifest = tmp_path / MANIFEST
+    manifest.write_text(json.dumps(RECORD) + "\n" + json.dumps({**RECORD, "format": FORMAT + 1}) + "\n")
+    with pytest.raises(NSTError, match=rf"^{re.escape(str(manifest))} line 2: written in format {FORMAT + 1} by a"):
+        read_manifest(manifest)
+    # A record from before the format was written reads as format 0 and is written back as the current one.
+    line = json.loads(GenerationRecord.from_dict({**RECORD, "format": FORMAT}).to_json())
+    assert line["format"] == FORMAT and list(line)[-1] == "format"
+    del line["format"]
+    assert GenerationRecord.from_dict(line).format == 0

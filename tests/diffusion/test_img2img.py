@@ -98,7 +98,7 @@ def test_the_output_size_follows_the_init_image(
     assert record["init_image_digest"] == hashlib.sha256(init.read_bytes()).hexdigest()
     assert len(record["timesteps"]) == 5  # int(10 * 0.5) of the 10 steps
     # The img2img keys follow the text-to-image ones, and the typed record reads and writes the line as it is.
-    assert list(record) == [*MANIFEST_KEYS, "init_image", "init_image_digest", "strength"]
+    assert list(record) == [*MANIFEST_KEYS, "init_image", "init_image_digest", "strength", "format"]
     (typed,) = read_manifest(tmp_path / "out" / MANIFEST)
     assert json.loads(typed.to_json()) == record and typed.strength == 0.5
 
