@@ -2,8 +2,7 @@
 
 An ordinary client of the library: each run is a shipped config plus the report's settings (:mod:`.configs`), made
 through :func:`~lightning_nst.cli.lightning.run` by a :class:`Report` folder (:mod:`.folder`); :mod:`.experiments`
-holds the
-experiments.
+holds the experiments, one module each.
 """
 
 from __future__ import annotations

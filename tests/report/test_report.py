@@ -12,7 +12,8 @@ import pytest
 from PIL import Image, ImageFilter
 
 from lightning_nst.main import main
-from lightning_nst.report.experiments import colour_distance, spectrum_distance, timing_verdict
+from lightning_nst.report.experiments.gram_vs_meanvar import timing_verdict
+from lightning_nst.report.experiments.measures import colour_distance, spectrum_distance
 from lightning_nst.report.figures import Series, finish, line_plot, render
 from tests.conftest import MODELS
 from tests.tiny_pipeline import VGG

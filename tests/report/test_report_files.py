@@ -25,6 +25,7 @@ from lightning_nst.core.errors import DivergenceError, NSTError
 from lightning_nst.core.vgg import VGGConfig
 from lightning_nst.main import main
 from lightning_nst.report import Report, ReportSettings, configs, experiments
+from lightning_nst.report.experiments import common
 from tests.conftest import CONFIGS, REPO
 
 TOY = [
@@ -266,7 +267,7 @@ def _toy_settings(tmp_path: Path, pipeline: str = "tiny-sd") -> ReportSettings:
 def test_run_configs_are_the_shipped_configs_with_the_reports_settings(tmp_path: Path) -> None:
     report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"], runs=1)
     objective = [{"name": "x", "style_layers": ["relu1_1"]}]
-    fit = experiments._fit_config(report, "x", "texture_gram", objective, {"style": ["skimage:brick"]})
+    fit = common.fit_config(report, "x", "texture_gram", objective, {"style": ["skimage:brick"]})
     texture = yaml.safe_load((CONFIGS / "texture_gram.yaml").read_text())
     assert fit["model"]["init_args"]["optimizer"] == texture["model"]["init_args"]["optimizer"]
     assert fit["model"]["init_args"]["objectives"] == objective and fit["data"]["init_args"]["size"] == 32
@@ -274,7 +275,7 @@ def test_run_configs_are_the_shipped_configs_with_the_reports_settings(tmp_path:
     # The shipped ModelCheckpoint is the user's, not the report's: the report's run keeps only its writer.
     assert [callback["class_path"] for callback in fit["trainer"]["callbacks"]] == ["lightning_nst.ImageWriter"]
     for style_prompt, name in ((None, "guided_diffusion"), ("in oils", "prompt_only_diffusion")):
-        generation = experiments._generation_config(report, "g", 0.5, style_prompt=style_prompt)["model"]["init_args"]
+        generation = common.generation_config(report, "g", 0.5, style_prompt=style_prompt)["model"]["init_args"]
         model = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["model"]["init_args"]
         assert generation["scheduler"] == model["scheduler"]
         guidance, shipped_guidance = generation["guidance"]["init_args"], model["guidance"]["init_args"]
@@ -295,9 +296,9 @@ def test_run_configs_follow_an_edited_shipped_config(tmp_path: Path, monkeypatch
     guided.write_text(guided.read_text().replace("scheduler: ddim", "scheduler: euler"))
     monkeypatch.setattr(configs, "CONFIGS", edited)
     report = Report("toy", "Toy", _toy_settings(tmp_path), ["relu1_1"], runs=1)
-    fit = experiments._fit_config(report, "x", "texture_gram", [{"name": "x"}], {"style": ["skimage:brick"]})
+    fit = common.fit_config(report, "x", "texture_gram", [{"name": "x"}], {"style": ["skimage:brick"]})
     assert fit["model"]["init_args"]["optimizer"]["init_args"]["history_size"] == 20
-    assert experiments._generation_config(report, "g", 0.5)["model"]["init_args"]["scheduler"] == "euler"
+    assert common.generation_config(report, "g", 0.5)["model"]["init_args"]["scheduler"] == "euler"
     (edited / "texture_gram.yaml").unlink()
     with pytest.raises(NSTError, match="texture_gram.yaml: the report builds its runs from the shipped"):
         experiments.run("texture_layers", _toy_settings(tmp_path))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_nst.report.experiments import _loss_seconds
+from lightning_nst.report.experiments.measures import loss_seconds
 from tests.report.test_report import assert_figure, assert_finite, report, tables
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -117,10 +117,10 @@ def test_interleaved_timing_rotates_which_statistic_goes_first(monkeypatch: pyte
     class Fake:
         features = Features()
 
-    monkeypatch.setattr("lightning_nst.report.experiments.LayerStyleLoss", Loss)
-    times = _loss_seconds(Fake(), ["relu1_1"], 4, 2, ["gram", "meanvar", "w2"])  # type: ignore[arg-type]
+    monkeypatch.setattr("lightning_nst.report.experiments.measures.LayerStyleLoss", Loss)
+    times = loss_seconds(Fake(), ["relu1_1"], 4, 2, ["gram", "meanvar", "w2"])  # type: ignore[arg-type]
     assert order == ["gram", "meanvar", "w2", "meanvar", "w2", "gram", "w2", "gram", "meanvar"]
     assert {statistic: len(values) for statistic, values in times.items()} == {"gram": 2, "meanvar": 2, "w2": 2}
     order.clear()
-    _loss_seconds(Fake(), ["relu1_1"], 4, 2)  # type: ignore[arg-type]
+    loss_seconds(Fake(), ["relu1_1"], 4, 2)  # type: ignore[arg-type]
     assert order == ["gram", "meanvar", "meanvar", "gram", "gram", "meanvar"]  # gram_vs_meanvar's order, as before
