@@ -53,7 +53,7 @@ class StallBeforePng(L.Callback):
         self.name = name
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        import lightning_nst.writers as writers
+        import lightning_nst.diffusion.writer as writers
 
         write = writers.write_atomic
 
