@@ -25,6 +25,10 @@ diffusers names used here that are not its documented API, and why:
 - DPM-SDE's ``noise_sampler_seed``, set by the loop (``GuidedDiffusion.predict_step``) so that each item's Brownian
   noise comes from its own seed.
 - ``final_alpha_cumprod`` of DDIM, PNDM and LCM: the noise level of the sampler's output (:func:`noise_level`).
+
+Elsewhere in the wing: :mod:`~lightning_nst.diffusion.loading` tests for ``diffusers.utils.deprecation_utils.
+_resolve_dtype`` to tell whether ``from_pretrained`` takes ``dtype`` or ``torch_dtype``. The SDXL and Flux helpers the
+pipelines keep as private methods are copied into :mod:`~lightning_nst.diffusion.families`.
 """
 
 from __future__ import annotations
