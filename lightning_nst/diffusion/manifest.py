@@ -135,7 +135,7 @@ class GenerationFolder:
         manifest = self.directory / self.manifest
         text = "".join(finished[index] + "\n" for index in sorted(finished))
         # Only files of this writer's own names are touched: the manifest, which holds nothing but its records (a
-        # stranger line is refused in _finished), is rewritten, never removed; part and temporary files it made are.
+        # stranger line is refused by finished()), is rewritten, never removed; part and temporary files it made are.
         if manifest.is_file() and manifest.read_text(encoding="utf-8", errors="replace") != text:
             write_atomic(manifest, text.encode("utf-8"), overwrite=True)
         elif text and not manifest.is_file():
