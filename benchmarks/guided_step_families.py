@@ -103,7 +103,7 @@ from lightning_nst.core.losses import LayerStyleLoss  # noqa: E402
 from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E402
 from lightning_nst.core.vgg import VGG19Features  # noqa: E402
 from lightning_nst.diffusion.families import FAMILIES  # noqa: E402
-from lightning_nst.diffusion.guidance import decode_latents  # noqa: E402
+from lightning_nst.diffusion.latents import decode_latents  # noqa: E402
 from lightning_nst.main import main as cli_main  # noqa: E402
 from tests.tiny_pipeline import sdxl_scheduler, tiny_args, tiny_t5_tokenizer, tiny_tokenizer  # noqa: E402
 

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from lightning_nst.core.errors import NSTError  # noqa: E402
 from lightning_nst.diffusion.catalog import SCHEDULERS  # noqa: E402
-from lightning_nst.diffusion.module import scheduler_class  # noqa: E402
+from lightning_nst.diffusion.samplers import scheduler_class  # noqa: E402
 from lightning_nst.main import main  # noqa: E402
 from tests.tiny_pipeline import build_tiny_pipeline, records, tiny_args  # noqa: E402
 

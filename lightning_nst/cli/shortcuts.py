@@ -281,7 +281,7 @@ def _family_of(model: str) -> str:
     """The family of ``--model``: its ``model_index.json``, read locally or fetched from the Hub (a small file)."""
     family = local_family(model, key="--model")
     if family is None:
-        from lightning_nst.diffusion.module import model_family  # imports diffusers: only for a Hub id
+        from lightning_nst.diffusion.loading import model_family  # imports diffusers: only for a Hub id
 
         family = model_family(model)
     return family

@@ -11,30 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from lightning_nst.core.errors import NSTError
+from lightning_nst.diffusion.samplers import SAMPLERS
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 """The Stable Diffusion pipeline used when none is given: Stable Diffusion 1.5, as in the shipped configs."""
 
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # as Stable Diffusion 1.x configures it
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),  # SD3's and Flux's own sampler
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),  # SD3 only: it cannot take Flux's sigmas or a dynamic shift
+    alias: (row.class_name, dict(row.settings)) for alias, row in SAMPLERS.items()
 }
-"""``model.scheduler`` aliases: the diffusers class and the settings that make it the named sampler (the ``flow_``
-ones for the flow-matching SD3 and Flux, the others for SD 1.x/2.x and SDXL; the README tabulates which runs where,
-``check_family_scheduler`` in ``lightning_nst.diffusion.module`` refuses the others). Besides these,
-``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one.
-Each is built ``from_config`` of the pipeline's scheduler, so betas, offsets and spacing stay the model's."""
+"""``model.scheduler`` aliases: the diffusers class and the settings that make it the named sampler, from the sampler
+table (:data:`~lightning_nst.diffusion.samplers.SAMPLERS`, which also says which family each samples). Besides these,
+``pipeline`` keeps the pipeline's own scheduler and a diffusers class name (``EulerDiscreteScheduler``) names one."""
 
 # model_index.json's `_class_name` -> family. The img2img classes hold the same components as the text-to-image ones,
 # so their folders load with the text-to-image class.
@@ -48,8 +35,6 @@ PIPELINE_FAMILIES: dict[str, str] = {
     "FluxPipeline": "flux",
     "FluxImg2ImgPipeline": "flux",
 }
-FLOW_FAMILIES = frozenset({"sd3", "flux"})
-"""Families trained with rectified flow: the model predicts a velocity, sampled by flow-matching schedulers."""
 
 
 def family_of_class(class_name: str, source: str, key: str = "model.model") -> str:

@@ -7,13 +7,11 @@ conditioning (SDXL's pooled embeddings and time ids, SD3's and Flux's pooled pro
 and distilled guidance), the initial noise (Flux packs 2x2 latent patches into tokens), the timesteps (SD3's and
 Flux's resolution-dependent shift), the denoiser call with classifier-free guidance, img2img's noising, and Flux's
 packing of the latents. Their scaling around the VAE follows the VAE's own config
-(:func:`~lightning_nst.diffusion.guidance.vae_input`).
+(:func:`~lightning_nst.diffusion.latents.vae_input`).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +26,8 @@ from diffusers import (
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 from torch import Tensor, nn
+
+from lightning_nst.diffusion.samplers import schedule_arguments
 
 
 def size_multiple(family: str, vae_scale_factor: int, patch_size: int = 1) -> int:
@@ -115,14 +115,6 @@ class Family:
         height, width = size
         return self.pipe.prepare_latents(batch_size, self.latent_channels(), height, width, dtype, device, generators)
 
-    @staticmethod
-    def schedule_arguments(config: Mapping[str, Any]) -> tuple[str, ...]:
-        """What the pipeline passes ``set_timesteps`` besides the steps, for a model of scheduler config ``config``.
-
-        Nothing for SD and SDXL.
-        """
-        return ()
-
     def timesteps(self, scheduler: Any, steps: int, device: torch.device, size: tuple[int, int]) -> Tensor:
         """Set the scheduler's timesteps for ``steps`` steps as the pipeline does; returns them."""
         return retrieve_timesteps(scheduler, steps, device)[0]
@@ -192,7 +184,7 @@ class SDXLFamily(Family):
         else:
             projection_dim = pipe.text_encoder_2.config.projection_dim
         # original_size = target_size = the image's, no crop: the pipeline's defaults.
-        time_ids = pipe._get_add_time_ids(size, (0, 0), size, embeds.dtype, text_encoder_projection_dim=projection_dim)
+        time_ids = add_time_ids(pipe.unet, size, (0, 0), size, embeds.dtype, projection_dim)
         if do_cfg:
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             time_ids = torch.cat([time_ids, time_ids])
@@ -229,15 +221,10 @@ class SD3Family(Family):
             embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
         return Conditioning({"encoder_hidden_states": embeds, "pooled_projections": pooled}, do_cfg, embeds.dtype)
 
-    @staticmethod
-    def schedule_arguments(config: Mapping[str, Any]) -> tuple[str, ...]:
-        """``mu``, the shift by the image's token count, where the scheduler shifts dynamically."""
-        return ("mu",) if config.get("use_dynamic_shifting", None) else ()
-
     def timesteps(self, scheduler: Any, steps: int, device: torch.device, size: tuple[int, int]) -> Tensor:
         """The pipeline's: shifted by the image's token count where the scheduler shifts dynamically."""
         kwargs: dict[str, Any] = {}
-        if "mu" in self.schedule_arguments(scheduler.config):
+        if "mu" in schedule_arguments(self.name, scheduler.config):
             patch = self.pipe.transformer.config.patch_size
             tokens = (size[0] // self.pipe.vae_scale_factor // patch) * (size[1] // self.pipe.vae_scale_factor // patch)
             kwargs["mu"] = _shift(scheduler, tokens, max_shift=1.16)
@@ -277,7 +264,7 @@ class FluxFamily(SD3Family):
         """
         embeds, pooled, text_ids = self.pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device)
         height, width = (2 * (side // (self.pipe.vae_scale_factor * 2)) for side in size)
-        image_ids = self.pipe._prepare_latent_image_ids(len(prompts), height // 2, width // 2, device, embeds.dtype)
+        image_ids = latent_image_ids(height // 2, width // 2, device, embeds.dtype)
         guidance = None
         if self.pipe.transformer.config.guidance_embeds:
             guidance = torch.full([len(prompts)], cfg_scale, device=device, dtype=torch.float32)
@@ -297,18 +284,12 @@ class FluxFamily(SD3Family):
         latents, _ = self.pipe.prepare_latents(batch_size, self.latent_channels(), *size, dtype, device, generators)
         return latents
 
-    @staticmethod
-    def schedule_arguments(config: Mapping[str, Any]) -> tuple[str, ...]:
-        """``sigmas`` (unless the scheduler has ``use_flow_sigmas``), and ``mu`` where it shifts dynamically."""
-        sigmas = () if config.get("use_flow_sigmas", False) else ("sigmas",)
-        return (*sigmas, *SD3Family.schedule_arguments(config))
-
     def timesteps(self, scheduler: Any, steps: int, device: torch.device, size: tuple[int, int]) -> Tensor:
         """``FluxPipeline``'s: sigmas from 1 to 1/steps, shifted by the image's token count (steps ``steps``)."""
         tokens = (size[0] // self.pipe.vae_scale_factor // 2) * (size[1] // self.pipe.vae_scale_factor // 2)
         # The pipeline passes mu always; a scheduler that does not shift dynamically ignores it.
         kwargs: dict[str, Any] = {"mu": _shift(scheduler, tokens, max_shift=1.15)}
-        if "sigmas" in self.schedule_arguments(scheduler.config):
+        if "sigmas" in schedule_arguments(self.name, scheduler.config):
             kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         return retrieve_timesteps(scheduler, steps, device, **kwargs)[0]
 
@@ -317,11 +298,11 @@ class FluxFamily(SD3Family):
         return self.pipe.transformer(hidden_states=latents, timestep=timestep, **condition.kwargs, return_dict=False)[0]
 
     def spatial(self, latents: Tensor, size: tuple[int, int]) -> Tensor:  # noqa: D102
-        return self.pipe._unpack_latents(latents, size[0], size[1], self.pipe.vae_scale_factor)
+        return unpack_latents(latents, size[0], size[1], self.pipe.vae_scale_factor)
 
     def packed(self, latents: Tensor) -> Tensor:  # noqa: D102
         batch, channels, height, width = latents.shape
-        return self.pipe._pack_latents(latents, batch, channels, height, width)
+        return pack_latents(latents, batch, channels, height, width)
 
 
 def _shift(scheduler: Any, tokens: int, max_shift: float) -> float:
@@ -336,14 +317,67 @@ def _shift(scheduler: Any, tokens: int, max_shift: float) -> float:
     )
 
 
-def missing_schedule_arguments(family: str, scheduler_class: type, config: Mapping[str, Any]) -> list[str]:
-    """What ``family``'s pipeline passes ``set_timesteps`` that ``scheduler_class``'s does not take.
-
-    For a model of scheduler config ``config`` (:meth:`Family.schedule_arguments`). FlowMatchHeun takes neither Flux's
-    ``sigmas`` nor a dynamic shift's ``mu``: such a scheduler cannot run the model's own schedule.
-    """
-    accepted = inspect.signature(scheduler_class.set_timesteps).parameters
-    return [name for name in FAMILIES[family].schedule_arguments(config) if name not in accepted]
-
-
 FAMILIES: dict[str, type[Family]] = {cls.name: cls for cls in (Family, SDXLFamily, SD3Family, FluxFamily)}
+
+
+# -- diffusers' private helpers, copied: the pipelines' methods of these names are not public API -------------------
+
+
+def add_time_ids(
+    unet: nn.Module,
+    original_size: tuple[int, int],
+    crop_top_left: tuple[int, int],
+    target_size: tuple[int, int],
+    dtype: torch.dtype,
+    projection_dim: int,
+) -> Tensor:
+    """SDXL's size and crop conditioning, ``(1, 6)``: ``StableDiffusionXLPipeline._get_add_time_ids``.
+
+    Follows diffusers/pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py, which also raises where the UNet
+    expects an added embedding of another length.
+    """
+    time_ids = list(original_size + crop_top_left + target_size)
+    passed = unet.config.addition_time_embed_dim * len(time_ids) + projection_dim
+    expected = unet.add_embedding.linear_1.in_features
+    if expected != passed:
+        raise ValueError(
+            f"Model expects an added time embedding vector of length {expected}, but a vector of {passed} was "
+            "created. The model has an incorrect config. Please check `unet.config.time_embedding_type` and "
+            "`text_encoder_2.config.projection_dim`."
+        )
+    return torch.tensor([time_ids], dtype=dtype)
+
+
+def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Position ids of ``height x width`` Flux tokens, ``(h·w, 3)``: ``FluxPipeline._prepare_latent_image_ids``.
+
+    Follows diffusers/pipelines/flux/pipeline_flux.py: channel 1 holds the row, channel 2 the column.
+    """
+    ids = torch.zeros(height, width, 3)
+    ids[..., 1] = ids[..., 1] + torch.arange(height)[:, None]
+    ids[..., 2] = ids[..., 2] + torch.arange(width)[None, :]
+    return ids.reshape(height * width, 3).to(device=device, dtype=dtype)
+
+
+def pack_latents(latents: Tensor, batch_size: int, channels: int, height: int, width: int) -> Tensor:
+    """``(B, C, h, w)`` latents as Flux's tokens of 2x2 patches, ``(B, h/2 · w/2, 4C)``: ``FluxPipeline._pack_latents``.
+
+    Follows diffusers/pipelines/flux/pipeline_flux.py.
+    """
+    latents = latents.view(batch_size, channels, height // 2, 2, width // 2, 2)
+    latents = latents.permute(0, 2, 4, 1, 3, 5)
+    return latents.reshape(batch_size, (height // 2) * (width // 2), channels * 4)
+
+
+def unpack_latents(latents: Tensor, height: int, width: int, vae_scale_factor: int) -> Tensor:
+    """The inverse of :func:`pack_latents` for an image of ``height x width`` px: ``FluxPipeline._unpack_latents``.
+
+    Follows diffusers/pipelines/flux/pipeline_flux.py: the latent sides are the image's over the VAE's factor, rounded
+    down to even, as packing needs.
+    """
+    batch_size, _, channels = latents.shape
+    height = 2 * (int(height) // (vae_scale_factor * 2))
+    width = 2 * (int(width) // (vae_scale_factor * 2))
+    latents = latents.view(batch_size, height // 2, width // 2, channels // 4, 2, 2)
+    latents = latents.permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch_size, channels // (2 * 2), height, width)

@@ -2,16 +2,16 @@ r"""Style guidance: steer a diffusion sampler's noise prediction down the gradie
 
 At every model evaluation of the sampler, with latents :math:`x_t` and (classifier-free guided) noise prediction
 :math:`\hat\epsilon`, the clean latents :math:`\hat x_0` are predicted as the scheduler's own ``step`` does
-(:func:`predict_x0`): :math:`(x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}` for VP samplers
-(DDIM, DDPM, PNDM, DPM-Solver++, UniPC, LCM) and :math:`x - \sigma\hat\epsilon` on the unscaled sample for σ-space
-ones (Euler, Euler ancestral, LMS, Heun, DPM-SDE). :math:`\hat x_0` is decoded to an image and scored with
+(:func:`~.samplers.predict_x0`): :math:`(x_t - \sqrt{1-\bar\alpha_t}\,\hat\epsilon) / \sqrt{\bar\alpha_t}` for VP
+samplers (DDIM, DDPM, PNDM, DPM-Solver++, UniPC, LCM) and :math:`x - \sigma\hat\epsilon` on the unscaled sample for
+σ-space ones (Euler, Euler ancestral, LMS, Heun, DPM-SDE). :math:`\hat x_0` is decoded to an image and scored with
 :class:`~lightning_nst.core.losses.LayerStyleLoss` against the style image. The correction is
 
 .. math:: \tilde\epsilon = \hat\epsilon - s \, \frac{g}{\operatorname{rms}(g)}, \qquad g = \nabla_{\hat\epsilon} L
 
 and the scheduler steps with :math:`\tilde\epsilon`. Flow-matching models (SD3, Flux) predict a velocity
 :math:`v = \epsilon - x_0` instead: :math:`\hat x_0 = x_t - \sigma v`, and the correction of :math:`v` is divided by
-:math:`1 - \sigma` (:func:`output_gain`), which is the same correction of the noise. Only
+:math:`1 - \sigma` (:func:`~.samplers.output_gain`), which is the same correction of the noise. Only
 :math:`\hat x_0 \mapsto L` is differentiated: the UNet (or transformer) is not, which is what makes this cheaper
 than classifier guidance through the denoiser.
 
@@ -24,27 +24,10 @@ a correction :math:`\delta` of :math:`\hat\epsilon` moves :math:`\hat x_0` by :m
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    DPMSolverSDEScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    FlowMatchHeunDiscreteScheduler,
-    HeunDiscreteScheduler,
-    LCMScheduler,
-    LMSDiscreteScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
-from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from lightning_nst.core.errors import NSTError
@@ -58,282 +41,32 @@ from lightning_nst.core.vgg import (
     layer_weights,
     min_input_size,
 )
+from lightning_nst.diffusion.latents import decode_latents
+from lightning_nst.diffusion.samplers import output_gain, predict_x0
 
 Decoder = Literal["auto", "vae", "tiny"]
 
-# How each scheduler family relates the model output to x̂₀ (the formulas of its own ``step``), and how guidance
-# stays out of its state. The loop (GuidedDiffusion.predict_step) runs the UNet and the guidance once per entry of
-# ``scheduler.timesteps`` and passes the corrected output to ``step``; nothing here calls a method that advances
-# ``step_index`` or writes the solver's history.
-# - VP at the step's timestep, ᾱ = alphas_cumprod[t]: DDIM, DDPM, PNDM (whose timesteps repeat one entry for its
-#   warm-up; each evaluation is taken at the timestep the UNet was given), LCM (whose step moves from
-#   c_out·x̂₀ + c_skip·x_t, its ``denoised``, which is what is guided).
-# - VP at the step's σ, ᾱ = 1/(1+σ²): DPM-Solver++ (multistep) and UniPC, which convert the output to x̂₀ from
-#   ``sigmas[step_index]`` in ``convert_model_output`` and keep that x̂₀, from the corrected output, in their history.
-# - σ-space, x̂₀ = x − σ·ε on the unscaled sample (the UNet saw ``scale_model_input``'s x/√(σ²+1)): Euler, Euler
-#   ancestral, LMS (which keeps the corrected derivative in its history), Heun and DPM-SDE. σ = sigmas[step_index];
-#   Heun's schedule interleaves the sigmas of its two evaluations, so the same rule holds for both, and DPM-SDE's second
-#   evaluation is at ``mid_point_sigma``. Euler's churn (σ̂ = σ(1+γ)) is off: the loop never passes ``s_churn``.
-VP_TIMESTEP: tuple[type, ...] = (DDIMScheduler, DDPMScheduler, PNDMScheduler, LCMScheduler)
-VP_SIGMA: tuple[type, ...] = (DPMSolverMultistepScheduler, UniPCMultistepScheduler)
-SIGMA_SPACE: tuple[type, ...] = (
-    EulerDiscreteScheduler,
-    EulerAncestralDiscreteScheduler,
-    LMSDiscreteScheduler,
-    HeunDiscreteScheduler,
-    DPMSolverSDEScheduler,
-)
-# - Flow matching (SD3, Flux), x_t = (1 − σ)·x₀ + σ·ε and the model predicts the velocity v = ε − x₀, so
-#   x̂₀ = x_t − σ·v with σ = sigmas[step_index], FlowMatchEuler's ``x0`` of its stochastic step; FlowMatchHeun's
-#   schedule interleaves its sigmas as Heun's does, and both its evaluations take x̂₀ at sigmas[step_index].
-FLOW: tuple[type, ...] = (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler)
-SUPPORTED_SCHEDULERS: tuple[type, ...] = VP_TIMESTEP + VP_SIGMA + SIGMA_SPACE + FLOW
-"""Schedulers whose clean-latent prediction :func:`predict_x0` computes as their own ``step`` does."""
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-# Prediction types a scheduler's step raises NotImplementedError for.
-_UNSUPPORTED_PREDICTIONS: dict[type, tuple[str, ...]] = {
-    EulerAncestralDiscreteScheduler: ("sample",),
-    DPMSolverSDEScheduler: ("sample",),
-    PNDMScheduler: ("sample",),
-}
+def _unchanged(latents: Tensor) -> Tensor:
+    return latents
 
 
-def check_scheduler(scheduler: Any, key: str = "model.scheduler") -> None:
-    r"""Raise unless style guidance can compute :math:`\hat x_0` for ``scheduler``."""
-    name = type(scheduler).__name__
-    if not isinstance(scheduler, SUPPORTED_SCHEDULERS):
-        names = ", ".join(cls.__name__ for cls in SUPPORTED_SCHEDULERS)
-        raise NSTError(
-            f"{key}: {name} is not supported by the guided sampler: its clean-latent prediction x0 is not known "
-            f"here (supported: {names})"
-        )
-    if isinstance(scheduler, FLOW):
-        return  # velocity prediction is all they know
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise NSTError(f"{key}: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
-    if prediction_type in _UNSUPPORTED_PREDICTIONS.get(type(scheduler), ()):
-        raise NSTError(f"{key}: {name} does not implement prediction_type {prediction_type!r}; choose another")
-    if isinstance(scheduler, VP_SIGMA) and scheduler.config.get("use_flow_sigmas"):
-        raise NSTError(f"{key}: {name} with use_flow_sigmas is a flow-matching sampler, not a Stable Diffusion one")
+class Sampling(NamedTuple):
+    r"""What the guidance needs of the sampling it steers, passed in at every model evaluation.
 
-
-def _step_index(scheduler: Any, timestep: Any) -> int:
-    """The index ``step`` will use for ``timestep``, found as its ``_init_step_index`` does, without setting it."""
-    if scheduler.step_index is not None:
-        return scheduler.step_index
-    if scheduler.begin_index is not None:
-        return scheduler.begin_index
-    if isinstance(timestep, Tensor):
-        timestep = timestep.to(scheduler.timesteps.device)
-    return scheduler.index_for_timestep(timestep)
-
-
-def _sigma(scheduler: Any, timestep: Any) -> Tensor:
-    if isinstance(scheduler, DPMSolverSDEScheduler) and not scheduler.state_in_first_order:
-        return torch.as_tensor(scheduler.mid_point_sigma)
-    return scheduler.sigmas[_step_index(scheduler, timestep)]
-
-
-def predict_x0(scheduler: Any, model_output: Tensor, sample: Tensor, timestep: Any) -> Tensor:
-    r"""Clean-latent prediction from the model output, as the scheduler's ``step`` computes it.
-
-    ``pred_original_sample`` for DDIM, DDPM, Euler, Euler ancestral, LMS, Heun and DPM-SDE; the ``x0_pred`` of
-    ``convert_model_output`` for DPM-Solver++ and UniPC; ``denoised`` for LCM; for PNDM, which computes none, the VP
-    formula at the timestep. ``sample`` is the scheduler's (unscaled) sample, not ``scale_model_input``'s output.
-    Computed in float32 and differentiable in ``model_output``; no thresholding or clipping (Stable Diffusion
-    configures neither). Reads the scheduler's state, never changes it.
+    Attributes:
+        scheduler: The scheduler, whose state says how :math:`\hat x_0` follows from the model output.
+        vae: The pipeline's VAE.
+        tiny_vae: The ``AutoencoderTiny`` of ``model.tiny_vae``, or ``None``.
+        num_timesteps: The model evaluations of the whole sampling, for the guidance window.
+        spatial: The latents as ``(B, C, h, w)`` for a decoder (Flux's packed tokens unpacked).
     """
-    output, sample = model_output.float(), sample.float()
-    if isinstance(scheduler, FLOW):
-        return sample - _sigma(scheduler, timestep).to(device=sample.device, dtype=torch.float32) * output
-    prediction_type = scheduler.config.prediction_type
-    if prediction_type not in PREDICTION_TYPES:
-        raise NSTError(
-            f"model.scheduler: prediction_type {prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}"
-        )
-    if isinstance(scheduler, SIGMA_SPACE):
-        sigma = _sigma(scheduler, timestep).to(device=sample.device, dtype=torch.float32)
-        if prediction_type == "sample":
-            return output
-        if prediction_type == "epsilon":
-            return sample - sigma * output
-        # v: c_out·v + c_skip·x with c_out = −σ/√(σ²+1) and c_skip = 1/(σ²+1), as EulerDiscreteScheduler.step
-        return output * (-sigma / (sigma**2 + 1).sqrt()) + sample / (sigma**2 + 1)
-    if isinstance(scheduler, VP_SIGMA):
-        sigma = scheduler.sigmas[_step_index(scheduler, timestep)].to(device=sample.device, dtype=torch.float32)
-        alpha_prod = 1 / (sigma**2 + 1)  # _sigma_to_alpha_sigma_t: α_t = 1/√(σ²+1), σ_t = σ·α_t
-    elif isinstance(scheduler, VP_TIMESTEP):
-        alpha_prod = scheduler.alphas_cumprod[int(timestep)].to(device=sample.device, dtype=torch.float32)
-    else:
-        check_scheduler(scheduler)
-    beta_prod = 1 - alpha_prod
-    if prediction_type == "sample":
-        x0 = output
-    elif prediction_type == "epsilon":
-        x0 = (sample - beta_prod.sqrt() * output) / alpha_prod.sqrt()
-    else:
-        x0 = alpha_prod.sqrt() * sample - beta_prod.sqrt() * output
-    if isinstance(scheduler, LCMScheduler):
-        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timestep)
-        return c_out * x0 + c_skip * sample
-    return x0
 
-
-def noise_level(scheduler: Any, timesteps: Tensor, position: int) -> tuple[float, float]:
-    r"""``(a, b)``: the sample entering model evaluation ``position`` of ``timesteps`` is :math:`a x_0 + b\epsilon`.
-
-    ``timesteps`` are those the loop runs (img2img runs the scheduler's last ones); ``position == len(timesteps)`` is
-    the level of the sampler's output. VP at a timestep: :math:`a = \sqrt{\bar\alpha}`, :math:`b = \sqrt{1-\bar\alpha}`
-    (the output at ``final_alpha_cumprod`` where the scheduler has one, else clean); DPM-Solver++ and UniPC:
-    :math:`a = 1/\sqrt{1+\sigma^2}`, :math:`b = \sigma a`; σ-space: :math:`a = 1`, :math:`b = \sigma`; flow matching:
-    :math:`a = 1-\sigma`, :math:`b = \sigma` (pure noise at :math:`\sigma = 1`). The level of each evaluation is the
-    one its x̂₀ is computed at (:func:`predict_x0`), so a re-noised sample is what the next evaluation expects.
-    """
-    if isinstance(scheduler, VP_TIMESTEP):
-        if position < len(timesteps):
-            alpha_prod = float(scheduler.alphas_cumprod[int(timesteps[position])])
-        else:
-            alpha_prod = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
-        return math.sqrt(alpha_prod), math.sqrt(1 - alpha_prod)
-    if not isinstance(scheduler, VP_SIGMA + SIGMA_SPACE + FLOW):
-        check_scheduler(scheduler)
-    # The loop's evaluation k is the scheduler's index offset + k (img2img starts at set_begin_index's index).
-    offset = len(scheduler.timesteps) - len(timesteps)
-    sigma = float(scheduler.sigmas[min(offset + position, len(scheduler.sigmas) - 1)])
-    if isinstance(scheduler, FLOW):
-        return 1 - sigma, sigma
-    if isinstance(scheduler, VP_SIGMA):
-        return 1 / math.sqrt(1 + sigma**2), sigma / math.sqrt(1 + sigma**2)
-    return 1.0, sigma
-
-
-def renoise(
-    sample: Tensor, level: tuple[float, float], target: tuple[float, float], generators: list[torch.Generator]
-) -> Tensor:
-    r"""Take ``sample`` from noise ``level`` back up to ``target`` (both ``(a, b)`` of :func:`noise_level`).
-
-    :math:`x_t = (a_t/a_{prev})\,x + \sqrt{b_t^2 - (a_t b_{prev}/a_{prev})^2}\,\xi`, with :math:`\xi` drawn from each
-    item's generator: for VP this is FreeDoM's :math:`x_t = \sqrt{\bar\alpha_t/\bar\alpha_{t-1}}\,x_{t-1} +
-    \sqrt{1-\bar\alpha_t/\bar\alpha_{t-1}}\,\xi`. ``level`` is never pure noise (:math:`a_{prev} > 0`): it is the
-    level after a step; ``target`` may be (flow matching's first step, :math:`a_t = 0`).
-    """
-    (a_prev, b_prev), (a_t, b_t) = level, target
-    noise = randn_tensor(sample.shape, generator=generators, device=sample.device, dtype=sample.dtype)
-    carried = a_t * b_prev / a_prev
-    return (a_t / a_prev) * sample + math.sqrt(max(b_t**2 - carried**2, 0.0)) * noise
-
-
-def mid_step(scheduler: Any) -> bool:
-    """Whether the scheduler is between the model evaluations of one step, holding the step's first half.
-
-    Heun and DPM-SDE between their two evaluations; PNDM inside a Runge-Kutta warm-up step (4 evaluations) or, with
-    ``skip_prk_steps``, between its first two evaluations, whose outputs it averages for the first step.
-    """
-    if isinstance(scheduler, (HeunDiscreteScheduler, DPMSolverSDEScheduler, FlowMatchHeunDiscreteScheduler)):
-        return not scheduler.state_in_first_order
-    if isinstance(scheduler, PNDMScheduler):
-        if scheduler.counter < len(scheduler.prk_timesteps):
-            return scheduler.counter % 4 != 0
-        return bool(scheduler.config.skip_prk_steps) and scheduler.counter == 1
-    return False
-
-
-# Built once by step() and fixed for the whole sampling (DPM-SDE's Brownian tree): kept, not rolled back, so a repeat
-# draws from the same tree instead of building another one from a new seed.
-_PERSISTENT_STATE = frozenset({"noise_sampler"})
-
-
-def snapshot(scheduler: Any) -> dict[str, Any]:
-    """The scheduler's state, to :func:`restore` before repeating a step.
-
-    A copy of ``scheduler.__dict__`` with each list and dict copied one level down: ``step`` replaces the tensors
-    and numbers it keeps (``_step_index``, ``lower_order_nums``, Heun's ``prev_derivative``/``dt``/``sample``,
-    UniPC's ``last_sample``, PNDM's ``counter``/``cur_sample``), so holding the old objects keeps their old values,
-    but it mutates its history lists in place (PNDM's ``ets.append``, LMS's ``derivatives.append``/``pop``,
-    DPM-Solver++'s and UniPC's ``model_outputs[i] = ...``, UniPC's ``timestep_list``), which the copies protect; the
-    tensors in them are never written into. The one in-place tensor update, PNDM's Runge-Kutta
-    ``cur_model_output +=``, accumulates within a step, whose start (where snapshots are taken) holds the integer 0.
-    """
-    return _copied({key: value for key, value in vars(scheduler).items() if key not in _PERSISTENT_STATE})
-
-
-def restore(scheduler: Any, state: dict[str, Any]) -> None:
-    """Put back the state :func:`snapshot` took; the snapshot stays usable for the next repeat."""
-    for key in [key for key in vars(scheduler) if key not in state and key not in _PERSISTENT_STATE]:
-        delattr(scheduler, key)  # set by a step after the snapshot (Heun's `sample` on its first step)
-    vars(scheduler).update(_copied(state))
-
-
-def _copied(state: Mapping[str, Any]) -> dict[str, Any]:
-    # Exact types only: the config (a FrozenDict) and other dict subclasses are not state and must keep their class.
-    return {key: type(value)(value) if type(value) in (list, dict) else value for key, value in state.items()}
-
-
-def _latents_mean_std(config: Any, like: Tensor) -> tuple[Tensor, Tensor] | None:
-    mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
-    if mean is None or std is None:
-        return None
-    shape = (1, len(mean), 1, 1)
-    return tuple(torch.tensor(v, device=like.device, dtype=like.dtype).view(shape) for v in (mean, std))  # type: ignore[return-value]
-
-
-def vae_input(decoder: nn.Module, latents: Tensor) -> Tensor:
-    """Model latents as the decoder takes them, with the decoder's own config, by the pipelines' formulas.
-
-    ``latents · std / scaling_factor + mean`` where the config has ``latents_mean`` and ``latents_std`` (SDXL
-    pipelines), else ``latents / scaling_factor + shift_factor`` (SD3, Flux; no shift for SD and ``AutoencoderTiny``).
-    """
-    config = decoder.config
-    statistics = _latents_mean_std(config, latents)
-    if statistics is not None:
-        mean, std = statistics
-        return latents * std / config.scaling_factor + mean
-    shift = getattr(config, "shift_factor", None)
-    return latents / config.scaling_factor + shift if shift else latents / config.scaling_factor
-
-
-def model_latents(encoder: nn.Module, encoded: Tensor) -> Tensor:
-    """The inverse of :func:`vae_input`: latents the VAE encoded (a sample of ``encode``'s) as the model's."""
-    config = encoder.config
-    statistics = _latents_mean_std(config, encoded)
-    if statistics is not None:
-        mean, std = statistics
-        return (encoded - mean) * config.scaling_factor / std
-    shift = getattr(config, "shift_factor", None)
-    return (encoded - shift) * config.scaling_factor if shift else config.scaling_factor * encoded
-
-
-def decode_latents(decoder: nn.Module, latents: Tensor) -> Tensor:
-    """Decode ``(B, C, h, w)`` model latents to images in ``[0, 1]`` as the pipelines do.
-
-    Works for ``AutoencoderKL`` and ``AutoencoderTiny`` of every family: :func:`vae_input`, ``decode``, then the image
-    processor's denormalisation.
-    """
-    latents = vae_input(decoder, latents.to(decoder.dtype))
-    return VaeImageProcessor.denormalize(decoder.decode(latents, return_dict=False)[0])
-
-
-MAX_NOISE_TO_SIGNAL = 14.6
-"""Stable Diffusion's largest noise-to-signal ratio, √((1−ᾱ)/ᾱ) at t = 999 of its scaled-linear schedule."""
-
-
-def output_gain(scheduler: Any, timestep: Any) -> float:
-    r"""What a unit correction of the noise is in units of the model's output, so one scale means one thing.
-
-    1 for noise-predicting samplers. Flow matching predicts :math:`v = \epsilon - x_0`, and at fixed :math:`x_t`
-    a change :math:`\delta` of :math:`\epsilon` is a change :math:`\delta/(1-\sigma)` of :math:`v`, which moves
-    :math:`\hat x_0` by :math:`\sigma/(1-\sigma)\,\delta`, the noise-to-signal ratio times :math:`\delta` as on
-    the other samplers. That ratio is capped at :data:`MAX_NOISE_TO_SIGNAL`: at :math:`\sigma = 1` (pure noise,
-    every flow sampler's first step) it is infinite.
-    """
-    if not isinstance(scheduler, FLOW):
-        return 1.0
-    sigma = float(_sigma(scheduler, timestep))
-    if sigma <= 0:
-        return 1.0  # clean: x̂₀ does not depend on v
-    return min(1 / (1 - sigma), MAX_NOISE_TO_SIGNAL / sigma) if sigma < 1 else MAX_NOISE_TO_SIGNAL / sigma
+    scheduler: Any
+    vae: nn.Module
+    tiny_vae: nn.Module | None
+    num_timesteps: int
+    spatial: Callable[[Tensor], Tensor] = _unchanged
 
 
 def rms_normalize(gradient: Tensor, eps: float = 1e-12) -> Tensor:
@@ -351,12 +84,12 @@ def rms_normalize(gradient: Tensor, eps: float = 1e-12) -> Tensor:
 class StyleGuidance(nn.Module):
     r"""The style-guidance step of a sampling loop, as a callback with diffusers' contract.
 
-    ``guidance(pipeline, step_index, timestep, callback_kwargs) -> callback_kwargs`` runs between the noise
+    ``guidance(sampling, step_index, timestep, callback_kwargs) -> callback_kwargs`` runs between the noise
     prediction and the scheduler step. ``callback_kwargs`` holds ``latents`` (:math:`x_t`), ``noise_pred``
     (:math:`\hat\epsilon`) and ``style_index`` (which style image each sample targets); the result adds the corrected
     ``noise_pred``, the ``style_loss`` of :math:`\hat x_0` per sample, the decoded ``x0_image`` it was measured on
-    and ``guided`` (whether the step was corrected). ``pipeline`` must expose ``scheduler``, ``vae``, ``tiny_vae``
-    and ``num_timesteps`` (:class:`~lightning_nst.diffusion.module.GuidedDiffusion` does).
+    and ``guided`` (whether the step was corrected). ``sampling`` (:class:`Sampling`) holds the scheduler, the
+    decoders and the step count, as :class:`~lightning_nst.GuidedDiffusion` passes them.
 
     The style loss is measured at every step, guided or not, so a run with ``scale: 0`` is the unguided baseline
     with the same loss trajectory.
@@ -379,9 +112,10 @@ class StyleGuidance(nn.Module):
         vgg: Weights and pooling of the VGG19 trunk, which is built (and its weights loaded) by :meth:`configure`,
             not here.
         recurrence: Recurrence ("time travel", FreeDoM, MPGD): after a guided step inside ``recurrence_window``,
-            re-noise its result back to the step's starting noise level (:func:`renoise`, fresh noise from each
-            item's generator) and take the step again, this many extra times; the scheduler's state is rolled back
-            before each repeat (:func:`snapshot`). Each repeat costs the step's model evaluations again. 0 is off.
+            re-noise its result back to the step's starting noise level (:func:`~.samplers.renoise`, fresh noise from
+            each item's generator) and take the step again, this many extra times; the scheduler's state is rolled
+            back before each repeat (:func:`~.samplers.snapshot`). Each repeat costs the step's model evaluations
+            again. 0 is off.
         recurrence_window: ``[start, end)`` fractions of the model evaluations where guided steps are repeated.
         descent_steps: Gradient steps on :math:`\hat x_0` per guided evaluation: each recomputes :math:`\hat x_0` from
             the corrected :math:`\tilde\epsilon`, decodes it and subtracts another ``scale`` times the RMS-normalised
@@ -499,11 +233,10 @@ class StyleGuidance(nn.Module):
         if self.decoder == "tiny" and tiny_vae is None:
             raise NSTError("model.guidance.decoder: 'tiny' needs model.tiny_vae (an AutoencoderTiny folder or hub id)")
 
-    def decoder_of(self, pipeline: Any) -> nn.Module:
-        r"""The module that decodes :math:`\hat x_0` for the gradient."""
-        tiny = getattr(pipeline, "tiny_vae", None)
-        self.check_decoder(tiny)
-        return tiny if tiny is not None and self.decoder != "vae" else pipeline.vae
+    def decoder_of(self, vae: nn.Module, tiny_vae: nn.Module | None) -> nn.Module:
+        r"""The module that decodes :math:`\hat x_0` for the gradient: ``vae`` or ``tiny_vae``, as ``decoder`` says."""
+        self.check_decoder(tiny_vae)
+        return tiny_vae if tiny_vae is not None and self.decoder != "vae" else vae
 
     def settings(self) -> dict[str, Any]:
         """The options as plain values, for manifests, fingerprints and logs; builds the trunk to name its weights."""
@@ -565,14 +298,15 @@ class StyleGuidance(nn.Module):
         image = decode_latents(decoder, x0)
         return image, self.style_loss(image, style_index)
 
-    def forward(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def forward(
+        self, sampling: Sampling, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         r"""Measure the style loss of :math:`\hat x_0` and, on guided steps, correct ``noise_pred``."""
         latents, noise_pred = callback_kwargs["latents"], callback_kwargs["noise_pred"]
         style_index = callback_kwargs["style_index"]
-        scheduler, decoder = pipeline.scheduler, self.decoder_of(pipeline)
-        active = self.is_active(step_index, pipeline.num_timesteps)
-        # Flux's latents are packed 2x2 patches; the decoder takes them as an image (GuidedDiffusion.spatial_latents).
-        spatial = getattr(pipeline, "spatial_latents", None) or (lambda x0: x0)
+        scheduler, decoder = sampling.scheduler, self.decoder_of(sampling.vae, sampling.tiny_vae)
+        active = self.is_active(step_index, sampling.num_timesteps)
+        spatial = sampling.spatial  # Flux's latents are packed 2x2 patches; the decoder takes them as an image
         if active:
             for descent in range(self.descent_steps):
                 with torch.enable_grad():

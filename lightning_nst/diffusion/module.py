@@ -2,234 +2,39 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import inspect
-import json
 import math
-import sys
 import time
-from collections.abc import Iterator, Mapping
-from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
-import diffusers
-import huggingface_hub.constants
 import lightning as L
 import torch
-from diffusers import AutoencoderTiny, DiffusionPipeline, DPMSolverSDEScheduler, LCMScheduler
-from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import retrieve_latents
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.utils import deprecation_utils, is_torchsde_available
-from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torchvision.transforms.v2 import functional as TF
 
 from lightning_nst.core.errors import NSTError
-from lightning_nst.core.net import unreachable
-from lightning_nst.diffusion.catalog import DEFAULT_MODEL, FLOW_FAMILIES, SCHEDULERS, family_of_class, local_family
-from lightning_nst.diffusion.families import FAMILIES, Family, missing_schedule_arguments, size_multiple
-from lightning_nst.diffusion.guidance import (
-    FLOW,
-    SUPPORTED_SCHEDULERS,
-    StyleGuidance,
-    check_scheduler,
-    guidance_line,
-    mid_step,
-    model_latents,
-    noise_level,
-    renoise,
-    restore,
-    snapshot,
-    vae_input,
+from lightning_nst.diffusion.catalog import DEFAULT_MODEL, local_family
+from lightning_nst.diffusion.families import FAMILIES, Family
+from lightning_nst.diffusion.guidance import Sampling, StyleGuidance, guidance_line
+from lightning_nst.diffusion.latents import img2img_latents, vae_input
+from lightning_nst.diffusion.loading import (
+    check_model_folder,
+    check_size,
+    load_pipeline,
+    load_tiny_vae,
+    model_family,
 )
-from lightning_nst.diffusion.prompts import PromptGrid
+from lightning_nst.diffusion.loop import DenoisingLoop, Failure, note
+from lightning_nst.diffusion.prompts import DataSummary, PromptGrid
+from lightning_nst.diffusion.samplers import sampler
 
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 MAX_SIDE = 8192
 """Largest ``model.height`` and ``model.width``: 16 times Stable Diffusion 1.x's native 512 px."""
-
-
-# diffusers renamed from_pretrained's `torch_dtype` to `dtype`; the old name still works there but warns.
-_DTYPE_KWARG = "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
-
-
-def _looks_like_path(source: str) -> bool:
-    return Path(source).is_absolute() or source.startswith((".", "~")) or source.count("/") > 1
-
-
-@contextlib.contextmanager
-def _one_loading_bar() -> Iterator[None]:
-    """While a pipeline loads, diffusers' bar over its components only, and on a terminal only.
-
-    transformers draws a bar of its own over each text encoder's weights inside diffusers' bar, which breaks that
-    bar's line in two; off a terminal, tqdm's carriage returns only clutter a log.
-    """
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    states = [(module, module.is_progress_bar_enabled()) for module in (diffusers_logging, transformers_logging)]
-    transformers_logging.disable_progress_bar()
-    if not sys.stderr.isatty():
-        diffusers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        for module, enabled in states:
-            (module.enable_progress_bar if enabled else module.disable_progress_bar)()
-
-
-def _load(cls: Any, source: str, key: str, marker: str, loader: str = "from_pretrained", **kwargs: Any) -> Any:
-    """``cls.from_pretrained(source)``, or another ``loader``, of a local folder or a Hub id; errors name ``key``."""
-    path = Path(source).expanduser()
-    if path.exists():
-        if not (path / marker).is_file():
-            raise NSTError(f"{key}: {path} is not a diffusers folder ({marker} is missing)")
-        source = str(path)
-    elif _looks_like_path(source):
-        raise NSTError(f"{key}: no such folder: {path}")
-    offline = None if path.exists() else hub_unreachable()
-    if offline is not None:  # the cache only, at once, rather than huggingface_hub's retries
-        kwargs["local_files_only"] = True
-    try:
-        with _one_loading_bar():
-            return getattr(cls, loader)(source, **kwargs)
-    except Exception as error:  # from_pretrained raises OSError, ValueError, hub errors, ... for unusable sources
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        reason = reason if len(reason) <= 240 else reason[:240] + "..."
-        if path.exists():
-            raise NSTError(f"{key}: cannot load {cls.__name__} from {path}: {reason}") from error
-        if offline is not None:
-            reason = f"the Hub cannot be reached ({offline}) and the cache has no complete copy of {source!r}"
-        raise NSTError(
-            f"{key}: cannot load {source!r} from the Hugging Face Hub or its cache; offline, pass a local folder "
-            f"instead (a downloaded snapshot, or a folder written by {cls.__name__}.save_pretrained). Cause: {reason}"
-        ) from error
-
-
-_HUB_ANSWER: dict[str, str | None] = {}
-
-
-def hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached, or ``None``; asked once per process, never when it is offline.
-
-    With ``HF_HUB_OFFLINE=1`` huggingface_hub reads only its cache itself. Otherwise an unreachable Hub is found at
-    once here, where huggingface_hub would retry each request with back-off for about 23 s before failing, even for
-    a model its cache holds.
-    """
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return None
-    endpoint = huggingface_hub.constants.ENDPOINT
-    if endpoint not in _HUB_ANSWER:
-        _HUB_ANSWER[endpoint] = unreachable(endpoint)
-    return _HUB_ANSWER[endpoint]
-
-
-def scheduler_class(name: str) -> tuple[type, dict[str, Any]] | None:
-    """The class and extra settings ``model.scheduler: name`` builds, ``None`` for ``pipeline``; raises for others."""
-    if name == "pipeline":
-        return None
-    class_name, settings = SCHEDULERS.get(name, (name, {}))
-    if class_name == "DPMSolverSDEScheduler" and not is_torchsde_available():
-        raise NSTError(f"model.scheduler: {name} (DPMSolverSDEScheduler) needs torchsde: pip install torchsde")
-    cls = getattr(diffusers, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        raise NSTError(
-            f"model.scheduler: {name!r} is not a scheduler; choose {', '.join(SCHEDULERS)}, pipeline (the "
-            "pipeline's own) or a diffusers scheduler class name such as EulerDiscreteScheduler"
-        )
-    if not issubclass(cls, SUPPORTED_SCHEDULERS):
-        raise NSTError(
-            f"model.scheduler: {class_name} cannot be guided: the guided sampler does not know its clean-latent "
-            f"prediction x0; choose one of {', '.join(SCHEDULERS)}"
-        )
-    return cls, settings
-
-
-def check_family_scheduler(family: str, cls: type, name: str, config: Mapping[str, Any] | None = None) -> None:
-    """Raise unless the scheduler class ``cls`` (``model.scheduler: name``) samples models of ``family``.
-
-    With ``config``, the model's own scheduler config, also unless ``cls`` can run the schedule the family's pipeline
-    sets for that model (:func:`~.families.missing_schedule_arguments`), as diffusers would refuse it.
-    """
-    if family in FLOW_FAMILIES and not issubclass(cls, FLOW):
-        flow = ", ".join(alias for alias, (class_name, _) in SCHEDULERS.items() if class_name.startswith("FlowMatch"))
-        raise NSTError(
-            f"model.scheduler: {name} ({cls.__name__}) samples noise-predicting models, but {family.upper()} is a "
-            f"flow-matching model: choose {flow} or pipeline"
-        )
-    if family not in FLOW_FAMILIES and issubclass(cls, FLOW):
-        raise NSTError(
-            f"model.scheduler: {name} ({cls.__name__}) samples flow-matching models (SD3, Flux), not "
-            f"{'SDXL' if family == 'sdxl' else 'Stable Diffusion 1.x/2.x'}"
-        )
-    missing = missing_schedule_arguments(family, cls, config) if config is not None else []
-    if missing:
-        why = {
-            "sigmas": f"{FAMILIES[family].pipeline_class.__name__} sets sigmas from 1 to 1/steps",
-            "mu": "the model's scheduler config sets use_dynamic_shifting, a shift that follows the image size",
-        }
-        raise NSTError(
-            f"model.scheduler: {name} ({cls.__name__}) cannot run {family.upper()}'s own schedule: its set_timesteps "
-            f"takes no {' and no '.join(missing)} ({'; '.join(why[key] for key in missing)}); choose flow_euler"
-        )
-
-
-def model_family(source: str) -> str:
-    """The family of the pipeline ``model.model`` names, from its ``model_index.json`` (fetched for a Hub id)."""
-    family = local_family(source)
-    if family is not None:
-        return family
-    config = _load(DiffusionPipeline, source, "model.model", "model_index.json", loader="load_config")
-    return family_of_class(str(config.get("_class_name")), source)
-
-
-def check_steps(num_inference_steps: int, num_train_timesteps: int, model: str) -> None:
-    """Raise unless the scheduler, trained over ``num_train_timesteps``, can take ``num_inference_steps`` steps."""
-    if num_inference_steps > num_train_timesteps:
-        raise NSTError(
-            f"model.num_inference_steps: {num_inference_steps} is more than the {num_train_timesteps} timesteps the "
-            f"scheduler of {model} was trained over"
-        )
-
-
-def _local_json(config: Path) -> dict[str, Any] | None:
-    """A local component's JSON config, without loading any weights (``None`` if not known)."""
-    try:
-        value = json.loads(config.expanduser().read_text(encoding="utf-8"))
-    except (OSError, ValueError):  # a Hub id, or unreadable: reported, naming the key, on loading
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _local_config(config: Path, key: str) -> Any:
-    """``key`` of a local component's JSON config, without loading any weights (``None`` if not known)."""
-    return (_local_json(config) or {}).get(key)
-
-
-def _local_int(config: Path, key: str) -> int | None:
-    value = _local_config(config, key)
-    return value if isinstance(value, int) else None
-
-
-def check_size(family: str, multiple: int, height: int | None, width: int | None) -> None:
-    """Raise unless ``model.height`` and ``model.width`` are multiples of ``multiple`` (:func:`size_multiple`)."""
-    for key, value in (("model.height", height), ("model.width", width)):
-        if value is not None and value % multiple:
-            name = FAMILIES[family].pipeline_class.__name__
-            raise NSTError(f"{key}: {name} needs a multiple of {multiple} px, got {value}")
-
-
-def check_tiny_channels(tiny: str, own: int | None, channels: int | None, model: str) -> None:
-    """Raise unless the tiny decoder ``tiny``, of ``own`` latent channels, decodes the ``channels`` of ``model``."""
-    if own is not None and channels is not None and own != channels:
-        raise NSTError(
-            f"model.tiny_vae: {tiny} decodes {own}-channel latents, but the VAE of {model} has {channels}; use the "
-            "family's tiny decoder (taesd for SD 1.x/2.x, taesdxl for SDXL, taesd3 for SD3, taef1 for Flux)"
-        )
 
 
 class DenoisingCallback(Callback):
@@ -265,22 +70,39 @@ class DenoisingCallback(Callback):
         return None
 
 
-class Failure(NamedTuple):
-    """Why an item of a batch failed: the config key most likely at fault, and the first value that was not finite."""
+def _step_end(
+    module: L.LightningModule, i: int, t: Tensor, kwargs: dict[str, Any], failures: list[Failure | None]
+) -> Tensor:
+    """The trainer's :class:`DenoisingCallback` hooks after step ``i``, with diffusers' contract.
 
-    key: str
-    problem: str
+    They may replace the latents; a replacement that is not finite fails its item, naming ``trainer.callbacks``.
+    """
+    trainer = module._trainer  # not .trainer, which raises for a module used without one
+    latents = kwargs["latents"]
+    for callback in trainer.callbacks if trainer is not None else []:
+        if isinstance(callback, DenoisingCallback):
+            outputs = callback.on_denoising_step(trainer, module, i, int(t), kwargs) or {}
+            latents = outputs.pop("latents", latents)
+            kwargs["latents"] = latents
+            note(failures, latents, "trainer.callbacks", f"step {i}: the latents {type(callback).__name__} returned")
+    return latents
 
 
-def _note(failures: list[Failure | None], values: Tensor, key: str, what: str) -> None:
-    """Record ``what`` as the failure of each item whose row of ``values`` holds a NaN or infinity first."""
-    finite = torch.isfinite(values.detach()).flatten(1).all(dim=1) if values.ndim > 1 else torch.isfinite(values)
-    rows = len(failures)
-    # With classifier-free guidance the UNet batch is [unconditional; conditional]; either half fails its item.
-    finite = finite.view(-1, rows).all(dim=0).tolist()
-    for row, ok in enumerate(finite):
-        if not ok and failures[row] is None:
-            failures[row] = Failure(key, f"{what} is not finite")
+def _check_options(
+    num_inference_steps: int, cfg_scale: float, eta: float, height: int | None, width: int | None, strength: float
+) -> None:
+    """Raise, naming the key, for an option out of its range (dtype and decoder are Literals the CLI enforces)."""
+    if num_inference_steps < 1:
+        raise NSTError(f"model.num_inference_steps: must be >= 1, got {num_inference_steps}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise NSTError(f"model.cfg_scale: must be a finite number >= 0 (<= 1 turns it off), got {cfg_scale!r}")
+    if not 0.0 <= eta <= 1.0:  # also refuses NaN
+        raise NSTError(f"model.eta: must be in [0, 1] (0 is deterministic DDIM, 1 adds full noise), got {eta!r}")
+    for key, value in (("model.height", height), ("model.width", width)):
+        if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
+            raise NSTError(f"{key}: must be a multiple of 8 pixels from 8 to {MAX_SIDE}, got {value}")
+    if not 0.0 < strength <= 1.0:  # also refuses NaN
+        raise NSTError(f"model.strength: must be in (0, 1] (1 is text-to-image), got {strength!r}")
 
 
 class GuidedDiffusion(L.LightningModule):
@@ -301,9 +123,9 @@ class GuidedDiffusion(L.LightningModule):
             ``taesdxl``, ``taesd3``, ``taef1``); the output is always decoded with the pipeline's VAE.
         scheduler: A sampler alias (``ddim``, ``ddpm``, ``pndm``, ``euler``, ``euler_a``, ``lms``, ``heun``,
             ``dpmpp_2m``, ``dpmpp_sde``, ``unipc``, ``lcm``; ``flow_euler`` for SD3 and Flux, ``flow_heun`` for SD3;
-            see :data:`SCHEDULERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's own);
-            refused if style guidance cannot compute its x̂₀, it does not fit the model's family or it cannot run the
-            schedule the family's pipeline sets (:func:`check_family_scheduler`).
+            see :data:`~.samplers.SAMPLERS`), a diffusers scheduler class name, or ``pipeline`` (keep the pipeline's
+            own); refused if style guidance cannot compute its x̂₀, it does not fit the model's family or it cannot run
+            the schedule the family's pipeline sets (:func:`~.samplers.check_family`).
         num_inference_steps: Sampling steps.
         cfg_scale: Classifier-free guidance scale (diffusers' ``guidance_scale``); <= 1 turns it off. For Flux-dev it
             is the distilled guidance the transformer embeds (3.5 is the pipeline's default); FLUX.1-schnell ignores
@@ -349,21 +171,10 @@ class GuidedDiffusion(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["guidance"])
-        if num_inference_steps < 1:
-            raise NSTError(f"model.num_inference_steps: must be >= 1, got {num_inference_steps}")
-        if not math.isfinite(cfg_scale) or cfg_scale < 0:
-            raise NSTError(f"model.cfg_scale: must be a finite number >= 0 (<= 1 turns it off), got {cfg_scale!r}")
-        if not 0.0 <= eta <= 1.0:  # also refuses NaN
-            raise NSTError(f"model.eta: must be in [0, 1] (0 is deterministic DDIM, 1 adds full noise), got {eta!r}")
-        for key, value in (("model.height", height), ("model.width", width)):
-            if value is not None and (value < 8 or value % 8 or value > MAX_SIDE):
-                raise NSTError(f"{key}: must be a multiple of 8 pixels from 8 to {MAX_SIDE}, got {value}")
-        if not 0.0 < strength <= 1.0:  # also refuses NaN
-            raise NSTError(f"model.strength: must be in (0, 1] (1 is text-to-image), got {strength!r}")
-        # dtype is not checked by hand: it is a Literal, which the CLI's parser enforces naming model.dtype.
+        _check_options(num_inference_steps, cfg_scale, eta, height, width, strength)
         if guidance is not None:
             guidance.check_decoder(tiny_vae)
-        scheduler_class(scheduler)
+        self.sampler = sampler(scheduler)
         self.model_source = model
         self.guidance = guidance
         self.tiny_vae_source = tiny_vae
@@ -390,6 +201,7 @@ class GuidedDiffusion(L.LightningModule):
         self.safety_checker: nn.Module | None = None
         self.pipeline: Any = None
         self.family: Family | None = None
+        self.data: DataSummary | None = None
         self.num_timesteps = 0
         self._size: tuple[int, int] | None = None
         self._family_name: str | None = None
@@ -422,45 +234,20 @@ class GuidedDiffusion(L.LightningModule):
             return latents
         return self._family().spatial(latents, self._size)
 
-    def _data(self) -> PromptGrid:
+    def setup(self, stage: str) -> None:
+        """Take what the data gives, check it and the model folder before anything heavy loads; build the VGG19."""
         data = self.trainer.datamodule if self._trainer is not None else None
         if not isinstance(data, PromptGrid):
             raise NSTError("data: GuidedDiffusion needs `data: {class_path: lightning_nst.PromptGrid, ...}`")
-        return data
-
-    def setup(self, stage: str) -> None:
-        """Check the data fits the model before anything heavy is loaded, then build the guidance's VGG19 trunk."""
-        data = self._data()
-        if self.guidance is not None and not data.style_sources:
-            raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
-        if self.strength != 1.0 and not data.init_sources:
-            raise NSTError(f"model.strength: {self.strength} needs data.init_images (img2img); 1.0 is text-to-image")
-        sizes = {self.init_size(image) for image in data.init_images.values()}
-        if data.batch_size > 1 and len(sizes) > 1:
-            raise NSTError(
-                f"data.batch_size: init images of different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))})"
-                " cannot share a batch; set data.batch_size: 1"
-            )
-        model = Path(self.model_source)
-        train_timesteps = _local_int(model / "scheduler" / "scheduler_config.json", "num_train_timesteps")
-        if train_timesteps is not None:
-            check_steps(self.num_inference_steps, train_timesteps, self.model_source)
+        self.use_data(data.summary())
         # The family from model_index.json, read locally or fetched alone for a Hub id, so that a sampler the model
         # cannot take is refused before any weight downloads; not when every item is finished (nothing loads then).
-        family = local_family(self.model_source) if data.all_finished else model_family(self.model_source)
+        family = local_family(self.model_source) if self.data.finished else model_family(self.model_source)
         self._family_name = family
-        chosen = scheduler_class(self.scheduler_name)
-        if family is not None and chosen is not None:
-            schedule = _local_json(model / "scheduler" / "scheduler_config.json")
-            check_family_scheduler(family, chosen[0], self.scheduler_name, schedule)
-        if family is not None and self.tiny_vae_source is not None:
-            own = _local_int(Path(self.tiny_vae_source) / "config.json", "latent_channels")
-            channels = _local_int(model / "vae" / "config.json", "latent_channels")
-            check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
-        blocks = _local_config(model / "vae" / "config.json", "block_out_channels")
-        if family is not None and isinstance(blocks, list):  # else checked once the pipeline has loaded
-            patch = _local_int(model / "transformer" / "config.json", "patch_size") or 1
-            check_size(family, size_multiple(family, 2 ** (len(blocks) - 1), patch), self.height, self.width)
+        check_model_folder(
+            self.model_source, family, self.scheduler_name, self.num_inference_steps, self.tiny_vae_source,
+            self.height, self.width,
+        )  # fmt: skip
         if self.cpu_offload and isinstance(self.trainer.accelerator, CPUAccelerator):
             raise NSTError("model.cpu_offload: moves each model to the GPU as it runs; on the CPU set it to false")
         if self.guidance is not None:
@@ -468,63 +255,41 @@ class GuidedDiffusion(L.LightningModule):
             # change the random weights of `weights: random` from one accelerator to another.
             self.guidance.configure()
 
+    def use_data(self, data: DataSummary) -> None:
+        """Check the data (:meth:`PromptGrid.summary <lightning_nst.PromptGrid.summary>`) fits the model; keep it."""
+        if self.guidance is not None and not data.style_targets:
+            raise NSTError("data.style: style guidance (model.guidance) needs at least one style image")
+        if self.strength != 1.0 and not data.init_images:
+            raise NSTError(f"model.strength: {self.strength} needs data.init_images (img2img); 1.0 is text-to-image")
+        sizes = {self.init_size(image) for image in data.init_images}
+        if data.batch_size > 1 and len(sizes) > 1:
+            raise NSTError(
+                f"data.batch_size: init images of different sizes ({', '.join(f'{w}x{h}' for h, w in sorted(sizes))})"
+                " cannot share a batch; set data.batch_size: 1"
+            )
+        self.data = data
+
     def configure_model(self) -> None:
         """Load the pipeline (and the tiny decoder) once; Lightning then moves them to the device.
 
         Nothing is loaded when the data has nothing left to generate (every item finished by an earlier run).
         """
-        if self.pipeline is not None:
-            return
-        data = self.trainer.datamodule if self._trainer is not None else None
-        if isinstance(data, PromptGrid) and data.all_finished:
+        if self.pipeline is not None or (self.data is not None and self.data.finished):
             return
         torch_dtype = torch.get_default_dtype() if self.dtype_name == "auto" else getattr(torch, self.dtype_name)
-        family = FAMILIES[self._family_name or model_family(self.model_source)]  # setup has read it
-        extra: dict[str, Any] = (
-            {"safety_checker": None, "requires_safety_checker": False}
-            if family.name == "sd" and not self.use_safety_checker
-            else {}
-        )
-        # from_pretrained's default (use_safetensors=None) loads .safetensors where present and falls back to .bin
-        # files only without them, through torch.load(weights_only=True) in diffusers and transformers alike.
-        pipe = _load(
-            family.pipeline_class,
-            self.model_source,
-            "model.model",
-            "model_index.json",
-            variant=self.variant,
-            **{_DTYPE_KWARG: torch_dtype},
-            **extra,
-        )
-        # The pipeline's own scheduler, or the one named by model.scheduler configured from it (betas, offsets,
-        # spacing); the name was checked in __init__.
-        chosen = scheduler_class(self.scheduler_name)
-        schedule = pipe.scheduler.config  # the model's own, which a scheduler built from it may not keep
-        if chosen is not None:
-            cls, settings = chosen
-            pipe.scheduler = cls.from_config(pipe.scheduler.config, **settings)
-        check_family_scheduler(family.name, type(pipe.scheduler), self.scheduler_name, schedule)
-        check_scheduler(pipe.scheduler)
-        check_steps(self.num_inference_steps, pipe.scheduler.config.num_train_timesteps, self.model_source)
-        original_steps = pipe.scheduler.config.get("original_inference_steps")
-        if isinstance(pipe.scheduler, LCMScheduler) and self.num_inference_steps > original_steps:
-            raise NSTError(
-                f"model.num_inference_steps: {self.num_inference_steps} is more than LCMScheduler's "
-                f"original_inference_steps ({original_steps})"
-            )
-        pipe.set_progress_bar_config(disable=True)
+        family_name = self._family_name or model_family(self.model_source)  # setup has read it
+        pipe = load_pipeline(
+            self.model_source, family_name, self.scheduler_name, self.num_inference_steps, torch_dtype, self.variant,
+            self.use_safety_checker,
+        )  # fmt: skip
+        self.family = family = FAMILIES[family_name](pipe)
         if self.tiny_vae_source is not None:
-            self.tiny_vae = _load(
-                AutoencoderTiny, self.tiny_vae_source, "model.tiny_vae", "config.json", **{_DTYPE_KWARG: torch_dtype}
-            )
-            own, channels = self.tiny_vae.config.latent_channels, pipe.vae.config.latent_channels
-            check_tiny_channels(self.tiny_vae_source, own, channels, self.model_source)
-        self.family = family(pipe)
-        check_size(family.name, self.family.size_multiple(), self.height, self.width)
+            self.tiny_vae = load_tiny_vae(self.tiny_vae_source, torch_dtype, family, self.model_source)
+        check_size(family.name, family.size_multiple(), self.height, self.width)
         # Registered here so Lightning moves them and applies its precision; the pipeline holds the same objects.
         # With cpu_offload they are not: accelerate's hooks (enable_model_cpu_offload, in on_predict_start) move
         # each to the GPU when it runs, and Lightning moving them all there at once would undo that.
-        for name, module in self.family.modules().items():
+        for name, module in family.modules().items():
             if self.cpu_offload:
                 object.__setattr__(self, name, module)
             else:
@@ -534,7 +299,7 @@ class GuidedDiffusion(L.LightningModule):
         if self.vae_tiling:
             pipe.vae.enable_tiling()
         self.safety_checker = getattr(pipe, "safety_checker", None)
-        for module in (*self.family.modules().values(), self.tiny_vae, self.safety_checker):
+        for module in (*family.modules().values(), self.tiny_vae, self.safety_checker):
             if module is not None:
                 module.eval().requires_grad_(False)
         self.pipeline = pipe
@@ -550,10 +315,11 @@ class GuidedDiffusion(L.LightningModule):
             # converted the modules. A VAE that does not need it (sdxl-vae-fp16-fix) says force_upcast: false.
             if vae.config.get("force_upcast", False):
                 vae.float()
-        if self.family is not None and self.family.name == "flux" and self._data().negative_prompt:
+        data = self.data
+        if self.family is not None and self.family.name == "flux" and data is not None and data.negative_prompt:
             rank_zero_warn("data.negative_prompt: FluxPipeline uses no negative prompt (no classifier-free guidance)")
-        if self.guidance is not None:
-            self.guidance.set_styles(*self._data().style_targets())
+        if self.guidance is not None and data is not None:
+            self.guidance.set_styles(data.style_targets, data.style_weights)
             rank_zero_info(f"Style guidance: {guidance_line(self.guidance.settings())}")
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
@@ -563,10 +329,12 @@ class GuidedDiffusion(L.LightningModule):
     def fingerprint_options(self) -> dict[str, Any]:
         """The options that define the images, as configured and known before the pipeline loads.
 
-        Together with an item's prompt, seed and style they make its fingerprint, by which a rerun recognises the
-        items an earlier run finished. Batching, the number of processes and callbacks are left out, since they do
-        not change an image, and so is the accelerator, so that a batch begun on one machine can be finished on
-        another. With guidance, the VGG19 trunk is built here if it was not yet: the weights in use are part of it.
+        Together with an item's prompt, seed, style and init image they make its fingerprint
+        (:meth:`~lightning_nst.diffusion.prompts.GenerationItem.fingerprint`, which leaves ``strength`` out for an
+        item without an init image), by which a rerun recognises the items an earlier run finished. Batching, the
+        number of processes and callbacks are left out, since they do not change an image, and so is the accelerator,
+        so that a batch begun on one machine can be finished on another. With guidance, the VGG19 trunk is built here
+        if it was not yet: the weights in use are part of it.
         """
         return {
             "model": self.model_source,
@@ -584,35 +352,27 @@ class GuidedDiffusion(L.LightningModule):
             # Only where set: a tiled decode changes the images; slicing and offloading do not.
             **({"vae_tiling": True} if self.vae_tiling else {}),
             "guidance": self.guidance.settings() if self.guidance is not None else None,
-            # Only with init images, so that text-to-image fingerprints stay those of earlier versions.
-            **({"strength": self.strength} if self._img2img() else {}),
+            "strength": self.strength,
             # DPM-SDE's noise has come from each item's seed since this key: an item made before (from torch's global
             # random state) is another image, so a folder begun then is refused rather than mixed.
-            **({"sde_noise": "per item"} if self._sde() else {}),
+            **({"sde_noise": "per item"} if self.sampler is not None and self.sampler.alias == "dpmpp_sde" else {}),
         }
-
-    def _sde(self) -> bool:
-        chosen = scheduler_class(self.scheduler_name)
-        return chosen is not None and issubclass(chosen[0], DPMSolverSDEScheduler)
-
-    def _img2img(self) -> bool:
-        data = self.trainer.datamodule if self._trainer is not None else None
-        return isinstance(data, PromptGrid) and bool(data.init_sources)
 
     def manifest_settings(self) -> dict[str, Any]:
         """The sampling settings a manifest line records, as the loaded pipeline resolved them.
 
-        Model, steps, scales, guidance and strength (``None`` without init images) are those of
-        :meth:`fingerprint_options`; the scheduler is named by its class, the size in pixels and the dtype by the
+        Model, steps, scales and guidance are those of :meth:`fingerprint_options`, and so is the strength with init
+        images (``None`` without); the scheduler is named by its class, the size in pixels and the dtype by the
         UNet's. With init images the size of each item is that of its image (:meth:`init_size`).
         """
         options = self.fingerprint_options()
+        img2img = self.data is not None and bool(self.data.init_images)
         return {
             **{key: options[key] for key in ("model", "num_inference_steps", "cfg_scale", "eta", "guidance")},
             "scheduler": type(self.scheduler).__name__,
             "size": list(self.image_size()),
             "dtype": str(self.denoiser.dtype).removeprefix("torch.") if self.denoiser is not None else self.dtype_name,
-            "strength": options.get("strength"),
+            "strength": self.strength if img2img else None,
         }
 
     def image_size(self) -> tuple[int, int]:
@@ -633,167 +393,102 @@ class GuidedDiffusion(L.LightningModule):
         step = max(8, self.family.size_multiple()) if self.family is not None else 8
         return tuple(min(MAX_SIDE, max(step, round(side * scale / step) * step)) for side in (height, width))  # type: ignore[return-value]
 
-    def _denoising_callbacks(self) -> list[DenoisingCallback]:
-        callbacks = self._trainer.callbacks if self._trainer is not None else []
-        return [callback for callback in callbacks if isinstance(callback, DenoisingCallback)]
-
     # -- sampling -------------------------------------------------------------------------------------------------
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         r"""Generate one batch of items; see :class:`~lightning_nst.diffusion.prompts.PromptGrid` for the batch fields.
+
+        The steps of the pipeline's ``__call__``: 0. the size (:meth:`image_size`, or the init images'; 1. the inputs
+        were checked in ``__init__`` and :meth:`configure_model`), 2.-6. :meth:`_prepare`, 7. the
+        :class:`~.loop.DenoisingLoop`, 8.-9. :meth:`_finish`.
 
         Returns:
             ``images`` ``(B, 3, H, W)`` in ``[0, 1]`` on the CPU; ``style_loss`` ``(B, steps)`` (the loss of each
             step's :math:`\hat x_0`) and ``final_style_loss`` ``(B,)`` (of the output image), or ``None`` without
             guidance; ``timesteps``; ``guided`` per step; ``nsfw`` per image or ``None``; ``seconds_per_step``;
             ``model_evaluations``, the UNet calls made (more than ``len(timesteps)`` with recurrence); ``failures``,
-            per item ``None`` or the :class:`Failure` that makes its image unusable: the first NaN or infinity in its
-            noise prediction, latents, decoded image or final style loss.
+            per item ``None`` or the :class:`~.loop.Failure` that makes its image unusable: the first NaN or infinity
+            in its noise prediction, latents, decoded image or final style loss.
         """
-        pipe, family = self._pipe(), self._family()
-        scheduler = pipe.scheduler
-        # 0. Default height and width (image_size, or the init image's), and 1. Check inputs: done once, in __init__
-        # and configure_model
-        size = self._batch_image_size(batch)
-        self._size = size
+        self._size = self._batch_image_size(batch)
+        loop, latents, timesteps = self._prepare(batch, self._size)
+        started = time.perf_counter()
+        latents = loop.run(latents, timesteps)
+        if latents.device.type == "cuda":
+            torch.cuda.synchronize(latents.device)
+        seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
+        images, nsfw, final_style_loss = self._finish(loop, latents)
+        return {
+            "images": images.float().cpu(),
+            "style_loss": torch.stack(loop.style_losses, dim=1).cpu() if loop.style_losses else None,
+            "final_style_loss": final_style_loss,
+            # σ-space samplers' timesteps are floats: kept as such, integral ones (all of the VP samplers') as ints.
+            "timesteps": [int(t) if float(t).is_integer() else round(float(t), 4) for t in timesteps],
+            "guided": loop.guided,
+            "nsfw": nsfw,
+            "seconds_per_step": seconds_per_step,
+            "model_evaluations": loop.model_evaluations,
+            "failures": loop.failures,
+        }
 
-        # 2. Define call parameters
-        prompts, negative_prompts = list(batch["prompt"]), list(batch["negative_prompt"])
-        batch_size, device = len(prompts), self.device
-        # One CPU generator per item, so an item's noise depends on its seed only, not on its batch or device.
+    def _prepare(self, batch: dict[str, Any], size: tuple[int, int]) -> tuple[DenoisingLoop, Tensor, Tensor]:
+        """Steps 2-6 of the pipeline's ``__call__``: the batch's loop (prompts, step kwargs), latents and timesteps."""
+        pipe, family, scheduler = self._pipe(), self._family(), self._pipe().scheduler
+        # 2. Define call parameters. One CPU generator per item, so an item's noise depends on its seed only, not on
+        # its batch or device.
         generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in batch["seed"]]
-
         # 3. Encode input prompt, with the family's extra conditioning
-        condition = family.encode(prompts, negative_prompts, device, self.cfg_scale, size)
-        do_cfg = condition.do_cfg
-
+        prompts, negatives = list(batch["prompt"]), list(batch["negative_prompt"])
+        condition = family.encode(prompts, negatives, self.device, self.cfg_scale, size)
         # 4. Prepare timesteps
-        timesteps = family.timesteps(scheduler, self.num_inference_steps, device, size)
-        if isinstance(scheduler, DPMSolverSDEScheduler):
+        timesteps = family.timesteps(scheduler, self.num_inference_steps, self.device, size)
+        if self.sampler is not None and self.sampler.alias == "dpmpp_sde":
             # Its Brownian noise seeds itself from torch's global random state, which the items' generators never
             # reach, so an item's image would depend on what ran before it. Given one seed per row, diffusers'
             # BatchedBrownianTree grows each item a tree of its own (set_timesteps has dropped the last batch's).
             scheduler.noise_sampler_seed = [int(seed) for seed in batch["seed"]]
-
         # 5. Prepare latent variables; with an init image also the timesteps its strength leaves
         latents, timesteps = self._initial_latents(batch, size, timesteps, generators, condition.dtype)
         self.num_timesteps = len(timesteps)
-
         # 6. Prepare extra step kwargs: eta and the items' generators where step takes them. SD3's and Flux's pipelines
         # pass none, so a stochastic_sampling FlowMatchEuler would draw from the global generator: given the items'
         # own, each item's image depends on its seed only, as with every other sampler.
         if hasattr(pipe, "prepare_extra_step_kwargs"):
-            extra_step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta)
+            step_kwargs = pipe.prepare_extra_step_kwargs(generators, self.eta)
         else:
             accepted = inspect.signature(scheduler.step).parameters
-            extra_step_kwargs = {"generator": generators} if "generator" in accepted else {}
+            step_kwargs = {"generator": generators} if "generator" in accepted else {}
+        sampling = Sampling(scheduler, pipe.vae, self.tiny_vae, len(timesteps), self.spatial_latents)
+        loop = DenoisingLoop(
+            family, self.guidance, self.cfg_scale, condition, sampling, generators, step_kwargs,
+            functools.partial(_step_end, self), batch["style_index"], batch["index"],
+        )  # fmt: skip
+        return loop, latents, timesteps
 
-        # 7. Denoising loop: one UNet call and one guidance step per entry of scheduler.timesteps, as diffusers' own
-        # loop does. Second-order schedulers (Heun, DPM-SDE) list a timestep for each of their two model evaluations
-        # per step and keep the first half-step's state themselves, so both evaluations are guided; multistep solvers
-        # (PNDM, LMS, DPM-Solver++, UniPC) store the output step() is given, the corrected one, in their history.
-        # Step indices (i, num_timesteps, the guidance window and every_k) count model evaluations.
-        # Recurrence (model.guidance.recurrence) repeats a whole step, i.e. all the evaluations up to the point where
-        # the scheduler no longer holds a half-finished step (guidance.mid_step: Heun's and DPM-SDE's pairs, PNDM's
-        # first pair), from the scheduler state snapshotted before it and the result re-noised to the step's start.
-        # Only the last repeat is recorded and shown to the DenoisingCallbacks: one entry per scheduled evaluation.
-        # UniPC's corrector rebuilds x_t from the previous step's sample, so there a repeat changes x_t only through the
-        # model output at the re-noised x_t.
-        callbacks = self._denoising_callbacks()
-        failures: list[Failure | None] = [None] * batch_size
-        style_losses: list[Tensor] = []
-        guided: list[bool] = []
-        model_evaluations = 0
-        started = time.perf_counter()
-        i = 0
-        while i < len(timesteps):
-            first = i
-            repeats = self.guidance.repeats(first, len(timesteps)) if self.guidance is not None else 0
-            state = snapshot(scheduler) if repeats else {}
-            for repeat in range(repeats + 1):
-                final = repeat == repeats
-                if repeat:
-                    restore(scheduler, state)
-                    level, target = noise_level(scheduler, timesteps, i), noise_level(scheduler, timesteps, first)
-                    latents = renoise(latents, level, target, generators)
-                    _note(failures, latents, "model.guidance.recurrence", f"step {first}: the re-noised latents")
-                    i = first
-                while True:
-                    t = timesteps[i]
-                    # The model's prediction after classifier-free guidance: noise, v or x0 as the scheduler's
-                    # prediction_type says; the flow velocity for SD3 and Flux. Named noise_pred, as in diffusers.
-                    noise_pred = family.model_output(latents, t, condition, self.cfg_scale)
-                    model_evaluations += 1
-                    _note(failures, noise_pred, *self._noise_failure(i, do_cfg))
-
-                    # 7.1 Style guidance: unlike diffusers' callback_on_step_end, this runs before the scheduler step.
-                    callback_kwargs: dict[str, Any] = {
-                        "latents": latents,
-                        "noise_pred": noise_pred,
-                        "style_index": batch["style_index"],
-                        "index": batch["index"],
-                    }
-                    if self.guidance is not None:
-                        callback_kwargs = self.guidance(self, i, t, callback_kwargs)
-                        noise_pred = callback_kwargs["noise_pred"]
-                        if final:
-                            style_losses.append(callback_kwargs["style_loss"])
-                            guided.append(callback_kwargs["guided"])
-                        _note(failures, noise_pred, "model.guidance.scale", f"step {i}: the guided noise prediction")
-
-                    # compute the previous noisy sample x_t -> x_t-1
-                    latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
-                    _note(failures, latents, "model.eta", f"step {i}: the scheduler's latents")
-
-                    # 7.2 Step-end callbacks, with diffusers' contract: they may replace the latents.
-                    callback_kwargs["latents"] = latents
-                    for callback in callbacks if final else ():
-                        outputs = callback.on_denoising_step(self.trainer, self, i, int(t), callback_kwargs) or {}
-                        latents = outputs.pop("latents", latents)
-                        callback_kwargs["latents"] = latents
-                        what = f"step {i}: the latents {type(callback).__name__} returned"
-                        _note(failures, latents, "trainer.callbacks", what)
-                    i += 1
-                    if i == len(timesteps) or not mid_step(scheduler):
-                        break
-        if latents.device.type == "cuda":
-            torch.cuda.synchronize(latents.device)
-        seconds_per_step = (time.perf_counter() - started) / max(len(timesteps), 1)
-
-        # 8. Decode, check safety and post-process as the pipeline does
-        latents = family.spatial(latents, size).to(self.vae.dtype)
+    def _finish(self, loop: DenoisingLoop, latents: Tensor) -> tuple[Tensor, list[bool] | None, Tensor | None]:
+        """8. Decode, check safety and post-process as the pipeline does; 9. the style loss of the images as written."""
+        pipe, failures, size = self._pipe(), loop.failures, self._size
+        assert size is not None
+        latents = self._family().spatial(latents, size).to(self.vae.dtype)
         image = self.vae.decode(vae_input(self.vae, latents), return_dict=False)[0]
-        _note(failures, image, "trainer.precision", "the decoded image (float32 may help: --trainer.precision 32-true)")
-        has_nsfw_concept = None
+        note(failures, image, "trainer.precision", "the decoded image (float32 may help: --trainer.precision 32-true)")
+        nsfw = None
         if hasattr(pipe, "run_safety_checker"):
-            image, has_nsfw_concept = pipe.run_safety_checker(image, device, condition.dtype)
-        do_denormalize = [True] * batch_size if has_nsfw_concept is None else [not nsfw for nsfw in has_nsfw_concept]
+            image, nsfw = pipe.run_safety_checker(image, self.device, loop.condition.dtype)
+        do_denormalize = [True] * len(failures) if nsfw is None else [not flagged for flagged in nsfw]
         images = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=do_denormalize)
-
-        # 9. Style loss of the images as written
         final_style_loss = None
         if self.guidance is not None:
-            final_style_loss = self.guidance.style_loss(images, batch["style_index"]).cpu()
-            _note(failures, final_style_loss, "model.guidance.vgg", "the style loss of the image")
-        return {
-            "images": images.float().cpu(),
-            "style_loss": torch.stack(style_losses, dim=1).cpu() if style_losses else None,
-            "final_style_loss": final_style_loss,
-            # σ-space samplers' timesteps are floats: kept as such, integral ones (all of the VP samplers') as ints.
-            "timesteps": [int(t) if float(t).is_integer() else round(float(t), 4) for t in timesteps],
-            "guided": guided,
-            "nsfw": list(has_nsfw_concept) if has_nsfw_concept is not None else None,
-            "seconds_per_step": seconds_per_step,
-            "model_evaluations": model_evaluations,
-            "failures": failures,
-        }
+            final_style_loss = self.guidance.style_loss(images, loop.style_index).cpu()
+            note(failures, final_style_loss, "model.guidance.vgg", "the style loss of the image")
+        return images, list(nsfw) if nsfw is not None else None, final_style_loss
 
     def _batch_image_size(self, batch: dict[str, Any]) -> tuple[int, int]:
         """``(height, width)`` of the batch's images: :meth:`image_size`, or that of its init images."""
-        sources = batch.get("init_image") or [None]
-        if sources[0] is None:
+        images = batch.get("init_pixels") or [None]
+        if images[0] is None:
             return self.image_size()
-        sizes = {self.init_size(self._data().init_images[source]) for source in sources}
+        sizes = {self.init_size(image) for image in images}
         if len(sizes) > 1:  # setup refuses such a batch size; this guards the Python API
             raise NSTError("data.batch_size: init images of different sizes cannot share a batch; set it to 1")
         return next(iter(sizes))
@@ -808,43 +503,13 @@ class GuidedDiffusion(L.LightningModule):
     ) -> tuple[Tensor, Tensor]:
         """The latents the loop starts from and the timesteps it runs, as the text or img2img pipeline has them.
 
-        Without init images, or at ``strength`` 1, the pipeline's ``prepare_latents``: pure noise of ``size``.
-        Otherwise the img2img pipeline's ``get_timesteps`` and ``prepare_latents``: the image, resized to ``size``
-        (:meth:`init_size`), is encoded by the VAE (a sample of its latent distribution, drawn with the item's
-        generator), scaled, and noised to the first timestep left, by ``add_noise`` (``scale_noise`` for flow
-        matching). Where no timestep is left (``int(steps * strength) == 0``, which diffusers does not allow) the
-        clean latents are returned, so the output is the image's VAE round trip.
+        Without init images, or at ``strength`` 1, the pipeline's ``prepare_latents``: pure noise of ``size``;
+        otherwise the batch's init images (``init_pixels``) noised as the img2img pipeline does
+        (:func:`~.latents.img2img_latents`).
         """
         family, device = self._family(), self.device
-        batch_size = len(batch["seed"])
-        sources = batch.get("init_image") or [None] * batch_size
-        if sources[0] is None or self.strength == 1.0:
-            return family.initial_noise(batch_size, size, dtype, device, generators), timesteps
-
-        # get_timesteps: the last steps the strength leaves (times the solver's order) are run.
-        scheduler = self._pipe().scheduler
-        t_start = family.img2img_start(self.num_inference_steps, self.strength)
-        timesteps = scheduler.timesteps[t_start * scheduler.order :]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
-
-        # prepare_latents with an image, one generator per item
-        height, width = size
-        images = [self._data().init_images[source] for source in sources]
-        resized = torch.cat([TF.resize(image, [height, width], antialias=True).clamp(0, 1) for image in images])
-        pixels = self._pipe().image_processor.preprocess(resized, height=height, width=width)
-        pixels = pixels.to(device=device, dtype=self.vae.dtype)
-        encoded = torch.cat(
-            [retrieve_latents(self.vae.encode(pixels[i : i + 1]), generator=generators[i]) for i in range(batch_size)]
-        )
-        init_latents = model_latents(self.vae, encoded).to(dtype)
-        if len(timesteps) == 0:
-            return family.packed(init_latents), timesteps
-        noise = randn_tensor(init_latents.shape, generator=generators, device=device, dtype=dtype)
-        noisy = family.add_noise(scheduler, init_latents, noise, timesteps[:1].repeat(batch_size))
-        return family.packed(noisy), timesteps
-
-    def _noise_failure(self, step_index: int, do_cfg: bool) -> tuple[str, str]:
-        if do_cfg:
-            return "model.cfg_scale", f"step {step_index}: the noise prediction with classifier-free guidance"
-        return "model.model", f"step {step_index}: the model's prediction"
+        images = batch.get("init_pixels") or [None] * len(generators)
+        if images[0] is None or self.strength == 1.0:
+            return family.initial_noise(len(generators), size, dtype, device, generators), timesteps
+        steps, strength = self.num_inference_steps, self.strength
+        return img2img_latents(family, self.vae, images, size, steps, strength, generators, dtype, device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from lightning_nst.core.errors import NSTError
 from lightning_nst.core.files import check_input_file, source_digest
 from lightning_nst.core.images import is_sample, load_image
 from lightning_nst.core.losses import check_style_weights
+from lightning_nst.diffusion.manifest import GenerationFolder
 
 # An empty predict dataloader is how a rerun with every item finished runs no predict step; Lightning's warning about it
 # ("Please make sure this was your intention") would only alarm the user.
@@ -65,7 +67,8 @@ class GenerationItem:
         """A short hash of everything that defines this item's image but its index: texts, seed, style, sampler.
 
         The style and the init image enter by path and by content digest, so an image edited in place changes the
-        fingerprint. Without an init image its fields are left out, so text-to-image fingerprints stay as they were.
+        fingerprint. Without an init image its fields and the sampler's ``strength`` are left out, so text-to-image
+        fingerprints stay as they were.
 
         Args:
             sampler: The sampling options, e.g. :meth:`~lightning_nst.GuidedDiffusion.fingerprint_options`.
@@ -75,6 +78,8 @@ class GenerationItem:
             for key, value in asdict(self).items()
             if key != "index" and not (key in _INIT_FIELDS and value is None)
         }
+        if self.init_image is None:  # the strength shapes an image only from an init image
+            sampler = {key: value for key, value in sampler.items() if key != "strength"}
         text = json.dumps({"item": fields, "sampler": sampler}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -110,11 +115,38 @@ class RankSlice(DistributedSampler[GenerationItem]):
         return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
-def collate_items(items: list[GenerationItem]) -> dict[str, Any]:
-    """Batch items as ``{field: list}``; ``style_index`` becomes a tensor so it follows the batch to the device."""
+def collate_items(items: list[GenerationItem], init_images: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
+    """Batch items as ``{field: list}``; ``style_index`` becomes a tensor so it follows the batch to the device.
+
+    ``init_pixels`` holds each item's init image ``(1, 3, H, W)`` from ``init_images`` (by source), or ``None``.
+    """
     batch: dict[str, Any] = {key: [getattr(item, key) for item in items] for key in asdict(items[0])}
     batch["style_index"] = torch.tensor(batch["style_index"], dtype=torch.long)
+    images = init_images or {}
+    batch["init_pixels"] = [images.get(item.init_image) if item.init_image is not None else None for item in items]
     return batch
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a model takes of a :class:`PromptGrid` when it is set up, besides the batches.
+
+    Attributes:
+        style_targets: The guidance targets, as :meth:`lightning_nst.StyleGuidance.set_styles` takes them; empty
+            without style images.
+        style_weights: Each target's blend weights (``data.style_blends``), or ``None``.
+        init_images: The init images ``(1, 3, H, W)`` of img2img; empty for text-to-image.
+        batch_size: Items per batch.
+        negative_prompt: The items' negative prompt.
+        finished: Whether nothing is left to generate: an earlier run finished every item.
+    """
+
+    style_targets: list[Tensor | list[Tensor]]
+    style_weights: list[list[float]] | None
+    init_images: list[Tensor]
+    batch_size: int
+    negative_prompt: str
+    finished: bool
 
 
 def _check_blends(blends: list[list[float]] | None, count: int) -> list[list[float]] | None:
@@ -175,8 +207,9 @@ class PromptGrid(L.LightningDataModule):
 
     Items are ordered prompt-major, then style, then seed, and numbered from 0; the number names the output file.
     Under several processes each generates every ``world_size``-th item (see :class:`RankSlice`), so every item is
-    generated once in all. Items passed to :meth:`skip` (finished by an earlier run) are left out before that split,
-    so the rest is spread over all processes.
+    generated once in all. Items an earlier run finished (:meth:`resume`, reading the output folder's records) are
+    left out before that split, so the rest is spread over all processes. A model takes what it needs of the data
+    at its setup from :meth:`summary`, and each batch's init images from the batch.
 
     Args:
         prompts: Prompts as a YAML list.
@@ -330,12 +363,31 @@ class PromptGrid(L.LightningDataModule):
             return list(self.style_images), None
         return [list(self.style_images) for _ in self.style_blends], self.style_blends
 
-    def skip(self, indices: Iterable[int]) -> None:
-        """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished.
+    def summary(self) -> DataSummary:
+        """What a model takes of the data at its setup (after this module's, and the writer's)."""
+        targets, weights = self.style_targets()
+        return DataSummary(
+            style_targets=targets,
+            style_weights=weights,
+            init_images=list(self.init_images.values()),
+            batch_size=self.batch_size,
+            negative_prompt=self.negative_prompt,
+            finished=self.all_finished,
+        )
 
-        The one way a writer tells the data what is done already (:class:`~lightning_nst.GenerationWriter`
-        calls it in its ``setup``, after this module's).
+    def resume(self, folder: GenerationFolder | None) -> dict[int, str]:
+        """Read which items ``folder``'s records finished, and leave them out of the dataloader; ``None`` starts over.
+
+        Returns the manifest line of each finished item, by index. Raises where the folder holds a file that is not
+        its own (:meth:`~lightning_nst.diffusion.manifest.GenerationFolder.finished`).
+        :class:`~lightning_nst.GenerationWriter` calls it in its ``setup``, after this module's, with its folder.
         """
+        finished = folder.finished() if folder is not None else {}
+        self.skip(finished)
+        return finished
+
+    def skip(self, indices: Iterable[int]) -> None:
+        """Leave the items numbered ``indices`` out of the dataloader, e.g. those an earlier run finished."""
         self.skipped = set(indices)
 
     @property
@@ -362,5 +414,5 @@ class PromptGrid(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=RankSlice(dataset, trainer.world_size, trainer.global_rank) if distributed else None,
             num_workers=self.num_workers,
-            collate_fn=collate_items,
+            collate_fn=functools.partial(collate_items, init_images=self.init_images),
         )

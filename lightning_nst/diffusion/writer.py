@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import logging
 import math
 import os
-import re
 import shlex
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,11 +16,11 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_nst.core.errors import NSTError
-from lightning_nst.core.files import OutputFolder, file_digest, write_atomic
+from lightning_nst.core.files import write_atomic
 from lightning_nst.core.images import png_bytes
+from lightning_nst.diffusion.manifest import GenerationFolder
 from lightning_nst.diffusion.prompts import PromptGrid
 from lightning_nst.outputs import (
-    ITEM_FILE,
     MANIFEST,
     GenerationRecord,
     item_file,
@@ -108,40 +104,24 @@ class GenerationWriter(BasePredictionWriter):
         self.manifest = manifest
         self.overwrite = overwrite
         self.directory: Path | None = None
-        self._names: dict[int, str] = {}
-        self._fingerprints: dict[int, str] = {}
+        self.folder: GenerationFolder | None = None
         self._kept = 0
         self._failures: list[str] = []
         self._plan = ""
-        # write_atomic's temporary files: ".<name>.<random>.tmp"
-        self._temporary = re.compile(rf"\.({ITEM_FILE.pattern}|{re.escape(manifest)})\..+\.tmp")
-
-    def _part(self, rank: int) -> Path:
-        assert self.directory is not None
-        return self.directory / f".{self.manifest}.rank{rank}.part"
-
-    def _parts(self) -> list[Path]:
-        assert self.directory is not None
-        return sorted(self.directory.glob(f".{glob.escape(self.manifest)}.rank*.part"))
 
     @property
     def _flag(self) -> str:
         # How the shipped configs, which list the writer last, set its folder on the command line.
         return f"--trainer.callbacks.init_args.output_dir {shlex.quote(str(self.directory))}"
 
-    def _refuse(self, problem: str) -> NSTError:
-        return NSTError(
-            f"GenerationWriter.output_dir: {self.directory} {problem}; choose another folder or set overwrite: true"
-        )
-
     # -- setup: what is finished already ------------------------------------------------------------------------
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Resolve the output folder, keep the items it finished already, and have the data skip them.
+        """Resolve the output folder and give it to the data, which reads what is finished; tidy its records.
 
-        :meth:`PromptGrid.skip <lightning_nst.PromptGrid.skip>` is the one channel from the writer to the data: with
-        nothing left, the data module's ``predict_dataloader`` is empty, so Lightning runs no predict step and the
-        module loads no pipeline.
+        :meth:`PromptGrid.resume <lightning_nst.PromptGrid.resume>` reads the folder's records and leaves the items
+        they finished out of its ``predict_dataloader``: with nothing left, it is empty, so Lightning runs no predict
+        step and the module loads no pipeline.
         """
         log_dir = trainer.log_dir  # a collective call: every rank must make it
         self.directory = Path(self.output_dir).expanduser() if self.output_dir is not None else Path(log_dir or ".")
@@ -151,16 +131,16 @@ class GenerationWriter(BasePredictionWriter):
         if not isinstance(data, PromptGrid):
             raise NSTError("data: GenerationWriter needs `data: {class_path: lightning_nst.PromptGrid, ...}`")
         options = _generation_module(pl_module).fingerprint_options()
-        self._names = {item.index: item_file(item.index, item.base_prompt, item.seed) for item in data.items}
-        self._fingerprints = {item.index: item.fingerprint(options) for item in data.items}
+        names = {item.index: item_file(item.index, item.base_prompt, item.seed) for item in data.items}
+        fingerprints = {item.index: item.fingerprint(options) for item in data.items}
+        self.folder = GenerationFolder(self.directory, self.manifest, names, fingerprints)
         # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
         # stops each of them alike instead of leaving the others waiting at a barrier.
-        finished = {} if self.overwrite else self._finished()
+        finished = data.resume(None if self.overwrite else self.folder)
         trainer.strategy.barrier("GenerationWriter.scan")
         if trainer.is_global_zero:
-            self._tidy(finished)
+            self.folder.tidy(finished)
         trainer.strategy.barrier("GenerationWriter.tidy")
-        data.skip(finished)
         self._kept = len(finished)
         self._failures = []
         total = len(data.items)
@@ -178,99 +158,6 @@ class GenerationWriter(BasePredictionWriter):
         rank_zero_info(self._plan)
         self._plan = ""
 
-    def _records(self, path: Path, strict: bool) -> Iterator[tuple[int, dict[str, Any], str]]:
-        """``(index, record, line)`` of each record in ``path``.
-
-        A line that is not a record is an error if ``strict``, else skipped: it is the last line of a part file that
-        a killed process left half-written.
-        """
-        text = path.read_text(encoding="utf-8", errors="replace")
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = None
-            index = record.get("index") if isinstance(record, dict) else None
-            if isinstance(index, int) and not isinstance(index, bool):
-                yield index, record, line
-            elif strict:
-                raise self._refuse(f"holds {path.name}, whose line {number} is not a record of this writer")
-
-    def _check_record(self, index: int, record: dict[str, Any]) -> None:
-        """Raise unless ``record`` is one of the current items, made from the current settings."""
-        if index not in self._names:
-            count = len(self._names)
-            raise self._refuse(f"holds item {index}, but the data defines only {count} item{'s' * (count != 1)}")
-        image = record.get("image")
-        if record.get("fingerprint") != self._fingerprints[index] or image != self._names[index]:
-            shown = f" ({image})" if isinstance(image, str) and ITEM_FILE.fullmatch(image) else ""
-            raise self._refuse(
-                f"holds item {index}{shown} made from a different prompt, seed, style or sampler setting than now"
-            )
-
-    def _finished(self) -> dict[int, str]:
-        """Manifest lines of the finished items by index; raises where the folder holds a file that is not its own.
-
-        An item is finished when a record holds it and its PNG has the recorded ``sha256``; a recorded item without
-        its PNG is not. Any other PNG of an item's name (no record holds it, or its bytes are not the recorded ones)
-        is not this folder's output, and is refused: :class:`~lightning_nst.core.files.OutputFolder`'s rule, with the
-        manifest and the part files as the record.
-        """
-        assert self.directory is not None
-        manifest = self.directory / self.manifest
-        if manifest.exists() and not manifest.is_file():
-            raise NSTError(f"GenerationWriter.manifest: {manifest} exists and is not a file")
-        sources = ([(manifest, True)] if manifest.is_file() else []) + [(part, False) for part in self._parts()]
-        recorded: dict[str, set[str]] = {}
-        lines: dict[int, list[tuple[str, str]]] = {}
-        for path, strict in sources:
-            for index, record, line in self._records(path, strict):
-                self._check_record(index, record)
-                digest = str(record.get("sha256"))
-                recorded.setdefault(self._names[index], set()).add(digest)
-                lines.setdefault(index, []).append((digest, line))
-        folder = OutputFolder(self.directory, "GenerationWriter.output_dir")
-        names = [self._names[index] for index in sorted(self._names)]
-        foreign = folder.foreign(names, recorded)
-        if foreign:
-            first = foreign[0]
-            if first in recorded:
-                why = f"is not the image {self.manifest} recorded for it (edited, replaced or damaged since)"
-                hint = "move it away to generate it again, or set overwrite: true to replace it"
-            elif not sources:
-                why = f"has no record: {manifest} is missing (deleted or moved?)"
-                hint = "put the manifest back, move the images away, or set overwrite: true to replace them"
-            else:
-                why = f"is not a file {self.manifest} records (a file of yours?)"
-                hint = "move it away, or set overwrite: true to replace it"
-            raise folder.refusal(foreign, why, hint)
-        finished: dict[int, str] = {}
-        for index, entries in lines.items():
-            path = self.directory / self._names[index]
-            if path.is_file():  # not foreign: its bytes are those of one of its records
-                digest = file_digest(path)
-                finished[index] = next(line for recorded_digest, line in entries if recorded_digest == digest)
-        return finished
-
-    def _tidy(self, finished: dict[int, str]) -> None:
-        """Rank 0: make the manifest hold exactly the finished items; remove part and temporary files left over."""
-        assert self.directory is not None
-        manifest = self.directory / self.manifest
-        text = "".join(finished[index] + "\n" for index in sorted(finished))
-        # Only files of this writer's own names are touched: the manifest, which holds nothing but its records (a
-        # stranger line is refused in _finished), is rewritten, never removed; part and temporary files it made are.
-        if manifest.is_file() and manifest.read_text(encoding="utf-8", errors="replace") != text:
-            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
-        elif text and not manifest.is_file():
-            write_atomic(manifest, text.encode("utf-8"))
-        for part in self._parts():
-            part.unlink()
-        for temporary in self.directory.glob(".*.tmp"):
-            if self._temporary.fullmatch(temporary.name):
-                temporary.unlink(missing_ok=True)
-
     # -- writing --------------------------------------------------------------------------------------------------
 
     def write_on_batch_end(
@@ -287,7 +174,8 @@ class GenerationWriter(BasePredictionWriter):
 
         Failed items (``prediction["failures"]``, or an image holding NaN or infinity) are reported and skipped.
         """
-        assert self.directory is not None
+        assert self.directory is not None and self.folder is not None
+        folder = self.folder
         settings = _generation_module(pl_module).manifest_settings()
         trajectory = prediction.get("style_loss")
         final = prediction.get("final_style_loss")
@@ -297,7 +185,7 @@ class GenerationWriter(BasePredictionWriter):
         self.directory.mkdir(parents=True, exist_ok=True)  # not before: a run failing to start leaves no folder
         lines, images = [], []
         for row, index in enumerate(batch["index"]):
-            name = self._names[index]
+            name = folder.names[index]
             image = prediction["images"][row]
             failure = failures[row]
             if failure is None and not torch.isfinite(image).all():
@@ -314,7 +202,7 @@ class GenerationWriter(BasePredictionWriter):
                 index=index,
                 image=name,
                 sha256=hashlib.sha256(data).hexdigest(),
-                fingerprint=self._fingerprints[index],
+                fingerprint=folder.fingerprints[index],
                 prompt=batch["prompt"][row],
                 base_prompt=batch["base_prompt"][row],
                 style_prompt=batch["style_prompt"][row],
@@ -338,7 +226,7 @@ class GenerationWriter(BasePredictionWriter):
         # Records first, flushed to disk, then the PNGs: setup found each name free or a recorded item's missing PNG,
         # and a PNG a kill leaves behind is recorded, so a rerun keeps it rather than refusing it as a stranger's.
         if lines:
-            with self._part(trainer.global_rank).open("a", encoding="utf-8") as stream:
+            with folder.part(trainer.global_rank).open("a", encoding="utf-8") as stream:
                 stream.write("".join(lines))
                 stream.flush()
                 os.fsync(stream.fileno())
@@ -352,7 +240,8 @@ class GenerationWriter(BasePredictionWriter):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
-        if self.directory is None:
+        if self.directory is None or self.folder is None:  # setup did not get as far as the folder
+            self.directory = None
             return
         # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
         # but every process tears down.
@@ -362,43 +251,18 @@ class GenerationWriter(BasePredictionWriter):
         if self._plan:  # no predict loop ran: every item was finished
             rank_zero_info(self._plan)
             self._plan = ""
-        recorded = self._merge() if trainer.is_global_zero else 0
+        recorded = self.folder.merge(self._kept) if trainer.is_global_zero else 0
         directory, self.directory = self.directory, None
+        names, self.folder = len(self.folder.names), None
         failures, self._failures = self._failures, []
         # Summed over processes (every one tears down), so each exits alike however the failed items were spread.
         count = torch.tensor(float(len(failures)), device=trainer.strategy.root_device)  # NCCL reduces CUDA only
         failed = int(trainer.strategy.reduce(count, reduce_op="sum").item())
         if failed:
-            total = len(self._names)
+            total = names
             key, detail = failures[0].split(": ", 1) if failures else ("GenerationWriter", "see the lines above")
             kept = f"; the {recorded} finished are in {directory}" if recorded else ""
             raise NSTError(
                 f"{key}: {failed} of {total} item{'s' * (total != 1)} failed with values that are not finite and were "
                 f"not written (first: {detail}){kept}; a rerun into the same folder generates only what is missing"
             )
-
-    def _merge(self) -> int:
-        """Rank 0: write the manifest from the finished and the new records; returns how many it holds."""
-        assert self.directory is not None
-        manifest = self.directory / self.manifest
-        parts = self._parts()
-        records: dict[int, str] = {}
-        for path in ([manifest] if manifest.is_file() else []) + parts:
-            for index, record, line in self._records(path, strict=False):
-                if index in records or index not in self._names:
-                    continue
-                image = self.directory / self._names[index]
-                # The manifest holds the items setup found finished; a part's record is written before its PNG, which
-                # a failed write or a kill may have left missing.
-                if image.is_file() and (path == manifest or file_digest(image) == record.get("sha256")):
-                    records[index] = line
-        if parts:
-            text = "".join(records[index] + "\n" for index in sorted(records))
-            write_atomic(manifest, text.encode("utf-8"), overwrite=True)
-            for part in parts:
-                part.unlink()
-        new = len(records) - self._kept
-        kept = f", {self._kept} kept from an earlier run" if self._kept and new else ""
-        if records:
-            rank_zero_info(f"Results: {self.directory} ({len(records)} PNG{kept}, {self.manifest})")
-        return len(records)

@@ -24,8 +24,17 @@ from lightning_nst.core.errors import NSTError
 from lightning_nst.diffusion import module as diffusion
 from lightning_nst.diffusion.catalog import SCHEDULERS as SCHEDULERS_BY_ALIAS
 from lightning_nst.diffusion.families import FAMILIES as FAMILY_CLASSES
-from lightning_nst.diffusion.guidance import MAX_NOISE_TO_SIGNAL, noise_level, output_gain, predict_x0, renoise
-from lightning_nst.diffusion.module import GuidedDiffusion, check_family_scheduler, scheduler_class
+from lightning_nst.diffusion.module import GuidedDiffusion
+from lightning_nst.diffusion.samplers import (
+    MAX_NOISE_TO_SIGNAL,
+    check_family,
+    noise_level,
+    output_gain,
+    predict_x0,
+    renoise,
+    sampler,
+    scheduler_class,
+)
 from lightning_nst.main import main
 from tests.conftest import CONFIGS, MODELS, cli_error
 from tests.diffusion.test_img2img import write_init
@@ -381,11 +390,11 @@ def test_every_sampler_runs_its_familys_own_schedule_or_is_refused(
         cls, settings = scheduler_class(alias)
         if expected[family] != "runs":
             with pytest.raises(NSTError) as refusal:
-                check_family_scheduler(family, cls, alias, model_config)
+                check_family(family, sampler(alias), alias, model_config)
             assert str(refusal.value).startswith(f"model.scheduler: {alias} ({cls.__name__}) ")
             assert expected[family] in str(refusal.value) and "\n" not in str(refusal.value)
             continue
-        check_family_scheduler(family, cls, alias, model_config)
+        check_family(family, sampler(alias), alias, model_config)
         pipe.scheduler = cls.from_config(model_config, **settings)
         ours = FAMILY_CLASSES[family](pipe).timesteps(pipe.scheduler, 3, torch.device("cpu"), (64, 64))
         assert [float(t) for t in ours] == pytest.approx(_recorded_timesteps(pipe), rel=1e-6), alias

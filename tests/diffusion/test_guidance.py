@@ -18,8 +18,11 @@ from diffusers import (
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.images import load_image
 from lightning_nst.core.vgg import VGGConfig
-from lightning_nst.diffusion.guidance import StyleGuidance, check_scheduler, decode_latents, predict_x0, rms_normalize
+from lightning_nst.diffusion.guidance import Sampling, StyleGuidance, rms_normalize
+from lightning_nst.diffusion.latents import decode_latents
 from lightning_nst.diffusion.module import GuidedDiffusion
+from lightning_nst.diffusion.samplers import check_prediction as check_scheduler
+from lightning_nst.diffusion.samplers import predict_x0
 from tests.tiny_pipeline import VGG
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +68,10 @@ class _Pipeline:
         self.scheduler.set_timesteps(10)
         self.num_timesteps = 10
 
+    def sampling(self) -> Sampling:
+        """What GuidedDiffusion passes the guidance at every model evaluation."""
+        return Sampling(self.scheduler, self.vae, self.tiny_vae, self.num_timesteps)
+
 
 def test_one_guided_step_lowers_the_style_loss_of_x0() -> None:
     pipeline = _Pipeline()
@@ -75,7 +82,7 @@ def test_one_guided_step_lowers_the_style_loss_of_x0() -> None:
     t = pipeline.scheduler.timesteps[5]
     kwargs = {"latents": latents, "noise_pred": noise, "style_index": torch.tensor([0, 0])}
     with torch.no_grad():  # as in Lightning's predict loop: the callback must enable gradients itself
-        out = guidance(pipeline, 5, t, kwargs)
+        out = guidance(pipeline.sampling(), 5, t, kwargs)
         after = guidance.style_loss(
             decode_latents(pipeline.vae, predict_x0(pipeline.scheduler, out["noise_pred"], latents, t)),
             kwargs["style_index"],
@@ -145,4 +152,4 @@ def test_tiny_decoder_without_tiny_vae_is_refused_by_one_check() -> None:
     with pytest.raises(NSTError, match=message):
         GuidedDiffusion(guidance=guidance)
     with pytest.raises(NSTError, match=message):  # a library caller's pipeline without one
-        guidance.decoder_of(_Pipeline())
+        guidance.decoder_of(_Pipeline().vae, None)

@@ -14,16 +14,10 @@ from PIL import Image
 from lightning_nst.core.images import load_image
 from lightning_nst.core.vgg import VGGConfig
 from lightning_nst.diffusion.catalog import SCHEDULERS
-from lightning_nst.diffusion.guidance import (
-    StyleGuidance,
-    decode_latents,
-    mid_step,
-    noise_level,
-    predict_x0,
-    restore,
-    snapshot,
-)
-from lightning_nst.diffusion.module import DenoisingCallback, scheduler_class
+from lightning_nst.diffusion.guidance import StyleGuidance
+from lightning_nst.diffusion.latents import decode_latents
+from lightning_nst.diffusion.module import DenoisingCallback
+from lightning_nst.diffusion.samplers import mid_step, noise_level, predict_x0, restore, scheduler_class, snapshot
 from lightning_nst.main import main
 from tests.conftest import cli_error
 from tests.diffusion.test_guidance import _Pipeline
@@ -136,7 +130,7 @@ def test_descent_steps_lower_the_x0_loss_and_report_the_uncorrected_one() -> Non
         guidance.set_styles([style])
         kwargs = {"latents": latents, "noise_pred": noise, "style_index": torch.tensor([0, 0])}
         with torch.no_grad():
-            results[steps] = guidance(pipeline, 5, t, kwargs)
+            results[steps] = guidance(pipeline.sampling(), 5, t, kwargs)
             x0 = predict_x0(pipeline.scheduler, results[steps]["noise_pred"], latents, t)
             after[steps] = guidance.style_loss(decode_latents(pipeline.vae, x0), kwargs["style_index"])
     for steps in (2, 3):

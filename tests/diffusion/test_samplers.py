@@ -12,10 +12,9 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from PIL import Image
 
-from lightning_nst.diffusion import module as diffusion
+from lightning_nst.diffusion import samplers
 from lightning_nst.diffusion.catalog import SCHEDULERS
-from lightning_nst.diffusion.guidance import predict_x0
-from lightning_nst.diffusion.module import scheduler_class
+from lightning_nst.diffusion.samplers import predict_x0, scheduler_class
 from lightning_nst.main import main
 from tests.conftest import MODELS, cli_error
 from tests.tiny_pipeline import GUIDANCE_VARIANTS, STEPS, records, sd_scheduler, tiny_args
@@ -181,7 +180,9 @@ def test_every_sampler_runs_guided_through_the_cli(alias: str, sampler_runs: Cal
 def test_dpmpp_sde_without_torchsde_says_what_to_install(
     pipeline_dir: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(diffusion, "is_torchsde_available", lambda: False)  # as on a machine without the sde extra
+    monkeypatch.setattr(
+        samplers, "_installed", lambda package: package != "torchsde"
+    )  # as on a machine without the sde extra
     message = cli_error(capfd, tiny_args(pipeline_dir, "sde", "--model.scheduler=dpmpp_sde"))
     assert message == (
         "lightning-nst: error: model.scheduler: dpmpp_sde (DPMSolverSDEScheduler) needs torchsde: pip install torchsde"

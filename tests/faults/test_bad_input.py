@@ -42,7 +42,7 @@ def no_heavy_work(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("heavy work started before the bad input was reported")
 
     monkeypatch.setattr(VGG19Features, "__init__", refuse)
-    monkeypatch.setattr("lightning_nst.diffusion.module._load", refuse)
+    monkeypatch.setattr("lightning_nst.diffusion.loading._load", refuse)
 
 
 def fails(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
