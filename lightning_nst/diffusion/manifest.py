@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.files import OutputFolder, file_digest, write_atomic
-from lightning_nst.outputs import ITEM_FILE
+from lightning_nst.outputs import ITEM_FILE, check_format
 
 
 class GenerationFolder:
@@ -71,6 +71,7 @@ class GenerationFolder:
                 record = None
             index = record.get("index") if isinstance(record, dict) else None
             if isinstance(index, int) and not isinstance(index, bool):
+                check_format(record, f"{path} line {number}")  # a newer version's folder is not continued
                 yield index, record, line
             elif strict:
                 raise self.refusal(f"holds {path.name}, whose line {number} is not a record of this writer")

@@ -23,6 +23,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from lightning_nst.main import main
+from lightning_nst.outputs import FORMAT, MANIFEST
 from tests.conftest import cli_error
 from tests.tiny_pipeline import REPO, batch_args, records
 
@@ -465,3 +466,20 @@ def test_a_refused_run_does_not_say_it_is_generating(
         message = cli_error(capfd, args)
     assert message.startswith("lightning-nst: error: model.model: ") and "no_such_model" in message
     assert "Generating" not in caplog.text
+
+
+def test_a_folder_written_in_a_newer_format_is_refused_not_continued(
+    pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    main(batch_args(pipeline_dir, out, 1))
+    manifest = out / MANIFEST
+    (record,) = records(out)
+    manifest.write_text(json.dumps({**record, "format": FORMAT + 1}) + "\n", encoding="utf-8")
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    message = cli_error(capfd, batch_args(pipeline_dir, out, 2))
+    assert message == (
+        f"lightning-nst: error: {manifest} line 1: written in format {FORMAT + 1} by a newer lightning_nst; this one "
+        f"reads format {FORMAT} and earlier (upgrade lightning_nst to read it)"
+    )
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
