@@ -14,7 +14,8 @@ from typing import Any
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.files import check_output_dir
 from lightning_nst.core.images import check_source, source_size
-from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS, LAYER_GEOMETRY, LAYER_NAMES, check_weights_cover
+from lightning_nst.core.layers import DEFAULT_STYLE_LAYERS, LAYER_GEOMETRY, LAYER_NAMES
+from lightning_nst.core.vgg import check_weights_cover
 
 BYTES_PER_FLOAT = 4
 MAX_STEPS = sys.maxsize
