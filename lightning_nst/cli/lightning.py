@@ -182,7 +182,7 @@ def run(args: Sequence[str], *, resume: Callable[[Path], str] | None = None) -> 
     Raises:
         NSTError: On bad input, with the one line ``lightning-nst`` prints.
         StoppedBySignal: When SIGINT or SIGTERM stopped the run after keeping what was done, or a second signal at
-            once; after SIGINT an :class:`InterruptedBySignal`, which is a ``KeyboardInterrupt`` too.
+            once; after SIGINT an :class:`~lightning_nst.cli.signals.InterruptedBySignal`, a ``KeyboardInterrupt`` too.
     """
     args = list(args)
     check_yaml_files(args)
