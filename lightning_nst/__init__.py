@@ -25,8 +25,8 @@ _PUBLIC = {
     "mean_std": "lightning_nst.core.losses",
     "total_variation": "lightning_nst.core.losses",
     "StyleDistance": "lightning_nst.core.metrics",
-    "CONV_LAYERS": "lightning_nst.core.vgg",
-    "LAYER_NAMES": "lightning_nst.core.vgg",
+    "CONV_LAYERS": "lightning_nst.core.layers",
+    "LAYER_NAMES": "lightning_nst.core.layers",
     "VGG19Features": "lightning_nst.core.vgg",
     "VGGConfig": "lightning_nst.core.vgg",
     "ImageTargets": "lightning_nst.nst.data",
@@ -44,9 +44,10 @@ _PUBLIC = {
 if TYPE_CHECKING:
     from lightning_nst.api import stylize, texture
     from lightning_nst.core.errors import NSTError
+    from lightning_nst.core.layers import CONV_LAYERS, LAYER_NAMES
     from lightning_nst.core.losses import ContentLoss, LayerStyleLoss, StyleLoss, gram_matrix, mean_std, total_variation
     from lightning_nst.core.metrics import StyleDistance
-    from lightning_nst.core.vgg import CONV_LAYERS, LAYER_NAMES, VGG19Features, VGGConfig
+    from lightning_nst.core.vgg import VGG19Features, VGGConfig
     from lightning_nst.diffusion.guidance import StyleGuidance
     from lightning_nst.diffusion.module import DenoisingCallback, GuidedDiffusion
     from lightning_nst.diffusion.prompts import PromptGrid

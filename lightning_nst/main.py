@@ -6,6 +6,9 @@
 ``report`` makes the study's reports, ``layers`` lists the VGG19 layers and ``configs`` the shipped configs, which
 ``-c NAME`` finds by name. Errors for bad input are one line, ``lightning-nst: error: <key or file>: <problem>``,
 unless ``--debug`` or ``LIGHTNING_NST_DEBUG=1`` asks for the traceback.
+
+Only the commands that run import torch, Lightning or diffusers: ``--help``, ``--version``, ``layers``, ``configs`` and
+each shortcut's ``--help`` answer without them.
 """
 
 from __future__ import annotations
@@ -14,17 +17,14 @@ import gc
 import os
 import signal
 import sys
-from argparse import ArgumentError
 from collections.abc import Sequence
-
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_nst import __version__
 from lightning_nst.cli import shipped
-from lightning_nst.cli.lightning import nst_error, run
+from lightning_nst.cli.messages import nst_error, user_errors
 from lightning_nst.cli.yaml_checks import check_yaml_files
 from lightning_nst.core.errors import NSTError, StoppedBySignal
-from lightning_nst.core.vgg import LAYER_GEOMETRY, LAYER_NAMES
+from lightning_nst.core.layers import LAYER_GEOMETRY, LAYER_NAMES
 
 DEBUG_ENV = "LIGHTNING_NST_DEBUG"
 """Set to 1 (or pass ``--debug``) to get full tracebacks instead of one-line errors."""
@@ -106,6 +106,8 @@ def _command(argv: list[str]) -> None:
 
         report(argv[1:])
     else:
+        from lightning_nst.cli.lightning import run  # torch and Lightning: only for the commands that run
+
         run(argv)
 
 
@@ -175,7 +177,7 @@ def _main(args: Sequence[str] | None) -> None:
             raise
         _say("interrupted")
         raise Interrupted(128 + signal.SIGINT) from None
-    except (NSTError, ArgumentError, ValueError, MisconfigurationException, RuntimeError) as error:
+    except user_errors() as error:  # evaluated once an error is raised: Lightning's own if Lightning was imported
         if debug:
             raise
         found = nst_error(error, argv)

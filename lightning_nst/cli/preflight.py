@@ -14,7 +14,8 @@ from typing import Any
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.files import check_output_dir
 from lightning_nst.core.images import check_source, source_size
-from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS, LAYER_GEOMETRY, LAYER_NAMES, check_weights_cover
+from lightning_nst.core.layers import DEFAULT_STYLE_LAYERS, LAYER_GEOMETRY, LAYER_NAMES
+from lightning_nst.core.vgg import check_weights_cover
 
 BYTES_PER_FLOAT = 4
 MAX_STEPS = sys.maxsize
@@ -74,6 +75,10 @@ def check_outputs(config: Any, subcommand: str) -> None:
 
 def _connector(trainer: Any) -> Any:
     """Lightning's own resolution of accelerator, strategy and devices, made without building a Trainer."""
+    # _AcceleratorConnector is private, but Lightning 2.6 resolves "auto", the strategy and their combinations, with
+    # the errors named below, nowhere else. Its public parts (the accelerator registry, Accelerator.parse_devices)
+    # leave the auto choice and the strategy to private helpers (device_parser's functions are private too), and the
+    # public Trainer builds callbacks and logs its device lines a second time before the run's own Trainer.
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
 
@@ -115,6 +120,7 @@ def check_devices(config: Any, subcommand: str) -> Any:
     if subcommand == "fit" and _get(trainer, "devices") == "auto" and _get(trainer, "strategy", "auto") == "auto":
         trainer.devices = 1  # "auto" would take every GPU of the machine, for the same one image
     connector = _connector(trainer)
+    # The connector's devices before the strategy takes them (a single-device strategy keeps no list of its own).
     world = int(_get(trainer, "num_nodes", 1) or 1) * len(getattr(connector, "_parallel_devices", []) or [None])
     if subcommand == "fit" and world > 1:
         raise NSTError(

@@ -22,11 +22,10 @@ from typing import Any, NoReturn
 import yaml
 
 from lightning_nst.cli import shipped
-from lightning_nst.core.color import COLOR_MODES
+from lightning_nst.core.choices import COLOR_MODES, STATISTICS
 from lightning_nst.core.errors import NSTError
-from lightning_nst.core.losses import STATISTICS, check_style_weights
+from lightning_nst.core.layers import DEFAULT_STYLE_LAYERS, LAYER_NAMES, min_input_size
 from lightning_nst.core.seeds import MAX_SEED, check_seed
-from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS, LAYER_NAMES, min_input_size
 from lightning_nst.diffusion.catalog import FAMILY_CONFIGS, SCHEDULERS, local_family
 
 MAX_ITEM_SEED = 2**63 - 1
@@ -210,6 +209,8 @@ def _optimisation_config(
             raise NSTError(f"{flag}: must be one of {', '.join(choices)} (got {value})")
     weights = getattr(options, "style_weights", None)
     if weights is not None:
+        from lightning_nst.core.losses import check_style_weights  # torch: not for --help
+
         data = {**data, "style_weights": check_style_weights(weights, len(data["style"]), "--style-weights")}
     config = _shipped(name)
     config["seed_everything"] = options.seed
@@ -416,7 +417,7 @@ def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) 
     output = Path(options.output).expanduser()
     _check_output_file(output, options.overwrite, options.resume)
     _check_not_an_input(output, options)
-    from lightning_nst.cli.lightning import without_option  # the run imports the CLI next anyway
+    from lightning_nst.cli.signals import without_option  # the run imports the CLI next anyway
 
     # A stop says how to finish into the same -o: this very command, with --resume and the checkpoint.
     base = ["lightning-nst", command, *without_option(argv, "--resume")]

@@ -164,3 +164,26 @@ def check_yaml_files(argv: Sequence[str]) -> None:
                 continue  # not YAML with aliases; jsonargparse reports what it makes of it
             if node is not None and (problem := _yaml_problem(node)):
                 raise NSTError(f"{key}: the value is refused: {problem}")
+
+
+_SUBCOMMAND_OF_MODEL = {"ImageOptimization": "fit", "GuidedDiffusion": "predict"}
+
+
+def check_subcommand_of_configs(args: Sequence[str]) -> None:
+    """Refuse a config of the other subcommand (``predict -c texture_gram``) by name, before jsonargparse parses it."""
+    subcommand = args[0] if args else None
+    for index, arg in enumerate(args[:-1]):
+        if arg not in ("-c", "--config") or args[index + 1].lstrip().startswith(("{", "[")):
+            continue
+        try:
+            config = yaml.safe_load(Path(args[index + 1]).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue  # check_yaml_files has named what is wrong with it
+        model = config.get("model") if isinstance(config, dict) else None
+        class_path = str(model.get("class_path", "")) if isinstance(model, dict) else ""
+        wanted = _SUBCOMMAND_OF_MODEL.get(class_path.rsplit(".", 1)[-1])
+        if wanted is not None and subcommand in ("fit", "predict") and wanted != subcommand:
+            raise NSTError(
+                f"--config: {args[index + 1]} configures {class_path.rsplit('.', 1)[-1]}, which runs with "
+                f"`lightning-nst {wanted}`, not {subcommand}"
+            )

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_nst.core.choices import COLOR_MODES
+
 __all__ = [
     "COLOR_MODES",
     "ColorMode",
@@ -27,7 +29,6 @@ __all__ = [
 ]
 
 ColorMode = Literal["keep", "luminance", "match", "histogram"]
-COLOR_MODES: tuple[str, ...] = ("keep", "luminance", "match", "histogram")
 
 _RGB_TO_YCBCR = torch.tensor(
     [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=torch.float64

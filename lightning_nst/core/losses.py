@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.functional.image import total_variation as _total_variation
 
+from lightning_nst.core.choices import STATISTICS
 from lightning_nst.core.errors import NSTError
 
 Statistic = Literal["gram", "meanvar", "w2", "sliced_w"]
-STATISTICS: tuple[str, ...] = ("gram", "meanvar", "w2", "sliced_w")
 _MEANVAR_EPS = 1e-5
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
 import warnings
@@ -18,6 +17,15 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.files import check_input_file, file_digest
+from lightning_nst.core.layers import (  # noqa: F401 - the layer table's names, imported from here too
+    CONV_LAYERS,
+    DEFAULT_STYLE_LAYERS,
+    LAYER_GEOMETRY,
+    LAYER_NAMES,
+    check_layers,
+    layer_index,
+    min_input_size,
+)
 from lightning_nst.core.net import unreachable
 
 WEIGHTS_ENV = "LIGHTNING_NST_VGG_WEIGHTS"
@@ -26,35 +34,7 @@ WEIGHTS_ENV = "LIGHTNING_NST_VGG_WEIGHTS"
 Pooling = Literal["max", "avg"]
 
 
-def _layer_names() -> tuple[str, ...]:
-    names: list[str] = []
-    block, index = 1, 0
-    for entry in cfgs["E"]:
-        if entry == "M":
-            names.append(f"pool{block}")
-            block, index = block + 1, 0
-        else:
-            index += 1
-            names += [f"conv{block}_{index}", f"relu{block}_{index}"]
-    return tuple(names)
-
-
-LAYER_NAMES: tuple[str, ...] = _layer_names()
-"""All 37 modules of ``torchvision.models.vgg19().features``, in order: ``conv1_1``, ``relu1_1``, ..., ``pool5``."""
-
-CONV_LAYERS: tuple[str, ...] = tuple(name for name in LAYER_NAMES if name.startswith("conv"))
-"""The 16 convolutions; the study numbers them 1 to 16 in this order."""
-
 _IMAGENET = VGG19_Weights.IMAGENET1K_V1
-
-
-def layer_index(name: str) -> int:
-    """Index of a named layer in ``vgg19().features``."""
-    return LAYER_NAMES.index(name)
-
-
-DEFAULT_STYLE_LAYERS: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-"""The style layers of Gatys et al. (2016): the first ReLU of each block."""
 
 
 def check_weight(value: float, key: str) -> None:
@@ -73,40 +53,6 @@ def layer_weights(layers: Sequence[str] | Mapping[str, float], key: str) -> dict
     for layer, weight in weights.items():
         check_weight(weight, f"{key}.{layer}")
     return weights
-
-
-def check_layers(layers: Iterable[str], key: str = "layers") -> list[str]:
-    """Return the layer names unchanged, or raise naming the first unknown one and its nearest valid names."""
-    layers = list(layers)
-    for name in layers:
-        if name not in LAYER_NAMES:
-            close = difflib.get_close_matches(str(name), LAYER_NAMES, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise NSTError(f"{key}: unknown VGG19 layer {name!r}{hint}; `lightning-nst layers` lists all 37 names")
-    return layers
-
-
-def _layer_geometry() -> tuple[tuple[int, int], ...]:
-    channels, stride, widths = 3, 1, iter(entry for entry in cfgs["E"] if entry != "M")
-    geometry = []
-    for name in LAYER_NAMES:
-        if name.startswith("conv"):
-            channels = next(widths)
-        elif name.startswith("pool"):
-            stride *= 2
-        geometry.append((channels, stride))
-    return tuple(geometry)
-
-
-LAYER_GEOMETRY: tuple[tuple[int, int], ...] = _layer_geometry()
-"""``(channels, stride)`` of each layer's output, in the order of :data:`LAYER_NAMES`."""
-
-
-def min_input_size(layers: Iterable[str]) -> int:
-    """Smallest image side for which every layer in ``layers`` still has at least one pixel."""
-    deepest = max(layer_index(name) for name in layers)
-    pools = sum(1 for name in LAYER_NAMES[:deepest] if name.startswith("pool"))
-    return 2**pools
 
 
 def _kaiming_init(trunk: nn.Sequential) -> None:

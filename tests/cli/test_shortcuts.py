@@ -244,7 +244,7 @@ def stop_at_step_3(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     """Ctrl-C as it lands at step 3 of the next run: what StopOnSignal's handler records, at the step's end."""
     import signal
 
-    from lightning_nst.cli.lightning import StopOnSignal
+    from lightning_nst.cli.signals import StopOnSignal
 
     original = StopOnSignal.on_train_batch_end
     armed = {"on": True}
