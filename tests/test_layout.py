@@ -76,15 +76,12 @@ def test_the_wings_never_import_the_command_line_or_the_report() -> None:
     assert offenders("lightning_nst.diffusion", above) == []
 
 
-def test_only_the_command_line_api_and_report_import_the_clis_lightning_module() -> None:
-    importers = {
-        name
-        for name, path in modules().items()
-        if any(under(imported, "lightning_nst.cli.lightning") for imported in imports(path))
-    }
+@pytest.mark.parametrize("module", ["lightning_nst.cli.lightning", "lightning_nst.cli.signals"])
+def test_only_the_command_line_api_and_report_import_the_clis_lightning_modules(module: str) -> None:
+    importers = {name for name, path in modules().items() if any(under(imported, module) for imported in imports(path))}
     allowed = ("lightning_nst.cli", "lightning_nst.api", "lightning_nst.report", "lightning_nst.main")
     assert {name for name in importers if not under(name, *allowed)} == set()
-    assert importers, "nothing imports lightning_nst.cli.lightning: the rule reads the wrong module"
+    assert importers, f"nothing imports {module}: the rule reads the wrong module"
 
 
 def test_the_nst_wing_never_imports_diffusers_or_transformers() -> None:
@@ -160,3 +157,11 @@ def test_the_public_names_resolve() -> None:
 
     for name in lightning_nst.__all__:
         assert getattr(lightning_nst, name) is not None, name
+
+
+def test_the_command_lines_python_entry_points_resolve() -> None:
+    """``from lightning_nst.cli import run``, as the README runs a config from Python."""
+    from lightning_nst.cli import NSTCLI, InterruptedBySignal, run
+    from lightning_nst.cli.lightning import run as defined
+
+    assert run is defined and issubclass(InterruptedBySignal, KeyboardInterrupt) and NSTCLI.__name__ == "NSTCLI"
