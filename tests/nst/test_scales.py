@@ -243,7 +243,7 @@ def test_large_print_config_runs_at_toy_size(tmp_path: Path, monkeypatch: pytest
         tiled.append(tuple(image.shape[-2:]))
         return tiled_terms(vgg, image, *args, **kwargs)
 
-    monkeypatch.setattr("lightning_nst.nst.module.tiled_terms", counting)
+    monkeypatch.setattr("lightning_nst.nst.evaluator.tiled_terms", counting)
     main(
         [
             "fit", "-c", str(CONFIGS / "large_print.yaml"), "--data.init_args.size=64", "--trainer.max_steps=4",
