@@ -99,12 +99,11 @@ class ImageOptimization(L.LightningModule):
         content_source: The content image's source (a path, ``sample:NAME`` or ``skimage:NAME``), as the data
             module names it.
         style_sources: The style images' sources.
-        inputs: Content digests of the content, style and init images (see
-            :func:`lightning_nst.core.files.source_digest`), recorded in checkpoints and ``summary.json``.
-        progress: Each objective's losses, best image so far and stop (:class:`~lightning_nst.nst.results.Progress`);
-            ``best_images``, ``best_loss``, ``best_step``, ``stopped_at``, ``last_good`` and ``has_good`` read it.
-        evaluator: The whole or tiled evaluation of the objectives (:mod:`lightning_nst.nst.evaluator`).
-        coarse: The scale schedule (:class:`~lightning_nst.nst.scales.CoarseToFine`).
+        inputs: Content digests of the input images (``ImageTargets.digests``), kept in checkpoints and summaries.
+        progress: Losses, best images and stops (:class:`~lightning_nst.nst.results.Progress`): ``best_images``,
+            ``best_loss``, ``best_step``, ``stopped_at``, ``last_good`` and ``has_good`` are its.
+        evaluator: The whole or tiled evaluation (:mod:`~lightning_nst.nst.evaluator`).
+        coarse: The scales and iterate average (:class:`~lightning_nst.nst.scales.CoarseToFine`).
     """
 
     def __init__(
@@ -313,11 +312,6 @@ class ImageOptimization(L.LightningModule):
     # -- coarse to fine (lightning_nst.nst.scales) ----------------------------------------------------------------
 
     @property
-    def scale(self) -> int:
-        """The index of the current scale (0 without ``scales``)."""
-        return self.coarse.scale
-
-    @property
     def scale_records(self) -> list[dict[str, Any]] | None:
         """Each scale run so far: ``long_edge``, ``size`` ``[H, W]``, ``steps``, ``end_step`` and ``seconds``."""
         return self.coarse.records(self.global_step)
@@ -388,11 +382,8 @@ class ImageOptimization(L.LightningModule):
         state = read_resume_state(checkpoint, where)
         take_optimizer_settings(checkpoint, self.optimizer_factory, state.get("optimizer"), where)
         refuse_other_parameterization(state, self.parameterization.name, where)
-        if self.coarse.restore(state.get("scales"), where, self.device):
+        if self.coarse.restore(state.get("scales"), where, self.images):
             self._use_inputs(self.coarse.inputs(self.coarse.scale))
-            scale = self.coarse.schedule[self.coarse.scale]
-            for i, parameter in enumerate(self.images):  # load_state_dict then fills them
-                self.images[i] = nn.Parameter(parameter.new_zeros(1, 3, scale.height, scale.width))
         used = self.vgg.weights_used if self.vgg is not None else None
         refuse_other_image(checkpoint, list(self.images), self.parameterization.image_size, used, where)
         self.progress.load_state_dict(state)
@@ -401,12 +392,10 @@ class ImageOptimization(L.LightningModule):
     # -- the step ---------------------------------------------------------------------------------------------
 
     def objective_loss(self, index: int, image: Tensor) -> dict[str, Tensor]:
-        """Weighted loss terms and their ``total`` for objective ``index`` at one image of shape ``(1, 3, H, W)``.
+        """Loss terms (``content_<layer>``, ``style_<statistic>_<layer>``, ``tv``) and ``total`` of objective ``index``.
 
-        Keys are ``content_<layer>``, ``style_<statistic>_<layer>``, ``tv`` (the terms the objective uses) and
-        ``total``. The VGG pass stops at the objective's deepest layer, so the value does not depend on the other
-        objectives of the run. Builds the VGG trunk first if :meth:`configure_model` has not run. Without autograd
-        and with ``tile_size`` smaller than the image, the terms are computed tile by tile.
+        At one image ``(1, 3, H, W)``, as :meth:`~lightning_nst.nst.evaluator.Evaluator.loss` computes them (tile by
+        tile without autograd where ``tile_size`` is smaller than the image); builds the VGG trunk if needed.
         """
         return self.evaluator.loss(index, image, self.global_step)
 
@@ -454,11 +443,7 @@ class ImageOptimization(L.LightningModule):
                 # 16-mixed: the scaler skips a step with non-finite gradients and lowers its scale; not a stop.
                 skipped = scaler is not None and scaler.get_scale() < scale
                 if torch.equal(before, parameter) and not skipped:
-                    progress.stopped_at[index] = step
-                    rank_zero_info(
-                        f"step {step}: objective {objective.name} stopped, its optimizer no longer moves the image "
-                        f"(loss {start['total']:.4g})"
-                    )
+                    progress.stop(index, objective.name, step)
         if self.coarse.average is not None:
             with torch.no_grad():
                 self.coarse.update_average([self.decode(parameter) for parameter in self.images])
@@ -484,10 +469,7 @@ class ImageOptimization(L.LightningModule):
         every = self.trainer.log_every_n_steps
         if not self.loggers or not every or ((step + 1) % every and not self.trainer.should_stop):
             return
-        current, best = self.progress.current, self.progress.best_loss
-        metrics = {f"{name}/{term}": value for name, row in current.items() for term, value in row.items()}
-        metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, best, strict=True)})
-        metrics["loss"] = total
+        metrics = {**self.progress.curves(self.objectives), "loss": total}
         if self.coarse.schedule:
             metrics["scale"] = float(self.coarse.schedule[self.coarse.scale].long_edge)
         for logger in self.loggers:
@@ -515,13 +497,7 @@ class ImageOptimization(L.LightningModule):
         image, averages = self.image, self.coarse.average
         average = None if averages is None else lambda i: self.render(i, averages[i].get().to(image.device))
         loss = self.objective_loss  # looked up now: a subclass or test may wrap it
+        metrics = partial(self.evaluator.metrics, content=self.content, masked=self.masks is not None)
         return self.progress.results(
-            self.objectives, image, self.trainer.global_step, loss, average, self.content, self.metrics
+            self.objectives, image, self.trainer.global_step, loss, average, self.content, metrics
         )
-
-    def metrics(self, index: int, image: Tensor) -> dict[str, float]:
-        """PSNR and SSIM against the content image, and the style distance, of objective ``index``'s ``image``.
-
-        The style distance reuses the style targets computed in :meth:`on_fit_start`.
-        """
-        return self.evaluator.metrics(index, image, self.content, self.masks is not None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_nst.core.color import match_histograms
@@ -136,6 +137,20 @@ class Progress:
         assert self.last_good is not None
         self.last_good[index] = image
         self.has_good[index] = True
+
+    def stop(self, index: int, name: str, step: int) -> None:
+        """Objective ``index``'s optimizer no longer moves its image (L-BFGS converged): it stops at ``step``."""
+        self.stopped_at[index] = step
+        rank_zero_info(
+            f"step {step}: objective {name} stopped, its optimizer no longer moves the image "
+            f"(loss {self.current[name]['total']:.4g})"
+        )
+
+    def curves(self, objectives: Sequence[Objective]) -> dict[str, float]:
+        """The latest loss terms and the best loss of each objective as ``<objective>/<term>`` and ``/best``."""
+        metrics = {f"{name}/{term}": value for name, row in self.current.items() for term, value in row.items()}
+        metrics.update({f"{o.name}/best": loss for o, loss in zip(objectives, self.best_loss, strict=True)})
+        return metrics
 
     @property
     def all_stopped(self) -> bool:

@@ -373,8 +373,11 @@ class CoarseToFine:
             "average": [item.state_dict() for item in self.average] if self.average is not None else None,
         }
 
-    def restore(self, saved: dict[str, Any] | None, where: str, device: torch.device) -> bool:
-        """Continue at the checkpoint's scale; return whether there is one. Refuses another schedule's checkpoint."""
+    def restore(self, saved: dict[str, Any] | None, where: str, images: Any) -> bool:
+        """Continue at the checkpoint's scale; return whether there is one. Refuses another schedule's checkpoint.
+
+        The module's ``images`` (an ``nn.ParameterList``) get that scale's shape, for Lightning to load them.
+        """
         if saved is None and not self.schedule:
             return False
         if saved is None or not self.schedule:
@@ -393,8 +396,11 @@ class CoarseToFine:
         self.scale = int(saved["scale"])
         self._records = list(saved["records"])
         self._carried = float(saved["carried_s"])
+        scale = self.schedule[self.scale]
+        for i, parameter in enumerate(images):
+            images[i] = torch.nn.Parameter(parameter.new_zeros(1, 3, scale.height, scale.width))
         if saved.get("average") is not None:
-            self.average = [IterateAverage.from_state(average, device) for average in saved["average"]]
+            self.average = [IterateAverage.from_state(average, images[0].device) for average in saved["average"]]
         return True
 
 

@@ -32,7 +32,7 @@ class FirstLosses(L.Callback):
         self.rows: list[tuple[int, int, float]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        self.rows.append((trainer.global_step, pl_module.scale, pl_module._current["t"]["total"]))
+        self.rows.append((trainer.global_step, pl_module.coarse.scale, pl_module._current["t"]["total"]))
 
 
 def fit(folder: Path, steps: int = 6, optimizer: Any = ADAM, **options: Any) -> tuple[ImageOptimization, L.Trainer]:
