@@ -137,7 +137,12 @@ def load(path: str | os.PathLike[str], key: str = "ckpt_path") -> dict[str, Any]
 def check_version(state: Mapping[str, Any], where: str) -> None:
     """Refuse, naming ``where``, a resume state of a newer :data:`RESUME_VERSION` than this code reads."""
     version = state.get("version", 0)
-    if not isinstance(version, int) or isinstance(version, bool) or version > RESUME_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise NSTError(
+            f"{where} has a resume state version {version!r}, not a whole number: it is not a checkpoint of "
+            "lightning_nst.ImageOptimization"
+        )
+    if version > RESUME_VERSION:
         raise NSTError(
             f"{where} was saved by a newer lightning_nst (resume state version {version!r}, this version reads up to "
             f"{RESUME_VERSION}); resume it with that version of lightning_nst, or start a new run without --ckpt_path"
