@@ -31,7 +31,7 @@ _PUBLIC = {
     "VGGConfig": "lightning_nst.core.vgg",
     "ImageTargets": "lightning_nst.nst.data",
     "ImageOptimization": "lightning_nst.nst.module",
-    "Objective": "lightning_nst.nst.module",
+    "Objective": "lightning_nst.nst.objective",
     "ImageWriter": "lightning_nst.nst.writer",
     "GuidedDiffusion": "lightning_nst.diffusion.module",
     "DenoisingCallback": "lightning_nst.diffusion.module",
@@ -54,7 +54,8 @@ if TYPE_CHECKING:
     from lightning_nst.diffusion.trajectory import TrajectoryLogger
     from lightning_nst.diffusion.writer import GenerationWriter
     from lightning_nst.nst.data import ImageTargets
-    from lightning_nst.nst.module import ImageOptimization, Objective
+    from lightning_nst.nst.module import ImageOptimization
+    from lightning_nst.nst.objective import Objective
     from lightning_nst.nst.writer import ImageWriter
 
 

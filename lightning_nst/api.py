@@ -42,7 +42,8 @@ def _fit(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Imag
     from lightning_nst.core.images import to_pil
     from lightning_nst.core.vgg import VGGConfig
     from lightning_nst.nst.data import ImageTargets
-    from lightning_nst.nst.module import ImageOptimization, Objective
+    from lightning_nst.nst.module import ImageOptimization
+    from lightning_nst.nst.objective import Objective
 
     L.seed_everything(config["seed_everything"], verbose=False)
     model_args = config["model"]["init_args"]

@@ -158,7 +158,7 @@ def _replace_listed_objectives(config: Namespace, argv: list[str]) -> None:
     objectives = init_args.get("objectives") if init_args is not None else None
     if not isinstance(listed, list) or not isinstance(objectives, list) or len(listed) != len(objectives):
         return
-    from lightning_nst.nst.module import Objective
+    from lightning_nst.nst.objective import Objective
 
     defaults = {
         field.name: field.default if field.default is not dataclasses.MISSING else field.default_factory()

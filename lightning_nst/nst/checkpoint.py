@@ -9,6 +9,11 @@ state can take them (:func:`optimizer_overrides`, :func:`apply_optimizer_overrid
 The command line checks a checkpoint against its config before any heavy work (:func:`check_checkpoint`); the
 module checks it again once its trunk is built (``ImageOptimization.on_load_checkpoint``), for the Python API and for
 what only the built module knows (the weights ``auto`` resolved to).
+
+The module's resume state is ``checkpoint["lightning_nst"]`` (:func:`save_resume_state`, :func:`read_resume_state`):
+a plain mapping whose ``version`` (:data:`RESUME_VERSION`) says how to read it. A checkpoint of a newer version is
+refused in one line; checkpoints saved before versions were recorded have none and are read as version 0, which this
+version reads as it always did.
 """
 
 from __future__ import annotations
@@ -20,12 +25,13 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from jsonargparse import Namespace
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_nst.core.errors import NSTError
@@ -34,6 +40,16 @@ from lightning_nst.core.images import is_sample, load_image
 
 DIGEST_KEY = "lightning_nst_sha256"
 """The checkpoint's key for the SHA-256 of its content (:func:`content_digest`)."""
+
+RESUME_KEY = "lightning_nst"
+"""The checkpoint's key for the module's resume state (best images, scales, inputs' digests, ...)."""
+
+RESUME_VERSION = 1
+"""The version of the resume state this code writes and the newest it reads.
+
+Raise it when a change to the resume state would make older code resume wrongly; a checkpoint without a version
+(saved before versions were recorded) is version 0.
+"""
 
 # Lightning rewrites these when it loads a checkpoint saved by another version (lightning.pytorch.utilities.migration).
 _UNSEALED = frozenset({DIGEST_KEY, "pytorch-lightning_version", "legacy_pytorch-lightning_version"})
@@ -116,6 +132,88 @@ def load(path: str | os.PathLike[str], key: str = "ckpt_path") -> dict[str, Any]
         raise NSTError(f"{key}: {path} is not a Lightning checkpoint (no state_dict and loop state)")
     verify(checkpoint, f"{key}: {path}")
     return checkpoint
+
+
+def check_version(state: Mapping[str, Any], where: str) -> None:
+    """Refuse, naming ``where``, a resume state of a newer :data:`RESUME_VERSION` than this code reads."""
+    version = state.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise NSTError(
+            f"{where} has a resume state version {version!r}, not a whole number: it is not a checkpoint of "
+            "lightning_nst.ImageOptimization"
+        )
+    if version > RESUME_VERSION:
+        raise NSTError(
+            f"{where} was saved by a newer lightning_nst (resume state version {version!r}, this version reads up to "
+            f"{RESUME_VERSION}); resume it with that version of lightning_nst, or start a new run without --ckpt_path"
+        )
+
+
+def save_resume_state(checkpoint: dict[str, Any], state: dict[str, Any]) -> None:
+    """Put the module's resume ``state`` into ``checkpoint`` with its version, drop the frozen VGG weights, seal.
+
+    The weights come from the config and can be hundreds of MB. Lightning calls the module's
+    ``on_save_checkpoint`` last, so the digest covers everything it writes.
+    """
+    weights = checkpoint["state_dict"]
+    for key in [key for key in weights if key.startswith("vgg.")]:
+        del weights[key]
+    checkpoint[RESUME_KEY] = {"version": RESUME_VERSION, **state}
+    seal(checkpoint)
+
+
+def read_resume_state(checkpoint: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The module's resume state of a checkpoint :func:`verify`-ed and of a version this code reads."""
+    verify(checkpoint, where)
+    state = checkpoint.get(RESUME_KEY) or {}
+    check_version(state, where)
+    return state
+
+
+def refuse_other_parameterization(state: Mapping[str, Any], parameterization: str, where: str) -> None:
+    """Refuse a checkpoint made with another ``model.parameterization`` than this run's."""
+    saved_name = state.get("parameterization", "pixels")  # checkpoints from before it was recorded: pixels
+    if saved_name != parameterization:
+        raise NSTError(
+            f"{where} was made with model.parameterization {saved_name}, this run gives {parameterization}; a resumed "
+            "run cannot change it (start a new run without --ckpt_path, or give the checkpoint's "
+            "model.parameterization)"
+        )
+
+
+def refuse_other_image(
+    checkpoint: Mapping[str, Any],
+    parameters: Sequence[Tensor],
+    image_size: Callable[[torch.Size], tuple[int, int]],
+    weights_used: str | None,
+    where: str,
+) -> None:
+    """Refuse a checkpoint whose image has another size, or that was made with other VGG weights, than this run's.
+
+    Args:
+        checkpoint: The checkpoint.
+        parameters: This run's image parameters, one per objective (``images.<i>`` of the state dict).
+        image_size: The ``(H, W)`` of the image a parameter of a shape decodes to.
+        weights_used: The weights this run's trunk loaded, as ``VGG19Features.weights_used`` describes them.
+        where: ``ckpt_path: <path>`` or ``checkpoint``, named in the message.
+    """
+    state = checkpoint.get(RESUME_KEY) or {}
+    for index, parameter in enumerate(parameters):
+        saved = checkpoint.get("state_dict", {}).get(f"images.{index}")
+        if saved is not None and saved.shape != parameter.shape:
+            (saved_h, saved_w), (h, w) = image_size(saved.shape), image_size(parameter.shape)
+            raise NSTError(
+                f"{where} holds a {saved_w}x{saved_h} image, this run's data makes {w}x{h}; a resumed run "
+                "cannot change the image size (start a new run without --ckpt_path, or give the checkpoint's "
+                "data.size)"
+            )
+    recorded = state.get("vgg_weights")  # None in checkpoints saved before it was recorded: those still load
+    if recorded and weights_used and weights_identity(recorded) != weights_identity(weights_used):
+        raise NSTError(
+            f"{where} was made with VGG weights {recorded}, but this run's model.vgg.weights gives {weights_used}; a "
+            "resumed run cannot change the weights (start a new run without --ckpt_path, or give the "
+            "checkpoint's weights)"
+        )
 
 
 # -- optimizer settings on resume ---------------------------------------------------------------------------------
@@ -216,6 +314,32 @@ def describe_overrides(changed: Mapping[str, Any]) -> str:
     )
 
 
+def take_optimizer_settings(checkpoint: dict[str, Any], factory: Any, saved_class: str | None, where: str) -> None:
+    """Put this run's optimizer settings into the checkpoint's optimizer states, which Lightning restores next.
+
+    Lightning would restore the saved ``param_groups`` whole, silently dropping a new ``lr``: the settings
+    :data:`APPLIED_ON_RESUME` names are taken from this run (``factory``, ``model.optimizer``), the others must not
+    differ, nor may the optimizer's class (``saved_class``, recorded in the resume state).
+    """
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return
+    try:
+        built, fresh = settings_of(factory)
+    except (TypeError, ValueError):
+        return  # the module's configure_optimizers names the bad setting
+    if saved_class is not None and saved_class != built:
+        raise NSTError(
+            f"{where} was saved with model.optimizer {saved_class}, this run gives {built}; a resumed run cannot "
+            "change it (start a new run without --ckpt_path, or give the checkpoint's optimizer)"
+        )
+    changed = optimizer_overrides(states, fresh)
+    refuse_optimizer_overrides(changed, where)
+    if changed:
+        apply_optimizer_overrides(states, changed)
+        rank_zero_info(f"Resuming with {describe_overrides(changed)}")
+
+
 def weights_identity(description: str) -> tuple[str, ...]:
     """What identifies the weights a :attr:`~lightning_nst.core.vgg.VGG19Features.weights_used` description names.
 
@@ -267,7 +391,9 @@ def check_checkpoint(config: Namespace) -> bool:
     class_path = model.get("class_path", "") if isinstance(model, Namespace) else ""
     if not class_path.endswith("ImageOptimization"):
         return False
-    state = checkpoint.get("lightning_nst")
+    state = checkpoint.get(RESUME_KEY)
+    if isinstance(state, dict):
+        check_version(state, f"ckpt_path: {path}")
     if "images.0" not in checkpoint["state_dict"] or not isinstance(state, dict):
         raise NSTError(f"ckpt_path: {path} is not a checkpoint of lightning_nst.ImageOptimization (no image state)")
     wanted = model.get("init_args") or Namespace()

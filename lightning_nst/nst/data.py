@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_nst.core.color import luminance
 from lightning_nst.core.errors import NSTError
+from lightning_nst.core.files import source_digest
 from lightning_nst.core.images import load_image, read_image
 from lightning_nst.core.losses import check_style_weights
 
@@ -147,6 +149,33 @@ class ImageTargets(L.LightningDataModule):
                     f"{min_side} px per side; use a larger image or {size}"
                 )
 
+    def check_objectives(self, objectives: Sequence[Any]) -> None:
+        """Raise naming ``model.objectives[i]`` if an objective needs an image this data module was not given."""
+        for index, objective in enumerate(objectives):
+            if objective.content_layers and self.content_source is None:
+                raise NSTError(f"model.objectives[{index}] ({objective.name}) has content layers: set data.content")
+            if objective.style_layers and not self.style_sources:
+                raise NSTError(f"model.objectives[{index}] ({objective.name}) has style layers: set data.style")
+            if objective.color != "keep" and self.content_source is None:
+                raise NSTError(f"model.objectives[{index}].color: {objective.color!r} needs data.content")
+
+    def digests(self) -> dict[str, Any]:
+        """Content digests of the content, style and mask images, and the blend weights, by config key.
+
+        What the optimised image depends on besides the model's options: checkpoints and ``summary.json`` record
+        it, and a resumed run refuses to continue if it changed (:func:`lightning_nst.core.files.source_digest`).
+        """
+        inputs: dict[str, Any] = {
+            "data.content": source_digest(self.content_source) if self.content_source is not None else None,
+            "data.style": [source_digest(source) for source in self.style_sources],
+        }
+        for key, sources in (("data.masks", self.mask_sources), ("data.style_masks", self.style_mask_sources)):
+            if sources is not None:
+                inputs[key] = [source_digest(source) if source is not None else None for source in sources]
+        if self.style_weights is not None:
+            inputs["data.style_weights"] = list(self.style_weights)
+        return inputs
+
     @property
     def output_shape(self) -> tuple[int, int]:
         """``(H, W)`` of the optimised image: the content's, else the first style image's."""
@@ -161,6 +190,27 @@ class ImageTargets(L.LightningDataModule):
         if steps is None or steps < 1:
             raise NSTError(f"trainer.max_steps: set a positive number of optimisation steps, got {steps}")
         return _StepLoader(_Steps(steps), batch_size=None)
+
+
+def initial_image(init: str, seed: int, shape: tuple[int, int], content: Tensor | None) -> Tensor:
+    """The image an optimisation starts from (``model.init``): seeded noise, the content image, or an image file.
+
+    Args:
+        init: ``"noise"``, ``"content"`` or an image path/sample, resized to ``shape``.
+        seed: ``model.init_seed``, the noise's.
+        shape: ``(H, W)`` of the optimised image.
+        content: The content image, for ``"content"``.
+    """
+    height, width = shape
+    if init == "noise":
+        generator = torch.Generator().manual_seed(seed)
+        return torch.rand(1, 3, height, width, generator=generator)
+    if init == "content":
+        if content is None:
+            raise NSTError("model.init: 'content' needs data.content")
+        return content
+    start = load_image(init, max(height, width), key="model.init")
+    return torch.nn.functional.interpolate(start, size=(height, width), mode="bilinear", antialias=True)
 
 
 def load_mask(source: str | os.PathLike[str], shape: tuple[int, int] | torch.Size, key: str) -> Tensor:

@@ -14,16 +14,28 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.nn.functional import interpolate
+from torch.optim import LBFGS, Optimizer
 
 from lightning_nst.core.errors import NSTError
 
-__all__ = ["IterateAverage", "Scale", "check_schedule", "plan_scales", "resize_image", "resize_optimizer_state"]
+__all__ = [
+    "CoarseToFine",
+    "IterateAverage",
+    "carry_optimizer_states",
+    "Scale",
+    "check_schedule",
+    "plan_scales",
+    "resize_image",
+    "resize_optimizer_state",
+]
 
 
 @dataclass(frozen=True)
@@ -188,3 +200,218 @@ class IterateAverage:
         if not math.isfinite(average.accum):
             raise NSTError("ckpt_path: the checkpoint's iterate average is damaged")
         return average
+
+
+ScaleInputs = tuple[Tensor | None, list[Tensor], list[Tensor] | None, list[Tensor | None] | None]
+"""The target images of a scale: content, style images, masks and style masks (``None`` where not given)."""
+
+
+class CoarseToFine:
+    """The driver of a run's scales (``model.scales``, ``model.scale_steps``) and its iterate average (``avg_decay``).
+
+    It plans the scales once the output's shape is known (:meth:`plan`), gives each scale's target images
+    (:meth:`inputs`), says when the next scale is due (:meth:`due`), moves the images, optimizer states and average
+    to a new scale (:meth:`resize`), and records each scale's steps and seconds (:meth:`records`) for
+    ``summary.json``. Without ``scales`` the run has one scale and an empty :attr:`schedule`; without ``avg_decay``
+    no :attr:`average`.
+
+    Args:
+        scales: ``model.scales``, checked by :func:`check_schedule`.
+        scale_steps: ``model.scale_steps``.
+        avg_decay: ``model.avg_decay``.
+
+    Attributes:
+        average: The iterate average of each objective's decoded image, once training started, with ``avg_decay``.
+    """
+
+    def __init__(self, scales: list[int] | None, scale_steps: list[int] | None, avg_decay: float | None) -> None:
+        self.scales, self.scale_steps, self.avg_decay = scales, scale_steps, avg_decay
+        self.average: list[IterateAverage] | None = None
+        self.schedule: list[Scale] = []
+        self.scale = 0  # index of the current scale
+        self._full: ScaleInputs | None = None  # the target images at the output size
+        self._style_size_fixed = False
+        self._style_sources: list[str] = []
+        self._min_side = 1
+        self._records: list[dict[str, Any]] = []
+        self._clock = 0.0
+        self._carried = 0.0  # seconds a resumed scale had already run
+
+    def plan(
+        self,
+        shape: tuple[int, int],
+        max_steps: int,
+        min_side: int,
+        inputs: ScaleInputs,
+        style_size_fixed: bool,
+        style_sources: list[str],
+    ) -> None:
+        """Plan the scales for an output of ``shape`` whose target images at that size are ``inputs``."""
+        self.schedule = plan_scales(self.scales or [], self.scale_steps, shape, max_steps, min_side)
+        self._full, self._min_side = inputs, min_side
+        self._style_size_fixed, self._style_sources = style_size_fixed, style_sources
+
+    def first_image(self, start: Tensor, noise_seed: int | None) -> Tensor:
+        """The start image at the first scale's size: new seeded noise (``noise_seed``), or ``start`` resized."""
+        first = self.schedule[0]
+        if noise_seed is not None:
+            generator = torch.Generator().manual_seed(noise_seed)
+            return torch.rand(1, 3, first.height, first.width, generator=generator)
+        return resize_image(start, (first.height, first.width))
+
+    def inputs(self, index: int) -> ScaleInputs:
+        """Content, style images and masks at scale ``index``'s size (style in proportion unless its size is fixed)."""
+        assert self._full is not None
+        content, styles, masks, style_masks = self._full
+        scale = self.schedule[index]
+        shape = (scale.height, scale.width)
+        factor = scale.long_edge / self.schedule[-1].long_edge
+        content = resize_image(content, shape) if content is not None else None
+        masks = [resize_image(mask, shape) for mask in masks] if masks is not None else None
+        if not self._style_size_fixed:
+            shapes = [(max(1, round(s.shape[-2] * factor)), max(1, round(s.shape[-1] * factor))) for s in styles]
+            for (height, width), source in zip(shapes, self._style_sources, strict=True):
+                if min(height, width) < self._min_side:
+                    raise NSTError(
+                        f"model.scales: at {scale.long_edge} px the style image {source} shrinks to {width}x{height}, "
+                        f"below the {self._min_side} px the deepest layer needs; start larger or set data.style_size"
+                    )
+            styles = [resize_image(style, shape) for style, shape in zip(styles, shapes, strict=True)]
+            if style_masks is not None:
+                style_masks = [
+                    resize_image(mask, shape) if mask is not None else None
+                    for mask, shape in zip(style_masks, shapes, strict=True)
+                ]
+        return content, list(styles), masks, style_masks
+
+    def start_average(self, images: Sequence[Tensor]) -> None:
+        """Start averaging at the decoded ``images`` (one per objective), with ``avg_decay``."""
+        self.average = None if self.avg_decay is None else [IterateAverage(image, self.avg_decay) for image in images]
+
+    def update_average(self, images: Sequence[Tensor]) -> None:
+        """Add the decoded ``images`` of a step to the average, if one is kept."""
+        for average, image in zip(self.average or [], images, strict=False):
+            average.update(image)
+
+    def resize(self, images: Any, parameterization: Any, trainer: Any) -> None:
+        """Move a run to the current scale: its images resized, optimizers rebuilt with resized moments, new average.
+
+        Each image starts from the previous scale's image upsampled (its average, with ``avg_decay``). The trainer's
+        strategy rebuilds the optimizers from the module's ``configure_optimizers`` (``Strategy.setup_optimizers``).
+        Adam's moments are carried (resized) for ``parameterization: pixels`` only; otherwise every optimizer
+        restarts (:func:`carry_optimizer_states`).
+
+        Args:
+            images: The module's ``nn.ParameterList`` of raw parameters, replaced in place.
+            parameterization: Decodes and encodes them (:mod:`lightning_nst.nst.parameterization`).
+            trainer: The Lightning trainer.
+        """
+        scale = self.schedule[self.scale]
+        shape = (scale.height, scale.width)
+        states = [optimizer.state_dict() for optimizer in trainer.optimizers]
+        old_shape = images[0].shape
+        for i, parameter in enumerate(images):
+            source = self.average[i].get() if self.average is not None else parameterization.decode(parameter.detach())
+            images[i] = torch.nn.Parameter(parameterization.encode(resize_image(source, shape)).contiguous())
+        trainer.strategy.setup_optimizers(trainer)
+        if parameterization.name == "pixels":
+            carry_optimizer_states(trainer.optimizers, states, old_shape, shape)
+        self.start_average([parameterization.decode(parameter.detach()) for parameter in images])
+
+    def largest_numel(self, parameter: Tensor, image_size: Any) -> int:
+        """Elements of ``parameter`` at the last scale's size (``image_size``: its image's ``(H, W)`` by its shape)."""
+        if not self.schedule:
+            return parameter.numel()
+        height, width = image_size(parameter.shape)
+        last = self.schedule[-1]
+        return math.ceil(parameter.numel() * last.height * last.width / (height * width))
+
+    def due(self, step: int, all_stopped: bool) -> int | None:
+        """The next scale's index when it is due at ``step``: its planned start, or all objectives stopped."""
+        following = self.scale + 1
+        if self.scales is None or following >= len(self.schedule):
+            return None
+        return following if step >= self.schedule[following].start or all_stopped else None
+
+    def start_clock(self) -> None:
+        """The current scale's seconds count from now (plus those a resumed scale had already run)."""
+        self._clock = time.perf_counter()
+
+    def enter(self, index: int, step: int) -> Scale:
+        """Record the scale that ends at ``step`` and make scale ``index`` the current one."""
+        self._records.append(self._record(step))
+        self._carried = 0.0
+        self.scale = index
+        return self.schedule[index]
+
+    def _record(self, step: int) -> dict[str, Any]:
+        scale = self.schedule[self.scale]
+        started = self._records[-1]["end_step"] if self._records else 0
+        return {
+            "long_edge": scale.long_edge,
+            "size": [scale.height, scale.width],
+            "steps": step - started,
+            "end_step": step,
+            "seconds": round(time.perf_counter() - self._clock + self._carried, 4),
+        }
+
+    def records(self, step: int) -> list[dict[str, Any]] | None:
+        """Each scale run so far: ``long_edge``, ``size`` ``[H, W]``, ``steps``, ``end_step`` and ``seconds``."""
+        if self.scales is None or not self.schedule:
+            return None
+        return [*self._records, self._record(step)]
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of the schedule and the iterate average, or ``None`` with one scale."""
+        if not self.schedule:
+            return None
+        return {
+            "plan": [scale.as_dict() for scale in self.schedule],
+            "scale": self.scale,
+            "records": self._records,
+            "carried_s": time.perf_counter() - self._clock + self._carried,
+            "average": [item.state_dict() for item in self.average] if self.average is not None else None,
+        }
+
+    def restore(self, saved: dict[str, Any] | None, where: str, images: Any) -> bool:
+        """Continue at the checkpoint's scale; return whether there is one. Refuses another schedule's checkpoint.
+
+        The module's ``images`` (an ``nn.ParameterList``) get that scale's shape, for Lightning to load them.
+        """
+        if saved is None and not self.schedule:
+            return False
+        if saved is None or not self.schedule:
+            made = "without" if saved is None else "with"
+            raise NSTError(
+                f"{where} was made {made} model.scales, this run is not; a resumed run cannot change the scales "
+                "(start a new run without --ckpt_path, or give the checkpoint's model.scales)"
+            )
+        plan = [scale.as_dict() for scale in self.schedule]
+        if saved["plan"] != plan:
+            describe = ", ".join(f"{s['long_edge']} px x {s['steps']}" for s in saved["plan"])
+            raise NSTError(
+                f"{where} was made with the scales {describe} (model.scales, model.scale_steps, trainer.max_steps), "
+                "this run plans others; a resumed run cannot change them (give the checkpoint's values)"
+            )
+        self.scale = int(saved["scale"])
+        self._records = list(saved["records"])
+        self._carried = float(saved["carried_s"])
+        scale = self.schedule[self.scale]
+        for i, parameter in enumerate(images):
+            images[i] = torch.nn.Parameter(parameter.new_zeros(1, 3, scale.height, scale.width))
+        if saved.get("average") is not None:
+            self.average = [IterateAverage.from_state(average, images[0].device) for average in saved["average"]]
+        return True
+
+
+def carry_optimizer_states(
+    optimizers: Sequence[Optimizer], states: Sequence[dict[str, Any]], old_shape: torch.Size, shape: tuple[int, int]
+) -> None:
+    """Load each optimizer's previous state resized to the new scale's ``shape``; L-BFGS restarts instead.
+
+    L-BFGS's curvature pairs belong to the old size. Only for ``parameterization: pixels``: a Laplacian pyramid's
+    or a spectrum's moments resized as images would mean nothing, so those restart too (the caller's choice).
+    """
+    for optimizer, state in zip(optimizers, states, strict=True):
+        if not isinstance(optimizer, LBFGS):
+            optimizer.load_state_dict(resize_optimizer_state(state, old_shape, shape))

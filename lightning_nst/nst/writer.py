@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import glob
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -19,15 +17,21 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.nn import functional
 
 from lightning_nst.core.errors import DivergenceError, NSTError
 from lightning_nst.core.files import OutputFolder, file_digest
 from lightning_nst.core.images import encoded, image_format, labelled_grid, png_bytes, to_uint8
+from lightning_nst.nst.summary import (
+    final_metrics,
+    fit_summary,
+    objective_record,
+    progress_metrics,
+    result_grid,
+    run_settings,
+)
 from lightning_nst.outputs import (
     GRID,
     SUMMARY,
-    FitSummary,
     ObjectiveRecord,
     interrupted_file,
     last_good_file,
@@ -76,24 +80,6 @@ class OptimizationModule(Protocol):
         ...
 
 
-def _fit_tile(image: Tensor, height: int, width: int) -> Tensor:
-    """``image`` ``(1, 3, h, w)`` scaled to fit ``height`` x ``width``, keeping its aspect, centred on white."""
-    h, w = image.shape[-2:]
-    scale = min(height / h, width / w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
-    image = functional.interpolate(image.float(), size=size, mode="bilinear", antialias=True).clamp(0, 1)
-    top, left = (height - size[0]) // 2, (width - size[1]) // 2
-    return functional.pad(image, (left, width - size[1] - left, top, height - size[0] - top), value=1.0)
-
-
-def _source_record(source: str) -> dict[str, str | None]:
-    """An input image's ``path`` (absolute, for a file) and the ``sha256`` of its bytes (``None`` for a sample)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return {"path": str(path.resolve()), "sha256": file_digest(path)}
-    return {"path": source, "sha256": None}
-
-
 def _close_progress_bar(trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
     """Have the progress bar draw its last frame now, so that a line printed next comes below it.
 
@@ -103,10 +89,6 @@ def _close_progress_bar(trainer: L.Trainer, pl_module: L.LightningModule, stage:
     bar = trainer.progress_bar_callback
     if bar is not None:
         bar.teardown(trainer, pl_module, stage)
-
-
-def _finite_floats(values: dict[str, Any]) -> dict[str, float]:
-    return {key: float(value) for key, value in values.items() if math.isfinite(float(value))}
 
 
 _OVERWRITE_HINT = "choose another folder or set --trainer.callbacks.init_args.overwrite true"
@@ -355,7 +337,7 @@ class ImageWriter(L.Callback):
             # The best image seen so far, as optimised (before a histogram colour mode's final matching).
             self._write(self._output_name, encoded(best[0], self.output, "ImageWriter.output"))
             self.partial = self.output
-        self._log_hparams(trainer, pl_module, self._progress(trainer, pl_module))
+        self._log_hparams(trainer, pl_module, progress_metrics(trainer.global_step, pl_module))
         return self.directory if saved else None
 
     @property
@@ -385,50 +367,9 @@ class ImageWriter(L.Callback):
             grid = labelled_grid(images, [objective.name for objective in module.objectives], nrow=self.grid_columns)
             experiment.add_image(tag, torch.from_numpy(np.array(grid)), trainer.global_step, dataformats="HWC")
 
-    def _grid(self, module: OptimizationModule, best: Tensor, names: list[str]) -> Any:
-        """The labelled grid: ``content | style | result`` for one objective (``grid_inputs``), else the results."""
-        if not self.grid_inputs or len(names) != 1:
-            return labelled_grid(best, names, nrow=self.grid_columns)
-        height, width = best.shape[-2:]
-        tiles = [best.float().cpu()]
-        labels = list(names)
-        styles = module.style
-        inputs = ([("content", module.content)] if module.content is not None else []) + [
-            ("style" if len(styles) == 1 else f"style {index + 1}", style) for index, style in enumerate(styles)
-        ]
-        for label, image in reversed(inputs):
-            tiles.insert(0, _fit_tile(image.cpu(), height, width))
-            labels.insert(0, label)
-        return labelled_grid(torch.cat(tiles), labels, nrow=len(tiles))
-
-    @staticmethod
-    def _settings(module: OptimizationModule) -> dict[str, Any]:
-        """The run's settings as TensorBoard hyperparameters: weights, pooling, size and each objective's options."""
-        image = module.image
-        params: dict[str, Any] = {
-            "vgg_weights": module.vgg.weights_used if module.vgg is not None else "",
-            "pooling": module.vgg.pooling if module.vgg is not None else "",
-            "image_size": "x".join(map(str, image.shape[-2:])) if image is not None else "",
-        }
-        for objective in module.objectives:
-            params.update(
-                {f"{objective.name}/{key}": value for key, value in asdict(objective).items() if key != "name"}
-            )
-        return params
-
-    @staticmethod
-    def _progress(trainer: L.Trainer, module: OptimizationModule) -> dict[str, float]:
-        """The best losses so far of a run stopped before its results (``final/<objective>/best_loss``, ...)."""
-        metrics: dict[str, float] = {"final/stopped_at_step": float(trainer.global_step)}
-        for index, objective in enumerate(module.objectives):
-            if index < len(module.best_loss):
-                best = {"best_loss": module.best_loss[index], "best_step": module.best_step[index]}
-                metrics.update({f"final/{objective.name}/{key}": v for key, v in _finite_floats(best).items()})
-        return metrics
-
     def _log_hparams(self, trainer: L.Trainer, module: OptimizationModule, metrics: dict[str, float]) -> None:
         """The run's settings as hyperparameters with its final (or best so far) losses, for the HParams tab."""
-        params = {**self._settings(module), "steps": trainer.global_step}
+        params = {**run_settings(module), "steps": trainer.global_step}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.log_hyperparams(params, metrics)  # logs the metrics too, as scalars at step 0
@@ -454,62 +395,20 @@ class ImageWriter(L.Callback):
         records: dict[str, ObjectiveRecord] = {}
         for objective, result in zip(module.objectives, results, strict=True):
             path = self._write(result_file(objective.name), png_bytes(result.image))
-            records[objective.name] = ObjectiveRecord(
-                sha256=file_digest(path),
-                objective=asdict(objective),
-                initial_loss=result.initial_loss,
-                final_loss=result.final_loss,
-                best_step=result.best_step,
-                best_loss=result.best_loss,
-                last_loss=result.last_loss,
-                stopped_at_step=result.stopped_at_step,
-                metrics=result.metrics,
-                output=path.name,
-            )
+            records[objective.name] = objective_record(objective, result, path)
         best = torch.cat([result.image for result in results])
         names = [objective.name for objective in module.objectives]
-        self._write(GRID, png_bytes(self._grid(module, best, names)))
+        grid = result_grid(best, names, module.content, module.style, self.grid_columns, self.grid_inputs)
+        self._write(GRID, png_bytes(grid))
         own_file = None
         if self.output is not None:
             path = self._write(self._output_name, encoded(results[0].image, self.output, "ImageWriter.output"))
             own_file = {"path": str(path), "sha256": file_digest(path)}
         self._log_images(trainer, module, "result", best)
-        steps = trainer.global_step
-        ran = steps - self._start_step
-        timed = ended - self._first_step_done if self._first_step_done and ran > 1 else None
-        vgg = module.vgg
-        assert vgg is not None  # results() built it
-        summary = FitSummary(
-            vgg_weights=vgg.weights_used,
-            pooling=vgg.pooling,
-            image_size=list(best.shape[-2:]),
-            precision=str(trainer.precision),
-            device=str(module.device),
-            steps=steps,
-            resumed_at_step=self._start_step or None,
-            wall_time_s=round(ended - self._started, 4),
-            seconds_per_step=round((ended - self._started) / max(ran, 1), 5),
-            seconds_per_step_after_first=round(timed / (ran - 1), 5) if timed else None,
-            output_dir=str(out.resolve()),
-            objectives=records,
-            grid=GRID,
-            grid_sha256=file_digest(out / GRID),
-            inputs=module.inputs,
-            images={
-                "content": _source_record(module.content_source) if module.content_source is not None else None,
-                "style": [_source_record(source) for source in module.style_sources],
-            },
-            scales=getattr(module, "scale_records", None),
-            result_file=own_file,
-        )
+        times = (self._started, self._first_step_done, ended)
+        summary = fit_summary(module, trainer, list(best.shape[-2:]), records, out, times, self._start_step, own_file)
         self._write(SUMMARY, summary.to_json().encode())
-        metrics: dict[str, float] = {}
-        for name, record in summary.objectives.items():
-            final = {"best_loss": record.best_loss, "last_loss": record.last_loss, "best_step": record.best_step}
-            final.update({key: value for key, value in record.final_loss.items() if key != "total"})
-            final.update(record.metrics)
-            metrics.update({f"final/{name}/{key}": value for key, value in _finite_floats(final).items()})
-        self._log_hparams(trainer, module, metrics)
+        self._log_hparams(trainer, module, final_metrics(summary))
         self._written = True
         written = f" and {self.output}" if self.output is not None else ""
         self._announce = f"Results: {out} ({len(records)} PNG, {GRID}, {SUMMARY}){written}"

@@ -400,7 +400,7 @@ def test_loading_a_checkpoint_of_another_shape_or_weights_is_one_error_in_python
     from lightning_nst import ImageOptimization
     from lightning_nst.core.errors import NSTError
     from lightning_nst.core.vgg import VGGConfig
-    from lightning_nst.nst.module import Objective
+    from lightning_nst.nst.objective import Objective
 
     module = ImageOptimization([Objective("gram", style_layers=["relu1_1"])], vgg=VGGConfig(weights="random"))
     module.images.append(torch.nn.Parameter(torch.zeros(1, 3, 40, 40)))

@@ -32,7 +32,7 @@ class FirstLosses(L.Callback):
         self.rows: list[tuple[int, int, float]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        self.rows.append((trainer.global_step, pl_module.scale, pl_module._current["t"]["total"]))
+        self.rows.append((trainer.global_step, pl_module.coarse.scale, pl_module._current["t"]["total"]))
 
 
 def fit(folder: Path, steps: int = 6, optimizer: Any = ADAM, **options: Any) -> tuple[ImageOptimization, L.Trainer]:
@@ -243,7 +243,7 @@ def test_large_print_config_runs_at_toy_size(tmp_path: Path, monkeypatch: pytest
         tiled.append(tuple(image.shape[-2:]))
         return tiled_terms(vgg, image, *args, **kwargs)
 
-    monkeypatch.setattr("lightning_nst.nst.module.tiled_terms", counting)
+    monkeypatch.setattr("lightning_nst.nst.evaluator.tiled_terms", counting)
     main(
         [
             "fit", "-c", str(CONFIGS / "large_print.yaml"), "--data.init_args.size=64", "--trainer.max_steps=4",

@@ -137,8 +137,8 @@ def test_random_grid_offsets_leave_no_seam(tmp_path: Path) -> None:
         enable_model_summary=False, callbacks=[],
     )  # fmt: skip
     trainer.fit(model, ImageTargets(style=["skimage:gravel"], size=64))
-    assert model.tile_plan is not None and not model.tile_plan.exact
-    ratio = seam_ratio(model.image, model.tile_plan.core)
+    assert model.evaluator.plan is not None and not model.evaluator.plan.exact
+    ratio = seam_ratio(model.image, model.evaluator.plan.core)
     assert ratio < 1.5
     assert ratio < 1.1
 
@@ -289,7 +289,7 @@ def test_an_lbfgs_history_larger_than_memory_is_refused_before_the_fit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # 64x64 px, history_size 50: 2 x 50 x 64 x 64 x 3 x 4 bytes = 4.9 MB, more than the 4 MB said to be available.
-    monkeypatch.setattr("lightning_nst.nst.module._available_bytes", lambda: 4_000_000)
+    monkeypatch.setattr("lightning_nst.nst.optimizers.available_bytes", lambda: 4_000_000)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         main(
@@ -354,8 +354,8 @@ def test_ssim_of_a_tiled_image_is_computed_in_bands_and_equals_the_whole(monkeyp
     whole = ssim(image, target, data_range=1.0).item()
     heights: list[int] = []
     monkeypatch.setattr(
-        "lightning_nst.nst.module.structural_similarity_index_measure",
+        "lightning_nst.nst.evaluator.structural_similarity_index_measure",
         lambda a, b, **kw: heights.append(a.shape[-2]) or ssim(a, b, **kw),
     )
-    assert model._ssim(image, target) == pytest.approx(whole, rel=1e-5)
+    assert model.evaluator.ssim(image, target) == pytest.approx(whole, rel=1e-5)
     assert max(heights) <= 16 + 2 * 5 < 90  # bands of rows (at least 16) with their margins, never the whole image
