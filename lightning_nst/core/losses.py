@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,15 @@ from torchmetrics.functional.image import total_variation as _total_variation
 
 from lightning_nst.core.choices import STATISTICS
 from lightning_nst.core.errors import NSTError
+from lightning_nst.core.wasserstein import (
+    NS_ITERATIONS,
+    W2_EPS,
+    SqrtmNewtonSchulz,
+    interpolate,
+    quantile_levels,
+    sqrtm_eigh,
+    weighted_mean_cov,
+)
 
 Statistic = Literal["gram", "meanvar", "w2", "sliced_w"]
 _MEANVAR_EPS = 1e-5
@@ -174,90 +183,6 @@ def _position_weights(features: Tensor, mask: Tensor | None) -> Tensor | None:
     return flat / flat.sum(dim=1, keepdim=True)
 
 
-def _weighted_mean_cov(flat: Tensor, weights: Tensor | None, diagonal: bool) -> tuple[Tensor, Tensor]:
-    """Mean ``(B, C)`` and population covariance ``(B, C, C)`` (variance ``(B, C)`` if ``diagonal``)."""
-    if weights is None:
-        mean = flat.mean(dim=2)
-        if diagonal:
-            return mean, flat.var(dim=2, unbiased=False)
-        centred = flat - mean[..., None]
-        return mean, centred @ centred.transpose(1, 2) / flat.shape[2]
-    weights = weights[:, None, :]
-    mean = (flat * weights).sum(dim=2)
-    centred = flat - mean[..., None]
-    if diagonal:
-        return mean, (centred.square() * weights).sum(dim=2)
-    return mean, (centred * weights) @ centred.transpose(1, 2)
-
-
-_W2_EPS = 1e-4
-_NS_ITERATIONS = 20  # 12 (crowsonkb) left 0.4-1.5 % of the noise-to-texture loss at the target; see StyleLoss
-
-
-def _sqrtm_newton_schulz(a: Tensor, iterations: int) -> Tensor:
-    """Square roots of ``(..., C, C)`` symmetric positive (semi)definite matrices by coupled Newton-Schulz."""
-    norm = a.square().sum(dim=(-2, -1), keepdim=True).sqrt()
-    y = a / norm
-    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    z = eye.expand_as(a)
-    for _ in range(iterations):
-        t = (3 * eye - z @ y) / 2
-        y, z = y @ t, t @ z
-    return y * norm.sqrt()
-
-
-class _SqrtmNewtonSchulz(torch.autograd.Function):
-    """Matrix square root with a Newton-Schulz backward that solves the Lyapunov equation of its gradient.
-
-    Follows ``sqrtm_ns_lyap`` of crowsonkb/style-transfer-pytorch (from msubhransu/matrix-sqrt, Lin and Maji 2017):
-    differentiating through the iterations would keep every iterate for backward. torch has no matrix square root,
-    and one through ``torch.linalg.eigh`` has gradients that divide by eigenvalue gaps, unstable for the repeated
-    near-zero eigenvalues of rank-deficient feature covariances.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, a: Tensor, iterations: int) -> Tensor:  # noqa: D102
-        root = _sqrtm_newton_schulz(a, iterations)
-        ctx.save_for_backward(root)
-        ctx.iterations = iterations
-        return root
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
-        (root,) = ctx.saved_tensors
-        norm = root.square().sum(dim=(-2, -1), keepdim=True).sqrt()
-        a = root / norm
-        eye3 = 3 * torch.eye(root.shape[-1], dtype=root.dtype, device=root.device)
-        q = grad / norm
-        for i in range(ctx.iterations):
-            eye_a_a = eye3 - a @ a
-            q = (q @ eye_a_a - a.transpose(-2, -1) @ (a.transpose(-2, -1) @ q - q @ a)) / 2
-            if i < ctx.iterations - 1:
-                a = a @ eye_a_a / 2
-        return q / 2, None
-
-
-def _sqrtm_eigh(a: Tensor) -> Tensor:
-    """Accurate square root of constant symmetric PSD matrices (no gradient needed), in float64."""
-    values, vectors = torch.linalg.eigh(a.double())
-    return (vectors * values.clamp_min(0).sqrt()[..., None, :] @ vectors.transpose(-2, -1)).to(a.dtype)
-
-
-def _interpolate(levels: Tensor, values: Tensor, at: Tensor) -> Tensor:
-    """Piecewise-linear ``f(at)`` through ``(levels, values)`` along the last dim, constant beyond the ends."""
-    index = torch.searchsorted(levels, at).clamp(1, levels.shape[-1] - 1)
-    lo_level, hi_level = levels.gather(-1, index - 1), levels.gather(-1, index)
-    lo_value, hi_value = values.gather(-1, index - 1), values.gather(-1, index)
-    fraction = ((at - lo_level) / (hi_level - lo_level)).clamp(0, 1).to(values.dtype)
-    return lo_value + fraction * (hi_value - lo_value)
-
-
-def _levels(weights: Tensor) -> Tensor:
-    """Quantile levels (mid-points of each sample's probability mass) of sorted samples' weights, in float64."""
-    weights = weights.double()
-    return weights.cumsum(dim=-1) - weights / 2
-
-
 def _masked_statistic(features: Tensor, statistic: str, mask: Tensor | None) -> Tensor:
     """Gram ``(B, C, C)`` or mean/std ``(B, 2, C)`` of the region ``mask`` selects (all of it for ``None``)."""
     if mask is None:
@@ -267,7 +192,7 @@ def _masked_statistic(features: Tensor, statistic: str, mask: Tensor | None) -> 
         weights = _position_weights(flat.view_as(features), mask)
         if statistic == "gram":
             return (flat * weights[:, None, :]) @ flat.transpose(1, 2) / flat.shape[1]
-        mean, var = _weighted_mean_cov(flat, weights, diagonal=True)
+        mean, var = weighted_mean_cov(flat, weights, diagonal=True)
         return torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1)
 
 
@@ -426,7 +351,7 @@ class StyleLoss(nn.Module):
         if self.statistic == "gram":
             return None, _masked_statistic(features, "gram", mask)
         flat = _fp32(features).flatten(2)
-        return _weighted_mean_cov(flat, _position_weights(_fp32(features), mask), self.statistic == "meanvar")
+        return weighted_mean_cov(flat, _position_weights(_fp32(features), mask), self.statistic == "meanvar")
 
     def _mix_moments(self, moments: list[tuple[float, tuple[Tensor | None, Tensor]]]) -> None:
         if self.statistic == "gram":
@@ -441,10 +366,10 @@ class StyleLoss(nn.Module):
             self.register_buffer("target", torch.stack([mean, (var + _MEANVAR_EPS).sqrt()], dim=1), persistent=False)
             return
         cov = sum(w * (c + (mu - mean)[..., :, None] * (mu - mean)[..., None, :]) for w, (mu, c) in moments)
-        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
+        cov = cov + W2_EPS * torch.eye(cov.shape[-1], device=cov.device)
         self.register_buffer("target_mean", mean, persistent=False)
         self.register_buffer("target", cov, persistent=False)
-        self.register_buffer("target_sqrt", _sqrtm_eigh(cov), persistent=False)
+        self.register_buffer("target_sqrt", sqrtm_eigh(cov), persistent=False)
 
     @classmethod
     def from_moments(
@@ -508,13 +433,13 @@ class StyleLoss(nn.Module):
 
     def _w2(self, features: Tensor) -> Tensor:
         flat = _fp32(features).flatten(2)
-        mean, cov = _weighted_mean_cov(flat, _position_weights(features, self.mask), diagonal=False)
+        mean, cov = weighted_mean_cov(flat, _position_weights(features, self.mask), diagonal=False)
         return self._w2_of_moments(mean, cov)
 
     def _w2_of_moments(self, mean: Tensor, cov: Tensor) -> Tensor:
-        cov = cov + _W2_EPS * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
+        cov = cov + W2_EPS * torch.eye(cov.shape[-1], device=cov.device, dtype=cov.dtype)
         root = self.target_sqrt.to(cov.dtype)
-        cross = _SqrtmNewtonSchulz.apply(root @ cov @ root, _NS_ITERATIONS)
+        cross = SqrtmNewtonSchulz.apply(root @ cov @ root, NS_ITERATIONS)
         trace = (cov + self.target.to(cov.dtype) - 2 * cross).diagonal(dim1=-2, dim2=-1).mean(dim=1)
         return (mean - self.target_mean.to(mean.dtype)).square().mean(dim=1) + trace
 
@@ -553,18 +478,18 @@ class StyleLoss(nn.Module):
         directions = torch.randn(channels, channels, generator=self.generator)
         directions = (directions / directions.norm(dim=1, keepdim=True)).to(device)
         target, order = (directions @ self.target.float()).sort(dim=1)  # (P, M_t)
-        target_levels = _levels(self.target_weights.float()[order] / self.target_weights.float().sum())
+        target_levels = quantile_levels(self.target_weights.float()[order] / self.target_weights.float().sum())
         projected, order = (directions @ flat).sort(dim=2)  # (B, P, M)
         weights = _position_weights(features, self.mask)
         if weights is None:
             # Every image has the same levels, so the target's quantiles are interpolated once for the batch.
-            levels = _levels(torch.full((channels, positions), 1 / positions, device=device))
-            return (projected - _interpolate(target_levels, target, levels)).square().mean(dim=(1, 2))
+            levels = quantile_levels(torch.full((channels, positions), 1 / positions, device=device))
+            return (projected - interpolate(target_levels, target, levels)).square().mean(dim=(1, 2))
         weights = weights.expand(batch, -1)[:, None, :].expand_as(projected).gather(2, order)
-        quantiles = _interpolate(
+        quantiles = interpolate(
             target_levels.expand(batch, -1, -1).contiguous(),
             target.expand(batch, -1, -1).contiguous(),
-            _levels(weights).contiguous(),
+            quantile_levels(weights).contiguous(),
         )
         return ((projected - quantiles).square() * weights).sum(dim=2).mean(dim=1)
 
