@@ -122,14 +122,14 @@ class Timed(ImageOptimization):
 class NoTermLogging(Timed):
     """Benchmark-only: the per-term curves not logged, to price them; ``loss`` is still logged."""
 
-    def _log_terms(self, step: int) -> None:
+    def _log_terms(self, step: int, total: float) -> None:
         pass
 
 
 class LogDictTerms(Timed):
     """Benchmark-only: the per-term curves through ``self.log_dict`` every step, as before the overhead hunt."""
 
-    def _log_terms(self, step: int) -> None:
+    def _log_terms(self, step: int, total: float) -> None:
         metrics = {f"{name}/{term}": value for name, row in self._current.items() for term, value in row.items()}
         metrics.update({f"{o.name}/best": loss for o, loss in zip(self.objectives, self.best_loss, strict=True)})
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

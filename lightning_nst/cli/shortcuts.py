@@ -32,7 +32,7 @@ MAX_ITEM_SEED = 2**63 - 1
 """The largest seed of a generated item (``data.seeds``)."""
 
 ADAM = {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.02}}
-"""``--optimizer adam``: the learning rate of :func:`lightning_nst.nst.module.default_optimizer`."""
+"""``--optimizer adam``: the learning rate of :func:`lightning_nst.nst.optimizers.default_optimizer`."""
 
 OPTIMIZERS = ("lbfgs", "adam")
 

@@ -8,7 +8,7 @@ Notation, per batch element: a layer's ``(C, H, W)`` features are the :math:`N \
 (2015, 2016) define :math:`L_\text{content} = \frac12 \sum_{ik} (F_{ik} - P_{ik})^2` and, per style layer,
 :math:`E_l = \frac{1}{4 N^2 M^2} \sum_{ij} (G_{ij} - A_{ij})^2` with the raw Gram matrices :math:`G = F F^\top` of
 the image and :math:`A` of the style image. Each docstring below gives what the code computes and its exact relation
-to these; the weights that multiply each term are set per objective in :class:`lightning_nst.nst.module.Objective`.
+to these; the weights that multiply each term are set per objective in :class:`lightning_nst.Objective`.
 
 Style statistics: ``"gram"``, ``"meanvar"``, ``"w2"`` (Gaussian Wasserstein-2) and ``"sliced_w"`` (sliced
 Wasserstein), see :class:`StyleLoss`. Several style images are blended as the mixture of their feature

@@ -319,7 +319,7 @@ class ImageWriter(L.Callback):
     def save_interrupted(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         """Save each objective's current image as ``<name>.interrupted.png``; return the folder, or ``None``.
 
-        Called when a signal stops the run (:class:`lightning_nst.cli.lightning.StopOnSignal`, on Lightning's
+        Called when a signal stops the run (:class:`lightning_nst.cli.signals.StopOnSignal`, on Lightning's
         ``SIGTERMException``), beside the checkpoint that resumes it. A non-finite image is not saved.
         """
         if not isinstance(pl_module, OptimizationModule) or not trainer.is_global_zero or self.directory is None:
