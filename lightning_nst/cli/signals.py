@@ -213,6 +213,10 @@ class RemoveRefusedRunFolder(L.Callback):
         if not trainer.is_global_zero:
             return
         if self.folder.is_dir() and _only_bookkeeping(self.folder):
+            # Lightning finalizes the loggers after this hook: a TensorBoard writer with events still buffered would
+            # then write them into the removed folder and fail. Finalized here first, it has nothing left to write.
+            for logger in trainer.loggers:
+                logger.finalize("failed")
             shutil.rmtree(self.folder, ignore_errors=True)
         for parent in self.created:  # innermost first; rmdir leaves a folder that is not empty
             with contextlib.suppress(OSError):
