@@ -486,6 +486,7 @@ def main() -> None:
             with contextlib.redirect_stdout(io.StringIO()):
                 nst_fit(64, "32-true", "channels_last", "Adam", Settings(nst_warmup=1, nst_steps=1), folder)
         rows: list[Row] = []
+        failed = False
         slower = 1.0  # how much slower than their estimates the rows so far ran; later estimates grow by it
         for item in plans:
             left = args.budget_s - (time.perf_counter() - started)
@@ -501,6 +502,11 @@ def main() -> None:
                 rows += [Row(name, item.measure, note="stopped: budget") for name in [item.name, *item.extra]]
                 slower = math.inf  # nothing more fits
                 continue
+            except Exception as error:  # noqa: BLE001  (the other rows' figures are still worth the table)
+                reason = f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                rows += [Row(name, item.measure, note=reason[:200]) for name in [item.name, *item.extra]]
+                failed = True
+                continue
             slower = max(slower, (time.perf_counter() - began) / item.estimate_s)
     mode = "smoke (tiny sizes, figures mean nothing)" if args.smoke else "check"
     header = (
@@ -511,6 +517,8 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text)
+    if failed:
+        sys.exit("gpu_check: a row failed (see its note)")
     if any(row.seconds is not None and not math.isfinite(row.seconds) for row in rows):
         sys.exit("gpu_check: a figure is not finite")
 
