@@ -36,6 +36,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -64,32 +65,49 @@ SETTINGS: dict[str, list[str]] = {
 }
 
 
+UNET_SD15: dict[str, Any] = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+)
+"""SD 1.5's ``UNet2DConditionModel`` config."""
+
+VAE_SD15: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=512,
+    scaling_factor=0.18215,
+)
+"""SD 1.5's ``AutoencoderKL`` config."""
+
+
+def sd15_unet(**overrides: Any) -> UNet2DConditionModel:
+    """An ``UNet2DConditionModel`` of SD 1.5's config (keys in ``overrides`` replaced), random weights."""
+    return UNet2DConditionModel(**{**UNET_SD15, **overrides})
+
+
+def sd15_vae(**overrides: Any) -> AutoencoderKL:
+    """An ``AutoencoderKL`` of SD 1.5's VAE config (keys in ``overrides`` replaced), random weights."""
+    return AutoencoderKL(**{**VAE_SD15, **overrides})
+
+
 def build_sd15(folder: Path) -> tuple[Path, Path]:
     """Save an SD-1.5-sized pipeline and a TAESD-sized ``AutoencoderTiny``, random weights, to ``folder``."""
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    unet = sd15_unet()
+    vae = sd15_vae()
     scheduler = sd_scheduler()
     tokenizer = tiny_tokenizer(folder / "tokenizer-fallback")
     text_encoder = CLIPTextModel(
