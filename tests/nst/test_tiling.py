@@ -77,9 +77,10 @@ def test_tiled_style_loss_and_gradient_equal_untiled_up_to_relu3_1(vgg: VGG19Fea
         # for relu4_1 + relu5_1 (not run here: 8 s each).
         ("gram", DEEP, 1e-5),
         ("meanvar", DEEP, 1e-5),
-        # w2's Newton-Schulz square root runs in float64 on the accumulated sums, in float32 untiled: measured 2.4e-4
-        # (relu1_1..relu3_1) and 4.0e-4 (relu4_1, relu5_1).
-        ("w2", SHALLOW, 1e-3),
+        # w2 runs on float64 sums tiled, float32 features untiled; both within 1e-5 of a float64 reference (see
+        # tests/core/test_losses_wasserstein.py). Loss and gradient measured: 3.4e-6 (relu1_1..relu3_1), 1.9e-5
+        # (relu1_1 alone), 5.6e-6 (relu4_1); 2.4e-4, 1.1e-4 and 2.6e-3 with 20 Newton-Schulz iterations.
+        ("w2", SHALLOW, 5e-5),
     ],
 )
 def test_tiled_loss_deeper_layers_and_w2_within_the_measured_bound(
