@@ -31,6 +31,7 @@ from lightning_nst.nst.objective import LossWeights, Objective, check_objectives
 from lightning_nst.nst.optimizers import build_optimizers, check_lbfgs_memory, default_optimizer
 from lightning_nst.nst.parameterization import ParameterizationName, make_parameterization
 from lightning_nst.nst.results import ObjectiveResult, Progress, check_finite
+from lightning_nst.nst.safeguard import LBFGSSafeguard, check_safeguard_factor, guarded, record_actual_step
 from lightning_nst.nst.scales import CoarseToFine, ScaleInputs, check_schedule
 from lightning_nst.nst.writer import ImageWriter
 
@@ -64,7 +65,8 @@ class ImageOptimization(L.LightningModule):
 
     The jobs beside the Lightning hooks live in their own modules: :mod:`~lightning_nst.nst.objective` (what an
     objective is), :mod:`~lightning_nst.nst.evaluator` (targets, loss and metrics, whole or tiled),
-    :mod:`~lightning_nst.nst.optimizers`, :mod:`~lightning_nst.nst.scales` (coarse to fine),
+    :mod:`~lightning_nst.nst.optimizers`, :mod:`~lightning_nst.nst.safeguard` (L-BFGS's),
+    :mod:`~lightning_nst.nst.scales` (coarse to fine),
     :mod:`~lightning_nst.nst.results` (best images and what the writer reads) and
     :mod:`~lightning_nst.nst.checkpoint` (the resume state).
 
@@ -92,6 +94,11 @@ class ImageOptimization(L.LightningModule):
         avg_decay: With a value such as ``0.99``, the output is the bias-corrected exponential moving average of the
             last scale's iterates (and each scale starts from the previous one's average) instead of the best
             iterate.
+        lbfgs_safeguard: With L-BFGS (one iteration per step, no line search, as the configs'): its curvature pairs
+            record the steps actually taken after clipping, and a step whose image has a loss above this factor
+            times the objective's best so far is undone and the following steps shortened
+            (:mod:`lightning_nst.nst.safeguard`); rejections are logged as ``<objective>/rejected``. ``null``: plain
+            torch L-BFGS, as the PyTorch tutorial's, for comparison.
 
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
@@ -119,12 +126,14 @@ class ImageOptimization(L.LightningModule):
         scales: list[int] | None = None,
         scale_steps: list[int] | None = None,
         avg_decay: float | None = None,
+        lbfgs_safeguard: float | None = 2.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
         self.automatic_optimization = False  # one optimizer, closure and step per objective
         check_objectives(objectives)
         check_seed(init_seed, "model.init_seed")
+        check_safeguard_factor(lbfgs_safeguard)
         self.parameterization = make_parameterization(parameterization)
         check_schedule(scales, scale_steps, avg_decay)
         self.scales, self.scale_steps, self.avg_decay = scales, scale_steps, avg_decay
@@ -155,6 +164,7 @@ class ImageOptimization(L.LightningModule):
         self.inputs: dict[str, Any] | None = None
         self._target_sizes: list[int | None] | None = None
         self.progress = Progress(len(objectives))
+        self.safeguard = LBFGSSafeguard(len(objectives), lbfgs_safeguard) if lbfgs_safeguard is not None else None
         self._saved_generators: dict[str, Tensor] | None = None
 
     best_images = _progress_field("best_images", "The best image of each objective so far.")
@@ -337,6 +347,8 @@ class ImageOptimization(L.LightningModule):
         image = self.image
         self.progress.last_good = image.clone()
         self.progress.start_best(image)  # losses at different sizes do not compare: the best is sought per scale
+        if self.safeguard is not None:
+            self.safeguard.reset()
         self.coarse.start_clock()
         rank_zero_info(
             f"step {self.global_step}: scale {index + 1}/{len(self.coarse.schedule)}, {scale.width}x{scale.height}"
@@ -368,6 +380,8 @@ class ImageOptimization(L.LightningModule):
         scales = self.coarse.state_dict()
         if scales is not None:
             state["scales"] = scales
+        if self.safeguard is not None:
+            state["safeguard"] = self.safeguard.state_dict()
         save_resume_state(checkpoint, state)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -387,6 +401,8 @@ class ImageOptimization(L.LightningModule):
         used = self.vgg.weights_used if self.vgg is not None else None
         refuse_other_image(checkpoint, list(self.images), self.parameterization.image_size, used, where)
         self.progress.load_state_dict(state)
+        if self.safeguard is not None and state.get("safeguard") is not None:
+            self.safeguard.load_state_dict(state["safeguard"], self.images[0].device)
         self._saved_generators = state.get("generators")
 
     # -- the step ---------------------------------------------------------------------------------------------
@@ -427,6 +443,9 @@ class ImageOptimization(L.LightningModule):
             scaler = self._grad_scaler()
             scale = scaler.get_scale() if scaler is not None else None
             closure = partial(self._closure, index, optimizer, first)
+            safeguard = self.safeguard if self.safeguard is not None and guarded(optimizer.optimizer) else None
+            if safeguard is not None:
+                safeguard.before_step(optimizer.optimizer)
             if counted:
                 # Lightning counts every LightningOptimizer.step as a global step; a step of all objectives is one.
                 # The strategy's public optimizer_step is that step (precision plugin, hooks, clipping) uncounted.
@@ -436,8 +455,15 @@ class ImageOptimization(L.LightningModule):
             counted = True
             start = progress.observe(index, objective.name, step, first[0])
             progress.keep_best(index, step, start["total"], partial(self._rendered, index, before))
+            if safeguard is not None:
+                best = progress.best_loss[index]
+                progress.current[objective.name] = safeguard.after_step(
+                    index, optimizer.optimizer, parameter, before, start, best
+                )
             with torch.no_grad():
                 self.parameterization.project_(parameter)  # pixels: projected gradient descent onto [0, 1]
+                if safeguard is not None:
+                    record_actual_step(optimizer.optimizer, parameter, before)
                 if bool(torch.isfinite(parameter).all()):
                     progress.keep_good(index, self._rendered(index, parameter))
                 # 16-mixed: the scaler skips a step with non-finite gradients and lowers its scale; not a stop.
@@ -470,6 +496,9 @@ class ImageOptimization(L.LightningModule):
         if not self.loggers or not every or ((step + 1) % every and not self.trainer.should_stop):
             return
         metrics = {**self.progress.curves(self.objectives), "loss": total}
+        if self.safeguard is not None and any(guarded(optimizer) for optimizer in self.trainer.optimizers):
+            rejected = zip(self.objectives, self.safeguard.rejected, strict=True)
+            metrics.update({f"{objective.name}/rejected": float(count) for objective, count in rejected})
         if self.coarse.schedule:
             metrics["scale"] = float(self.coarse.schedule[self.coarse.scale].long_edge)
         for logger in self.loggers:
