@@ -34,6 +34,10 @@ from lightning_nst.nst import results, safeguard
 
 ROOT = Path(__file__).resolve().parent.parent
 RECON = "[{name: conv1_2, content_layers: [conv1_2]}]"
+TUTORIAL = (
+    "[{name: tutorial, content_layers: [conv2_2], style_layers: [conv1_1, conv1_2, conv2_1, conv2_2, conv3_1], "
+    "style_weight: 1.0e+6}]"
+)
 
 
 @dataclass
@@ -121,6 +125,20 @@ def cases(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
         ("scales 64,96,128", "style_transfer_gram.yaml", [
             "--data.init_args.size", "128", "--model.init_args.scales", "[64, 96, 128]", *steps]),
     ]  # fmt: skip
+    starry = ROOT.parent / "shared" / "data" / "style" / "starry_night.jpg"
+    if starry.is_file():  # the tutorial's images and loss, as benchmarks/time_to_quality.py
+        tutorial = [
+            "--model.objectives", TUTORIAL, "--data.init_args.content", "skimage:astronaut",
+            "--data.init_args.style", f"[{starry}]", *steps,
+        ]  # fmt: skip
+        listed += [
+            ("tutorial laplacian 192 px", "style_transfer_gram.yaml", [
+                *tutorial, "--data.init_args.size", "192", "--model.init_args.parameterization", "laplacian"]),
+            ("tutorial laplacian 96 px", "style_transfer_gram.yaml", [
+                *tutorial, "--data.init_args.size", "96", "--model.init_args.parameterization", "laplacian"]),
+            ("tutorial scales 32,64,128", "style_transfer_gram.yaml", [
+                *tutorial, "--data.init_args.size", "128", "--model.init_args.scales", "[32, 64, 128]"]),
+        ]  # fmt: skip
     for config in sorted(os.listdir(ROOT / "configs")):
         if "torch.optim.LBFGS" in (ROOT / "configs" / config).read_text():
             listed.append((config.removesuffix(".yaml"), config, [*size, *steps]))

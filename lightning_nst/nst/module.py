@@ -97,8 +97,9 @@ class ImageOptimization(L.LightningModule):
         lbfgs_safeguard: With L-BFGS (one iteration per step, no line search, as the configs'): its curvature pairs
             record the steps actually taken after clipping, and a step whose image has a loss above this factor
             times the objective's best so far is undone and the following steps shortened
-            (:mod:`lightning_nst.nst.safeguard`); rejections are logged as ``<objective>/rejected``. ``null``: plain
-            torch L-BFGS, as the PyTorch tutorial's, for comparison.
+            (:mod:`lightning_nst.nst.safeguard`); rejections are logged as ``<objective>/rejected``. E.g. ``2.0``.
+            ``None`` (the default): plain torch L-BFGS, as the PyTorch tutorial's, which measured lower losses on
+            most shipped configs (``docs/benchmarks.md``, "L-BFGS that keeps its progress").
 
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
@@ -126,7 +127,7 @@ class ImageOptimization(L.LightningModule):
         scales: list[int] | None = None,
         scale_steps: list[int] | None = None,
         avg_decay: float | None = None,
-        lbfgs_safeguard: float | None = 2.0,
+        lbfgs_safeguard: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
