@@ -2,6 +2,7 @@
 
     python benchmarks/guided_step_sd15.py --size 256 --steps 3 --items 2 --repeats 3
     python benchmarks/guided_step_sd15.py --size 256 --memory
+    python benchmarks/guided_step_sd15.py --size 256 --steps 3 --items 2 --repeats 5 --vgg-precision --threads 1
 
 Builds SD-1.5-sized components from their configs with random weights (timing does not depend on weight values):
 ``UNet2DConditionModel`` with SD-1.5's config (320/640/1280/1280, 2 layers per block, cross-attention 768, head dim
@@ -17,7 +18,12 @@ configs/guided_diffusion.yaml`` through ``lightning_nst.main.main`` on that fold
 the config's five style layers (relu1_1..relu5_1, random VGG weights) at ``--guidance-size``; each item's
 ``seconds_per_step`` comes from the manifest and the first item of each run is dropped as warm-up.
 ``--memory`` runs one guided item per setting in a fresh process and prints its peak resident set (and
-``torch.cuda.max_memory_allocated`` on a CUDA device). Not a test.
+``torch.cuda.max_memory_allocated`` on a CUDA device). ``--vgg-precision`` compares
+``model.guidance.vgg_precision: float32`` with ``bfloat16`` instead: the guidance's VGG pass alone
+(``StyleGuidance.style_loss`` forward+backward at the guidance size, medians of ``--repeats`` interleaved rounds) and
+one guided step of the CLI with the decoders of ``--decoders`` (the tiny one by default, where the VGG pass is the
+larger share of a step; through the VAE the step takes about 10 s more on this CPU and saves the same), side by side
+in one run. Not a test.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from lightning_nst.core.losses import LayerStyleLoss  # noqa: E402
 from lightning_nst.core.vgg import DEFAULT_STYLE_LAYERS as DEFAULT_LAYERS  # noqa: E402
-from lightning_nst.core.vgg import VGG19Features  # noqa: E402
+from lightning_nst.core.vgg import VGG19Features, VGGConfig  # noqa: E402
+from lightning_nst.diffusion.guidance import StyleGuidance  # noqa: E402
 from lightning_nst.diffusion.latents import decode_latents  # noqa: E402
 from lightning_nst.main import main as cli_main  # noqa: E402
 from tests.tiny_pipeline import sd_scheduler, tiny_args, tiny_tokenizer  # noqa: E402
@@ -195,7 +202,9 @@ def components(pipeline: Path, tiny: Path, args: argparse.Namespace) -> dict[str
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def cli_args(folder: Path, name: str, pipeline: Path, tiny: Path, setting: str, args: argparse.Namespace) -> list[str]:
+def cli_args(
+    folder: Path, name: str, pipeline: Path, tiny: Path, setting: str, args: argparse.Namespace, *extra: str
+) -> list[str]:
     seeds = ", ".join(str(seed) for seed in range(args.items))
     return tiny_args(
         pipeline,
@@ -206,15 +215,18 @@ def cli_args(folder: Path, name: str, pipeline: Path, tiny: Path, setting: str, 
         f"--model.guidance.init_args.layers={LAYERS}",
         f"--model.guidance.init_args.guidance_size={args.guidance_size}",
         *(arg.format(tiny=tiny) for arg in SETTINGS[setting]),
+        *extra,
         size=args.size,
         steps=args.steps,
     )
 
 
-def product(folder: Path, name: str, pipeline: Path, tiny: Path, setting: str, args: argparse.Namespace) -> float:
-    """Median ``seconds_per_step`` of the items after the first, from one CLI run."""
+def product(
+    folder: Path, name: str, pipeline: Path, tiny: Path, setting: str, args: argparse.Namespace, *extra: str
+) -> float:
+    """Median ``seconds_per_step`` of the items after the first, from one CLI run (``extra``: more overrides)."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        cli_main(cli_args(folder, name, pipeline, tiny, setting, args))
+        cli_main(cli_args(folder, name, pipeline, tiny, setting, args, *extra))
     (manifest,) = (folder / name).glob("version_*/predictions.jsonl")
     records = [json.loads(line) for line in manifest.read_text().splitlines()]
     return statistics.median(record["seconds_per_step"] for record in records[1:] or records)
@@ -264,6 +276,68 @@ def speed(args: argparse.Namespace) -> None:
     overhead_tiny = steps["guided, tiny decoder"] - base
     print(f"\nguidance overhead, VAE / tiny decoder: {overhead_vae:.3f} / {overhead_tiny:.3f} s = "
           f"{overhead_vae / overhead_tiny:.2f}x")  # fmt: skip
+
+
+PRECISIONS = ("float32", "bfloat16")
+
+
+def vgg_pass(precision: str, args: argparse.Namespace) -> Callable[[], None]:
+    """One VGG pass of the guidance, as each guided step runs it: the style loss at the guidance size, forward and
+    backward, with ``vgg_precision`` set to ``precision``."""
+    guidance = StyleGuidance(
+        guidance_size=args.guidance_size,
+        layers=list(DEFAULT_LAYERS),
+        vgg=VGGConfig("random"),
+        vgg_precision=precision,  # type: ignore[arg-type]
+    )
+    guidance.set_styles([torch.rand(1, 3, args.guidance_size, args.guidance_size)])
+    side = args.guidance_size
+    index = torch.zeros(1, dtype=torch.long)
+
+    def run() -> None:
+        image = torch.rand(1, 3, side, side, requires_grad=True)
+        guidance.style_loss(image, index).sum().backward()
+
+    return run
+
+
+def vgg_precision_speed(args: argparse.Namespace) -> None:
+    """The VGG pass and the CLI's guided step with ``vgg_precision`` float32 against bfloat16, in one run."""
+    print(f"1-minute load average at start: {load_average()}")
+    decoders = [f"guided, {'VAE' if name == 'vae' else 'tiny'} decoder" for name in args.decoders]
+    passes = {precision: vgg_pass(precision, args) for precision in PRECISIONS}
+    for function in passes.values():  # warm-up
+        function()
+    times: dict[str, list[float]] = {precision: [] for precision in PRECISIONS}
+    for _ in range(args.repeats):
+        for precision, function in passes.items():
+            times[precision].append(timed(function))
+    vgg = {precision: statistics.median(values) for precision, values in times.items()}
+    steps: dict[tuple[str, str], list[float]] = {(d, p): [] for d in decoders for p in PRECISIONS}
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(temporary)
+        started = time.perf_counter()
+        pipeline, tiny = build_sd15(folder)
+        print(f"built and saved the SD-1.5-sized pipeline in {time.perf_counter() - started:.0f} s")
+        for round_ in range(args.cli_repeats):
+            for index, ((decoder, precision), values) in enumerate(steps.items()):
+                option = f"--model.guidance.init_args.vgg_precision={precision}"
+                values.append(product(folder, f"r{round_}s{index}", pipeline, tiny, decoder, args, option))
+    print(f"1-minute load average at end: {load_average()}")
+    print(
+        f"\nSD-1.5-sized components, random weights, {args.size} px, guidance at {args.guidance_size} px with the "
+        f"config's five layers (relu1_1..relu5_1, Gram), {torch.get_num_threads()} threads; VGG pass: medians of "
+        f"{args.repeats}; step: {args.steps} DDIM steps, {args.items} items (first dropped), {args.cli_repeats} "
+        "run(s) per setting"
+    )
+    print(f"{'vgg_precision':<34} {'float32 s':>10} {'bfloat16 s':>11} {'speed-up':>9} {'saved s':>8}")
+    rows = {"VGG pass (style loss fwd+bwd)": vgg}
+    rows |= {
+        d.replace("guided", "guided step"): {p: statistics.median(steps[d, p]) for p in PRECISIONS} for d in decoders
+    }
+    for name, row in rows.items():
+        full, half = row["float32"], row["bfloat16"]
+        print(f"{name:<34} {full:>10.3f} {half:>11.3f} {full / half:>8.2f}x {full - half:>8.3f}")
 
 
 def peak_rss_mb() -> float:
@@ -318,6 +392,12 @@ def main() -> None:
     parser.add_argument("--cli-repeats", type=int, default=1, help="CLI runs per setting, interleaved")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     parser.add_argument("--memory", action="store_true", help="measure peak memory instead of speed")
+    parser.add_argument(
+        "--vgg-precision", action="store_true", help="compare the guidance's VGG pass in float32 and bfloat16 instead"
+    )
+    parser.add_argument(
+        "--decoders", nargs="+", choices=("tiny", "vae"), default=["tiny"], help="--vgg-precision: the guided steps"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -327,6 +407,8 @@ def main() -> None:
         one_item(setting, args, Path(pipeline), Path(tiny))
     elif args.memory:
         memory(args)
+    elif args.vgg_precision:
+        vgg_precision_speed(args)
     else:
         speed(args)
 

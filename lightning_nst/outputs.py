@@ -195,7 +195,8 @@ class GenerationRecord:
         eta: DDIM's eta.
         size: ``[height, width]`` of the image.
         dtype: The UNet's dtype.
-        guidance: The style-guidance options (``StyleGuidance.settings``), or ``None`` without guidance.
+        guidance: The style-guidance options (``StyleGuidance.settings``) and ``vgg_dtype``, the dtype its VGG pass
+            computed in (``model.guidance.vgg_precision``), or ``None`` without guidance.
         final_style_loss: Style loss of the written image, or ``None`` (no guidance, or not finite).
         style_loss: Style loss of each step's clean prediction (``None`` where not finite), or ``None``.
         timesteps: The scheduler's timestep of each step (a float for σ-space samplers whose timesteps are not whole).

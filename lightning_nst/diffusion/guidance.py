@@ -23,6 +23,7 @@ a correction :math:`\delta` of :math:`\hat\epsilon` moves :math:`\hat x_0` by :m
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_nst.core.errors import NSTError
+from lightning_nst.core.hardware import fast_bf16
 from lightning_nst.core.images import resize_long_edge
 from lightning_nst.core.losses import STATISTICS, LayerStyleLoss, Statistic
 from lightning_nst.core.vgg import (
@@ -45,6 +47,35 @@ from lightning_nst.diffusion.latents import decode_latents
 from lightning_nst.diffusion.samplers import output_gain, predict_x0
 
 Decoder = Literal["auto", "vae", "tiny"]
+VGGPrecision = Literal["auto", "bfloat16", "float32"]
+VGG_PRECISIONS: tuple[str, ...] = ("auto", "bfloat16", "float32")
+
+
+def vgg_dtype(choice: str, device: str | torch.device, precision: str | None, trunk: torch.dtype) -> str:
+    """The dtype the VGG pass computes in, by ``model.guidance.vgg_precision`` under the trainer's precision.
+
+    ``bfloat16`` and ``float32`` are honoured as given. ``auto`` is ``bfloat16`` under ``32-true`` (or without a
+    trainer, ``precision`` ``None``) where :func:`~lightning_nst.core.hardware.fast_bf16` says the device computes it
+    natively, and ``float32`` where it does not; under any other precision it is what that precision runs the trunk
+    in: ``bfloat16`` under ``bf16-mixed`` and ``bf16-true``, ``float16`` under ``16-mixed`` (Lightning's own fp16
+    autocast, which ``auto`` does not override: ``16-mixed`` is chosen for fp16, e.g. on a GPU without fast bf16),
+    the trunk's dtype under ``16-true`` or ``64-true``.
+
+    Args:
+        choice: ``auto``, ``bfloat16`` or ``float32``.
+        device: The trunk's device.
+        precision: ``str(trainer.precision)``, or ``None`` without a trainer.
+        trunk: The dtype of the trunk's weights (Lightning's ``*-true`` precisions convert them).
+    """
+    if choice != "auto":
+        return choice
+    if precision in (None, "32-true"):
+        return "bfloat16" if fast_bf16(device) else "float32"
+    if str(precision).startswith("bf16"):
+        return "bfloat16"
+    if precision == "16-mixed":
+        return "float16"
+    return str(trunk).removeprefix("torch.")
 
 
 def _unchanged(latents: Tensor) -> Tensor:
@@ -123,6 +154,12 @@ class StyleGuidance(nn.Module):
             ``descent_steps × scale``. The style loss and ``x0_image`` reported are those of the uncorrected
             :math:`\hat x_0`. No extra UNet call; each further descent step costs one decode and one VGG forward
             and backward pass.
+        vgg_precision: What the VGG pass (forward and backward of the trunk, for the gradient and the measured loss)
+            computes in: ``float32``, ``bfloat16`` (``torch.autocast``; the decoder, the style statistics, the loss,
+            the gradient and the latents stay as they were) or ``auto``: ``bfloat16`` under ``trainer.precision:
+            32-true`` where the device computes bfloat16 natively (CUDA Ampere and later, x86 CPUs with
+            AVX512-BF16 or AMX), else what the trainer's precision runs it in (:func:`vgg_dtype`). The manifest
+            records the dtype used as ``guidance.vgg_dtype``.
     """
 
     def __init__(
@@ -140,6 +177,7 @@ class StyleGuidance(nn.Module):
         recurrence: int = 0,
         recurrence_window: tuple[float, float] = (0.3, 0.7),
         descent_steps: int = 1,
+        vgg_precision: VGGPrecision = "auto",
     ) -> None:
         super().__init__()
         key = "model.guidance"
@@ -163,6 +201,8 @@ class StyleGuidance(nn.Module):
         # is, since LayerStyleLoss would only find it out once the trunk is built, with a message naming no key.
         if statistic not in STATISTICS:
             raise NSTError(f"{key}.statistic: must be one of {', '.join(STATISTICS)}, got {statistic!r}")
+        if vgg_precision not in VGG_PRECISIONS:  # the CLI's parser refuses it first; this is for the Python API
+            raise NSTError(f"{key}.vgg_precision: must be one of {', '.join(VGG_PRECISIONS)}, got {vgg_precision!r}")
         layers = list(DEFAULT_STYLE_LAYERS) if layers is None else layers
         if not layers:
             raise NSTError(f"{key}.layers: give at least one VGG19 layer")
@@ -191,6 +231,8 @@ class StyleGuidance(nn.Module):
         self.recurrence = recurrence
         self.recurrence_window = (rec_start, rec_end)
         self.descent_steps = descent_steps
+        self.vgg_precision = vgg_precision
+        self.vgg_dtype: str | None = None  # what the VGG pass computes in, once use_precision() has chosen it
         self.vgg: VGG19Features | None = None
         self.targets = nn.ModuleList()
 
@@ -207,6 +249,39 @@ class StyleGuidance(nn.Module):
             self.vgg = self.vgg_config.build(self.layers, key="model.guidance.vgg")
         return self.vgg
 
+    def use_precision(self, precision: str | None = None) -> str:
+        """Choose what the VGG pass computes in (:func:`vgg_dtype`) on the trunk's device; returns the dtype's name.
+
+        :class:`~lightning_nst.GuidedDiffusion` calls it once the trunk is on its device, with ``trainer.precision``;
+        otherwise the first style loss does, as without a trainer. ``float32`` under a precision that converted the
+        trunk (``bf16-true``) converts it back.
+        """
+        vgg = self.configure()
+        trunk = next(vgg.parameters()).dtype
+        self.vgg_dtype = vgg_dtype(self.vgg_precision, vgg.mean.device, precision, trunk)
+        if self.vgg_dtype == "float32" and trunk != torch.float32:
+            vgg.float()
+        return self.vgg_dtype
+
+    def features(self, images: Tensor) -> dict[str, Tensor]:
+        """The trunk's features of ``(B, 3, H, W)`` images in ``[0, 1]``, in the dtype :meth:`use_precision` chose.
+
+        ``bfloat16`` runs under ``torch.autocast`` (the features come out bfloat16; the style statistics cast them to
+        float32); ``float32`` turns off an autocast around it (``bf16-mixed``, ``16-mixed``); other dtypes are left to
+        the trainer's precision.
+        """
+        vgg = self.configure()
+        if self.vgg_dtype is None:
+            self.use_precision()
+        device = vgg.mean.device.type
+        context: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if self.vgg_dtype == "bfloat16":
+            context = torch.autocast(device, dtype=torch.bfloat16)
+        elif self.vgg_dtype == "float32" and torch.is_autocast_enabled(device):
+            context = torch.autocast(device, enabled=False)
+        with context:
+            return vgg(images.to(device=vgg.mean.device, dtype=next(vgg.parameters()).dtype))
+
     @torch.no_grad()
     def set_styles(
         self, images: Sequence[Tensor | Sequence[Tensor]], weights: Sequence[Sequence[float] | None] | None = None
@@ -218,12 +293,10 @@ class StyleGuidance(nn.Module):
                 sequence of them blended into one target (see :class:`~lightning_nst.core.losses.StyleLoss`).
             weights: Blend weights of each target's images (``None``: equal).
         """
-        vgg = self.configure()
-        device, dtype = vgg.mean.device, next(vgg.parameters()).dtype
         self.targets = nn.ModuleList()
         for index, entry in enumerate(images):
             group = [entry] if isinstance(entry, Tensor) else list(entry)
-            features = [vgg(resize_long_edge(image, self.style_size).to(device=device, dtype=dtype)) for image in group]
+            features = [self.features(resize_long_edge(image, self.style_size)) for image in group]
             targets = {layer: [one[layer] for one in features] for layer in self.layers}
             blend = weights[index] if weights is not None else None
             self.targets.append(LayerStyleLoss(targets, self.statistic, self.layer_weights, weights=blend))
@@ -261,7 +334,12 @@ class StyleGuidance(nn.Module):
                 else {}
             ),
             **({"descent_steps": self.descent_steps} if self.descent_steps != 1 else {}),
+            **({"vgg_precision": self.vgg_precision} if self.vgg_precision != "auto" else {}),
         }
+
+    def run_settings(self) -> dict[str, Any]:
+        """:meth:`settings` and ``vgg_dtype``, the dtype the VGG pass computes in once chosen: what a manifest holds."""
+        return {**self.settings(), **({"vgg_dtype": self.vgg_dtype} if self.vgg_dtype is not None else {})}
 
     # -- the step -----------------------------------------------------------------------------------------------
 
@@ -283,9 +361,7 @@ class StyleGuidance(nn.Module):
         """
         if not len(self.targets):
             raise RuntimeError("StyleGuidance.set_styles() must run before the style loss is measured")
-        vgg = self.configure()
-        image = resize_long_edge(images, self.guidance_size)
-        features = vgg(image.to(next(vgg.parameters()).dtype))
+        features = self.features(resize_long_edge(images, self.guidance_size))
         loss = torch.zeros(len(images), device=images.device, dtype=torch.float32)
         for style in style_index.unique().tolist():
             rows = (style_index == style).nonzero().squeeze(1)
@@ -342,7 +418,10 @@ def _layers(layers: Any) -> str:
 
 
 def guidance_line(settings: Mapping[str, Any]) -> str:
-    """``StyleGuidance.settings()`` as one readable line: ``scale 0.2, every step; gram on relu1_1, ...``."""
+    """``StyleGuidance.settings()`` as one readable line: ``scale 0.2, every step; gram on relu1_1, ...``.
+
+    With ``vgg_dtype`` (:meth:`StyleGuidance.run_settings`), it also says what the VGG pass computes in.
+    """
     start, end = settings["window"]
     every = settings["every_k"]
     steps = "every step" if every == 1 else f"every {every} steps"
@@ -354,11 +433,14 @@ def guidance_line(settings: Mapping[str, Any]) -> str:
         )
     if settings.get("descent_steps", 1) != 1:
         window += f", {settings['descent_steps']} descent steps each"
+    precision, ran = settings.get("vgg_precision", "auto"), settings.get("vgg_dtype")
+    vgg_pass = f"; VGG pass in {ran} (vgg_precision {precision})" if ran else ""
+    vgg_pass = vgg_pass or (f"; vgg_precision {precision}" if precision != "auto" else "")
     size = settings["style_size"]
     style_size = "" if size == settings["guidance_size"] else f" (style images at {size} px)"
     return (
         f"scale {settings['scale']:g}{' (RMS-normalised)' if settings['normalize'] else ''}, {steps}{window}; "
         f"{settings['statistic']} on {_layers(settings['layers'])} at {settings['guidance_size']} px"
         f"{style_size}, decoder {settings['decoder']}, {settings['pooling']} pooling; "
-        f"VGG19 weights: {settings['vgg_weights']}"
+        f"VGG19 weights: {settings['vgg_weights']}{vgg_pass}"
     )

@@ -305,7 +305,7 @@ class GuidedDiffusion(L.LightningModule):
         self.pipeline = pipe
 
     def on_predict_start(self) -> None:
-        """Compute the style targets once, on the device, and say which VGG weights are in use."""
+        """Compute the style targets once, on the device; say which VGG weights are in use and the VGG pass's dtype."""
         if self.cpu_offload and self.pipeline is not None:
             self.pipeline.enable_model_cpu_offload(device=self.device)
         vae = self.pipeline.vae if self.pipeline is not None else None
@@ -319,8 +319,10 @@ class GuidedDiffusion(L.LightningModule):
         if self.family is not None and self.family.name == "flux" and data is not None and data.negative_prompt:
             rank_zero_warn("data.negative_prompt: FluxPipeline uses no negative prompt (no classifier-free guidance)")
         if self.guidance is not None and data is not None:
+            # Chosen here, with the trunk on its device and converted by the precision, before the targets use it.
+            self.guidance.use_precision(str(self.trainer.precision))
             self.guidance.set_styles(data.style_targets, data.style_weights)
-            rank_zero_info(f"Style guidance: {guidance_line(self.guidance.settings())}")
+            rank_zero_info(f"Style guidance: {guidance_line(self.guidance.run_settings())}")
         if not any(isinstance(callback, BasePredictionWriter) for callback in self.trainer.callbacks):
             rank_zero_warn(
                 "No prediction writer in trainer.callbacks: images are not saved; add lightning_nst.GenerationWriter"
@@ -363,12 +365,15 @@ class GuidedDiffusion(L.LightningModule):
 
         Model, steps, scales and guidance are those of :meth:`fingerprint_options`, and so is the strength with init
         images (``None`` without); the scheduler is named by its class, the size in pixels and the dtype by the
-        UNet's. With init images the size of each item is that of its image (:meth:`init_size`).
+        UNet's; the guidance adds ``vgg_dtype``, the dtype its VGG pass computed in. With init images the size of
+        each item is that of its image (:meth:`init_size`).
         """
         options = self.fingerprint_options()
         img2img = self.data is not None and bool(self.data.init_images)
+        guidance = self.guidance.run_settings() if self.guidance is not None else None
         return {
-            **{key: options[key] for key in ("model", "num_inference_steps", "cfg_scale", "eta", "guidance")},
+            **{key: options[key] for key in ("model", "num_inference_steps", "cfg_scale", "eta")},
+            "guidance": guidance,
             "scheduler": type(self.scheduler).__name__,
             "size": list(self.image_size()),
             "dtype": str(self.denoiser.dtype).removeprefix("torch.") if self.denoiser is not None else self.dtype_name,

@@ -84,6 +84,10 @@ def test_guidance_line_is_one_readable_line() -> None:
     assert "(0.5)" in line and "style images at 512 px" in line and line.endswith("VGG19 weights: random (seed 0)")
     line = guidance_line({**settings, "recurrence": 2, "recurrence_window": [0.3, 0.7], "descent_steps": 3})
     assert "guided steps from 30% to 70% redone 2 more time(s) (recurrence), 3 descent steps each;" in line
+    line = guidance_line({**settings, "vgg_dtype": "bfloat16"})
+    assert line.endswith("VGG19 weights: random (seed 0); VGG pass in bfloat16 (vgg_precision auto)")
+    line = guidance_line({**settings, "vgg_precision": "float32"})  # before the run has chosen
+    assert line.endswith("; vgg_precision float32")
 
 
 def test_cli_installs_its_progress_bar_unless_one_is_configured(

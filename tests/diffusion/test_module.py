@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_nst.core.hardware import fast_bf16
 from lightning_nst.diffusion.module import DenoisingCallback
 from lightning_nst.main import main
 from tests.conftest import CONFIGS, MODELS, REPO, cli_error
@@ -102,6 +103,9 @@ def test_manifest_records_what_was_generated(runs: dict[str, Path]) -> None:
     settings = record["guidance"]
     assert settings["scale"] == 0.3 and settings["normalize"] is True and settings["decoder"] == "auto"
     assert settings["layers"] == ["relu1_1", "relu2_1", "relu3_1"] and settings["statistic"] == "gram"
+    # vgg_precision auto: the VGG pass in bf16 where this CPU computes it natively; what ran is recorded
+    assert settings["vgg_dtype"] == ("bfloat16" if fast_bf16("cpu") else "float32")
+    assert "vgg_precision" not in settings
     assert len(record["timesteps"]) == STEPS and record["timesteps"] == sorted(record["timesteps"], reverse=True)
     assert record["seconds_per_step"] > 0 and np.isfinite(record["final_style_loss"])
     assert not list(runs["guided"].glob(".*.part"))  # per-rank parts are merged away
@@ -120,6 +124,24 @@ def test_tensorboard_holds_style_loss_scalars_and_previews(runs: dict[str, Path]
     assert [int(event.value) for event in events.Scalars("timestep/00000")] == record["timesteps"]
     # previews every 10 steps and at the last one: steps 0 and 5 of 6
     assert [event.step for event in events.Images("x0/00000")] == [0, STEPS - 1]
+
+
+def test_an_explicit_vgg_precision_is_honoured_and_recorded(
+    runs: dict[str, Path], pipeline_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The value auto does not choose on this machine, so both dtypes are exercised wherever the tests run.
+    explicit = "float32" if fast_bf16("cpu") else "bfloat16"
+    with caplog.at_level("INFO"):
+        run = predict(
+            pipeline_dir, "explicit", "--model.guidance.init_args.scale=0.3",
+            f"--model.guidance.init_args.vgg_precision={explicit}",
+        )  # fmt: skip
+    assert f"VGG pass in {explicit} (vgg_precision {explicit})" in caplog.text  # the "Style guidance:" line
+    (record,), (auto,), (unguided,) = (records(folder) for folder in (run, runs["guided"], runs["scale0"]))
+    assert record["guidance"]["vgg_precision"] == record["guidance"]["vgg_dtype"] == explicit
+    assert record["fingerprint"] != auto["fingerprint"]  # another setting: a folder of the other is not continued
+    assert pixels(run, record).shape == (64, 64, 3) and all(record["guided"])
+    assert record["final_style_loss"] <= unguided["final_style_loss"] * GUIDED_RATIO
 
 
 class StepRecorder(DenoisingCallback):
@@ -246,6 +268,7 @@ def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None
         ("--model.dtype=float8", "model.dtype: must be one of auto, float32, float16, bfloat16"),
         ("--model.guidance.init_args.decoder=big", "model.guidance.decoder: must be one of auto, vae, tiny"),
         ("--model.guidance.init_args.statistic=median", "model.guidance.statistic: must be one of gram, meanvar"),
+        ("--model.guidance.init_args.vgg_precision=32", "model.guidance.vgg_precision: must be one of auto, bfloat16"),
     ],
 )
 def test_bad_input_gives_one_line_error(
