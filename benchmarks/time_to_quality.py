@@ -16,13 +16,22 @@ seen by then, scored by the one definition at full size.
 
 A variant is the contract's ``ImageOptimization`` keys plus an optimizer (``VARIANTS``):
 ``parameterization`` (pixels | laplacian | fourier), ``scales``/``scale_steps`` (coarse-to-fine), ``avg_decay``,
-``tile_size``/``tile_overlap``. A variant whose key this build's ``ImageOptimization`` does not accept prints
-"not available in this build" and no number. The peers ``pystiche`` and ``pastiche`` run where installed (they are
-not dependencies: ``pip install --no-deps --target /some/dir pystiche==1.0.1 pastiche==1.6.0`` and
-``PYTHONPATH=/some/dir``), through ``benchmarks/peers.py``: the same weights, layers, images and start, their own
-L-BFGS, with per-layer weights that make each peer's loss the common one, scored every step (every 5 above 128 px).
-On a CUDA device the reference and every variant run there (and the ``bf16`` variants run with
-``precision: bf16-mixed``); without one the script says so and runs on the CPU.
+``tile_size``/``tile_overlap``. The row ``default`` is instead exactly what ``lightning-nst stylize CONTENT STYLE
+--size SIZE --steps MAX_STEPS --weights WEIGHTS --fill-missing`` runs on the device: the module and data built from
+the config that command builds (``configs/style_transfer_gram.yaml``: its own layers, weights and L-BFGS settings,
+and ImageOptimization's defaults for the rest), with the precision ``lightning-nst`` chooses there
+(``auto_precision``: ``bf16-mixed`` where the device computes bfloat16 natively). It optimises its own loss, not the
+tutorial's, so its clock reads the one definition's score of its image after each step (every step up to 128 px,
+else every 5, the scoring time left off the clock, as for the peers). A variant whose key this build's
+``ImageOptimization`` does not accept prints "not available in this build" and no number. The peers ``pystiche``
+and ``pastiche`` run where installed (they are not dependencies: ``pip install --no-deps --target /some/dir
+pystiche==1.0.1 pastiche==1.6.0`` and ``PYTHONPATH=/some/dir``), through ``benchmarks/peers.py``: the same
+weights, layers, images and start, their own L-BFGS, with per-layer weights that make each peer's loss the common
+one, scored every step (every 5 above 128 px).
+On a CUDA device the reference and every variant run there; without one the script says so and runs on the CPU. The
+``bf16`` variants run with ``precision: bf16-mixed`` where the device computes bfloat16 natively (CUDA with native
+bf16, an x86 CPU with AVX512-BF16 or AMX: ``lightning_nst.core.hardware.fast_bf16``); elsewhere each says why it is
+not run.
 """
 
 from __future__ import annotations
@@ -58,6 +67,10 @@ from reference import (  # noqa: E402  (benchmarks/ is no package)
 )
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, VGGConfig  # noqa: E402
+from lightning_nst.api import _module_and_data  # noqa: E402  (the API's own build of a shortcut's config)
+from lightning_nst.cli.precision import choose_precision  # noqa: E402
+from lightning_nst.cli.shortcuts import stylize_config, stylize_parser  # noqa: E402
+from lightning_nst.core.hardware import bf16_reason, fast_bf16  # noqa: E402
 from lightning_nst.core.images import load_image, save_image  # noqa: E402
 from lightning_nst.core.vgg import VGG19Features  # noqa: E402
 
@@ -95,12 +108,16 @@ def variants(size: int, coarse_steps: int, total: int) -> dict[str, dict[str, An
                 "scale_steps": [coarse_steps, coarse_steps, total - 2 * coarse_steps],
             }
         table[f"pixels tiled {optimizer}"] = {"tile_size": max(size // 2, 128), "tile_overlap": 64}
-        table[f"pixels bf16 {optimizer}"] = {"precision": "bf16-mixed"}  # a Trainer option; CUDA only
+        table[f"pixels bf16 {optimizer}"] = {"precision": "bf16-mixed"}  # a Trainer option; where bf16 is fast
+    table[DEFAULT] = {}  # built from stylize's config instead (run_default)
     return table
 
 
+DEFAULT = "default"
+"""The row of what ``lightning-nst stylize`` runs (:func:`run_default`)."""
+
 DEFAULT_VARIANTS = ["pixels L-BFGS", "pixels Adam", "laplacian L-BFGS", "fourier L-BFGS", "fourier Adam",
-                    "pixels c2f-2 L-BFGS", "pixels c2f-3 L-BFGS", "pixels c2f-2 Adam"]  # fmt: skip
+                    "pixels c2f-2 L-BFGS", "pixels c2f-3 L-BFGS", "pixels c2f-2 Adam", DEFAULT]  # fmt: skip
 
 
 def missing_keys(kwargs: dict[str, Any]) -> list[str]:
@@ -174,10 +191,16 @@ def run_reference(args: argparse.Namespace, target: float, evaluations: int, bud
 
 
 class Recorder(L.Callback):
-    """Benchmark-only: time to the target at the output size, and the best image within the reference's time."""
+    """Benchmark-only: time to the target at the output size, and the best image within the reference's time.
 
-    def __init__(self, target: float, budget: float, deadline: float, started: float, size: int) -> None:
+    The loss is the run's own training loss, or with ``score`` the one definition's score of the image after the
+    step, every ``every`` steps, the scoring time left off the clock.
+    """
+
+    def __init__(self, target: float, budget: float, deadline: float, started: float, size: int,
+                 score: Any = None, every: int = 1) -> None:  # fmt: skip
         self.target, self.budget, self.deadline, self.started, self.size = target, budget, deadline, started, size
+        self.score, self.every, self.scoring = score, every, 0.0
         self.reached: float | None = None
         self.best = float("inf")
         self.image: Tensor | None = None
@@ -187,17 +210,23 @@ class Recorder(L.Callback):
         self._before = pl_module.image.detach().clone()  # the image this step's loss is measured on
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
-        now = time.perf_counter() - self.started
         side = max(self._before.shape[-2:])
         self.stages[side] = self.stages.get(side, 0) + 1
-        if side != self.size:
-            return
-        loss = sum(row["total"] for row in pl_module._current.values())
-        if now <= self.budget and loss < self.best:
-            self.best, self.image = loss, self._before
-        if self.reached is None and loss <= self.target:
-            self.reached = now
-            self.steps_to_target = sum(self.stages.values())
+        loss, image = None, self._before
+        if side == self.size and self.score is None:
+            loss = sum(row["total"] for row in pl_module._current.values())
+        elif side == self.size and trainer.global_step % self.every == 0:
+            clock = time.perf_counter()
+            image = pl_module.image.detach().cpu().float()
+            loss = self.score(image)
+            self.scoring += time.perf_counter() - clock
+        now = time.perf_counter() - self.started - self.scoring
+        if loss is not None:
+            if now <= self.budget and loss < self.best:
+                self.best, self.image = loss, image
+            if self.reached is None and loss <= self.target:
+                self.reached = now
+                self.steps_to_target = sum(self.stages.values())
         if (self.reached is not None and now >= self.budget) or now > self.deadline:
             trainer.should_stop = True
 
@@ -211,11 +240,43 @@ def run_ours(args: argparse.Namespace, kwargs: dict[str, Any], optimizer: Any, t
     model = ImageOptimization(
         [objective], vgg=VGGConfig(weights=str(args.weights)), init="content", optimizer=optimizer, **kwargs
     )
+    data = ImageTargets(content=args.content, style=[args.style], size=args.size)
     recorder = Recorder(target, budget, args.cap * budget, started, args.size)
+    return fit_and_record(args, model, data, precision, recorder, folder)
+
+
+def accelerator(args: argparse.Namespace) -> str:
+    return "cuda" if args.device == "cuda" else "cpu"
+
+
+def default_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The config ``lightning-nst stylize`` builds for this size, steps and weights (parsed by its own parser)."""
+    argv = [args.content, args.style, "-o", "default.png", "--size", str(args.size), "--steps", str(args.max_steps),
+            "--weights", str(args.weights)]  # fmt: skip
+    if str(args.weights) not in ("random", "imagenet", "auto"):
+        argv.append("--fill-missing")  # a partial file: the deeper layers stylize uses get seeded random weights
+    return stylize_config(stylize_parser().parse_args(argv))
+
+
+def run_default(args: argparse.Namespace, target: float, budget: float, folder: Path, score: Score) -> Run:
+    """What ``lightning-nst stylize`` runs on this device, clocked by the one definition's score of its image."""
+    started = time.perf_counter()
+    config = default_config(args)
+    L.seed_everything(config["seed_everything"], verbose=False)
+    model, data = _module_and_data(config)
+    precision = choose_precision(config["trainer"].get("precision"), accelerator(args)).precision
+    every = 1 if args.size <= 128 else 5
+    recorder = Recorder(target, budget, args.cap * budget, started, args.size, score=score, every=every)
+    return fit_and_record(args, model, data, precision, recorder, folder)
+
+
+def fit_and_record(args: argparse.Namespace, model: ImageOptimization, data: ImageTargets, precision: str,
+                   recorder: Recorder, folder: Path) -> Run:  # fmt: skip
+    """Fit ``model`` on ``data`` with a TensorBoard logger and an ImageWriter, as ``lightning-nst fit`` would."""
     work = Path(tempfile.mkdtemp(dir=folder))
     trainer = L.Trainer(
         max_steps=args.max_steps,
-        accelerator="cuda" if args.device == "cuda" else "cpu",
+        accelerator=accelerator(args),
         devices=1,
         precision=precision,
         logger=TensorBoardLogger(work, name="bench", default_hp_metric=False),
@@ -224,11 +285,11 @@ def run_ours(args: argparse.Namespace, kwargs: dict[str, Any], optimizer: Any, t
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, ImageTargets(content=args.content, style=[args.style], size=args.size))
+    trainer.fit(model, data)
     stages = " + ".join(f"{n}@{side}" for side, n in sorted(recorder.stages.items()))
     reached = getattr(recorder, "steps_to_target", None)
     steps = f"{reached} (ran {stages})" if reached is not None else f"ran {stages}"
-    return Run(recorder.reached, steps, recorder.image, time.perf_counter() - started)
+    return Run(recorder.reached, steps, recorder.image, time.perf_counter() - recorder.started)
 
 
 # -- main ----------------------------------------------------------------------------------------------------------
@@ -258,10 +319,16 @@ def one_size(args: argparse.Namespace, names: list[str]) -> None:
     for name in names:
         kwargs = table[name]
         missing = missing_keys(kwargs)
-        if missing:
+        if name == DEFAULT:
+            config = default_config(args)
+            choice = choose_precision(config["trainer"].get("precision"), accelerator(args))
+            print(f"  {name}: lightning-nst stylize's config ({config['model']['init_args']['optimizer']['class_path']}"
+                  f" {config['model']['init_args']['optimizer']['init_args']}), {choice.line()}")  # fmt: skip
+            runnable.append(name)
+        elif missing:
             print(f"  {name}: not available in this build (ImageOptimization has no {', '.join(missing)})")
-        elif kwargs.get("precision") and args.device != "cuda":
-            print(f"  {name}: not run (bf16 autocast needs a CUDA device; this CPU has no fast bf16 convolutions)")
+        elif kwargs.get("precision") and not fast_bf16(accelerator(args)):
+            print(f"  {name}: not run ({bf16_reason(accelerator(args), False)})")
         else:
             runnable.append(name)
     installed = {peer: version for peer, version in peers.available().items() if version and peer in args.peers}
@@ -280,8 +347,11 @@ def one_size(args: argparse.Namespace, names: list[str]) -> None:
                 results[row].append(run)
                 print(f"  {row}: {run.to_target} s, steps {run.steps}", flush=True)
             for name in runnable:
-                optimizer = OPTIMIZERS[name.rsplit(" ", 1)[1]]
-                run = run_ours(args, table[name], optimizer, target, budget, Path(temporary))
+                if name == DEFAULT:
+                    run = run_default(args, target, budget, Path(temporary), score)
+                else:
+                    optimizer = OPTIMIZERS[name.rsplit(" ", 1)[1]]
+                    run = run_ours(args, table[name], optimizer, target, budget, Path(temporary))
                 results[name].append(run)
                 print(f"  {name}: {run.to_target} s, steps {run.steps}", flush=True)
     load = Path("/proc/loadavg").read_text().split()[0] if Path("/proc/loadavg").exists() else "?"
@@ -325,7 +395,9 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=list(peers.PEERS), help="installed peers to run (none: '')")
     args = parser.parse_args()
     if args.device != "cuda":
-        print("No CUDA device (or --device cpu): CPU figures only; the GPU rows (bf16) are not run.")
+        print("No CUDA device (or --device cpu): CPU figures only.")
+    bf16 = "run" if fast_bf16(accelerator(args)) else "not run"
+    print(f"bf16 rows: {bf16} ({bf16_reason(accelerator(args), fast_bf16(accelerator(args)))})")
     names = list(variants(256, 1, 2)) if args.variants == ["all"] else args.variants
     unknown = [name for name in names if name not in variants(256, 1, 2)]
     if unknown:

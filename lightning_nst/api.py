@@ -25,44 +25,59 @@ from lightning_nst.cli.shortcuts import stylize_config, texture_config
 Source = str | os.PathLike[str]
 
 
-def _run(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Image:
+def _run(config: dict[str, Any], progress: bool, accelerator: str, precision: str | None) -> Image.Image:
     """Check the config as ``fit`` would, then run it with the CLI's filters and every signal handler kept."""
     # fit's checks of the parsed config, on the Trainer this call builds: devices and accelerator, sources, memory
     config["trainer"].update(accelerator=accelerator, devices=1)
+    if precision is not None:
+        config["trainer"]["precision"] = precision
     connector = preflight.check_devices(config, "fit")
     preflight.check_image_optimization(config, getattr(getattr(connector, "strategy", None), "root_device", None))
     with console.quieted(), console.restoring_signal_handlers():
         return _fit(config, progress, accelerator)
 
 
-def _fit(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Image:
-    """Build the config's module and data as ``fit`` would, run a Trainer that writes nothing, return the result."""
-    import lightning as L
+def _module_and_data(config: dict[str, Any]) -> tuple[Any, Any]:
+    """The ``ImageOptimization`` and ``ImageTargets`` of a ``fit`` config (a shortcut's, as a plain dict).
 
-    from lightning_nst.core.images import to_pil
+    Every ``model.init_args`` key is passed on, so the module keeps its own defaults for the keys the config leaves
+    out, as ``lightning-nst fit`` builds it.
+    """
     from lightning_nst.core.vgg import VGGConfig
     from lightning_nst.nst.data import ImageTargets
     from lightning_nst.nst.module import ImageOptimization
     from lightning_nst.nst.objective import Objective
 
+    model_args = dict(config["model"]["init_args"])
+    model_args["objectives"] = [Objective(**objective) for objective in model_args["objectives"]]
+    if model_args.get("vgg") is not None:
+        model_args["vgg"] = VGGConfig(**model_args["vgg"])
+    optimizer = model_args.get("optimizer")
+    if optimizer is not None:
+        module_name, class_name = optimizer["class_path"].rsplit(".", 1)
+        optimizer_class = getattr(importlib.import_module(module_name), class_name)
+        model_args["optimizer"] = functools.partial(optimizer_class, **optimizer.get("init_args", {}))
+    return ImageOptimization(**model_args), ImageTargets(**config["data"]["init_args"])
+
+
+def _fit(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Image:
+    """Build the config's module and data as ``fit`` would, run a Trainer that writes nothing, return the result."""
+    import lightning as L
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lightning_nst.cli.precision import choose_precision
+    from lightning_nst.core.images import to_pil
+
     L.seed_everything(config["seed_everything"], verbose=False)
-    model_args = config["model"]["init_args"]
-    optimizer = model_args["optimizer"]
-    module_name, class_name = optimizer["class_path"].rsplit(".", 1)
-    optimizer_class = getattr(importlib.import_module(module_name), class_name)
-    model = ImageOptimization(
-        objectives=[Objective(**objective) for objective in model_args["objectives"]],
-        vgg=VGGConfig(**model_args["vgg"]),
-        init=model_args["init"],
-        init_seed=model_args["init_seed"],
-        optimizer=functools.partial(optimizer_class, **optimizer["init_args"]),
-    )
-    data = ImageTargets(**config["data"]["init_args"])
+    model, data = _module_and_data(config)
+    precision = choose_precision(config["trainer"].get("precision"), accelerator)
+    rank_zero_info(precision.line("precision='{}'"))
     trainer = L.Trainer(
         max_steps=config["trainer"]["max_steps"],
         max_epochs=1,  # as `fit`: ImageTargets yields max_steps items per epoch
         accelerator=accelerator,
         devices=1,
+        precision=precision.precision,  # type: ignore[arg-type]
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=progress,
@@ -93,6 +108,7 @@ def stylize(
     seed: int = 0,
     progress: bool = False,
     accelerator: str = "auto",
+    precision: str | None = None,
 ) -> Image.Image:
     """Gatys style transfer of ``content`` in the style of ``style``, as ``lightning-nst stylize`` runs it.
 
@@ -112,6 +128,9 @@ def stylize(
         seed: Seed of the run.
         progress: Show Lightning's progress bar.
         accelerator: Lightning's ``accelerator``.
+        precision: Lightning's ``precision``; ``None``: ``bf16-mixed`` where the device computes bfloat16 natively
+            (the VGG trunk in bfloat16; image, statistics and losses in float32), else ``32-true``, as
+            ``lightning-nst`` chooses it. ``"32-true"`` for float32 throughout.
 
     Returns:
         The best image seen, ``size`` pixels on its long edge. No file is written.
@@ -122,7 +141,7 @@ def stylize(
         content_weight=content_weight, statistic=statistic, optimizer=optimizer, init=init, weights=weights, seed=seed,
         color=color, style_weights=style_weights,
     )  # fmt: skip
-    return _run(stylize_config(options), progress, accelerator)
+    return _run(stylize_config(options), progress, accelerator, precision)
 
 
 def texture(
@@ -139,6 +158,7 @@ def texture(
     seed: int = 0,
     progress: bool = False,
     accelerator: str = "auto",
+    precision: str | None = None,
 ) -> Image.Image:
     """Texture synthesis from ``style`` (one image or several, blended), as ``lightning-nst texture`` runs it.
 
@@ -153,4 +173,4 @@ def texture(
         texture=textures, size=size, steps=steps, style_weight=style_weight, statistic=statistic,
         optimizer=optimizer, init=init, weights=weights, seed=seed, style_weights=style_weights,
     )  # fmt: skip
-    return _run(texture_config(options), progress, accelerator)
+    return _run(texture_config(options), progress, accelerator, precision)

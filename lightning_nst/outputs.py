@@ -100,7 +100,10 @@ class FitSummary:
     the absolute path and the SHA-256 of a file, or the source as given and ``None`` for an embedded sample.
     ``scales`` (coarse-to-fine runs only) lists each scale run: ``long_edge``, ``size`` ``[H, W]``, ``steps``,
     ``end_step`` and ``seconds``. ``result_file`` (with ``ImageWriter.output``, as ``stylize -o`` sets it) is the
-    result's own image file: ``{"path", "sha256"}``. ``format`` is the version of the record (:data:`FORMAT`).
+    result's own image file: ``{"path", "sha256"}``. ``precision_source`` says where ``precision`` came from:
+    ``auto`` (``trainer.precision`` unset, so ``lightning-nst`` chose it for the device), ``config`` (given in a config,
+    on the command line or to the Trainer) or ``checkpoint`` (unset in a resumed fit: the checkpoint's); ``None`` in
+    summaries written before it was recorded. ``format`` is the version of the record (:data:`FORMAT`).
     """
 
     vgg_weights: str
@@ -121,6 +124,7 @@ class FitSummary:
     images: dict[str, Any] | None = None
     scales: list[dict[str, Any]] | None = None
     result_file: dict[str, str] | None = None
+    precision_source: str | None = None
     format: int = FORMAT
 
     def to_json(self) -> str:

@@ -95,7 +95,7 @@ def test_digests(tmp_path: Path) -> None:
 SUMMARY_KEYS = [
     "vgg_weights", "pooling", "image_size", "precision", "device", "steps", "resumed_at_step", "wall_time_s",
     "seconds_per_step", "seconds_per_step_after_first", "output_dir", "objectives", "grid", "grid_sha256", "inputs",
-    "images", "scales", "result_file", "format",
+    "images", "scales", "result_file", "precision_source", "format",
 ]  # fmt: skip
 OBJECTIVE_KEYS = [
     "sha256", "objective", "initial_loss", "final_loss", "best_step", "best_loss", "last_loss", "stopped_at_step",
@@ -127,10 +127,11 @@ def test_fit_summary_keeps_the_keys_and_reads_back(tmp_path: Path) -> None:
     assert text.startswith('{\n  "vgg_weights": "random (seed 0)",\n')  # indent 2, as before
     (tmp_path / SUMMARY).write_text(text)
     assert FitSummary.read(tmp_path) == summary and FitSummary.read(tmp_path).to_json() == text
-    # A summary written before `images` (or `scales`, `result_file`) existed still reads.
-    del data["images"], data["scales"], data["result_file"]
+    # A summary written before `images` (or `scales`, `result_file`, `precision_source`) existed still reads.
+    del data["images"], data["scales"], data["result_file"], data["precision_source"]
     (tmp_path / SUMMARY).write_text(json.dumps(data))
     assert FitSummary.read(tmp_path).images is None and FitSummary.read(tmp_path).scales is None
+    assert FitSummary.read(tmp_path).precision_source is None
 
 
 RECORD = {

@@ -9,6 +9,7 @@ The Lightning glue only: the trainer defaults, what ``NSTCLI`` adds to Lightning
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import signal
 import sys
 from argparse import ArgumentError
@@ -20,9 +21,11 @@ import yaml
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_nst.cli import console, preflight
 from lightning_nst.cli.messages import nst_error
+from lightning_nst.cli.precision import PrecisionChoice, choose_precision
 from lightning_nst.cli.signals import RemoveRefusedRunFolder, StopOnSignal, resume_in_run_folder, stopped_by
 from lightning_nst.cli.yaml_checks import check_subcommand_of_configs, check_yaml_files
 from lightning_nst.core.seeds import check_seed
@@ -59,6 +62,10 @@ class NSTCLI(LightningCLI):
         kwargs.setdefault("trainer_defaults", TRAINER_DEFAULTS)
         kwargs["parser_kwargs"] = {"description": DESCRIPTION, **kwargs.get("parser_kwargs", {})}
         self.stop = stop or StopOnSignal()
+        self.resume_state: dict[str, Any] | None = None
+        """The resume state of the image optimisation checkpoint ``fit --ckpt_path`` resumes, if any."""
+        self.precision: PrecisionChoice | None = None
+        """The precision of an image optimisation fit, and where it came from (:mod:`lightning_nst.cli.precision`)."""
         super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
 
     @staticmethod
@@ -91,7 +98,8 @@ class NSTCLI(LightningCLI):
         # checkpoint's hyperparameters) and #21455 (the command line over them) would each give a public path.
         subcommand = self.config.get("subcommand")
         if subcommand and self.config[subcommand].get("ckpt_path"):
-            if check_checkpoint(self.config[subcommand]):
+            self.resume_state = check_checkpoint(self.config[subcommand])
+            if self.resume_state is not None:
                 return
         super()._parse_ckpt_path()
 
@@ -102,6 +110,9 @@ class NSTCLI(LightningCLI):
             # added here, it is in place for resume_in_run_folder and keeps its last images before the clean-up.
             if not any(isinstance(callback, ImageWriter) for callback in self.trainer.callbacks):
                 self.trainer.callbacks.append(ImageWriter())
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, ImageWriter) and self.precision is not None:
+                    callback.precision_source = self.precision.source
         if self.subcommand in ("fit", "predict"):
             self.trainer.callbacks.append(self.stop)
             console.install_progress_bar(self.trainer, self.config[self.subcommand].trainer.get("callbacks"))
@@ -114,11 +125,13 @@ class NSTCLI(LightningCLI):
             self.trainer.callbacks.append(RemoveRefusedRunFolder(log_dir))
 
     def before_instantiate_classes(self) -> None:
-        """Turn ``inference_mode`` off for ``predict`` and load checkpoints with ``weights_only=True`` by default.
+        """Turn ``inference_mode`` off for ``predict``, load checkpoints ``weights_only`` and choose a fit's precision.
 
         Guided sampling needs gradients, which ``inference_mode`` would forbid. ``--weights_only`` left unset would
         defer to torch's default, which has changed between releases; ``--weights_only false`` still loads a trusted
-        checkpoint that holds arbitrary objects.
+        checkpoint that holds arbitrary objects. An image optimisation's ``trainer.precision`` left unset becomes
+        ``bf16-mixed`` where the device computes bfloat16 natively (:mod:`lightning_nst.cli.precision`), said in one
+        line; ``predict`` keeps its config's.
         """
         config = self.config[self.subcommand]
         if self.subcommand == "predict":
@@ -130,6 +143,23 @@ class NSTCLI(LightningCLI):
             # once. Only here: with -1 everywhere, Lightning's progress bar would show "Epoch 0/-2".
             config.trainer.max_epochs = -1
         preflight.check(config, self.subcommand)
+        if self.subcommand == "fit" and _is_image_optimization(config.get("model")):
+            self.precision = choose_precision(config.trainer.precision, config.trainer.accelerator, self.resume_state)
+            config.trainer.precision = self.precision.precision
+            rank_zero_info(self.precision.line())
+
+
+def _is_image_optimization(model: Any) -> bool:
+    """Whether a config's ``model`` is :class:`ImageOptimization` or a subclass of it."""
+    class_path = model.get("class_path") if isinstance(model, Namespace) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return False
+    module, _, name = class_path.rpartition(".")
+    try:
+        kind = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(kind, type) and issubclass(kind, ImageOptimization)
 
 
 def _replace_listed_objectives(config: Namespace, argv: list[str]) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["auto_precision", "cpu_has_fast_bf16", "device_type", "fast_bf16"]
+__all__ = ["auto_precision", "bf16_reason", "cpu_has_fast_bf16", "device_type", "fast_bf16"]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -53,3 +53,28 @@ def fast_bf16(device: str | torch.device) -> bool:
 def auto_precision(accelerator: object) -> str:
     """``bf16-mixed`` where the accelerator's device has fast bfloat16 (:func:`fast_bf16`), else ``32-true``."""
     return "bf16-mixed" if fast_bf16(device_type(accelerator)) else "32-true"
+
+
+def _cpu_bf16_units() -> list[str]:
+    """The bfloat16 units torch finds on this CPU (``AVX512-BF16``, ``AMX``); empty where it cannot tell."""
+    checks = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+    return [unit for unit, name in checks.items() if callable(check := getattr(torch.cpu, name, None)) and check()]
+
+
+def bf16_reason(device: str | torch.device, fast: bool) -> str:
+    """Why ``device`` does (``fast``) or does not compute bfloat16 fast, in words for a message.
+
+    E.g. ``this CPU has AVX512-BF16`` or ``this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated and slower``.
+    """
+    kind = torch.device(device).type
+    if kind == "cpu":
+        if fast:
+            units = _cpu_bf16_units()
+            return f"this CPU has {' and '.join(units)}" if units else "this CPU computes bfloat16 natively"
+        return "this CPU has no AVX512-BF16 or AMX, so bf16 would be emulated and slower"
+    if kind == "cuda":
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "this GPU"
+        if fast:
+            return f"{name} computes bfloat16 natively"
+        return f"{name} has no native bfloat16, so bf16 would be emulated and slower"
+    return f"bf16 is chosen automatically only on CUDA and on x86 CPUs with bfloat16 units, not on {kind}"

@@ -375,8 +375,8 @@ UNSAFE_ON_RESUME = ("objectives", "vgg", "init", "init_seed", "parameterization"
 """ImageOptimization options a resumed run may not change: the checkpoint's image was made for them."""
 
 
-def check_checkpoint(config: Namespace) -> bool:
-    """Check ``ckpt_path`` before any heavy work; return whether it is an image optimisation checkpoint.
+def check_checkpoint(config: Namespace) -> dict[str, Any] | None:
+    """Check ``ckpt_path`` before any heavy work; return its resume state if it is an image optimisation checkpoint.
 
     Refuses, naming ``ckpt_path``, a file that is not a checkpoint, one of another task, and one whose model options
     (:data:`UNSAFE_ON_RESUME`), optimizer class, data size or input images differ from this command's. Options that
@@ -384,13 +384,13 @@ def check_checkpoint(config: Namespace) -> bool:
     """
     value = str(config.ckpt_path)
     if value in ("last", "best", "hpc", "registry") or value.startswith("registry:"):
-        return False
+        return None
     path = Path(value).expanduser()
     checkpoint = load(path)
     model = config.get("model")
     class_path = model.get("class_path", "") if isinstance(model, Namespace) else ""
     if not class_path.endswith("ImageOptimization"):
-        return False
+        return None
     state = checkpoint.get(RESUME_KEY)
     if isinstance(state, dict):
         check_version(state, f"ckpt_path: {path}")
@@ -434,7 +434,7 @@ def check_checkpoint(config: Namespace) -> bool:
             f"ckpt_path: {path} was saved with other data.size than this command; a resumed run cannot change it "
             f"(start a new run without --ckpt_path, or give the checkpoint's values)"
         )
-    return True
+    return state
 
 
 def _check_optimizer_settings(path: Path, states: list[dict[str, Any]], optimizer: Any) -> None:

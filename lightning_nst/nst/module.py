@@ -377,6 +377,8 @@ class ImageOptimization(L.LightningModule):
             "vgg_weights": self.vgg.weights_used if self.vgg is not None else None,
             # The random projections of sliced_w targets: a resume draws the ones the run would have drawn next.
             "generators": {name: generator.get_state() for name, generator in self.evaluator.generators().items()},
+            # What a resume with trainer.precision unset takes (lightning_nst.cli.precision), so it computes alike.
+            "precision": str(self.trainer.precision) if self._trainer is not None else None,
         }
         scales = self.coarse.state_dict()
         if scales is not None:

@@ -97,6 +97,7 @@ def fit_summary(
     times: tuple[float, float, float],
     start_step: int,
     result_file: dict[str, str] | None,
+    precision_source: str = "config",
 ) -> FitSummary:
     """``summary.json`` of a fit whose results and grid are in ``out``.
 
@@ -110,6 +111,7 @@ def fit_summary(
             when it ended.
         start_step: The step the fit started (or resumed) at.
         result_file: The ``output`` file written, with its ``sha256``, if any.
+        precision_source: Where ``trainer.precision`` came from: ``auto``, ``config`` or ``checkpoint``.
     """
     started, first_step_done, ended = times
     steps = trainer.global_step
@@ -139,6 +141,7 @@ def fit_summary(
         },
         scales=getattr(module, "scale_records", None),
         result_file=result_file,
+        precision_source=precision_source,
     )
 
 

@@ -160,6 +160,9 @@ class ImageWriter(L.Callback):
         self.keep_partial = keep_partial
         self.partial: Path | None = None
         """Where a stop left the best image so far (``keep_partial``), once it did."""
+        self.precision_source = "config"
+        """``summary.json``'s ``precision_source``: ``lightning-nst fit`` sets ``auto`` or ``checkpoint`` where it chose
+        ``trainer.precision`` (:mod:`lightning_nst.cli.precision`); ``config``: as the Trainer was given it."""
         self.directory = Path(output_dir).expanduser() if output_dir is not None else None
         self._folder: OutputFolder | None = None
         self._started = 0.0
@@ -406,7 +409,10 @@ class ImageWriter(L.Callback):
             own_file = {"path": str(path), "sha256": file_digest(path)}
         self._log_images(trainer, module, "result", best)
         times = (self._started, self._first_step_done, ended)
-        summary = fit_summary(module, trainer, list(best.shape[-2:]), records, out, times, self._start_step, own_file)
+        summary = fit_summary(
+            module, trainer, list(best.shape[-2:]), records, out, times, self._start_step, own_file,
+            precision_source=self.precision_source,
+        )  # fmt: skip
         self._write(SUMMARY, summary.to_json().encode())
         self._log_hparams(trainer, module, final_metrics(summary))
         self._written = True

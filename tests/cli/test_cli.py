@@ -102,7 +102,9 @@ def test_style_transfer_lowers_style_loss(config: str) -> None:
     summary = fit(config, f"--model.init_args.optimizer={ADAM}", size=48, steps=20)
     (objective,) = summary["objectives"].values()
     initial, final = objective["initial_loss"], objective["final_loss"]
-    assert initial["content_relu4_2"] == pytest.approx(0, abs=1e-6)  # starts from the content image
+    # Starts from the content image: 0 in float32; 1.1e-6 under bf16-mixed (the default where the CPU has bfloat16
+    # units), the bf16 VGG pass's rounding against the float32 target; noise's is ~1e-2 here.
+    assert initial["content_relu4_2"] == pytest.approx(0, abs=1e-5)
     style = [term for term in final if term.startswith("style_")]
     assert len(style) == 5
     assert sum(final[t] for t in style) < sum(initial[t] for t in style) / 10  # measured 37-59

@@ -1,0 +1,66 @@
+"""Which precision an image optimisation runs in, and the line that says which and why.
+
+``trainer.precision`` left unset takes :func:`~lightning_nst.core.hardware.auto_precision`: ``bf16-mixed`` where the
+device computes bfloat16 natively (the VGG trunk under bf16 autocast; the image, its optimizer state, the style
+statistics and the losses stay float32), ``32-true`` elsewhere. A resumed fit with it unset takes the precision its
+checkpoint was made with, so it goes on as it began; a value given anywhere is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_nst.core import hardware
+
+PrecisionSource = Literal["auto", "config", "checkpoint"]
+"""Where a fit's precision came from: chosen for the device, given by the user, or the resumed checkpoint's."""
+
+BEFORE_RECORDED = "32-true"
+"""The precision of a checkpoint saved before checkpoints recorded it: the default then."""
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A fit's precision, where it came from (``summary.json``'s ``precision_source``) and why, in words."""
+
+    precision: str
+    source: PrecisionSource
+    reason: str
+
+    def line(self, override: str = "--trainer.precision {}") -> str:
+        """The console line, e.g. ``precision: bf16-mixed (chosen: this CPU has AVX512-BF16; ...)``.
+
+        Args:
+            override: How the user sets the precision, with ``{}`` for the value; named when it is not float32.
+        """
+        hint = f"; {override.format('32-true')} for float32" if self.precision != "32-true" else ""
+        if self.source == "config":
+            return f"precision: {self.precision} (as given)"
+        return f"precision: {self.precision} ({self.reason}{hint})"
+
+
+def choose_precision(given: Any, accelerator: Any, resume_state: Mapping[str, Any] | None = None) -> PrecisionChoice:
+    """The precision of a fit whose ``trainer.precision`` is ``given`` (``None``: unset).
+
+    Args:
+        given: The configured precision, or ``None``.
+        accelerator: ``trainer.accelerator``, whose device decides an unset precision.
+        resume_state: The resumed checkpoint's resume state (``checkpoint["lightning_nst"]``), if any.
+    """
+    if given is not None:
+        return PrecisionChoice(str(given), "config", "as given")
+    if resume_state is not None:
+        saved = resume_state.get("precision")
+        if saved is None:
+            reason = f"the checkpoint's: saved before checkpoints recorded it, when {BEFORE_RECORDED} was the default"
+            return PrecisionChoice(BEFORE_RECORDED, "checkpoint", reason)
+        return PrecisionChoice(str(saved), "checkpoint", "the checkpoint's, so the resumed run computes as it began")
+    device = hardware.device_type(accelerator)
+    try:
+        precision = hardware.auto_precision(accelerator)
+        reason = hardware.bf16_reason(device, precision == "bf16-mixed")
+    except RuntimeError:  # not a device torch names (an Accelerator object, a TPU): Lightning's own default
+        precision, reason = "32-true", f"bf16 is chosen automatically only on CUDA and CPUs, not on {device}"
+    return PrecisionChoice(precision, "auto", f"chosen: {reason}")
