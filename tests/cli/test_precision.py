@@ -109,13 +109,17 @@ def test_the_api_chooses_alike_and_keeps_a_given_precision(
 # -- what bf16 gives up ---------------------------------------------------------------------------------------------
 
 MARGIN = 1.3
-"""bf16's float32-scored final loss over 32-true's, at most (measured 0.97-1.19 at 48 px, 20 and 40 steps, on
-style_transfer_gram, texture_gram and texture_meanvar with random and the real partial weights; docs/benchmarks.md,
+"""bf16's float32-scored final loss over 32-true's, at most, where 32-true ends above :data:`DEEP` of the initial loss
+(measured at 128 px, 100 steps, every shipped config: 0.58-1.28 with random weights, 0.98-1.10 with the real partial
+ones; at these tests' 48 px and 30 steps: 0.98-1.00, texture_gram with random weights past DEEP; docs/benchmarks.md,
 "bf16 by default")."""
 
-FLOOR = 1e-4
-"""...unless both fell this far below the initial loss: there bf16 stops at its rounding floor (texture_gram with
-random weights: 32-true 3.1e-7, bf16 1.3e-6 = 3.7e-5 of the initial 0.034)."""
+DEEP = 1e-4
+"""Below this fraction of the initial loss, 32-true has gone past bf16's rounding floor, and bf16 stops there..."""
+
+FLOOR = 2e-4
+"""...at most this fraction of the initial loss (measured: up to 1.4e-4; texture_gram with random weights at 48 px,
+30 steps: 32-true 3.1e-7, bf16 1.3e-6 = 3.7e-5 of the initial 0.034)."""
 
 
 def float32_scores(config: str, weights: str, *, size: int = 48, steps: int = 30) -> tuple[float, float, float]:
@@ -156,4 +160,4 @@ def test_bf16_ends_within_the_margin_of_float32(config: str, weights: str) -> No
     path = "random" if weights == "random" else str(require_shared(PARTIAL_WEIGHTS_FILE))
     initial, fp32, bf16 = float32_scores(config, path)
     assert fp32 < initial / 10  # both runs did optimise
-    assert bf16 <= MARGIN * fp32 or max(fp32, bf16) <= FLOOR * initial, (initial, fp32, bf16)
+    assert bf16 <= MARGIN * fp32 or (fp32 <= DEEP * initial and bf16 <= FLOOR * initial), (initial, fp32, bf16)
