@@ -62,5 +62,6 @@ def choose_precision(given: Any, accelerator: Any, resume_state: Mapping[str, An
         precision = hardware.auto_precision(accelerator)
         reason = hardware.bf16_reason(device, precision == "bf16-mixed")
     except RuntimeError:  # not a device torch names (an Accelerator object, a TPU): Lightning's own default
-        precision, reason = "32-true", f"bf16 is chosen automatically only on CUDA and CPUs, not on {device}"
+        precision = "32-true"
+        reason = f"lightning-nst picks bf16 only on CUDA and on x86 CPUs with bfloat16 units, not on {device}"
     return PrecisionChoice(precision, "auto", f"chosen: {reason}")

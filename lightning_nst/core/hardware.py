@@ -77,4 +77,4 @@ def bf16_reason(device: str | torch.device, fast: bool) -> str:
         if fast:
             return f"{name} computes bfloat16 natively"
         return f"{name} has no native bfloat16, so bf16 would be emulated and slower"
-    return f"bf16 is chosen automatically only on CUDA and on x86 CPUs with bfloat16 units, not on {kind}"
+    return f"lightning-nst picks bf16 only on CUDA and on x86 CPUs with bfloat16 units, not on {kind}"
