@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from lightning_nst.core.images import load_image
 from lightning_nst.core.vgg import VGG19Features
 from lightning_nst.core.wasserstein import W2_EPS, sqrtm_eigh, w2_cross_trace, weighted_mean_cov
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.core.test_losses_wasserstein import w2_float64  # noqa: E402  (the one float64 reference)
 
 LAYERS = ("relu1_1", "relu2_1", "relu3_1")
 
@@ -101,21 +105,6 @@ def w2(way: Callable[[Tensor, Tensor], Tensor], mean: Tensor, cov: Tensor, targe
     return ((mean - t_mean.to(mean.dtype)).square().sum(-1).double() + trace) / cov.shape[-1]
 
 
-def reference(features: Tensor, target_features: Tensor) -> float:
-    """The loss in float64 by numpy alone."""
-
-    def moments(f: Tensor) -> tuple[np.ndarray, np.ndarray]:
-        flat = f.detach().double().flatten(2)[0].numpy()
-        centred = flat - flat.mean(1, keepdims=True)
-        return flat.mean(1), centred @ centred.T / flat.shape[1] + W2_EPS * np.eye(flat.shape[0])
-
-    (mu, cov), (mu_t, cov_t) = moments(features), moments(target_features)
-    values, vectors = np.linalg.eigh(cov_t)
-    root = (vectors * np.sqrt(values.clip(0))) @ vectors.T
-    cross = np.sqrt(np.linalg.eigvalsh(root @ cov @ root).clip(0)).sum()
-    return float((((mu - mu_t) ** 2).sum() + np.trace(cov) + np.trace(cov_t) - 2 * cross) / len(mu))
-
-
 def target_of(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     mean, cov = weighted_mean_cov(features.float().flatten(2), None, diagonal=False)
     cov = cov[0] + W2_EPS * torch.eye(cov.shape[-1])
@@ -126,7 +115,7 @@ def errors(vgg: VGG19Features, image: Tensor, texture: Tensor, label: str) -> No
     with torch.no_grad():
         feats, targets = vgg(image), vgg(texture)
     for layer in LAYERS:
-        exact, target = reference(feats[layer], targets[layer]), target_of(targets[layer])
+        exact, target = w2_float64(feats[layer], targets[layer]), target_of(targets[layer])
         row = []
         for name, way in WAYS.items():
             mean, cov = weighted_mean_cov(feats[layer].float().flatten(2), None, diagonal=False)

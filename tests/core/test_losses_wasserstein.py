@@ -213,8 +213,11 @@ def test_w2_with_real_vgg_features_is_zero_at_the_texture(partial_weights: Path)
             assert abs(loss(texture[layer]).item()) < 1e-3 * loss(noise[layer]).item(), layer
 
 
-def _w2_float64(features: Tensor, target: Tensor) -> float:
-    """The w2 loss in float64 by numpy alone: float64 moments, eigendecompositions by ``numpy.linalg``."""
+def w2_float64(features: Tensor, target: Tensor) -> float:
+    """The w2 loss in float64 by numpy alone: float64 moments, eigendecompositions by ``numpy.linalg``.
+
+    Also the reference of ``benchmarks/w2_fidelity.py``.
+    """
 
     def moments(f: Tensor) -> tuple[np.ndarray, np.ndarray]:
         flat = f.detach().double().flatten(2)[0].numpy()
@@ -251,7 +254,7 @@ def test_w2_equals_a_float64_reference_whole_and_from_tiled_sums(case: str) -> N
     with torch.no_grad():
         target, features = vgg(gravel), vgg(image)
     for layer in layers:
-        expected = _w2_float64(features[layer], target[layer])
+        expected = w2_float64(features[layer], target[layer])
         loss = StyleLoss(target[layer], "w2")
         whole = loss(features[layer]).item()
         first, second = loss.sums(features[layer].double())
