@@ -11,6 +11,10 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# Lightning gives its loggers a StreamHandler of sys.stderr when it is first imported. `import lightning_nst` no longer
+# imports it, so without this import a test that runs it first would bind the handler to that test's captured stream,
+# closed by the next test, and every later Lightning log line would print "--- Logging error ---".
+import lightning  # noqa: F401
 import pytest
 import torch
 
