@@ -102,7 +102,7 @@ class FastNetwork:
         """The network in words, e.g. ``a Johnson network trained on painting.jpg``."""
         if self.kind == "johnson":
             return f"a Johnson network trained on {self.record.style or 'one style'}"
-        return f"an AdaIN network (encoder up to {self.record.config.get('encoder_layer', 'relu4_1')})"
+        return f"an AdaIN network with a {self.record.config.get('encoder_layer', 'relu4_1')} encoder"
 
 
 def _refuse(key: str, path: Path, problem: str) -> NSTError:
@@ -119,14 +119,18 @@ def _read_checkpoint(path: Path, key: str, map_location: str | torch.device) -> 
                           "load_torchscript; --network takes the .ckpt it was exported from")  # fmt: skip
         if any(name.endswith("constants.pkl") for name in names):
             raise _refuse(key, path, "is a TorchScript file, not a checkpoint of a fast style network")
+    else:
+        with path.open("rb") as stream:
+            head = stream.read(2)
+        if not head.startswith(b"\x80"):  # neither torch's zip format nor its legacy pickle (protocol 2+)
+            raise _refuse(key, path, "is not a PyTorch checkpoint")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on legacy formats: the refusal below says what matters
             return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else "unpickling refused"
-        raise _refuse(key, path, f"holds Python objects a weights-only load refuses ({first[:160]}); it is not "
-                      "a fast style network checkpoint") from None  # fmt: skip
+    except pickle.UnpicklingError:
+        raise _refuse(key, path, "holds Python objects that a weights-only load refuses, so it is not a fast style "
+                      "network checkpoint (tensors and plain values only)") from None  # fmt: skip
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise _refuse(key, path, f"is not a PyTorch checkpoint ({first[:160]})") from None
@@ -446,8 +450,8 @@ class FolderReport:
 
     @property
     def failed(self) -> bool:
-        """Whether the run wrote nothing though images were left to write."""
-        return not self.written and bool(self.unreadable or self.non_finite)
+        """Whether the folder holds no result after the run: nothing written, nothing there before."""
+        return not self.written and not self.existing
 
     def summary(self, output: str | os.PathLike[str]) -> str:
         """One line: written, kept and skipped counts."""
