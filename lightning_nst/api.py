@@ -18,13 +18,16 @@ import functools
 import importlib
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from lightning_nst.cli import console, preflight
 from lightning_nst.cli.shortcuts import stylize_config, texture_config
 from lightning_nst.core.errors import NSTError
+
+if TYPE_CHECKING:
+    from lightning_nst.nst.fast.inference import FastNetwork
 
 Source = str | os.PathLike[str]
 
@@ -121,7 +124,7 @@ def stylize(
     progress: bool = False,
     accelerator: str = "auto",
     precision: str | None = None,
-    network: Any = None,
+    network: FastNetwork | Source | None = None,
     alpha: float | None = None,
     preserve_color: bool = False,
     device: str = "auto",
@@ -193,7 +196,7 @@ def stylize(
 
 
 def _stylize_with_network(
-    content: Any, style: Any, network: Any, *, precision: str | None, **settings: Any
+    content: Any, style: Any, network: FastNetwork | Source, *, precision: str | None, **settings: Any
 ) -> Image.Image | list[Image.Image]:
     """``stylize(..., network=...)``: PIL images of a fast network's results, as ``stylize --network`` writes them."""
     from lightning_nst.core.images import to_pil

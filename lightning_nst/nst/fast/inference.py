@@ -351,28 +351,30 @@ class Stylizer:
         from lightning_nst.nst.fast.networks import _pad_to_multiple
 
         padded, height, width = _pad_to_multiple(content, min_input_size([module.encoder_layer]))
-        features = module.encode(padded)[module.encoder_layer].float()
-        target = adain(features, *statistics)
-        target = self.alpha * target + (1 - self.alpha) * features
-        return module.decoder(target)[..., :height, :width].float().clamp(0, 1)
+        with self._context():
+            features = module.encode(padded)[module.encoder_layer].float()
+            target = adain(features, *statistics)
+            target = self.alpha * target + (1 - self.alpha) * features
+            return module.decoder(target)[..., :height, :width].float().clamp(0, 1)
 
     @torch.no_grad()
     def __call__(self, content: Tensor) -> Tensor:
         """Stylize ``(B, 3, H, W)`` (or ``(3, H, W)``) images in ``[0, 1]``; float32 on the CPU, the input's size."""
         content = _to_tensor(content, None, "content").to(self.device)
-        with self._context():
-            if not self.network.takes_style:
+        # Only the networks run under autocast; the colour transforms stay in float32 (match_color in float64).
+        if not self.network.takes_style:
+            with self._context():
                 out = self.network.module(content).float()
-                if self.preserve_color:
-                    out = combine_luminance(luminance(out), content.float())
-            elif self._statistics is not None:
-                out = self._adain(content, self._statistics)
-            else:  # the styles' colours matched to each content image's
-                outs = []
-                for image in content.split(1):
-                    matched = [match_color(style.to(self.device), image.float()).clamp(0, 1) for style in self.styles]
-                    outs.append(self._adain(image, self._style_statistics(matched)))
-                out = torch.cat(outs)
+            if self.preserve_color:
+                out = combine_luminance(luminance(out), content)
+        elif self._statistics is not None:
+            out = self._adain(content, self._statistics)
+        else:  # the styles' colours matched to each content image's
+            outs = []
+            for image in content.split(1):
+                matched = [match_color(style.to(self.device), image).clamp(0, 1) for style in self.styles]
+                outs.append(self._adain(image, self._style_statistics(matched)))
+            out = torch.cat(outs)
         return out.float().cpu()
 
 
