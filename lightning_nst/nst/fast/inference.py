@@ -65,7 +65,7 @@ Precision = Literal["auto", "32", "bf16"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 """The files a folder run reads (by suffix, case-insensitive; hidden files are skipped)."""
 STYLE_SIZE = 512
-"""Long edge an AdaIN style image is resized to by default, as pytorch-AdaIN's ``--style_size`` (its short edge)."""
+"""Longest edge of an AdaIN style image by default (larger ones are reduced), as pytorch-AdaIN's ``--style_size``."""
 EXTRA_FILE = "lightning_nst_network.json"
 """The extra file of an exported TorchScript network: its kind, record and how to call it."""
 NETWORK_PREFIX = "network."
@@ -276,7 +276,8 @@ class Stylizer:
         alpha: AdaIN's content-style trade-off (1 by default).
         style_weights: AdaIN's weight of each style image.
         preserve_color: Keep the content's colours (see above).
-        style_size: Long edge the style images are resized to; ``None`` keeps their size.
+        style_size: Longest edge of the style images: larger ones are reduced to it (smaller ones are not enlarged,
+            which would only blur them); ``None`` keeps their size.
         device: ``auto`` (CUDA where available, else the CPU), ``cpu``, ``cuda``, ...
         precision: ``auto`` (bf16 autocast where the device computes bfloat16 natively, else float32), ``32`` or
             ``bf16``.
@@ -317,7 +318,9 @@ class Stylizer:
         self.device = torch.device(device_type(device))
         self.autocast = _precision_dtype(precision, self.device)
         self.network.module.to(self.device)
-        self.styles = [_to_tensor(image, style_size, f"style[{index}]") for index, image in enumerate(styles)]
+        self.styles = [_to_tensor(image, None, f"style[{index}]") for index, image in enumerate(styles)]
+        if style_size is not None:
+            self.styles = [resize_long_edge(image, min(style_size, max(image.shape[-2:]))) for image in self.styles]
         self._statistics = None if preserve_color or not styles else self._style_statistics(self.styles)
 
     def _context(self) -> contextlib.AbstractContextManager[Any]:
