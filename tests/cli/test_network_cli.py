@@ -101,7 +101,10 @@ def test_adain_from_the_command_line(
     capfd: pytest.CaptureFixture[str],
 ) -> None:
     write_png(tmp_path / "photo.png", 33, 40, seed=0)
-    write_png(tmp_path / "a.png", 40, 40, seed=1)
+    bright = np.random.default_rng(1).random((40, 40, 3)) * 50 + np.array(
+        [200, 160, 40]
+    )  # far from the photo's colours
+    Image.fromarray(bright.astype(np.uint8)).save(tmp_path / "a.png")
     write_png(tmp_path / "b.png", 30, 50, seed=2)
     adain = str(checkpoints["adain"])
     line = cli_error(capfd, ["stylize", "photo.png", "--network", adain, "-o", "x.png"])
