@@ -94,7 +94,8 @@ def stylize_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lightning-nst stylize",
         description="Gatys style transfer of CONTENT in the style of STYLE (several are blended): "
-        "configs/style_transfer_<statistic>.yaml with these flags as overrides, run as `lightning-nst fit`.",
+        "configs/style_transfer_<statistic>.yaml with these flags as overrides, run as `lightning-nst fit`. With "
+        "--network CKPT, one forward pass of a trained fast style network instead (see its flags below).",
     )
     parser.add_argument("content", help="the content image; with --network also a folder of images or a video file")
     parser.add_argument("style", nargs="*", help="the style image(s); none for a Johnson network (--network)")
