@@ -2,13 +2,14 @@
 
 ``fit``/``predict`` run through :func:`~lightning_nst.cli.lightning.run`.
 
-``stylize``, ``texture`` and ``generate`` are shortcuts onto ``fit``/``predict`` (:mod:`lightning_nst.cli.shortcuts`),
+``stylize``, ``texture`` and ``generate`` are shortcuts onto ``fit``/``predict`` (:mod:`lightning_nst.cli.shortcuts`;
+``stylize --network`` runs a trained fast style network instead, which ``export`` writes as TorchScript),
 ``report`` makes the study's reports, ``layers`` lists the VGG19 layers and ``configs`` the shipped configs, which
 ``-c NAME`` finds by name. Errors for bad input are one line, ``lightning-nst: error: <key or file>: <problem>``,
 unless ``--debug`` or ``LIGHTNING_NST_DEBUG=1`` asks for the traceback.
 
 Only the commands that run import torch, Lightning or diffusers: ``--help``, ``--version``, ``layers``, ``configs`` and
-each shortcut's ``--help`` answer without them.
+each shortcut's and ``export``'s ``--help`` answer without them.
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ DEBUG_ENV = "LIGHTNING_NST_DEBUG"
 COMMANDS = {
     "fit": "optimise images (reconstruction, texture, style transfer) from a config: fit -c style_transfer_gram",
     "predict": "generate with style-guided Stable Diffusion from a config: predict -c guided_diffusion",
-    "stylize": "style transfer with flat flags: stylize photo.jpg painting.jpg -o out.png",
+    "stylize": "style transfer with flat flags: stylize photo.jpg painting.jpg -o out.png (--network: a trained net)",
     "texture": "texture synthesis with flat flags: texture texture.jpg -o out.png",
     "generate": 'style-guided generation with flat flags: generate "a prompt" --style painting.jpg -o outdir/',
+    "export": "a trained fast style network as TorchScript: export model.ckpt -o model.pt",
     "report": "run one of the study's experiments as a report",
     "layers": "list the 37 VGG19 layer names",
     "configs": "list the shipped configs (-c takes their names)",
@@ -96,7 +98,7 @@ def _command(argv: list[str]) -> None:
         (print_layers if command == "layers" else print_configs)(argv[1:])
         return
     argv = shipped.resolve_argv(argv)
-    if command in ("stylize", "texture", "generate"):
+    if command in ("stylize", "texture", "generate", "export"):
         from lightning_nst.cli import shortcuts
 
         getattr(shortcuts, command)(argv[1:])

@@ -4,6 +4,10 @@ Each shortcut is a shipped config with the flags as overrides (:func:`stylize_co
 :func:`generate_config`), run through :func:`lightning_nst.cli.lightning.run` as ``fit -c <that config>`` or
 ``predict -c <that config>`` would run it; ``--print-config`` prints that config as YAML instead. ``stylize`` and
 ``texture`` then copy the result the run's ImageWriter wrote into its folder to the file named by ``-o``.
+
+``stylize --network CKPT`` runs a trained fast style network instead (:mod:`lightning_nst.nst.fast.inference`): one
+forward pass per image, a folder in and a folder out, or a video's frames; ``export`` writes such a network as
+TorchScript.
 """
 
 from __future__ import annotations
@@ -90,10 +94,11 @@ def stylize_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="lightning-nst stylize",
         description="Gatys style transfer of CONTENT in the style of STYLE (several are blended): "
-        "configs/style_transfer_<statistic>.yaml with these flags as overrides, run as `lightning-nst fit`.",
+        "configs/style_transfer_<statistic>.yaml with these flags as overrides, run as `lightning-nst fit`. With "
+        "--network CKPT, one forward pass of a trained fast style network instead (see its flags below).",
     )
-    parser.add_argument("content", help="the content image")
-    parser.add_argument("style", nargs="+", help="the style image(s)")
+    parser.add_argument("content", help="the content image; with --network also a folder of images or a video file")
+    parser.add_argument("style", nargs="*", help="the style image(s); none for a Johnson network (--network)")
     _common(parser, "512", "content")
     parser.add_argument("--content-weight", type=float, help="weight of the content term (default: 1)")
     parser.add_argument(
@@ -104,7 +109,37 @@ def stylize_parser() -> argparse.ArgumentParser:
         "(the style's colours matched to the content's first) or histogram (the result's histograms matched to the "
         "content's) (keep)",
     )
+    network = parser.add_argument_group(
+        "a trained fast style network (--network; the optimisation's flags do not apply)",
+        "CONTENT may be an image (-o a file), a folder (-o a folder: the same relative paths, each file written once, "
+        "a rerun finishes what is missing) or a video file (-o a video at the same frame rate). A Johnson network "
+        "takes no STYLE; an AdaIN network takes one or several (mixed by --style-weights).",
+    )
+    network.add_argument("--network", metavar="CKPT", help="stylize with this trained network's checkpoint")
+    network.add_argument("--alpha", type=float, help="AdaIN: content (0) to style (1) trade-off (1)")
+    network.add_argument(
+        "--preserve-color",
+        action="store_true",
+        help="keep the content's colours: AdaIN matches the style's colours to the content's first (the AdaIN "
+        "paper's colour control); a Johnson network's result keeps its luminance and takes the content's chroma",
+    )
+    network.add_argument("--style-size", type=int, help="AdaIN: long edge of the style images in pixels (512)")
+    network.add_argument("--suffix", default=".png", help="a folder's result files' type (.png)")
+    network.add_argument("--batch-size", type=int, default=1, help="a folder's images per forward pass (1)")
+    network.add_argument("--device", default="auto", help="auto (CUDA where available, else cpu), cpu, cuda (auto)")
+    network.add_argument(
+        "--precision",
+        choices=("auto", "32", "bf16"),
+        default="auto",
+        help="auto: bf16 autocast where the device computes bfloat16 natively, else float32 (auto)",
+    )
     return parser
+
+
+NETWORK_ONLY = ("alpha", "preserve_color", "style_size", "suffix", "batch_size", "device", "precision")
+"""The ``stylize`` flags (their ``dest``) that apply only with ``--network``."""
+SHARED = ("content", "style", "output", "size", "style_weights", "overwrite", "network")
+"""The ``stylize`` flags of both the optimisation and ``--network``; the others are the optimisation's alone."""
 
 
 def texture_parser() -> argparse.ArgumentParser:
@@ -407,9 +442,11 @@ def _check_not_an_input(output: Path, options: argparse.Namespace) -> None:
             raise NSTError(f"-o: {output} is the {what} of this run; write the result to another file")
 
 
-def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) -> None:
+def _optimise(
+    argv: Sequence[str], parser: argparse.ArgumentParser, build: Any, options: argparse.Namespace | None = None
+) -> None:
     command = parser.prog.split()[-1]
-    options = parser.parse_args(argv)
+    options = parser.parse_args(argv) if options is None else options
     config = build(options)
     if options.print_config:
         print(config_yaml(config, "fit", [command, *argv]), end="")
@@ -430,9 +467,136 @@ def _optimise(argv: Sequence[str], parser: argparse.ArgumentParser, build: Any) 
     print(f"Wrote {output}; the run (TensorBoard, config, checkpoints) {where}", flush=True)
 
 
+def _given(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, str]:
+    """The options ``argv`` gives explicitly, as ``{dest: flag}`` (a value equal to the default counts as given)."""
+    flags = {}
+    for action in parser._actions:  # argparse has no public way to tell a default from a given value
+        if action.option_strings:
+            action.default = argparse.SUPPRESS
+            flags[action.dest] = max(action.option_strings, key=len)
+    return {dest: flags[dest] for dest in vars(parser.parse_intermixed_args(argv)) if dest in flags}
+
+
 def stylize(argv: Sequence[str]) -> None:
-    """``lightning-nst stylize CONTENT STYLE [STYLE ...] -o OUT`` (``argv`` after ``stylize``)."""
-    _optimise(argv, stylize_parser(), stylize_config)
+    """``lightning-nst stylize CONTENT STYLE [STYLE ...] -o OUT`` (``argv`` after ``stylize``).
+
+    With ``--network CKPT``, a trained fast style network stylizes CONTENT (an image, a folder or a video) instead.
+    """
+    parser = stylize_parser()
+    # Intermixed: the style images may follow options, as they could when STYLE took one or more (nargs="+").
+    options = parser.parse_intermixed_args(argv)
+    given = _given(stylize_parser(), argv)
+    if options.network is None:
+        for dest in NETWORK_ONLY:
+            if dest in given:
+                raise NSTError(f"{given[dest]}: applies to a trained network only; add --network CKPT")
+        if not options.style:
+            parser.error("the following arguments are required: style")
+        _optimise(argv, parser, stylize_config, options)
+        return
+    for dest, flag in given.items():
+        if dest not in SHARED and dest not in NETWORK_ONLY:
+            raise NSTError(f"{flag}: applies to the optimisation, not to --network (one forward pass of a trained "
+                           "network); leave it out")  # fmt: skip
+    _stylize_with_network(options)
+
+
+def _stylize_with_network(options: argparse.Namespace) -> None:
+    """``stylize ... --network CKPT``: an image, a folder or a video through a trained fast network."""
+    _positive(options.size, "--size")
+    _positive(options.style_size, "--style-size")
+    _positive(options.batch_size, "--batch-size")
+    _number(options.alpha, "--alpha", " in [0, 1]", low=0, high=1)
+    for weight in options.style_weights or []:
+        _number(weight, "--style-weights", " >= 0", low=0)
+    if not options.output.strip():
+        raise NSTError("-o: is empty; name the file (or, for a folder of images, the folder) to write")
+    content = Path(options.content).expanduser()
+    output = Path(options.output).expanduser()
+    for index, style in enumerate(options.style):
+        from lightning_nst.core.images import check_source
+
+        check_source(style, f"style[{index}]")
+    from lightning_nst.core.files import check_input_file
+
+    check_input_file(options.network, "--network", "checkpoint")
+    folder = content.is_dir()
+    if folder:
+        if output.exists() and not output.is_dir():
+            raise NSTError(f"-o: {output} is a file; a folder of images is written into a folder")
+    elif content.suffix.lower() in VIDEO_SUFFIXES:
+        if output.exists() and not options.overwrite:
+            raise NSTError(f"-o: {output} exists; pass --overwrite to replace it")
+    else:
+        _check_output_file(output, options.overwrite, None)
+        _check_not_an_input(output, options)
+    from lightning_nst.nst.fast import inference  # torch: only once the flags are checked
+
+    network = inference.load_network(options.network, key="--network")
+    settings = {
+        "alpha": options.alpha,
+        "style_weights": options.style_weights,
+        "preserve_color": options.preserve_color,
+        "style_size": inference.STYLE_SIZE if options.style_size is None else options.style_size,
+        "device": options.device,
+        "precision": options.precision,
+    }
+    style = list(options.style) or None
+    what = network.describe()
+    if folder:
+        report = inference.stylize_folder(
+            network, content, output, style, suffix=options.suffix, size=options.size,
+            batch_size=options.batch_size, overwrite=options.overwrite, **settings,
+        )  # fmt: skip
+        line = report.summary(output)
+        if report.failed:  # a run that wrote nothing, and found nothing written before, failed
+            raise NSTError(f"content: {line}")
+        print(f"{line[0].upper()}{line[1:]} ({what})", flush=True)
+        return
+    if content.suffix.lower() in VIDEO_SUFFIXES:
+        frames = inference.stylize_video(network, content, output, style, size=options.size,
+                                         overwrite=options.overwrite, **settings)  # fmt: skip
+        print(f"Wrote {output}: {frames} frames ({what})", flush=True)
+        return
+    from lightning_nst.core.files import write_atomic
+    from lightning_nst.core.images import encoded
+
+    (image,) = inference.stylize_images(network, options.content, style, size=options.size, **settings)
+    write_atomic(output, encoded(image, output, "-o"), overwrite=options.overwrite)
+    print(f"Wrote {output} ({what})", flush=True)
+
+
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi", ".webm")
+"""The content files ``stylize --network`` reads as videos (``inference.VIDEO_SUFFIXES``, without importing torch)."""
+
+
+def export_parser() -> argparse.ArgumentParser:
+    """The parser of ``lightning-nst export``."""
+    parser = _Parser(
+        prog="lightning-nst export",
+        description="Write a trained fast style network's checkpoint as a TorchScript file that runs on any image "
+        "size without lightning-nst (torch.jit.load, or libtorch in C++); its output is checked against the "
+        "checkpoint's before the file is written, which names the network's kind and how to call it "
+        "(the extra file lightning_nst_network.json).",
+    )
+    parser.add_argument("checkpoint", help="the network's checkpoint (.ckpt)")
+    parser.add_argument("-o", "--output", required=True, help="the TorchScript file to write (.pt); never replaced")
+    return parser
+
+
+def export(argv: Sequence[str]) -> None:
+    """``lightning-nst export CKPT -o OUT.pt`` (``argv`` after ``export``)."""
+    options = export_parser().parse_args(argv)
+    from lightning_nst.core.files import check_input_file
+
+    check_input_file(options.checkpoint, "checkpoint", "checkpoint")
+    if Path(options.output).expanduser().exists():
+        raise NSTError(f"-o: {options.output} exists; an export never replaces a file, so remove it or name another")
+    from lightning_nst.nst.fast.inference import export_torchscript, load_network
+
+    network = load_network(options.checkpoint, key="checkpoint")
+    path = export_torchscript(network, options.output)
+    print(f"Wrote {path} ({network.describe()}; load it with torch.jit.load)", flush=True)
 
 
 def texture(argv: Sequence[str]) -> None:

@@ -123,7 +123,7 @@ def test_generate_writes_into_the_folder(
 def test_help_lists_exactly_the_commands_that_work(capsys: pytest.CaptureFixture[str]) -> None:
     main(["--help"])
     listed = [line.split()[0] for line in capsys.readouterr().out.split("commands:\n")[1].split("\n\n")[0].splitlines()]
-    assert listed == ["fit", "predict", "stylize", "texture", "generate", "report", "layers", "configs"]
+    assert listed == ["fit", "predict", "stylize", "texture", "generate", "export", "report", "layers", "configs"]
     assert listed == list(COMMANDS)
     for command in ("validate", "test"):
         line = cli_error(capsys, [command])
