@@ -169,11 +169,8 @@ class _FastTraining(L.LightningModule):
         if batch_idx == 0 and self._preview is None:
             self._preview = {key: value[:8].detach() for key, value in batch.items() if isinstance(value, Tensor)}
 
-    def on_train_epoch_start(self) -> None:  # noqa: D102
-        self._tick = None  # the time between steps, not across a validation or an epoch's end
-
     def on_validation_end(self) -> None:  # noqa: D102
-        self._tick = None
+        self._tick = None  # the time between training steps, not across a validation
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Every ``log_images_every_n_steps`` steps, the validation images stylized side by side in TensorBoard."""
