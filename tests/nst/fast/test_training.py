@@ -158,9 +158,14 @@ def test_the_checkpoint_holds_the_record_and_the_network_alone(tmp_path: Path) -
 
 
 def test_the_adain_checkpoint_rebuilds_the_network_exactly(tmp_path: Path) -> None:
-    module = AdaINTraining(encoder_layer="relu2_1", vgg=VGGConfig(weights="random"), log_images_every_n_steps=0)
+    logger = TensorBoardLogger(str(tmp_path), name="run", default_hp_metric=False)
+    module = AdaINTraining(encoder_layer="relu2_1", vgg=VGGConfig(weights="random"), log_images_every_n_steps=2)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer(tmp_path, 2, checkpoint).fit(module, datamodule=folders(style=None, styles=SHIPPED_FOLDER))
+    run = trainer(tmp_path, 2, checkpoint, logger=logger)
+    run.fit(module, datamodule=folders(style=None, styles=SHIPPED_FOLDER))
+    events = EventAccumulator(str(Path(logger.log_dir)))
+    events.Reload()
+    assert events.Images("val/stylized")[-1].width == 3 * 64 + 4 * 2  # content | style | output
     saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=True)
     record = FastNetworkRecord.from_dict(saved[RECORD_KEY], "last.ckpt")
     assert record.kind == "adain" and record.config == {"encoder_layer": "relu2_1"}
@@ -191,10 +196,31 @@ def test_resume_from_last_ckpt_is_exact(tmp_path: Path) -> None:
         assert torch.equal(value, expected), name
 
 
-def test_bf16_mixed_training_stays_finite(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["johnson", "adain"])
+def test_bf16_mixed_training_stays_finite(tmp_path: Path, kind: str) -> None:
     recorder = LossRecorder()
-    trainer(tmp_path, 3, recorder, precision="bf16-mixed").fit(johnson(), datamodule=folders())
+    if kind == "johnson":
+        module: L.LightningModule = johnson(statistic="meanvar")
+        data = folders()
+    else:
+        module = AdaINTraining(encoder_layer="relu2_1", vgg=VGGConfig(weights="random"), log_images_every_n_steps=0)
+        data = folders(style=None, styles=SHIPPED_FOLDER)
+    trainer(tmp_path, 3, recorder, precision="bf16-mixed").fit(module, datamodule=data)
     assert len(recorder.losses) == 3 and all(torch.isfinite(torch.tensor(recorder.losses)))
+
+
+def test_a_blend_weighing_one_style_zero_is_that_style_alone() -> None:
+    crops = {"content": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    torch.manual_seed(0)
+    single = johnson(style="sample:brick", style_size=32)
+    torch.manual_seed(0)
+    blend = johnson(style=["sample:brick", "sample:gravel"], style_weights=[1.0, 0.0], style_size=32)
+    with torch.no_grad():
+        alone, mixed = single.losses(crops), blend.losses(crops)
+    torch.testing.assert_close(mixed["style"], alone["style"])
+    with torch.no_grad():
+        even = johnson(style=["sample:brick", "sample:gravel"], style_size=32).losses(crops)
+    assert not torch.allclose(even["style"], alone["style"])
 
 
 def test_a_missing_style_is_named(tmp_path: Path) -> None:
