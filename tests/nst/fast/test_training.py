@@ -217,10 +217,10 @@ def test_a_blend_weighing_one_style_zero_is_that_style_alone() -> None:
     blend = johnson(style=["sample:brick", "sample:gravel"], style_weights=[1.0, 0.0], style_size=32)
     with torch.no_grad():
         alone, mixed = single.losses(crops), blend.losses(crops)
-    torch.testing.assert_close(mixed["style"], alone["style"])
+    torch.testing.assert_close(mixed["style"], alone["style"], rtol=1e-6, atol=0)  # random weights: ~1e-8
     with torch.no_grad():
         even = johnson(style=["sample:brick", "sample:gravel"], style_size=32).losses(crops)
-    assert not torch.allclose(even["style"], alone["style"])
+    assert not torch.allclose(even["style"], alone["style"], rtol=0.01, atol=0)
 
 
 def test_a_missing_style_is_named(tmp_path: Path) -> None:
