@@ -33,6 +33,11 @@ _PUBLIC = {
     "ImageOptimization": "lightning_nst.nst.module",
     "Objective": "lightning_nst.nst.objective",
     "ImageWriter": "lightning_nst.nst.writer",
+    "AdaINNet": "lightning_nst.nst.fast.networks",
+    "TransformerNet": "lightning_nst.nst.fast.networks",
+    "AdaINTraining": "lightning_nst.nst.fast.training",
+    "FastStyleTraining": "lightning_nst.nst.fast.training",
+    "ImageFolders": "lightning_nst.nst.fast.data",
     "GuidedDiffusion": "lightning_nst.diffusion.module",
     "DenoisingCallback": "lightning_nst.diffusion.module",
     "StyleGuidance": "lightning_nst.diffusion.guidance",
@@ -54,6 +59,9 @@ if TYPE_CHECKING:
     from lightning_nst.diffusion.trajectory import TrajectoryLogger
     from lightning_nst.diffusion.writer import GenerationWriter
     from lightning_nst.nst.data import ImageTargets
+    from lightning_nst.nst.fast.data import ImageFolders
+    from lightning_nst.nst.fast.networks import AdaINNet, TransformerNet
+    from lightning_nst.nst.fast.training import AdaINTraining, FastStyleTraining
     from lightning_nst.nst.module import ImageOptimization
     from lightning_nst.nst.objective import Objective
     from lightning_nst.nst.writer import ImageWriter
@@ -72,11 +80,15 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdaINNet",
+    "AdaINTraining",
     "CONV_LAYERS",
     "ContentLoss",
     "DenoisingCallback",
+    "FastStyleTraining",
     "GenerationWriter",
     "GuidedDiffusion",
+    "ImageFolders",
     "ImageOptimization",
     "ImageTargets",
     "ImageWriter",
@@ -89,6 +101,7 @@ __all__ = [
     "StyleGuidance",
     "StyleLoss",
     "TrajectoryLogger",
+    "TransformerNet",
     "VGG19Features",
     "VGGConfig",
     "gram_matrix",

@@ -18,6 +18,8 @@ from lightning_nst.core.layers import DEFAULT_STYLE_LAYERS, LAYER_GEOMETRY, LAYE
 from lightning_nst.core.vgg import check_weights_cover
 
 BYTES_PER_FLOAT = 4
+TRAINING_MODELS = ("FastStyleTraining", "AdaINTraining")
+"""The ``fit`` models that train a network over a dataset, rather than optimise one image."""
 MAX_STEPS = sys.maxsize
 """The most ``trainer.max_steps`` a fit can take: its data is one epoch of that many items, a length Python holds."""
 
@@ -111,18 +113,20 @@ def _connector(trainer: Any) -> Any:
 
 
 def check_devices(config: Any, subcommand: str) -> Any:
-    """Resolve the device setup as Lightning will; for ``fit``, use one device by default and refuse more.
+    """Resolve the device setup as Lightning will; for an image optimisation, use one device by default, refuse more.
 
     Returns:
         Lightning's accelerator connector, whose ``strategy.root_device`` is the device the run will use.
     """
     trainer = _get(config, "trainer")
-    if subcommand == "fit" and _get(trainer, "devices") == "auto" and _get(trainer, "strategy", "auto") == "auto":
+    # A fast network's training is an ordinary training: "auto" takes every GPU, and several processes share the data.
+    optimising = subcommand == "fit" and _class_name(_get(config, "model")) not in TRAINING_MODELS
+    if optimising and _get(trainer, "devices") == "auto" and _get(trainer, "strategy", "auto") == "auto":
         trainer.devices = 1  # "auto" would take every GPU of the machine, for the same one image
     connector = _connector(trainer)
     # The connector's devices before the strategy takes them (a single-device strategy keeps no list of its own).
     world = int(_get(trainer, "num_nodes", 1) or 1) * len(getattr(connector, "_parallel_devices", []) or [None])
-    if subcommand == "fit" and world > 1:
+    if optimising and world > 1:
         raise NSTError(
             f"trainer.devices: image optimisation runs on one device, but this config asks for {world} processes "
             f"(devices={_get(trainer, 'devices')!r}, num_nodes={_get(trainer, 'num_nodes', 1)!r}); every process "

@@ -166,7 +166,12 @@ def check_yaml_files(argv: Sequence[str]) -> None:
                 raise NSTError(f"{key}: the value is refused: {problem}")
 
 
-_SUBCOMMAND_OF_MODEL = {"ImageOptimization": "fit", "GuidedDiffusion": "predict"}
+_SUBCOMMAND_OF_MODEL = {
+    "ImageOptimization": "fit",
+    "FastStyleTraining": "fit",
+    "AdaINTraining": "fit",
+    "GuidedDiffusion": "predict",
+}
 
 
 def check_subcommand_of_configs(args: Sequence[str]) -> None:
