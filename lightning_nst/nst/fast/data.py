@@ -178,6 +178,22 @@ class _EpochSampler(DistributedSampler):  # type: ignore[type-arg]
         return iter(items[skip:])
 
 
+class _CropLoader(DataLoader[dict[str, Any]]):
+    """The train loader, resumable in Lightning's sense (``state_dict``/``load_state_dict``).
+
+    The position in the epoch is the data module's state (:meth:`ImageFolders.state_dict`), which a resumed run
+    restores before it builds this loader; without these methods Lightning would warn on every mid-epoch resume that
+    the run may not be exact, although it is (``tests/nst/fast/test_training.py``).
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing: the data module keeps the position."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore here: :meth:`ImageFolders.load_state_dict` did."""
+
+
 class ImageFolders(L.LightningDataModule):
     """Random crops of a folder of photos, with one style image (Johnson et al.) or a folder of them (AdaIN).
 
@@ -313,7 +329,7 @@ class ImageFolders(L.LightningDataModule):
             sampler.skip = consumed * self.batch_size
             sampler.epoch = sampler.skip_epoch  # the iterator is made before Lightning sets the epoch on a resume
             self._resume = None
-        return DataLoader(
+        return _CropLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,10 @@ def test_resume_from_last_ckpt_is_exact(tmp_path: Path) -> None:
     trainer(tmp_path / "part", 7, first).fit(johnson(statistic="sliced_w"), datamodule=folders())
     torch.manual_seed(123)  # neither the data nor the module may depend on the global generator
     resumed = johnson(statistic="sliced_w")
-    trainer(tmp_path / "part", 14).fit(resumed, datamodule=folders(), ckpt_path=tmp_path / "part" / "last.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path / "part", 14).fit(resumed, datamodule=folders(), ckpt_path=tmp_path / "part" / "last.ckpt")
+    assert not [str(w.message) for w in caught if "not resumable" in str(w.message)]  # it is, as checked below
     # Step 7 is mid-epoch (10 batches an epoch) and step 10 ends one, so the data's position and epochs are checked.
     assert resumed.global_step == whole.global_step == 14
     for (name, value), expected in zip(resumed.network.state_dict().items(), whole.network.state_dict().values(),
