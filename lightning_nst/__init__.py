@@ -38,6 +38,11 @@ _PUBLIC = {
     "AdaINTraining": "lightning_nst.nst.fast.training",
     "FastStyleTraining": "lightning_nst.nst.fast.training",
     "ImageFolders": "lightning_nst.nst.fast.data",
+    "FastNetwork": "lightning_nst.nst.fast.inference",
+    "Stylizer": "lightning_nst.nst.fast.inference",
+    "export_torchscript": "lightning_nst.nst.fast.inference",
+    "load_network": "lightning_nst.nst.fast.inference",
+    "stylize_folder": "lightning_nst.nst.fast.inference",
     "GuidedDiffusion": "lightning_nst.diffusion.module",
     "DenoisingCallback": "lightning_nst.diffusion.module",
     "StyleGuidance": "lightning_nst.diffusion.guidance",
@@ -60,6 +65,7 @@ if TYPE_CHECKING:
     from lightning_nst.diffusion.writer import GenerationWriter
     from lightning_nst.nst.data import ImageTargets
     from lightning_nst.nst.fast.data import ImageFolders
+    from lightning_nst.nst.fast.inference import FastNetwork, Stylizer, export_torchscript, load_network, stylize_folder
     from lightning_nst.nst.fast.networks import AdaINNet, TransformerNet
     from lightning_nst.nst.fast.training import AdaINTraining, FastStyleTraining
     from lightning_nst.nst.module import ImageOptimization
@@ -85,6 +91,7 @@ __all__ = [
     "CONV_LAYERS",
     "ContentLoss",
     "DenoisingCallback",
+    "FastNetwork",
     "FastStyleTraining",
     "GenerationWriter",
     "GuidedDiffusion",
@@ -100,13 +107,17 @@ __all__ = [
     "StyleDistance",
     "StyleGuidance",
     "StyleLoss",
+    "Stylizer",
     "TrajectoryLogger",
     "TransformerNet",
     "VGG19Features",
     "VGGConfig",
+    "export_torchscript",
     "gram_matrix",
+    "load_network",
     "mean_std",
     "stylize",
+    "stylize_folder",
     "texture",
     "total_variation",
 ]
