@@ -225,7 +225,9 @@ class ImageFolders(L.LightningDataModule):
     def __init__(
         self,
         images: str | os.PathLike[str] = SHIPPED_FOLDER,
-        style: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
+        # The union in ImageTargets.style's order: jsonargparse reuses a union's parser for an equal union, and
+        # unions are equal in any order, so another order here made a later ImageTargets parse a list as a string.
+        style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         styles: str | os.PathLike[str] | None = None,
         size: int = 256,
         crop_scale: tuple[float, float] = (0.25, 1.0),

@@ -263,7 +263,9 @@ class FastStyleTraining(_FastTraining):
         self,
         width: int = 32,
         residual_blocks: int = 5,
-        style: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
+        # The union in ImageTargets.style's order: jsonargparse reuses a union's parser for an equal union, and
+        # unions are equal in any order, so another order here made a later ImageTargets parse a list as a string.
+        style: list[str | os.PathLike[str]] | str | os.PathLike[str] | None = None,
         style_weights: list[float] | None = None,
         style_size: int | None = None,
         content_layers: Sequence[str] = JOHNSON_CONTENT_LAYERS,

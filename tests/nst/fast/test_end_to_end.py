@@ -54,3 +54,12 @@ def test_a_trained_adain_network_stylizes_with_any_style(tmp_path: Path) -> None
     brick, gravel = (np.asarray(Image.open(f"{name}.png"), dtype=float) for name in ("brick", "gravel"))
     assert brick.shape[:2] == tuple(load_image("sample:coffee", 40).shape[-2:])
     assert brick.std() > 5 and np.abs(brick - gravel).mean() > 2  # measured: std 28 and 39, difference 78 levels
+
+
+def test_an_image_optimisation_after_a_training_in_one_process_reads_its_style_list(tmp_path: Path) -> None:
+    # Both data modules take `style` as a list or one image; parsed in another order, the second run took its list
+    # for one file name "['sample:...']" (as the report and the Python API run both in one process).
+    trained("fast_style_train", "--model.init_args.width=4", "--model.init_args.residual_blocks=0")
+    main(["fit", "-c", str(CONFIGS / "style_transfer_gram.yaml"), "--trainer.max_steps=2", "--data.init_args.size=32",
+          "--model.init_args.vgg.weights=random", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    assert Path("logs/style_transfer_gram/version_0/gram.png").is_file()
