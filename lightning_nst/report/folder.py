@@ -38,6 +38,9 @@ RUN_LOGGERS = (
 )
 """The loggers of Lightning's ``rank_zero_info``, which says ``VGG19 weights: ...`` at the start of every fit."""
 
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+"""What a training run of a report leaves in its run folder when it finished."""
+
 FILES = "report-files.json"
 """The list, inside a report folder, of every file the report wrote there: the only files it ever removes."""
 
@@ -54,6 +57,8 @@ def _flow(value: Any) -> str:
 
 def _damaged_outputs(out: Path, done: str) -> str | None:
     """The first output of a finished run that is missing or differs from the sha256 its run recorded, if any."""
+    if done == LAST_CHECKPOINT:  # a training run records no digests; its checkpoint is read when it is used
+        return None
     try:
         if done == SUMMARY:
             summary = FitSummary.read(out)
@@ -331,6 +336,10 @@ class Report:
         self._own([path])
         return write_atomic(path, data, overwrite=True)
 
+    def write_file(self, name: str, data: bytes) -> Path:
+        """Write ``data`` as ``name`` inside the report folder, one of the report's own files (replaced on a rerun)."""
+        return self._write(self.folder / name, data)
+
     def _remove_owned(self, under: Path) -> None:
         """Remove the recorded files below ``under``, then the folders that leaves empty; nothing else."""
         prefix = under.relative_to(self.folder).as_posix()
@@ -414,6 +423,11 @@ class Report:
         """
         seed = self.settings.seed if seed is None else seed
         return FitSummary.read(self._run("fit", run, {"seed_everything": seed, **config}, SUMMARY))
+
+    def train(self, run: str, config: dict[str, Any]) -> Path:
+        """Run ``lightning-nst fit`` of a training ``config`` (once) and return its ``checkpoints/last.ckpt``."""
+        config = {"seed_everything": self.settings.seed, **config}
+        return self._run("fit", run, config, LAST_CHECKPOINT) / LAST_CHECKPOINT
 
     def predict(self, run: str, config: dict[str, Any]) -> list[GenerationRecord]:
         """Run ``lightning-nst predict`` on ``config`` (once) and return its manifest's records."""

@@ -65,6 +65,12 @@ class ReportSettings:
             at the content photo's size at this long edge.
         rows: Rows (points in time) of the tables of experiment 4.
         timesteps: Timesteps experiment 5 shows; each is matched to the nearest step of the sampler.
+        train_photos: Training photos of ``fast_vs_optimisation``'s network: a folder, or ``sample:*`` for the
+            shipped samples other than the held-out photos.
+        held_out: Photos ``fast_vs_optimisation`` stylizes with the network and by optimisation; never trained on
+            when ``train_photos`` is ``sample:*``.
+        train_steps: Training steps of ``fast_vs_optimisation``'s network.
+        train_size: Side of the random crops that network trains on.
         accelerator: Lightning accelerator of every run.
         precision: Lightning precision of every run.
         progress_bar: Show Lightning's progress bars.
@@ -106,19 +112,26 @@ class ReportSettings:
     guidance_size: int = 256
     rows: int = 5
     timesteps: list[int] = field(default_factory=lambda: [999, 799, 599, 400, 200])
+    train_photos: str = "sample:*"
+    held_out: list[str] = field(default_factory=lambda: ["sample:astronaut", "sample:coffee"])
+    train_steps: int = 2000
+    train_size: int = 128
     accelerator: str = "auto"
     precision: str = "32-true"
     progress_bar: bool = True
 
     def check(self) -> None:
         """Raise naming the first option out of range."""
-        for key in ("size", "steps", "sampling_steps", "guidance_size", "rows", "timing_repeats"):
+        for key in ("size", "steps", "sampling_steps", "guidance_size", "rows", "timing_repeats", "train_steps",
+                    "train_size"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise NSTError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if not 0 < self.fraction < 1:
             raise NSTError(f"fraction: must be between 0 and 1, got {self.fraction}")
         if not self.style_layers:
             raise NSTError("style_layers: give at least one VGG19 layer")
+        if not self.held_out:
+            raise NSTError("held_out: give at least one photo")
         if not self.textures:
             raise NSTError("textures: give at least one texture image")
         if not self.seeds:

@@ -334,6 +334,7 @@ def test_report_all_reports_a_failed_experiment_and_runs_the_others(
     )
     written = sorted(path.parent.name for path in (tmp_path / "all").glob("*/report.md"))
     assert written == [
+        "fast_vs_optimisation",
         "gram_vs_meanvar",
         "guided_img2img_vs_nst",
         "guided_vs_prompt",
@@ -351,6 +352,7 @@ def test_report_all_reports_a_failed_experiment_and_runs_the_others(
         ("guided_vs_prompt", "guided_vs_prompt/report.md"),
         ("guided_img2img_vs_nst", "guided_img2img_vs_nst/report.md"),
         ("style_controls", "style_controls/report.md"),
+        ("fast_vs_optimisation", "fast_vs_optimisation/report.md"),
     ]
     assert "`texture_layers`" in index[3] and "**Failed**: texture: not an image file: in/t.png" in index[3]
     assert "`guided_vs_nst`" in index[5] and "**Failed**: KeyError('bug')" in index[5]

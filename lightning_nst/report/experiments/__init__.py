@@ -13,6 +13,7 @@ from lightning_nst.core.errors import NSTError
 from lightning_nst.core.images import check_source
 from lightning_nst.report.configs import shipped
 from lightning_nst.report.experiments import (
+    fast_vs_optimisation,
     gram_vs_meanvar,
     guided_img2img_vs_nst,
     guided_vs_nst,
@@ -32,6 +33,7 @@ EXPERIMENTS: dict[str, Callable[[ReportSettings], Path]] = {
     "guided_vs_prompt": guided_vs_prompt.guided_vs_prompt,
     "guided_img2img_vs_nst": guided_img2img_vs_nst.guided_img2img_vs_nst,
     "style_controls": style_controls.style_controls,
+    "fast_vs_optimisation": fast_vs_optimisation.fast_vs_optimisation,
 }
 """The study's experiments by name, in the study's order."""
 
@@ -43,6 +45,7 @@ SHIPPED = {
     "guided_vs_prompt": ["guided_diffusion", "prompt_only_diffusion"],
     "guided_img2img_vs_nst": ["guided_img2img", "style_transfer_gram"],
     "style_controls": ["style_transfer_luminance", "style_blend", "style_masks", "texture_gram"],
+    "fast_vs_optimisation": ["fast_style_train", "style_transfer_gram"],
 }
 """The shipped configs each experiment's runs are built from."""
 
@@ -55,6 +58,7 @@ IMAGES = {
     "guided_vs_prompt": ["style"],
     "guided_img2img_vs_nst": ["content", "style"],
     "style_controls": ["content", "style", "second_style", "texture", "masks"],
+    "fast_vs_optimisation": ["style", "held_out"],
 }
 """The image settings each experiment reads: checked (each file exists, each sample is known) before anything else."""
 
