@@ -133,7 +133,7 @@ def test_a_report_made_before_a_setting_was_added_is_read_back(capsys: pytest.Ca
     recorded.write_text(re.sub(r"sample:(?!mask)", "skimage:", recorded.read_text()))
     with pytest.raises(SystemExit):
         report("reconstruction", "--layers=[conv1_1]")
-    assert "(content: skimage:astronaut -> sample:astronaut, and 4 more; see" in capsys.readouterr().err
+    assert "(content: skimage:astronaut -> sample:astronaut, and 6 more; see" in capsys.readouterr().err
 
 
 def test_bad_experiment_and_layer_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
