@@ -23,7 +23,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_nst.cli import console, preflight
+from lightning_nst.cli import console, preflight, rendezvous
 from lightning_nst.cli.messages import nst_error
 from lightning_nst.cli.precision import PrecisionChoice, choose_precision
 from lightning_nst.cli.signals import RemoveRefusedRunFolder, StopOnSignal, resume_in_run_folder, stopped_by
@@ -67,6 +67,16 @@ class NSTCLI(LightningCLI):
         self.precision: PrecisionChoice | None = None
         """The precision of an image optimisation fit, and where it came from (:mod:`lightning_nst.cli.precision`)."""
         super().__init__(auto_configure_optimizers=False, seed_everything_default=0, args=args, run=run, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """Add ``--node_wait``: how long a process of a multi-process run waits for the others to join it."""
+        parser.add_argument(
+            "--node_wait",
+            type=float,
+            default=rendezvous.NODE_WAIT,
+            help="seconds a process of a run over several processes or nodes waits for the others before it stops "
+            "with a line naming what it waited for; SIGTERM and Ctrl-C end the wait at once (default: 600)",
+        )
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -114,6 +124,7 @@ class NSTCLI(LightningCLI):
                 if isinstance(callback, ImageWriter) and self.precision is not None:
                     callback.precision_source = self.precision.source
         if self.subcommand in ("fit", "predict"):
+            rendezvous.guard(self.trainer, self.config[self.subcommand].get("node_wait"))
             self.trainer.callbacks.append(self.stop)
             console.install_progress_bar(self.trainer, self.config[self.subcommand].trainer.get("callbacks"))
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path"):
