@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import threading
+import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_nst.core.errors import NSTError
 
@@ -223,3 +228,122 @@ def checkpoint_run_folder(checkpoint: str | os.PathLike[str]) -> Path | None:
     if not (folder / "config.yaml").is_file() and not (folder / "hparams.yaml").is_file():
         return None
     return folder
+
+
+FOLDER_LOCK = ".lightning-nst.lock"
+"""The file by which one run owns an output folder while it writes there (:class:`FolderLock`)."""
+
+HEARTBEAT_S = 20.0
+"""How often a lock's owner touches it; a lock of another host untouched for 4 times that is stale."""
+
+
+class FolderLock:
+    """One run at a time writes into a folder: ``<folder>/.lightning-nst.lock``, created exclusively.
+
+    The lock holds its owner's host, process id and start time, and its owner touches it every :data:`HEARTBEAT_S`
+    seconds. A lock whose owner is gone is stale and taken over: on this host, a process id that no longer runs; on
+    another (a shared filesystem), a lock untouched for 4 heartbeats. So a killed run never leaves a folder stuck.
+
+    Args:
+        directory: The folder.
+        key: The config key or flag that names it, for errors.
+        what: What the owner runs, said to a run the lock refuses (e.g. the settings' fingerprint).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], key: str, what: str = "") -> None:
+        self.path = Path(directory) / FOLDER_LOCK
+        self.key = key
+        self.what = what
+        self.token = f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}"
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+        self._created: list[Path] = []
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _stale(self, holder: dict[str, Any] | None) -> bool:
+        if holder is None:  # unreadable: half-written by a process killed while creating it, or not ours
+            try:
+                return time.time() - self.path.stat().st_mtime > 4 * HEARTBEAT_S
+            except FileNotFoundError:
+                return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+            return False
+        try:
+            return time.time() - self.path.stat().st_mtime > 4 * HEARTBEAT_S
+        except FileNotFoundError:
+            return True
+
+    def acquire(self) -> None:
+        """Take the lock, taking over a stale one; raise one line naming the folder's owner if it is held."""
+        folder = self.path.parent
+        self._created = list(itertools.takewhile(lambda path: not path.exists(), (folder, *folder.parents)))
+        folder.mkdir(parents=True, exist_ok=True)
+        record = json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "what": self.what})  # fmt: skip
+        for _ in range(3):
+            try:
+                handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._stale(holder):
+                    raise self._refusal(holder) from None
+                # Renamed aside first: of two runs taking over the same stale lock, one rename fails.
+                aside = self.path.with_name(f"{FOLDER_LOCK}.stale.{os.getpid()}")
+                try:
+                    os.rename(self.path, aside)
+                except FileNotFoundError:
+                    continue
+                aside.unlink(missing_ok=True)  # a lock a lightning-nst run wrote and can no longer release
+                continue
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(record)
+                stream.flush()
+                os.fsync(stream.fileno())
+            self._beat = threading.Thread(target=self._heartbeat, name="lightning-nst folder lock", daemon=True)
+            self._beat.start()
+            return
+        raise self._refusal(self._holder())
+
+    def _refusal(self, holder: dict[str, Any] | None) -> NSTError:
+        if holder is None:
+            owner = "another run (its lock file is being written)"
+        else:
+            owner = f"another run (process {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}"
+            same = holder.get("what") == self.what and self.what
+            owner += ", with the same settings)" if same else ", with other settings)" if self.what else ")"
+        return NSTError(
+            f"{self.key}: {self.path.parent} is being written by {owner}; wait for it to finish, or stop it and run "
+            f"again (a stopped or killed run's lock {self.path.name} is taken over)"
+        )
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        """Stop touching the lock and remove it, if it is still this run's."""
+        self._stop.set()
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        for folder in self._created:  # deepest first: the folders acquire made, if the run left them empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        self._created = []

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_nst.core.errors import NSTError
-from lightning_nst.core.files import write_atomic
+from lightning_nst.core.files import FolderLock, write_atomic
 from lightning_nst.core.images import png_bytes
 from lightning_nst.diffusion.manifest import GenerationFolder
 from lightning_nst.diffusion.prompts import PromptGrid
@@ -85,6 +85,11 @@ class GenerationWriter(BasePredictionWriter):
     loads, naming the file; so is a folder holding an item made from a different prompt, seed, style (path or
     content) or sampler setting.
 
+    One run at a time writes into a folder: rank 0 holds :class:`~lightning_nst.core.files.FolderLock` from setup to
+    teardown, and a second launch into the folder, with the same settings or others, is refused in one line naming
+    the run that holds it, before anything loads. A killed run's lock is taken over (its process is gone, or, from
+    another host, its heartbeat stopped).
+
     The module must be a :class:`GenerationModule` (:class:`~lightning_nst.GuidedDiffusion` is): its
     ``fingerprint_options`` enter each item's fingerprint, its ``manifest_settings`` each
     :class:`~lightning_nst.outputs.GenerationRecord`.
@@ -108,6 +113,7 @@ class GenerationWriter(BasePredictionWriter):
         self._kept = 0
         self._failures: list[str] = []
         self._plan = ""
+        self._lock: FolderLock | None = None
 
     @property
     def _flag(self) -> str:
@@ -134,6 +140,7 @@ class GenerationWriter(BasePredictionWriter):
         names = {item.index: item_file(item.index, item.base_prompt, item.seed) for item in data.items}
         fingerprints = {item.index: item.fingerprint(options) for item in data.items}
         self.folder = GenerationFolder(self.directory, self.manifest, names, fingerprints)
+        self._lock_folder(trainer, fingerprints)
         # Every rank reads the same files before anyone changes them, so all reach the same verdict: a refusal
         # stops each of them alike instead of leaving the others waiting at a barrier.
         finished = data.resume(None if self.overwrite else self.folder)
@@ -152,6 +159,29 @@ class GenerationWriter(BasePredictionWriter):
             kept = f"; {self._kept} finished earlier are kept" if self._kept else ""
             hint = "" if self.output_dir is not None else f"; to finish it if interrupted, rerun with {self._flag}"
             self._plan = f"Generating {total - self._kept} of {total} items into {self.directory}{kept}{hint}"
+
+    def _lock_folder(self, trainer: L.Trainer, fingerprints: dict[int, str]) -> None:
+        """Own the folder for this run (rank 0 takes :class:`FolderLock`); every rank refuses alike if it is held."""
+        settings = hashlib.sha256("".join(sorted(fingerprints.values())).encode()).hexdigest()[:12]
+        problem = None
+        if trainer.is_global_zero:
+            self._lock = FolderLock(self.directory, "GenerationWriter.output_dir", f"grid {settings}")
+            try:
+                self._lock.acquire()
+            except NSTError as error:
+                self._lock, problem = None, str(error)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem is not None:
+            raise NSTError(problem)
+
+    def _unlock_folder(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Give the folder up: a run that failed or was stopped writes no more."""
+        self._unlock_folder()
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Say how many items this run generates, and where."""
@@ -252,6 +282,7 @@ class GenerationWriter(BasePredictionWriter):
             rank_zero_info(self._plan)
             self._plan = ""
         recorded = self.folder.merge(self._kept) if trainer.is_global_zero else 0
+        self._unlock_folder()
         directory, self.directory = self.directory, None
         names, self.folder = len(self.folder.names), None
         failures, self._failures = self._failures, []

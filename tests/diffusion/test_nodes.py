@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from lightning_nst.core.files import FOLDER_LOCK, FolderLock
+from lightning_nst.main import main
+from tests.conftest import REPO, cli_error
 from tests.tiny_pipeline import batch_args, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,3 +62,18 @@ def test_two_torchrun_nodes_write_each_item_once_as_one_process_does(pipeline_di
     assert {line["rank"] for line in lines} == {0, 1}  # both nodes generated
     for line in lines:
         assert (tmp_path / "nodes" / line["image"]).read_bytes() == (tmp_path / "one" / line["image"]).read_bytes()
+
+
+def test_a_folder_another_run_writes_is_refused_before_any_work(
+    pipeline_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "grid"
+    other = FolderLock(out, "GenerationWriter.output_dir", "grid of another run")
+    other.acquire()  # a run in progress (this process, alive), with other settings
+    line = cli_error(capfd, batch_args(pipeline_dir, out, 2))
+    assert line.startswith(f"lightning-nst: error: GenerationWriter.output_dir: {out} is being written by another run")
+    assert "with other settings" in line
+    assert sorted(path.name for path in out.iterdir()) == [FOLDER_LOCK]  # nothing written
+    other.release()
+    main(batch_args(pipeline_dir, out, 2))  # once it is done, the folder is free
+    assert len(records(out)) == 2 and not (out / FOLDER_LOCK).exists()
