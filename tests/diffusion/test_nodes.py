@@ -105,8 +105,9 @@ def _running(pid: int) -> bool:
 def test_killing_the_launcher_stops_its_workers_and_a_relaunch_completes(pipeline_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "grid"
-    args = [sys.executable, "-m", "lightning_nst", *batch_args(pipeline_dir, out, 8, "--data.batch_size=1",
-            "--model.num_inference_steps=40", "--model.height=128", "--model.width=128"), "--trainer.devices=2", "--trainer.strategy=ddp"]  # fmt: skip
+    slow_items = ["--data.batch_size=1", "--model.num_inference_steps=40", "--model.height=128", "--model.width=128"]
+    args = [sys.executable, "-m", "lightning_nst", *batch_args(pipeline_dir, out, 8, *slow_items),
+            "--trainer.devices=2", "--trainer.strategy=ddp"]  # fmt: skip
     launcher = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not list(out.glob("*.png")) and time.monotonic() < deadline and launcher.poll() is None:
