@@ -1,17 +1,21 @@
-"""Batch-generation throughput of guided sampling, 1 process against 2 (DDP on CPU), through the real CLI.
+"""Batch-generation throughput of guided sampling: 1 process, 2 (DDP on CPU) and 2 nodes x 1, through the real CLI.
 
 Usage: python benchmarks/generation_throughput.py [--items 12] [--steps 10] [--size 64]
 
 Builds the tiny test pipeline (``tests/tiny_pipeline.py``) and runs ``python -m lightning_nst predict -c
-configs/guided_diffusion.yaml`` in a subprocess with ``--trainer.devices 1`` and ``--trainer.devices 2
---trainer.strategy ddp``, each once with N and once with 2N items. Throughput is N / (T(2N) - T(N)): the difference
-cancels the start-up (imports, process launch, pipeline loading), which would otherwise dominate at this size.
-Not a test.
+configs/guided_diffusion.yaml`` in a subprocess with ``--trainer.devices 1``, with ``--trainer.devices 2
+--trainer.strategy ddp``, and as two "nodes" of one process each started by torchrun as on a cluster
+(``torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr 127.0.0.1 ... --trainer.num_nodes 2``), each
+once with N and once with 2N items. Throughput is N / (T(2N) - T(N)): the difference cancels the start-up (imports,
+process launch, pipeline loading, rendezvous), which would otherwise dominate at this size. The idle tail is how long,
+in the 2N run, the rank that wrote its last item first waited for the last one (the items are split in static
+shards): from the times of the PNGs each rank wrote (the manifest's ``rank``). Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -25,29 +29,46 @@ sys.path.insert(0, str(REPO))
 from tests.tiny_pipeline import build_tiny_pipeline, tiny_args  # noqa: E402
 
 
-def wall_time(folder: Path, name: str, pipeline: Path, items: int, devices: int, args: argparse.Namespace) -> float:
+def wall_time(folder: Path, name: str, pipeline: Path, items: int, mode: str, args: argparse.Namespace,
+              ) -> tuple[float, float]:  # fmt: skip
+    """(Seconds of the whole run, its idle tail) for ``items`` items: ``mode`` is "1", "2" (DDP) or "2x1" (nodes)."""
     seeds = ", ".join(str(seed) for seed in range(items))
+    processes = {"1": 1, "2": 2, "2x1": 1}[mode]
     overrides = [
         f"--trainer.logger.init_args.save_dir={folder}",
-        f"--trainer.devices={devices}",
-        *(["--trainer.strategy=ddp"] if devices > 1 else []),
+        f"--trainer.devices={processes}",
+        *(["--trainer.strategy=ddp"] if processes > 1 else []),
+        *(["--trainer.num_nodes=2"] if mode == "2x1" else []),
         f"--data.seeds=[{seeds}]",
     ]
-    command = [
-        sys.executable,
-        "-m",
-        "lightning_nst",
-        *tiny_args(pipeline, name, *overrides, size=args.size, steps=args.steps),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    predict = tiny_args(pipeline, name, *overrides, size=args.size, steps=args.steps)
+    if mode == "2x1":
+        commands = [
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
+             str(rank), "--master-addr", "127.0.0.1", "--master-port", str(args.port), "-m", "lightning_nst", *predict]
+            for rank in (0, 1)
+        ]  # fmt: skip
+    else:
+        commands = [[sys.executable, "-m", "lightning_nst", *predict]]
+    threads = str(max(1, (os.cpu_count() or 1) // (2 if mode != "1" else 1)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads}
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, capture_output=True, cwd=folder)
+    running = [subprocess.Popen(command, env=env, cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               for command in commands]  # fmt: skip
+    for process in running:
+        _, err = process.communicate()
+        if process.returncode:
+            raise RuntimeError(f"{name}: exit {process.returncode}: {err.decode()[-2000:]}")
     elapsed = time.perf_counter() - started
     (manifest,) = (folder / name).glob("version_*/predictions.jsonl")
-    lines = manifest.read_text().splitlines()
-    if len(lines) != items:
-        raise RuntimeError(f"{name}: expected {items} manifest lines, got {len(lines)}")
-    return elapsed
+    records = [json.loads(line) for line in manifest.read_text().splitlines()]
+    if sorted(record["index"] for record in records) != list(range(items)):
+        raise RuntimeError(f"{name}: expected each of {items} items once in the manifest")
+    last: dict[int, float] = {}
+    for record in records:
+        written = (manifest.parent / record["image"]).stat().st_mtime
+        last[record["rank"]] = max(last.get(record["rank"], 0.0), written)
+    return elapsed, max(last.values()) - min(last.values())
 
 
 def main() -> None:
@@ -55,19 +76,25 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=12, help="N; each setting also runs 2N")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--port", type=int, default=29711, help="torchrun's master port for the 2-node rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temporary:
         folder = Path(temporary)
         pipeline = build_tiny_pipeline(folder / "tiny-sd")
         rows = []
-        for devices in (1, 2):
-            small = wall_time(folder, f"d{devices}n1", pipeline, args.items, devices, args)
-            large = wall_time(folder, f"d{devices}n2", pipeline, 2 * args.items, devices, args)
-            rows.append((devices, small, large, args.items / (large - small)))
+        for mode in ("1", "2", "2x1"):
+            small, _ = wall_time(folder, f"m{mode}n1", pipeline, args.items, mode, args)
+            large, idle = wall_time(folder, f"m{mode}n2", pipeline, 2 * args.items, mode, args)
+            rows.append((mode, small, large, args.items / (large - small), idle))
     print(f"guided sampling, tiny pipeline, {args.size} px, {args.steps} DDIM steps; N = {args.items} items")
-    print(f"{'processes':>9} {'T(N) s':>8} {'T(2N) s':>8} {'items/s':>8} {'speed-up':>9}")
-    for devices, small, large, throughput in rows:
-        print(f"{devices:>9} {small:>8.1f} {large:>8.1f} {throughput:>8.2f} {throughput / rows[0][3]:>9.2f}")
+    print("| processes | T(N) s | T(2N) s | items/s | speed-up | idle tail s (2N) |")
+    print("|---|---|---|---|---|---|")
+    names = {"1": "1", "2": "2 (DDP, one machine)", "2x1": "2 nodes x 1 (torchrun)"}
+    for mode, small, large, throughput, idle in rows:
+        print(
+            f"| {names[mode]} | {small:.1f} | {large:.1f} | {throughput:.2f} | {throughput / rows[0][3]:.2f} | "
+            f"{idle:.1f} |"
+        )
 
 
 if __name__ == "__main__":
