@@ -239,8 +239,13 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
         loaders = trainer.predict_dataloaders
         items: int | None = None
         for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            # Lightning wraps a predict loader's batch sampler (its _IndexBatchSamplerWrapper keeps the loader's own
+            # as _batch_sampler) and gives the loader a SequentialSampler over every item, so this process's share
+            # is the wrapped batch sampler's sampler (PromptGrid's RankSlice under several processes).
+            batches = getattr(loader, "batch_sampler", None)
+            sampler = getattr(getattr(batches, "_batch_sampler", batches), "sampler", None)
             try:
-                items = (items or 0) + len(loader.sampler)
+                items = (items or 0) + len(sampler if sampler is not None else loader.sampler)
             except (AttributeError, TypeError):  # not a DataLoader of a sized sampler: count batches instead
                 items = None
                 break

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.mark.slow  # 15 s alone, 30 s beside the rest: the default suite is at its budget
 def test_two_torchrun_nodes_write_each_item_once_as_one_process_does(pipeline_dir: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = batch_args(pipeline_dir, tmp_path / "nodes", 5, "--data.batch_size=1")
+    args = batch_args(pipeline_dir, tmp_path / "nodes", 5, "--data.batch_size=1", "--trainer.enable_progress_bar=true")
     nodes = [
         subprocess.Popen(
             [
@@ -53,9 +53,13 @@ def test_two_torchrun_nodes_write_each_item_once_as_one_process_does(pipeline_di
         )  # fmt: skip
         for rank in (0, 1)
     ]
+    outputs = []
     for node in nodes:
         output, _ = node.communicate(timeout=600)
         assert node.returncode == 0, output[-3000:]
+        outputs.append(output)
+    # Each process's progress counts its own share: items 0, 2, 4 on node 0, 1 and 3 on node 1.
+    assert "item 3/3" in outputs[0] and "/5" not in outputs[0]
     one = batch_args(pipeline_dir, tmp_path / "one", 5, "--data.batch_size=1")
     done = subprocess.run([sys.executable, "-m", "lightning_nst", *one], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
