@@ -346,19 +346,10 @@ class Stylizer:
 
     @torch.no_grad()
     def _adain(self, content: Tensor, statistics: tuple[Tensor, Tensor]) -> Tensor:
-        # AdaINNet.forward's steps with statistics given rather than style images, so styles of different sizes mix
-        # and a folder's style is encoded once; test_inference checks the two agree.
         module = self.network.module
         assert isinstance(module, AdaINNet)
-        from lightning_nst.core.layers import min_input_size
-        from lightning_nst.nst.fast.networks import _pad_to_multiple
-
-        padded, height, width = _pad_to_multiple(content, min_input_size([module.encoder_layer]))
         with self._context():
-            features = module.encode(padded)[module.encoder_layer].float()
-            target = adain(features, *statistics)
-            target = self.alpha * target + (1 - self.alpha) * features
-            return module.decoder(target)[..., :height, :width].float().clamp(0, 1)
+            return module.stylize_with_statistics(content, *statistics, alpha=self.alpha)
 
     @torch.no_grad()
     def __call__(self, content: Tensor) -> Tensor:

@@ -212,8 +212,6 @@ class AdaINNet(nn.Module):
         styles interpolated by mixing their feature statistics (the paper's Fig. 8). ``alpha`` in ``[0, 1]`` trades
         content for style: ``0`` decodes the content's own features.
         """
-        padded, height, width = _pad_to_multiple(content, min_input_size([self.encoder_layer]))
-        features = self.encode(padded)[self.encoder_layer].float()
         mean, std = self.style_statistics(style)
         if style_weights is not None:
             weights = torch.as_tensor(list(style_weights), dtype=mean.dtype, device=mean.device)
@@ -221,10 +219,19 @@ class AdaINNet(nn.Module):
                 raise NSTError(f"style_weights: {weights.numel()} weights for {mean.shape[0]} styles")
             weights = weights / weights.sum()
             mean, std = (weights[:, None] * mean).sum(0, keepdim=True), (weights[:, None] * std).sum(0, keepdim=True)
+        return self.stylize_with_statistics(content, mean, std, alpha)
+
+    def stylize_with_statistics(self, content: Tensor, mean: Tensor, std: Tensor, alpha: float = 1.0) -> Tensor:
+        """Stylize ``content`` to style statistics at the encoder layer; images in ``[0, 1]``, float32.
+
+        ``mean`` and ``std`` are ``(1 | B, C)`` each, as :meth:`style_statistics` gives them, so a style encoded once
+        serves many images (or a mix of styles of different sizes).
+        """
+        padded, height, width = _pad_to_multiple(content, min_input_size([self.encoder_layer]))
+        features = self.encode(padded)[self.encoder_layer].float()
         target = adain(features, mean, std)
         target = alpha * target + (1 - alpha) * features
-        out = self.decoder(target)
-        return out[..., :height, :width].clamp(0, 1)
+        return self.decoder(target)[..., :height, :width].float().clamp(0, 1)
 
 
 @dataclass
