@@ -13,7 +13,7 @@ from lightning_nst.core.errors import NSTError
 from lightning_nst.main import main
 from tests.cli.test_fast_commands import _heavy_modules
 from tests.conftest import cli_error
-from tests.nst.fast.test_inference import checkpoints, pixels, write_png  # noqa: F401 - the fixture
+from tests.nst.fast.test_inference import checkpoints, pixels, write_clip, write_png  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,14 +194,7 @@ def test_a_video_from_the_command_line(
     tmp_path: Path,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    av = pytest.importorskip("av", reason="PyAV is not installed (the video extra: pip install lightning-nst[video])")
-    with av.open("clip.mp4", "w") as container:
-        stream = container.add_stream("mpeg4", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for index in range(3):
-            frame = (np.random.default_rng(index).random((32, 32, 3)) * 255).astype(np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
+    write_clip(Path("clip.mp4"), 3, 32, 32, 10)
     main(["stylize", "clip.mp4", "--network", str(checkpoints["johnson"]), "-o", "styled.mp4"])
     assert "Wrote styled.mp4: 3 frames" in capfd.readouterr().out
     line = cli_error(capfd, ["stylize", "clip.mp4", "--network", str(checkpoints["johnson"]), "-o", "styled.mp4"])

@@ -382,16 +382,22 @@ def test_a_folder_without_images_is_refused(checkpoints: dict[str, Path], tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def write_clip(path: Path, frames: int, width: int, height: int, rate: int) -> None:
+    """An MPEG-4 clip of seeded random frames, or skip the calling test where PyAV is absent."""
+    av = pytest.importorskip("av", reason="PyAV is not installed (the video extra: pip install lightning-nst[video])")
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for index in range(frames):
+            frame = (np.random.default_rng(index).random((height, width, 3)) * 255).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode(None))
+
+
 def test_a_video_is_stylized_frame_by_frame_at_its_frame_rate(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     av = pytest.importorskip("av", reason="PyAV is not installed (the video extra: pip install lightning-nst[video])")
     source = tmp_path / "clip.mp4"
-    with av.open(str(source), "w") as container:
-        stream = container.add_stream("mpeg4", rate=12)
-        stream.width, stream.height, stream.pix_fmt = 48, 32, "yuv420p"
-        for index in range(6):
-            frame = (np.random.default_rng(index).random((32, 48, 3)) * 255).astype(np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode(None))
+    write_clip(source, 6, 48, 32, 12)
     output = tmp_path / "styled.mp4"
     assert stylize_video(checkpoints["johnson"], source, output, precision="32") == 6
     with av.open(str(output)) as container:
