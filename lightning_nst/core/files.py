@@ -259,12 +259,16 @@ class FolderLock:
         self._beat: threading.Thread | None = None
         self._created: list[Path] = []
 
-    def _holder(self) -> dict[str, Any] | None:
+    @staticmethod
+    def _read(path: Path) -> dict[str, Any] | None:
         try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
+            holder = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         return holder if isinstance(holder, dict) else None
+
+    def _holder(self) -> dict[str, Any] | None:
+        return self._read(self.path)
 
     def _stale(self, holder: dict[str, Any] | None) -> bool:
         if holder is None:  # unreadable: half-written by a process killed while creating it, or not ours
@@ -305,7 +309,10 @@ class FolderLock:
                     os.rename(self.path, aside)
                 except FileNotFoundError:
                     continue
-                aside.unlink(missing_ok=True)  # a lock a lightning-nst run wrote and can no longer release
+                if aside.read_bytes().strip() and "token" not in (self._read(aside) or {}):
+                    os.rename(aside, self.path)  # not a lock this program wrote: the user's file stays, named as it was
+                    raise NSTError(f"{self.key}: {self.path} is not a lock lightning-nst wrote; move it away") from None
+                aside.unlink()  # a lock a lightning-nst run wrote (or began to) and can no longer release
                 continue
             with os.fdopen(handle, "w", encoding="utf-8") as stream:
                 stream.write(record)

@@ -64,3 +64,13 @@ def test_a_run_never_removes_a_lock_it_does_not_hold(tmp_path: Path) -> None:
     (tmp_path / FOLDER_LOCK).write_text(json.dumps(other))
     lock.release()
     assert json.loads((tmp_path / FOLDER_LOCK).read_text()) == other
+
+
+def test_a_file_of_the_locks_name_that_is_no_lock_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(files, "HEARTBEAT_S", 0.01)
+    path = tmp_path / FOLDER_LOCK
+    path.write_text("my notes")
+    time.sleep(0.1)  # old enough to pass for a stale, half-written lock
+    with pytest.raises(NSTError, match="is not a lock lightning-nst wrote; move it away"):
+        FolderLock(tmp_path, "out").acquire()
+    assert path.read_text() == "my notes" and sorted(p.name for p in tmp_path.iterdir()) == [FOLDER_LOCK]
