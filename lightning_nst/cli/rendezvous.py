@@ -6,10 +6,16 @@ in C++ until every process has joined, so the Python signal handlers by which a 
 (:mod:`lightning_nst.cli.signals`) never run there, and it waits Lightning's default of 30 minutes. Around that
 wait alone, SIGTERM and SIGINT take their default action (the process ends at once: nothing has been computed yet),
 and the wait ends after ``node_wait`` seconds with one line naming what it waited for.
+
+A process that met its peers also leaves them properly: its process group is destroyed at exit, while Python is still
+alive. Lightning does so for NCCL alone; a Gloo group (CPU runs) left to the interpreter's finalization aborts the
+process now and then ("terminate called without an active exception", SIGABRT) after its work is done, which a
+launcher reports as a failed run.
 """
 
 from __future__ import annotations
 
+import atexit
 import signal
 import threading
 from datetime import timedelta
@@ -55,6 +61,7 @@ def guard(trainer: Any, node_wait: float | None) -> None:
 
     def waiting_stoppably() -> None:
         import torch.distributed
+        from lightning.fabric.utilities.distributed import _destroy_dist_connection
 
         main_thread = threading.current_thread() is threading.main_thread()
         stops = (signal.SIGINT, signal.SIGTERM) if main_thread else ()
@@ -66,5 +73,7 @@ def guard(trainer: Any, node_wait: float | None) -> None:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        # Lightning's exit handler, which it registers for NCCL alone; a no-op where it already ran.
+        atexit.register(_destroy_dist_connection)
 
     strategy.setup_environment = waiting_stoppably

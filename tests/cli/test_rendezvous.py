@@ -62,3 +62,28 @@ def test_a_signal_ends_the_wait_for_peers_at_once(tmp_path: Path, signum: signal
 def test_a_node_wait_that_is_no_positive_number_is_one_line(capfd: pytest.CaptureFixture[str]) -> None:
     line = cli_error(capfd, [*ALONE[3:6], "--trainer.max_steps=1", "--node_wait=0"])
     assert line == "lightning-nst: error: node_wait: must be a number of seconds > 0, got 0.0"
+
+
+LEAVES = """
+import atexit, sys, types
+import torch.distributed as dist
+from lightning_nst.cli import rendezvous
+
+def meet():  # the process group a strategy's setup_environment starts; a group of one process here
+    dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+
+atexit.register(lambda: print("left" if not dist.is_initialized() else "still in its process group"))
+strategy = types.SimpleNamespace(_timeout=None, setup_environment=meet)
+rendezvous.guard(types.SimpleNamespace(strategy=strategy, world_size=2), 30)
+strategy.setup_environment()
+print("met" if dist.is_initialized() else "alone")
+"""
+
+
+def test_a_process_that_met_its_peers_leaves_its_process_group_before_python_ends(tmp_path: Path) -> None:
+    # A Gloo group left to the interpreter's finalization aborts the process now and then (SIGABRT) after its work.
+    done = subprocess.run(
+        [sys.executable, "-c", LEAVES, str(tmp_path / "store")], env=ENV, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["met", "left"]
