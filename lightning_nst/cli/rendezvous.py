@@ -48,7 +48,8 @@ def guard(trainer: Any, node_wait: float | None) -> None:
 
     Nothing changes for a run of one process. Lightning offers no hook between the launch and the rendezvous, so the
     strategy's ``setup_environment`` of this trainer is wrapped, and its ``timeout`` set (``DDPStrategy(timeout=)``,
-    which it passes to ``init_process_group``).
+    which it passes to ``init_process_group``); once the peers have met, the process group's collectives get the
+    strategy's own timeout back (Lightning's 30 minutes by default).
     """
     seconds = NODE_WAIT if node_wait is None else float(node_wait)
     if not seconds > 0:  # NaN too
@@ -56,6 +57,7 @@ def guard(trainer: Any, node_wait: float | None) -> None:
     strategy = trainer.strategy
     if trainer.world_size <= 1 or not hasattr(strategy, "_timeout"):
         return
+    collectives = strategy._timeout  # Lightning's 30 minutes, or the config's DDPStrategy(timeout=...)
     strategy._timeout = timedelta(seconds=seconds)
     setup_environment = strategy.setup_environment
 
@@ -75,5 +77,8 @@ def guard(trainer: Any, node_wait: float | None) -> None:
                 signal.signal(sig, handler)
         # Lightning's exit handler, which it registers for NCCL alone; a no-op where it already ran.
         atexit.register(_destroy_dist_connection)
+        # The wait for peers is over; a process done with its work may wait at a barrier for a slower one for longer.
+        if collectives is not None and hasattr(torch.distributed, "set_timeout"):
+            torch.distributed.set_timeout(collectives)
 
     strategy.setup_environment = waiting_stoppably

@@ -64,26 +64,32 @@ def test_a_node_wait_that_is_no_positive_number_is_one_line(capfd: pytest.Captur
     assert line == "lightning-nst: error: node_wait: must be a number of seconds > 0, got 0.0"
 
 
-LEAVES = """
-import atexit, sys, types
+PEER = """
+import atexit, sys, time, types
+from datetime import timedelta
 import torch.distributed as dist
 from lightning_nst.cli import rendezvous
 
-def meet():  # the process group a strategy's setup_environment starts; a group of one process here
-    dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+store, rank = sys.argv[1], int(sys.argv[2])
+
+def meet():  # what a strategy's setup_environment does, with the timeout guard gave it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2, timeout=strategy._timeout)
 
 atexit.register(lambda: print("left" if not dist.is_initialized() else "still in its process group"))
-strategy = types.SimpleNamespace(_timeout=None, setup_environment=meet)
-rendezvous.guard(types.SimpleNamespace(strategy=strategy, world_size=2), 30)
+strategy = types.SimpleNamespace(_timeout=timedelta(seconds=60), setup_environment=meet)
+rendezvous.guard(types.SimpleNamespace(strategy=strategy, world_size=2), 1)
 strategy.setup_environment()
-print("met" if dist.is_initialized() else "alone")
+time.sleep(3 * rank)  # process 1 is slower: process 0 waits 3 s at the barrier, longer than node_wait
+dist.barrier()
+print("met")
 """
 
 
-def test_a_process_that_met_its_peers_leaves_its_process_group_before_python_ends(tmp_path: Path) -> None:
-    # A Gloo group left to the interpreter's finalization aborts the process now and then (SIGABRT) after its work.
-    done = subprocess.run(
-        [sys.executable, "-c", LEAVES, str(tmp_path / "store")], env=ENV, capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["met", "left"]
+def test_peers_wait_for_each_other_beyond_node_wait_and_leave_their_group_before_python_ends(tmp_path: Path) -> None:
+    # node_wait bounds the wait for peers to meet, not a barrier's; a Gloo group left to the interpreter's
+    # finalization aborts the process now and then (SIGABRT) after its work.
+    command = [sys.executable, "-c", PEER, str(tmp_path / "store")]
+    peers = [subprocess.Popen([*command, str(rank)], env=ENV, stdout=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outputs = [peer.communicate(timeout=120)[0] for peer in peers]
+    assert [peer.returncode for peer in peers] == [0, 0], outputs
+    assert [output.split() for output in outputs] == [["met", "left"]] * 2
