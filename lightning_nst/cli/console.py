@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import lightning as L
@@ -173,10 +173,12 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
     """Progress as a plain line every ``interval`` seconds, for logs and pipes, where a bar is drawn only at the end.
 
     ``fit``: ``step 120/500, loss 1.23e-06, 0.52 s/step, 3:17 left``; ``predict``: ``item 3/8, 12.5 s/item, 1:02
-    left`` (this process's items). A line comes after the first step or item, then at the first step or item
-    boundary ``interval`` seconds after the last line, and once at the end (``done in``). Lightning's bars redraw one
-    line in place, which a log keeps either as one line per update (tqdm) or only at the end (rich); this is
-    Lightning's :class:`~lightning.pytorch.callbacks.ProgressBar` API with lines instead.
+    left``; ``predict`` in several processes: ``item 7/20 (2 processes), 0.32 items/s, 0:40 left``, the items of all
+    processes (a datamodule's ``progress()``, :meth:`lightning_nst.PromptGrid.progress`), on rank 0, with its last
+    line once every process is done (at teardown). A line comes after the first step or item, then at the first step
+    or item boundary ``interval`` seconds after the last line, and once at the end (``done in``). Lightning's bars
+    redraw one line in place, which a log keeps either as one line per update (tqdm) or only at the end (rich); this
+    is Lightning's :class:`~lightning.pytorch.callbacks.ProgressBar` API with lines instead.
 
     Args:
         interval: Seconds between lines; ``lightning-nst`` uses this bar with 15 s where its output is not a terminal.
@@ -192,6 +194,8 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
         self._started = self._printed_at = 0.0
         self._first = self._done = self._shown = 0
         self._total: int | float | None = None
+        self._grid: Callable[[], tuple[int, int] | None] | None = None  # the run's progress, in several processes
+        self._processes = 1
 
     def disable(self) -> None:  # noqa: D102
         self._enabled = False
@@ -215,8 +219,11 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
         per = (now - self._started) / (done - self._first)
         total = self._total
         counted = f"{done}/{total}" if isinstance(total, int) else str(done)
+        if self._grid is not None:
+            counted += f" ({self._processes} processes)"
         fields = [f"{self._unit} {counted}", *(f"{name} {value}" for name, value in metrics.items())]
-        fields.append(f"{per:.3g} s/{self._unit}")
+        # A grid's speed is images per second, which adds up over processes; one process's, seconds per item.
+        fields.append(f"{1 / per:.3g} {self._unit}s/s" if self._grid is not None else f"{per:.3g} s/{self._unit}")
         if last or (isinstance(total, int) and done >= total):
             fields.append(f"done in {_duration(now - self._started)}")
         elif isinstance(total, int):
@@ -241,7 +248,7 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
         for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
             # Lightning wraps a predict loader's batch sampler (its _IndexBatchSamplerWrapper keeps the loader's own
             # as _batch_sampler) and gives the loader a SequentialSampler over every item, so this process's share
-            # is the wrapped batch sampler's sampler (PromptGrid's RankSlice under several processes).
+            # is the wrapped batch sampler's sampler (PromptGrid's ItemQueue under several processes).
             batches = getattr(loader, "batch_sampler", None)
             sampler = getattr(getattr(batches, "_batch_sampler", batches), "sampler", None)
             try:
@@ -249,15 +256,27 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
             except (AttributeError, TypeError):  # not a DataLoader of a sized sampler: count batches instead
                 items = None
                 break
-        self._begin("item", 0, items)
+        grid = getattr(trainer.datamodule, "progress", None)
+        counts = grid() if callable(grid) else None
+        self._grid, self._processes = (grid, trainer.world_size) if counts is not None else (None, 1)
+        self._begin("item", *(counts or (0, items)))
 
     def on_predict_batch_end(  # noqa: D102
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, *args: Any
     ) -> None:
-        self._advance(self._done + _items_in(batch), {})
+        counts = self._grid() if self._grid is not None else None
+        self._advance(counts[0] if counts is not None else self._done + _items_in(batch), {})
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
-        self._advance(self._done, {}, last=True)
+        if self._grid is None:  # else at teardown, when every process is done
+            self._advance(self._done, {}, last=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:  # noqa: D102
+        # GenerationWriter calls this once every process of a run has written its items, then Lightning does.
+        counts = self._grid() if self._grid is not None else None
+        if counts is not None:
+            self._advance(counts[0], {}, last=True)
+        self._grid = None
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -282,16 +301,18 @@ def _is_progress_bar(entry: Any) -> bool:
     return isinstance(kind, type) and issubclass(kind, ProgressBar)
 
 
-def install_progress_bar(trainer: L.Trainer, configured: Any) -> None:
+def install_progress_bar(trainer: L.Trainer, configured: Any, *, lines: bool = False) -> None:
     """Replace the progress bar Lightning added by default with the project's; a configured or disabled one stays.
 
     The project's is the same kind of bar as Lightning chose, or :class:`PlainProgressBar` where standard output,
-    which Lightning's bars draw on, is not a terminal.
+    which Lightning's bars draw on, is not a terminal, or where ``lines``.
 
     Args:
         trainer: The instantiated trainer.
         configured: The config's ``trainer.callbacks`` (a list, one entry or None), to tell a progress bar the user
             chose from the one Lightning added.
+        lines: Print lines even on a terminal: ``predict`` in several processes, whose progress is the run's (a
+            bar's length is this process's batches, which a process only knows as it takes them).
     """
     entries = configured if isinstance(configured, list | tuple) else [configured]
     if any(_is_progress_bar(entry) for entry in entries if entry is not None):
@@ -299,5 +320,6 @@ def install_progress_bar(trainer: L.Trainer, configured: Any) -> None:
     ours = {RichProgressBar: NSTRichProgressBar, TQDMProgressBar: NSTTQDMProgressBar}
     for index, callback in enumerate(trainer.callbacks):
         if type(callback) in ours:  # the same kind of bar as Lightning chose, so its look does not change
-            trainer.callbacks[index] = ours[type(callback)]() if _is_terminal(sys.stdout) else PlainProgressBar()
+            bar = ours[type(callback)]() if _is_terminal(sys.stdout) and not lines else PlainProgressBar()
+            trainer.callbacks[index] = bar
             return

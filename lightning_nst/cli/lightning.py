@@ -126,7 +126,9 @@ class NSTCLI(LightningCLI):
         if self.subcommand in ("fit", "predict"):
             rendezvous.guard(self.trainer, self.config[self.subcommand].get("node_wait"))
             self.trainer.callbacks.append(self.stop)
-            console.install_progress_bar(self.trainer, self.config[self.subcommand].trainer.get("callbacks"))
+            callbacks = self.config[self.subcommand].trainer.get("callbacks")
+            lines = self.subcommand == "predict" and self.trainer.world_size > 1
+            console.install_progress_bar(self.trainer, callbacks, lines=lines)
         if self.subcommand == "fit" and self.config.fit.get("ckpt_path"):
             resume_in_run_folder(self.trainer, str(self.config.fit.ckpt_path), self.stop)
         if self.subcommand is not None:

@@ -13,7 +13,7 @@ from argparse import ArgumentError
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_nst.core.errors import NSTError
+from lightning_nst.core.errors import NSTError, lost_peer
 
 # LightningCLI's SaveConfigCallback refuses to replace the config.yaml of an earlier run with this RuntimeError.
 _CONFIG_EXISTS = re.compile(r"SaveConfigCallback expected (.+) to NOT exist")
@@ -98,6 +98,11 @@ def nst_error(error: BaseException, args: Sequence[str]) -> NSTError | None:
         return found
     if isinstance(error, _lightning_errors()):  # Lightning's own check of a trainer option
         return NSTError("trainer: " + " ".join(str(error).split()))
+    if (lost := lost_peer(error)) is not None:
+        return NSTError(
+            f"trainer: another process of this run ended before it ({lost}); see that process's output for why, then "
+            "run the same command again on every node"
+        )
     if isinstance(error, RuntimeError):
         if not (match := _CONFIG_EXISTS.search(str(error))):
             return None

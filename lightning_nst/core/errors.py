@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import sys
+
 
 class NSTError(Exception):
     """Bad input named by file or config key; the CLI prints it as a single line and exits with status 2."""
@@ -62,3 +65,24 @@ class DivergenceError(NSTError):
             f"step {self.step}: objective {self.objective}, loss term {self.term} is {self.value}; "
             f"lower the learning rate (model.optimizer) or the weights (model.objectives){self.kept_note}"
         )
+
+
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*")
+_GLOO_TRANSPORT = re.compile(r"^\[[^\]]*gloo/transport/[^\]]*\]")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """What ``error`` says of the lost peer, if it is torch.distributed's failure of a collective whose peer is gone.
+
+    That is a ``DistBackendError``, or the ``RuntimeError`` Gloo's transport raises (``[.../gloo/transport/tcp/
+    pair.cc:561] Connection closed by peer [10.0.0.2]:41234. ...``); its first sentence is kept, without the source
+    file.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    backend_error = getattr(distributed, "DistBackendError", None)
+    text = str(error).strip()
+    gloo = isinstance(error, RuntimeError) and _GLOO_TRANSPORT.match(text) is not None
+    if not gloo and (backend_error is None or not isinstance(error, backend_error)):
+        return None
+    first = _SOURCE_PREFIX.sub("", text.splitlines()[0] if text else "")
+    return first.split(". ", 1)[0].rstrip(".") or type(error).__name__

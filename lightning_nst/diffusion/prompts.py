@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import os
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -97,22 +98,60 @@ class ItemDataset(Dataset[GenerationItem]):
         return self.items[index]
 
 
-class RankSlice(DistributedSampler[GenerationItem]):
-    """Items ``rank``, ``rank + num_replicas``, ... of a dataset, in order: one process's share for ``predict``.
+class ItemQueue(DistributedSampler[GenerationItem]):
+    """The pending items handed to the processes of one run as each asks for its next batch: ``predict``'s split.
 
-    Lightning's own ``UnrepeatedDistributedSampler`` asserts that every process gets an item, which fails when a
-    rerun leaves fewer items than processes. Prediction needs no process to keep step with another (the module is not
-    wrapped in ``DistributedDataParallel``), so here a process may get none. Being a ``DistributedSampler``, it is
-    kept as it is by Lightning.
+    A counter in the run's ``torch.distributed`` store, which every process met at, hands out ``batch_size``
+    positions at a time, each to exactly one process: a slow process or node takes fewer batches instead of holding
+    the grid, and every batch holds the same items as a one-process run's, so it makes the same images. Lightning's
+    ``DistributedSampler`` splits statically (item ``rank``, ``rank + world_size``, ...), which leaves the faster
+    processes idle at the end of a grid whose items or nodes differ in speed, and its batches mix items differently.
+
+    Being a ``DistributedSampler``, it is kept as it is by Lightning. Its length is the number of pending items, a
+    bound on this process's share; a process may get none.
+
+    Args:
+        dataset: The pending items.
+        num_replicas: Processes in the run.
+        rank: This process's global rank.
+        batch_size: Positions handed out at a time (the DataLoader's batch size).
+        key: The counter's name in the store, the same in every process of the run and new for every run.
+        store: The run's store (``torch.distributed``'s default), where a counter is one atomic ``add``.
     """
 
-    def __init__(self, dataset: ItemDataset, num_replicas: int, rank: int) -> None:
+    def __init__(
+        self, dataset: ItemDataset, num_replicas: int, rank: int, batch_size: int, key: str, store: Any
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
-        self.total_size = len(dataset)
-        self.num_samples = len(range(rank, self.total_size, num_replicas))
+        self.total_size = self.num_samples = len(dataset)
+        self.batch_size, self.key, self.store = batch_size, key, store
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        while True:
+            end = int(self.store.add(f"{self.key}/next", self.batch_size))
+            start = end - self.batch_size
+            if start >= self.total_size:
+                return
+            yield from range(start, min(end, self.total_size))
+
+    def finished(self, count: int) -> None:
+        """Count ``count`` more items as handled (written or failed) by this process."""
+        self.store.add(f"{self.key}/done", count)
+
+    def done(self) -> int:
+        """Items handled so far by all processes of the run."""
+        return int(self.store.add(f"{self.key}/done", 0))
+
+
+def run_store() -> Any:
+    """The ``torch.distributed`` store of this process's run, which its processes met at.
+
+    torch has no public accessor for it; it is the one channel every process of a run (on every node) reaches
+    without another port or any promise of a shared filesystem's atomicity.
+    """
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
 
 
 def collate_items(items: list[GenerationItem], init_images: Mapping[str, Tensor] | None = None) -> dict[str, Any]:
@@ -206,9 +245,10 @@ class PromptGrid(L.LightningDataModule):
     """Prompts × style images × seeds for ``lightning-nst predict``, one item per image to generate.
 
     Items are ordered prompt-major, then style, then seed, and numbered from 0; the number names the output file.
-    Under several processes each generates every ``world_size``-th item (see :class:`RankSlice`), so every item is
-    generated once in all. Items an earlier run finished (:meth:`resume`, reading the output folder's records) are
-    left out before that split, so the rest is spread over all processes. A model takes what it needs of the data
+    Under several processes each takes the next batch of pending items when it is ready for one (see
+    :class:`ItemQueue`), so every item is generated once in all, and a slower process takes fewer. Items an earlier run
+    finished (:meth:`resume`, reading the output folder's records) are left out before that, so the rest is spread
+    over all processes. A model takes what it needs of the data
     at its setup from :meth:`summary`, and each batch's init images from the batch.
 
     Args:
@@ -309,6 +349,7 @@ class PromptGrid(L.LightningDataModule):
         self.skipped: set[int] = set()
         self.style_images: list[Tensor] = []
         self.init_images: dict[str, Tensor] = {}
+        self.queue: ItemQueue | None = None
         # With finished items skipped, fewer may remain than there are processes; the idle ones then just wait.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -401,18 +442,34 @@ class PromptGrid(L.LightningDataModule):
         return bool(self.items) and not self.pending
 
     def predict_dataloader(self) -> DataLoader[GenerationItem]:
-        """Pending items in order, ``batch_size`` at a time, this process's share only.
+        """Pending items in order, ``batch_size`` at a time; under several processes, each batch to one of them.
 
         With nothing pending the dataloader is empty on every process alike, and Lightning skips the predict loop:
         no predict step runs and the module loads no pipeline.
         """
         dataset = ItemDataset(self.pending)
         trainer = self.trainer
-        distributed = trainer is not None and trainer.world_size > 1
+        self.queue = None
+        if trainer is not None and trainer.world_size > 1 and len(dataset):
+            # Every process calls this at once (Lightning requests the dataloaders together), so they can agree on a
+            # counter new to this run: a store outlives a run under an elastic agent that restarts its workers.
+            token = trainer.strategy.broadcast(uuid.uuid4().hex if trainer.is_global_zero else None, src=0)
+            self.queue = ItemQueue(
+                dataset, trainer.world_size, trainer.global_rank, self.batch_size, f"lightning_nst/{token}", run_store()
+            )
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=RankSlice(dataset, trainer.world_size, trainer.global_rank) if distributed else None,
+            sampler=self.queue,
             num_workers=self.num_workers,
             collate_fn=functools.partial(collate_items, init_images=self.init_images),
         )
+
+    def finished(self, count: int) -> None:
+        """Count ``count`` more items as handled (written or failed) by this process, for the run's progress."""
+        if self.queue is not None:
+            self.queue.finished(count)
+
+    def progress(self) -> tuple[int, int] | None:
+        """Items handled by all processes of a run of several, and how many were pending; ``None`` in one process."""
+        return (self.queue.done(), self.queue.total_size) if self.queue is not None else None

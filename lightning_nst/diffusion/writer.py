@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_nst.core.errors import NSTError
+from lightning_nst.core.errors import NSTError, lost_peer
 from lightning_nst.core.files import FolderLock, write_atomic
 from lightning_nst.core.images import png_bytes
 from lightning_nst.diffusion.manifest import GenerationFolder
@@ -267,6 +267,7 @@ class GenerationWriter(BasePredictionWriter):
                 raise NSTError(
                     f"GenerationWriter.output_dir: cannot write {self.directory / name}: {error.strerror or error}"
                 ) from None
+        trainer.datamodule.finished(len(batch["index"]))  # for the progress of a run of several processes
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Merge the finished items and every rank's new records into the manifest, once each, in item order."""
@@ -275,7 +276,17 @@ class GenerationWriter(BasePredictionWriter):
             return
         # Here rather than in on_predict_end: a process left without items skips the predict loop with its hooks,
         # but every process tears down.
-        trainer.strategy.barrier("GenerationWriter.merge")
+        try:
+            trainer.strategy.barrier("GenerationWriter.merge")
+        except RuntimeError as error:
+            if (lost := lost_peer(error)) is None:
+                raise
+            self._unlock_folder()
+            raise NSTError(
+                f"GenerationWriter: another process of this run ended before it ({lost}); the items this process "
+                f"generated are recorded in {self.directory}, and running the same command again on every node "
+                "generates only the rest"
+            ) from None
         if trainer.progress_bar_callback is not None:  # its last frame drawn now, so the Results line comes below it
             trainer.progress_bar_callback.teardown(trainer, pl_module, stage)
         if self._plan:  # no predict loop ran: every item was finished

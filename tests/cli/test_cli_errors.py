@@ -189,3 +189,24 @@ def test_library_use_keeps_no_state_between_runs() -> None:
     gc.collect()
     assert [ref() for ref in raised] == [None] * 3
     assert not [name for name, value in vars(NSTError).items() if isinstance(value, list | dict | set)]
+
+
+def test_a_lost_peer_of_a_multi_process_run_is_one_line() -> None:
+    import torch.distributed
+
+    from lightning_nst.cli.messages import nst_error
+
+    gloo = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.2]:41234. This "
+        "is typically caused by a remote worker crashing."
+    )
+    nccl = torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1. Original reason: timeout")
+    for error, lost in (
+        (gloo, "Connection closed by peer [10.0.0.2]:41234"),
+        (nccl, "NCCL communicator was aborted on rank 1"),
+    ):
+        found = nst_error(error, ["predict"])
+        assert found is not None and str(found).startswith(
+            f"trainer: another process of this run ended before it ({lost})"
+        )
+    assert nst_error(RuntimeError("[x.cc:1] a bug"), ["predict"]) is None  # other errors keep their traceback

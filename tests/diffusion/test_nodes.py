@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,53 +21,43 @@ from tests.tiny_pipeline import batch_args, records
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def torchrun_node(rank: int, args: list[str], port: int, *, env: dict[str, str]) -> subprocess.Popen[str]:
+    """Node ``rank`` of two, one process each, started by torchrun as on a cluster (both on this machine)."""
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+            "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "-m", "lightning_nst", *args, "--trainer.num_nodes=2", "--trainer.devices=1", "--node_wait=120",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 @pytest.mark.slow  # 15 s alone, 30 s beside the rest: the default suite is at its budget
 def test_two_torchrun_nodes_write_each_item_once_as_one_process_does(pipeline_dir: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    args = batch_args(pipeline_dir, tmp_path / "nodes", 5, "--data.batch_size=1", "--trainer.enable_progress_bar=true")
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes",
-                "2",
-                "--nproc-per-node",
-                "1",
-                "--node-rank",
-                str(rank),
-                "--master-addr",
-                "127.0.0.1",
-                "--master-port",
-                "29677",
-                "-m",
-                "lightning_nst",
-                *args,
-                "--trainer.num_nodes=2",
-                "--trainer.devices=1",
-                "--node_wait=120",
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
+    args = batch_args(pipeline_dir, tmp_path / "nodes", 5, "--data.batch_size=2", "--trainer.enable_progress_bar=true")
+    nodes = [torchrun_node(rank, args, 29677, env=ENV) for rank in (0, 1)]
     outputs = []
     for node in nodes:
         output, _ = node.communicate(timeout=600)
         assert node.returncode == 0, output[-3000:]
         outputs.append(output)
-    # Each process's progress counts its own share: items 0, 2, 4 on node 0, 1 and 3 on node 1.
-    assert "item 3/3" in outputs[0] and "/5" not in outputs[0]
-    one = batch_args(pipeline_dir, tmp_path / "one", 5, "--data.batch_size=1")
-    done = subprocess.run([sys.executable, "-m", "lightning_nst", *one], env=env, capture_output=True, text=True)
+    # Node 0 alone reports the progress of the whole grid, its last line once both nodes are done.
+    assert re.search(r"^item 5/5 \(2 processes\), [\d.e+-]+ items/s, done in \d+:\d\d$", outputs[0], re.M), outputs[0]
+    assert "item " not in outputs[1]
+    one = batch_args(pipeline_dir, tmp_path / "one", 5, "--data.batch_size=2")
+    done = subprocess.run([sys.executable, "-m", "lightning_nst", *one], env=ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = records(tmp_path / "nodes")
     assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4]  # each item once
     assert {line["rank"] for line in lines} == {0, 1}  # both nodes generated
+    # The nodes take whole batches of a one-process run ([0, 1], [2, 3], [4]), so the images are the same bytes.
     for line in lines:
         assert (tmp_path / "nodes" / line["image"]).read_bytes() == (tmp_path / "one" / line["image"]).read_bytes()
 
@@ -83,6 +75,12 @@ def test_a_folder_another_run_writes_is_refused_before_any_work(
     other.release()
     main(batch_args(pipeline_dir, out, 2))  # once it is done, the folder is free
     assert len(records(out)) == 2 and not (out / FOLDER_LOCK).exists()
+
+
+def records_so_far(folder: Path) -> list[dict[str, object]]:
+    """The records of a run that did not end: the manifest (if any) and every process's part file."""
+    files = [folder / "predictions.jsonl", *folder.glob(".predictions.jsonl.rank*.part")]
+    return [json.loads(line) for file in files if file.is_file() for line in file.read_text().splitlines()]
 
 
 def _children(pid: int) -> list[int]:
@@ -131,4 +129,39 @@ def test_killing_the_launcher_stops_its_workers_and_a_relaunch_completes(pipelin
     assert sorted(line["index"] for line in lines) == list(range(8))  # complete, each item once
     for line in lines:
         assert hashlib.sha256((out / line["image"]).read_bytes()).hexdigest() == line["sha256"]
+    assert not (out / FOLDER_LOCK).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_killing_one_node_leaves_the_rest_to_a_relaunch_of_both(pipeline_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    slow_items = ["--data.batch_size=1", "--model.num_inference_steps=40", "--model.height=128", "--model.width=128"]
+    args = batch_args(pipeline_dir, out, 8, *slow_items)
+    nodes = [torchrun_node(rank, args, 29681, env=ENV) for rank in (0, 1)]
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("*.png"))) < 2 and time.monotonic() < deadline and nodes[1].poll() is None:
+        time.sleep(0.2)
+    workers = _children(nodes[1].pid)
+    assert len(list(out.glob("*.png"))) >= 2 and workers, "the run never began generating"
+    nodes[1].kill()  # kill -9 of node 1's launcher, as when a machine is lost
+    nodes[1].communicate()
+    killed = time.monotonic()
+    while any(_running(pid) for pid in workers) and time.monotonic() - killed < 2:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in workers), "node 1's worker outlived its launcher by 2 s"
+    output, _ = nodes[0].communicate(timeout=300)  # node 0 takes the rest, but cannot end the run without node 1
+    assert nodes[0].returncode != 0, output[-3000:]
+    assert "lightning-nst: error: GenerationWriter: another process of this run ended before it (" in output
+    finished = {line["index"] for line in records_so_far(out)}
+    assert 0 < len(finished) < 8, output[-3000:]
+    relaunched = [torchrun_node(rank, args, 29682, env=ENV) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in relaunched]
+    assert [node.returncode for node in relaunched] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert f"Generating {8 - len(finished)} of 8 items" in outputs[0]  # only what was missing
+    lines = records(out)
+    assert sorted(line["index"] for line in lines) == list(range(8))  # complete, each item once
+    for line in lines:
+        assert hashlib.sha256((out / line["image"]).read_bytes()).hexdigest() == line["sha256"]
+    assert sorted(path.name for path in out.glob("*.png")) == sorted(line["image"] for line in lines)
     assert not (out / FOLDER_LOCK).exists()

@@ -74,3 +74,39 @@ def test_finished_items_leave_the_loader_and_with_none_pending_it_is_empty() -> 
     assert [batch["index"] for batch in grid.predict_dataloader()] == [[1], [3]]
     grid.skip(range(4))  # what the writer does when an earlier run finished everything
     assert grid.all_finished and len(grid.predict_dataloader()) == 0
+
+
+# -- the split over processes ---------------------------------------------------------------------------------------
+
+
+def queues(items: int, processes: int, batch_size: int) -> list[Any]:
+    """``processes`` ItemQueues of one run over ``items`` items, sharing one store as a run's processes do."""
+    import torch.distributed
+
+    from lightning_nst.diffusion.prompts import ItemDataset, ItemQueue
+
+    grid = PromptGrid(prompts=["a house"], seeds=list(range(items)))
+    dataset = ItemDataset(grid.expand())
+    store = torch.distributed.HashStore()
+    return [ItemQueue(dataset, processes, rank, batch_size, "run", store) for rank in range(processes)]
+
+
+def test_the_queue_hands_each_item_to_one_process_in_the_batches_of_one_process() -> None:
+    first, second = (iter(queue) for queue in queues(7, 2, 2))
+    taken: dict[int, list[int]] = {0: [], 1: []}
+    # Process 1 is three times as slow: it asks for a batch after every third of process 0's.
+    for turn in range(12):
+        for rank, queue in ((0, first), (1, second)) if turn % 3 == 0 else ((0, first),):
+            batch = [index for _, index in zip(range(2), queue, strict=False)]
+            taken[rank] += batch
+    assert sorted(taken[0] + taken[1]) == list(range(7))  # every item once
+    assert len(taken[0]) > len(taken[1]) > 0  # the slow process took fewer
+    # Batches are handed out whole: what a process took is a union of one-process batches [0, 1], [2, 3], ...
+    assert all(index ^ 1 in taken[rank] or index == 6 for rank in (0, 1) for index in taken[rank])
+
+
+def test_the_queue_counts_what_every_process_finished() -> None:
+    first, second = queues(5, 2, 1)
+    first.finished(2)
+    second.finished(1)
+    assert first.done() == second.done() == 3 and len(first) == len(second) == 5
