@@ -248,7 +248,7 @@ class PlainProgressBar(_NSTMetrics, ProgressBar):
         for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
             # Lightning wraps a predict loader's batch sampler (its _IndexBatchSamplerWrapper keeps the loader's own
             # as _batch_sampler) and gives the loader a SequentialSampler over every item, so this process's share
-            # is the wrapped batch sampler's sampler (PromptGrid's ItemQueue under several processes).
+            # is the wrapped batch sampler's sampler; a PromptGrid in several processes is counted whole below.
             batches = getattr(loader, "batch_sampler", None)
             sampler = getattr(getattr(batches, "_batch_sampler", batches), "sampler", None)
             try:

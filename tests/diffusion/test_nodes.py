@@ -165,3 +165,36 @@ def test_killing_one_node_leaves_the_rest_to_a_relaunch_of_both(pipeline_dir: Pa
         assert hashlib.sha256((out / line["image"]).read_bytes()).hexdigest() == line["sha256"]
     assert sorted(path.name for path in out.glob("*.png")) == sorted(line["image"] for line in lines)
     assert not (out / FOLDER_LOCK).exists()
+
+
+# srun as SLURM runs a job step on one node: every task a process with SLURM's variables, the step failing with any.
+FAKE_SRUN = """#!{python}
+import os, subprocess, sys
+tasks = int(os.environ["SLURM_NTASKS"])
+env = lambda task: {{**os.environ, "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_NODEID": "0"}}
+steps = [subprocess.Popen(sys.argv[1:], env=env(task)) for task in range(tasks)]
+sys.exit(max(step.wait() for step in steps))
+"""
+
+
+@pytest.mark.slow
+def test_the_sbatch_script_generates_the_grid_under_slurms_variables(pipeline_dir: Path, tmp_path: Path) -> None:
+    # No SLURM cluster here: the script runs as sbatch would run it on a node, with an srun that starts its two tasks
+    # on this machine, so Lightning's SLURM environment assigns the ranks.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN.format(python=sys.executable))
+    (bin_dir / "srun").chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "grid", "SLURM_NNODES": "1", "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NODELIST": "127.0.0.1", "MASTER_PORT": "29683",
+    }  # fmt: skip
+    path = os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), os.environ["PATH"]])
+    env = {**ENV, **slurm, "PATH": path, "OUTPUT_DIR": str(tmp_path / "grid")}
+    overrides = batch_args(pipeline_dir, None, 5, "--data.batch_size=2")[3:]  # after `predict --config FILE`
+    script = REPO / "docs" / "cluster" / "generate.sbatch"
+    done = subprocess.run(["bash", str(script), *overrides], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "MEMBER: 2/2" in done.stderr  # two processes of one run, which met through SLURM's variables
+    lines = records(tmp_path / "grid")
+    assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4] and {line["rank"] for line in lines} == {0, 1}
