@@ -12,16 +12,20 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_nst.core.files import FOLDER_LOCK, FolderLock
 from lightning_nst.main import main
+from lightning_nst.nst.fast.networks import RECORD_KEY
 from tests.conftest import REPO, cli_error
 from tests.tiny_pipeline import batch_args, records
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def torchrun_node(rank: int, args: list[str], port: int, *, env: dict[str, str]) -> subprocess.Popen[str]:
+def torchrun_node(
+    rank: int, args: list[str], port: int, *, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen[str]:
     """Node ``rank`` of two, one process each, started by torchrun as on a cluster (both on this machine)."""
     return subprocess.Popen(
         [
@@ -30,6 +34,7 @@ def torchrun_node(rank: int, args: list[str], port: int, *, env: dict[str, str])
             "-m", "lightning_nst", *args, "--trainer.num_nodes=2", "--trainer.devices=1", "--node_wait=120",
         ],
         env=env,
+        cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -198,3 +203,21 @@ def test_the_sbatch_script_generates_the_grid_under_slurms_variables(pipeline_di
     assert "MEMBER: 2/2" in done.stderr  # two processes of one run, which met through SLURM's variables
     lines = records(tmp_path / "grid")
     assert sorted(line["index"] for line in lines) == [0, 1, 2, 3, 4] and {line["rank"] for line in lines} == {0, 1}
+
+
+@pytest.mark.slow
+def test_a_fast_network_trains_over_two_torchrun_nodes(tmp_path: Path) -> None:
+    fit = [
+        "fit", "-c", str(REPO / "configs" / "fast_style_train.yaml"), "--trainer.accelerator=cpu",
+        "--trainer.max_steps=4", "--trainer.enable_progress_bar=false", "--data.init_args.size=64",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=2", "--model.init_args.width=8",
+        "--model.init_args.vgg.weights=random",
+    ]  # fmt: skip
+    nodes = [torchrun_node(rank, fit, 29684, env=ENV, cwd=tmp_path) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "MEMBER: 2/2" in outputs[1]
+    # One run on a shared folder: one version folder, one checkpoint, of the steps both nodes took together.
+    (last,) = tmp_path.glob("logs/fast_style_train/version_*/checkpoints/last.ckpt")
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 4 and saved[RECORD_KEY]["kind"] == "johnson"
