@@ -39,7 +39,8 @@ def test_a_node_alone_gives_up_after_node_wait_in_one_line(tmp_path: Path) -> No
     assert not (tmp_path / "logs").exists()  # it wrote nothing
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+# SIGINT takes the same path as SIGTERM (both get their default action around the wait): the slow suite has it.
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_a_signal_ends_the_wait_for_peers_at_once(tmp_path: Path, signum: signal.Signals) -> None:
     process = start(tmp_path, 29632 + int(signum), 300)
     assert process.stdout is not None

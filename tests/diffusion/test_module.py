@@ -234,6 +234,7 @@ def test_offline_a_cached_hub_model_loads_at_once_and_a_missing_one_fails_at_onc
     )
 
 
+@pytest.mark.slow  # 12 s; the default suite runs two processes in test_killed_ddp_run_reruns_to_every_item_once
 def test_ddp_on_two_processes_writes_every_item_once(pipeline_dir: Path) -> None:
     args = tiny_args(pipeline_dir, "ddp", "--data.seeds=[0, 1, 2, 3, 4]", "--data.batch_size=2")
     run = run_ddp([*args, "--model.num_inference_steps=2"], "ddp")

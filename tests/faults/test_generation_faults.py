@@ -153,7 +153,8 @@ def test_killed_ddp_run_reruns_to_every_item_once(pipeline_dir: Path, tmp_path: 
         "lightning_nst",
         *batch_args(pipeline_dir, out, 5, "--trainer.devices=2", "--trainer.strategy=ddp"),
     ]
-    # Rank 0 (items 0, 2, 4) hangs after two items; rank 1 (items 1, 3) finishes and waits at the merge.
+    # Rank 0 hangs after two items, holding the one it took next (a process takes its next batch as it starts one);
+    # rank 1 generates the other two and waits at the merge.
     stall = (
         '--trainer.callbacks+={"class_path": "tests.faults.test_generation_faults.Stall", "init_args": {"batches": 2}}'
     )
@@ -163,7 +164,7 @@ def test_killed_ddp_run_reruns_to_every_item_once(pipeline_dir: Path, tmp_path: 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    # One item left for two processes: rank 1 gets none and still takes part in the merge.
+    # One item left for two processes: one of them gets none and still takes part in the merge.
     assert "Generating 1 of 5 items" in rerun.stderr
     lines = assert_complete(out, 5)
     assert {line["rank"] for line in lines} == {0, 1}
