@@ -74,15 +74,17 @@ _GLOO_TRANSPORT = re.compile(r"^\[[^\]]*gloo/transport/[^\]]*\]")
 def lost_peer(error: BaseException) -> str | None:
     """What ``error`` says of the lost peer, if it is torch.distributed's failure of a collective whose peer is gone.
 
-    That is a ``DistBackendError``, or the ``RuntimeError`` Gloo's transport raises (``[.../gloo/transport/tcp/
+    That is a ``DistError`` (a collective's backend failing, or the run's store gone with the process that held it:
+    ``Failed to recv, got 0 bytes``), or the ``RuntimeError`` Gloo's transport raises (``[.../gloo/transport/tcp/
     pair.cc:561] Connection closed by peer [10.0.0.2]:41234. ...``); its first sentence is kept, without the source
-    file.
+    file. The wait for peers to meet, which raises the same kinds, is reported apart (:mod:`lightning_nst.cli.
+    rendezvous`).
     """
     distributed = sys.modules.get("torch.distributed")
-    backend_error = getattr(distributed, "DistBackendError", None)
+    dist_error = getattr(distributed, "DistError", None)
     text = str(error).strip()
     gloo = isinstance(error, RuntimeError) and _GLOO_TRANSPORT.match(text) is not None
-    if not gloo and (backend_error is None or not isinstance(error, backend_error)):
+    if not gloo and (dist_error is None or not isinstance(error, dist_error)):
         return None
     first = _SOURCE_PREFIX.sub("", text.splitlines()[0] if text else "")
     return first.split(". ", 1)[0].rstrip(".") or type(error).__name__

@@ -248,8 +248,8 @@ class PromptGrid(L.LightningDataModule):
     Under several processes each takes the next batch of pending items when it is ready for one (see
     :class:`ItemQueue`), so every item is generated once in all, and a slower process takes fewer. Items an earlier run
     finished (:meth:`resume`, reading the output folder's records) are left out before that, so the rest is spread
-    over all processes. A model takes what it needs of the data
-    at its setup from :meth:`summary`, and each batch's init images from the batch.
+    over all processes. A model takes what it needs of the data at its setup from :meth:`summary`, and each batch's
+    init images from the batch.
 
     Args:
         prompts: Prompts as a YAML list.
@@ -269,7 +269,8 @@ class PromptGrid(L.LightningDataModule):
             in the order of the prompts (the list's, then the file's); each prompt's style and seed items share it.
             Paths, ``sample:NAME`` or ``skimage:NAME``; ``None`` generates from text.
         batch_size: Items per UNet batch; with init images of different sizes it must be 1.
-        num_workers: DataLoader worker processes (items are only text, so 0 is usually right).
+        num_workers: DataLoader worker processes (items are only text, so 0 is usually right; with workers, a
+            process of several takes up to two batches per worker ahead of the one it generates).
     """
 
     def __init__(
@@ -350,7 +351,7 @@ class PromptGrid(L.LightningDataModule):
         self.style_images: list[Tensor] = []
         self.init_images: dict[str, Tensor] = {}
         self.queue: ItemQueue | None = None
-        # With finished items skipped, fewer may remain than there are processes; the idle ones then just wait.
+        # With every item finished the dataloader is empty on every process, which runs no predict step.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def expand(self) -> list[GenerationItem]:

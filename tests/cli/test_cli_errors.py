@@ -201,9 +201,12 @@ def test_a_lost_peer_of_a_multi_process_run_is_one_line() -> None:
         "is typically caused by a remote worker crashing."
     )
     nccl = torch.distributed.DistBackendError("NCCL communicator was aborted on rank 1. Original reason: timeout")
+    # The run's store gone with node 0 (a process still taking its next batch from it).
+    store = torch.distributed.DistNetworkError("Failed to recv, got 0 bytes. Connection was likely closed.")
     for error, lost in (
         (gloo, "Connection closed by peer [10.0.0.2]:41234"),
         (nccl, "NCCL communicator was aborted on rank 1"),
+        (store, "Failed to recv, got 0 bytes"),
     ):
         found = nst_error(error, ["predict"])
         assert found is not None and str(found).startswith(
