@@ -45,7 +45,7 @@ def _on_core(core: int) -> Callable[[], None]:
 
 def wall_time(folder: Path, name: str, pipeline: Path, items: int, mode: str, args: argparse.Namespace,
               ) -> tuple[float, float]:  # fmt: skip
-    """(Seconds of the whole run, its idle tail) for ``items`` items: ``mode`` is "1", "2" (DDP) or "2x1" (nodes)."""
+    """(Seconds of the whole run, its idle tail) for ``items`` items; ``mode`` is a key of ``NAMES``."""
     seeds = ", ".join(str(seed) for seed in range(items))
     nodes = mode.startswith("2x1")
     processes = {"1": 1, "2": 2}.get(mode, 1)
