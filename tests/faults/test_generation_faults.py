@@ -34,16 +34,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Stall(L.Callback):
-    """Hang rank ``rank`` after ``batches`` batches, once the writer has saved them, until the test kills it."""
+    """Hang rank ``rank`` once it has saved ``batches`` batches, holding the next batch it took, until killed."""
 
     def __init__(self, rank: int = 0, batches: int = 1) -> None:
         self.rank = rank
         self.batches = batches
 
-    def on_predict_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int, *args: Any
     ) -> None:
-        if trainer.global_rank == self.rank and batch_idx + 1 >= self.batches:
+        if trainer.global_rank == self.rank and batch_idx >= self.batches:
             time.sleep(600)
 
 
@@ -151,22 +151,23 @@ def test_killed_ddp_run_reruns_to_every_item_once(pipeline_dir: Path, tmp_path: 
         sys.executable,
         "-m",
         "lightning_nst",
-        *batch_args(pipeline_dir, out, 5, "--trainer.devices=2", "--trainer.strategy=ddp"),
+        *batch_args(pipeline_dir, out, 6, "--trainer.devices=2", "--trainer.strategy=ddp"),
     ]
-    # Rank 0 hangs after two items, holding the one it took next (a process takes its next batch as it starts one);
-    # rank 1 generates the other two and waits at the merge.
+    # Rank 0 saves one item, then hangs holding the next it took from the queue; rank 1 generates the other four and
+    # waits at the merge. Rank 0 takes its second item once its first is saved, when rank 1 can have taken at most two
+    # of the six (processes take an item as they are ready for one), so five records, whatever the timing.
     stall = (
-        '--trainer.callbacks+={"class_path": "tests.faults.test_generation_faults.Stall", "init_args": {"batches": 2}}'
+        '--trainer.callbacks+={"class_path": "tests.faults.test_generation_faults.Stall", "init_args": {"batches": 1}}'
     )
-    kept = stalled_then_killed([*command, stall], out, finished=4, log=tmp_path / "killed.log")
-    assert len(kept) == 4 and not (out / "predictions.jsonl").exists()
+    kept = stalled_then_killed([*command, stall], out, finished=5, log=tmp_path / "killed.log")
+    assert len(kept) == 5 and not (out / "predictions.jsonl").exists()
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # One item left for two processes: one of them gets none and still takes part in the merge.
-    assert "Generating 1 of 5 items" in rerun.stderr
-    lines = assert_complete(out, 5)
+    assert "Generating 1 of 6 items" in rerun.stderr
+    lines = assert_complete(out, 6)
     assert {line["rank"] for line in lines} == {0, 1}
     for name, (inode, mtime) in kept.items():
         assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == (inode, mtime)
