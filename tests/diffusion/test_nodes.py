@@ -1,4 +1,5 @@
-"""Generation across nodes with Lightning's own launcher: torchrun, two "nodes" on this machine."""
+"""Runs across nodes with Lightning's own launchers: torchrun with two "nodes" on this machine, and SLURM's variables
+under an srun that starts its tasks here."""
 
 from __future__ import annotations
 
