@@ -267,16 +267,8 @@ class FolderLock:
             return None
         return holder if isinstance(holder, dict) else None
 
-    def _holder(self) -> dict[str, Any] | None:
-        return self._read(self.path)
-
     def _stale(self, holder: dict[str, Any] | None) -> bool:
-        if holder is None:  # unreadable: half-written by a process killed while creating it, or not ours
-            try:
-                return time.time() - self.path.stat().st_mtime > 4 * HEARTBEAT_S
-            except FileNotFoundError:
-                return True
-        if holder.get("host") == socket.gethostname():
+        if holder is not None and holder.get("host") == socket.gethostname():
             try:
                 os.kill(int(holder.get("pid", -1)), 0)
             except ProcessLookupError:
@@ -284,6 +276,7 @@ class FolderLock:
             except (PermissionError, ValueError, OverflowError):
                 return False
             return False
+        # Another host's lock, or an unreadable one (half-written by a process killed while creating it): its age.
         try:
             return time.time() - self.path.stat().st_mtime > 4 * HEARTBEAT_S
         except FileNotFoundError:
@@ -300,7 +293,7 @@ class FolderLock:
             try:
                 handle = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             except FileExistsError:
-                holder = self._holder()
+                holder = self._read(self.path)
                 if not self._stale(holder):
                     raise self._refusal(holder) from None
                 # Renamed aside first: of two runs taking over the same stale lock, one rename fails.
@@ -321,7 +314,7 @@ class FolderLock:
             self._beat = threading.Thread(target=self._heartbeat, name="lightning-nst folder lock", daemon=True)
             self._beat.start()
             return
-        raise self._refusal(self._holder())
+        raise self._refusal(self._read(self.path))
 
     def _refusal(self, holder: dict[str, Any] | None) -> NSTError:
         if holder is None:
@@ -345,7 +338,7 @@ class FolderLock:
     def release(self) -> None:
         """Stop touching the lock and remove it, if it is still this run's."""
         self._stop.set()
-        holder = self._holder()
+        holder = self._read(self.path)
         if holder is not None and holder.get("token") == self.token:
             self.path.unlink(missing_ok=True)
         for folder in self._created:  # deepest first: the folders acquire made, if the run left them empty

@@ -281,7 +281,6 @@ class GenerationWriter(BasePredictionWriter):
         except RuntimeError as error:
             if (lost := lost_peer(error)) is None:
                 raise
-            self._unlock_folder()
             raise NSTError(
                 f"GenerationWriter: another process of this run ended before it ({lost}); the items this process "
                 f"generated are recorded in {self.directory}, and running the same command again on every node "
