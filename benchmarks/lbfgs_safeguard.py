@@ -13,6 +13,9 @@ from, known from its closure) and the rejections. Columns, per objective:
   (``-`` if never); ``rejected``: the safeguard's rejections.
 
     OMP_NUM_THREADS=1 python benchmarks/lbfgs_safeguard.py --weights ../shared/models/vgg19_imagenet_conv1_1-conv3_1.pth
+
+``--extra="--model.init_args.parameterization laplacian"`` adds those arguments to every fit (after the case's own):
+here, every case in the Laplacian pyramid.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -109,6 +113,7 @@ def fit(config: str, extra: list[str], guard: str, args: argparse.Namespace, fol
         "--trainer.default_root_dir", folder,
         "--trainer.callbacks", "[{class_path: lightning_nst.ImageWriter, init_args: {output_dir: "
         f"{folder}, overwrite: true, snapshot_every: 0}}}}]", "--model.init_args.lbfgs_safeguard", guard, *extra,
+        *shlex.split(args.extra),
     ])  # fmt: skip
     return dict(TRACES)
 
@@ -152,6 +157,7 @@ def main() -> None:
     parser.add_argument("--factor", default="2.0", help="the safeguard's factor")
     parser.add_argument("--weights", default="random")
     parser.add_argument("--only", nargs="*", help="cases whose name contains one of these words")
+    parser.add_argument("--extra", default="", help="arguments added to every fit, as one string")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning_nst"):

@@ -57,9 +57,54 @@ def gram_matrix(features: Tensor) -> Tensor:
         Gatys et al. use the raw :math:`G = F F^\top`, so :math:`\hat G = G / (N M)`. Dividing by :math:`N M`, as
         the PyTorch tutorial does, makes style images of another size comparable; the raw Gram grows with :math:`M`.
     """
-    with torch.autocast(features.device.type, enabled=False):
-        flat = _fp32(features).flatten(2)
-        return flat @ flat.transpose(1, 2) / flat.shape[1:].numel()
+    return _Gram.apply(features, features[0].numel())
+
+
+def _positions(features: Tensor) -> tuple[Tensor, bool]:
+    """``(B, C, H, W)`` features as one matrix per image without a copy, and whether it is ``(B, M, C)``.
+
+    ``channels_last`` features (what :class:`~lightning_nst.core.vgg.VGG19Features` returns) give ``(B, M, C)``,
+    others ``(B, C, M)``.
+    """
+    last = torch.channels_last
+    if features.dim() == 4 and not features.is_contiguous() and features.is_contiguous(memory_format=last):
+        return features.permute(0, 2, 3, 1).flatten(1, 2), True
+    return features.flatten(2), False
+
+
+class _Gram(torch.autograd.Function):
+    r""":math:`F F^\top / n` of ``(B, C, H, W)`` features in float32; the gradient in the features' dtype and layout.
+
+    Autograd's own matmul backward takes two products, :math:`\bar G F` and :math:`\bar G^\top F`, and adds them;
+    here it is one, :math:`(\bar G + \bar G^\top) F`: a third less of a Gram loss's matmul time. Both products read
+    the features in their own layout (:func:`_positions`), so neither makes a contiguous copy, and the gradient
+    leaves in the layout the convolution before it expects. Under bf16 autocast the features are bf16 and their
+    gradient is rounded to bf16 anyway on its way back into the trunk, so that product runs in bf16 on the saved
+    bf16 features (float32 accumulation, float32's range). fp16 features (``16-mixed``) keep a float32 product:
+    fp16's range would flush the small entries of :math:`\bar G / n` to zero. The statistic itself is always
+    float32.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, features: Tensor, n: int) -> Tensor:
+        ctx.save_for_backward(features)
+        ctx.n = n  # type: ignore[attr-defined]
+        with torch.autocast(features.device.type, enabled=False):
+            matrix, rows = _positions(_fp32(features))
+            return (matrix.transpose(1, 2) @ matrix if rows else matrix @ matrix.transpose(1, 2)) / n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        (features,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        with torch.autocast(features.device.type, enabled=False):
+            matrix, rows = _positions(features if features.dtype == torch.bfloat16 else _fp32(features))
+            symmetric = ((grad + grad.transpose(1, 2)) / ctx.n).to(matrix.dtype)  # type: ignore[attr-defined]
+            if rows:  # (B, M, C) @ (B, C, C), back to (B, C, H, W) as a channels_last view
+                product = (matrix @ symmetric).unflatten(1, features.shape[2:]).permute(0, 3, 1, 2)
+            else:
+                product = (symmetric @ matrix).view_as(features)
+            return product.to(features.dtype), None
 
 
 def mean_std(features: Tensor, eps: float = _MEANVAR_EPS) -> Tensor:
@@ -86,9 +131,10 @@ def mean_std(features: Tensor, eps: float = _MEANVAR_EPS) -> Tensor:
         brick texture; the median :math:`s_c` was 0.2-0.5, 1-1.7 and 2-3 at these layers.
     """
     with torch.autocast(features.device.type, enabled=False):
-        flat = _fp32(features).flatten(2)
-        mean = flat.mean(dim=2)
-        std = (flat.var(dim=2, unbiased=False) + eps).sqrt()
+        wide = _fp32(features)
+        positions = tuple(range(2, wide.dim()))  # not flatten(2), which copies channels_last features
+        mean = wide.mean(dim=positions)
+        std = (wide.var(dim=positions, unbiased=False) + eps).sqrt()
         return torch.stack([mean, std], dim=1)
 
 
@@ -108,7 +154,8 @@ def style_statistic(features: Tensor, statistic: Statistic) -> Tensor:
 
 
 def _per_sample_mse(value: Tensor, target: Tensor) -> Tensor:
-    return (value - target).square().flatten(1).mean(dim=1)
+    # A mean over every dimension but the first, not over flatten(1): flattening channels_last features copies them.
+    return (value - target).square().mean(dim=tuple(range(1, value.dim())))
 
 
 class ContentLoss(nn.Module):
@@ -200,8 +247,11 @@ def feature_sums(features: Tensor, statistic: Statistic, shift: Tensor | None = 
     if statistic == "sliced_w":
         raise ValueError("only unmasked gram, meanvar and w2 losses are functions of feature sums")
     with torch.autocast(features.device.type, enabled=False):
+        if statistic == "gram":
+            wide = _fp32(features)
+            return wide.sum(dim=(2, 3)), _Gram.apply(wide, 1)
         flat = _fp32(features).flatten(2)
-        if shift is not None and statistic != "gram":
+        if shift is not None:
             flat = flat - shift.to(flat.dtype)[..., None]
         if statistic == "meanvar":
             return flat.sum(dim=2), flat.square().sum(dim=2)

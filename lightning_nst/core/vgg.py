@@ -182,6 +182,9 @@ class VGG19Features(nn.Module):
         fill_missing: With a partial weights file, give the layers it does not cover seeded random weights instead
             of raising. The description in :attr:`weights_used` says so.
         key: Config key of these options, used in error messages.
+        channels_last: Run the pass ``channels_last`` (``True``: on every device; ``"cuda"``: on CUDA only, NCHW
+            elsewhere). cuDNN's and oneDNN's convolutions both run it faster, and the statistics read it without a
+            copy.
 
     Attributes:
         weights_used: Which weights the trunk holds, in words, for logs and reports.
@@ -196,6 +199,7 @@ class VGG19Features(nn.Module):
         seed: int = 0,
         fill_missing: bool = False,
         key: str = "vgg",
+        channels_last: bool | Literal["cuda"] = True,
     ) -> None:
         super().__init__()
         if not layers:
@@ -224,7 +228,8 @@ class VGG19Features(nn.Module):
         self.register_buffer("mean", torch.tensor(transform.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(transform.std).view(1, 3, 1, 1), persistent=False)
         self.pooling = pooling
-        self._channels_last = False
+        self.channels_last = channels_last
+        self._trunk_last = False  # the trunk's layout now; set on the first pass (it follows the device)
         self.eval()
         self.requires_grad_(False)
 
@@ -286,25 +291,25 @@ class VGG19Features(nn.Module):
         return min_input_size(self.layers)
 
     def _set_layout(self, cuda: bool) -> bool:
-        """Keep the trunk's weights ``channels_last`` on CUDA, where cuDNN runs it faster, and NCHW elsewhere.
+        """Put the trunk's weights in the layout of a pass on this device; return whether it is ``channels_last``.
 
-        On CPU the layout stays as loaded, so CPU results do not depend on having run on a GPU before. Returns
-        whether the input should be ``channels_last`` too.
+        With ``channels_last="cuda"`` a trunk moved back to the CPU returns to NCHW, so CPU results do not depend on
+        having run on a GPU before.
         """
-        if self._channels_last != cuda:
-            layout = torch.channels_last if cuda else torch.contiguous_format
-            self.trunk.to(memory_format=layout)
-            self._channels_last = cuda
-        return cuda
+        wanted = cuda if self.channels_last == "cuda" else bool(self.channels_last)
+        if self._trunk_last != wanted:
+            self.trunk.to(memory_format=torch.channels_last if wanted else torch.contiguous_format)
+            self._trunk_last = wanted
+        return wanted
 
     def forward(self, image: Tensor, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Map RGB images in ``[0, 1]`` of shape ``(B, 3, H, W)`` to ``{layer: features}``.
 
-        On CUDA the pass runs ``channels_last``; under ``torch.autocast`` (Lightning's ``bf16-mixed`` and
-        ``16-mixed`` precision wrap the training step in it) the convolutions run in bf16/fp16, and the returned
-        features are in that dtype: the statistics in :mod:`~lightning_nst.core.losses` cast them to float32 with
-        autocast
-        off, so Gram matrices, means and variances stay float32.
+        The pass runs ``channels_last`` (see ``channels_last``), and the features come out in that layout; under
+        ``torch.autocast``
+        (Lightning's ``bf16-mixed`` and ``16-mixed`` precision wrap the training step in it) the convolutions run in
+        bf16/fp16, and the returned features are in that dtype: the statistics in :mod:`~lightning_nst.core.losses`
+        cast them to float32 with autocast off, so Gram matrices, means and variances stay float32.
 
         Args:
             image: The images.
@@ -361,6 +366,10 @@ class VGGConfig:
     seed: int = 0
     fill_missing: bool = False
 
-    def build(self, layers: Sequence[str], key: str = "model.vgg") -> VGG19Features:
+    def build(
+        self, layers: Sequence[str], key: str = "model.vgg", channels_last: bool | Literal["cuda"] = True
+    ) -> VGG19Features:
         """Build the frozen trunk for ``layers``."""
-        return VGG19Features(layers, self.weights, self.pooling, self.seed, self.fill_missing, key=key)
+        return VGG19Features(
+            layers, self.weights, self.pooling, self.seed, self.fill_missing, key=key, channels_last=channels_last
+        )

@@ -246,7 +246,10 @@ class StyleGuidance(nn.Module):
         :meth:`settings` or style loss does.
         """
         if self.vgg is None:
-            self.vgg = self.vgg_config.build(self.layers, key="model.guidance.vgg")
+            # NCHW off CUDA: oneDNN's channels_last kernels round a batch of 4 differently enough from one item that
+            # a guided SD3 item's final style loss moved 7.9 % between batch sizes (within 2 % in NCHW; README,
+            # "Batch generation"), for a VGG pass that is a small part of a guided step there.
+            self.vgg = self.vgg_config.build(self.layers, key="model.guidance.vgg", channels_last="cuda")
         return self.vgg
 
     def use_precision(self, precision: str | None = None) -> str:

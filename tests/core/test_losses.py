@@ -131,6 +131,47 @@ def test_statistics_stay_fp32_and_finite_under_bf16_autocast(statistic: str) -> 
     assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
 
 
+def _autograd_gram_gradient(features: Tensor, weights: Tensor) -> Tensor:
+    """The gradient of ``sum(weights * G)`` by autograd's own matmul backward, in float32, NCHW."""
+    flat = features.detach().float().contiguous().requires_grad_(True)
+    rows = flat.flatten(2)
+    gram = rows @ rows.transpose(1, 2) / rows.shape[1:].numel()
+    return torch.autograd.grad((weights * gram).sum(), flat)[0]
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_gradient_is_autograds_in_float32_whatever_the_layout(layout: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    features = torch.randn(2, 8, 5, 7).contiguous(memory_format=layout).requires_grad_(True)
+    weights = torch.randn(2, 8, 8)  # not symmetric: both halves of the product rule count
+    gram = gram_matrix(features)
+    (grad,) = torch.autograd.grad((weights * gram).sum(), features)
+    rows = features.detach().flatten(2)
+    assert torch.equal(gram, rows @ rows.transpose(1, 2) / (8 * 35))
+    torch.testing.assert_close(grad, _autograd_gram_gradient(features, weights), rtol=1e-5, atol=1e-6)
+    assert grad.is_contiguous(memory_format=layout), "the gradient leaves in the features' own layout"
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gram_of_bf16_features_is_float32_with_a_bf16_gradient_close_to_float32s(layout: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    features = torch.randn(1, 16, 12, 10).contiguous(memory_format=layout).bfloat16().requires_grad_(True)
+    weights = torch.randn(1, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        gram = gram_matrix(features)
+        (grad,) = torch.autograd.grad((weights * gram).sum(), features)
+    rows = features.detach().float().flatten(2)
+    # The statistic is the float32 Gram of the bf16 values (their products are exact in float32).
+    torch.testing.assert_close(gram, rows @ rows.transpose(1, 2) / (16 * 120), rtol=1e-6, atol=1e-7)
+    assert gram.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    expected = _autograd_gram_gradient(features, weights)
+    cosine = torch.nn.functional.cosine_similarity(grad.float().flatten(), expected.flatten(), dim=0)
+    # bf16 keeps 8 bits: measured 0.99999 here; a wrong product (one half, or a transpose) gives < 0.9.
+    assert cosine > 0.9999
+    torch.testing.assert_close(grad.float(), expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+    assert grad.is_contiguous(memory_format=layout)
+
+
 def test_unknown_statistic() -> None:
     with pytest.raises(ValueError, match="unknown style statistic 'wasserstein'"):
         style_statistic(torch.rand(1, 1, 2, 2), "wasserstein")  # type: ignore[arg-type]
