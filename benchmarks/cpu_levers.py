@@ -1,5 +1,5 @@
-"""Per-evaluation levers on this machine: one VGG19 forward+backward in float32, channels_last, bf16 autocast and
-torch.compile, measured alternately in one process (median of ``--repeats``).
+"""Per-evaluation levers on this machine: one VGG19 forward+backward in float32 (NCHW), channels_last, bf16 autocast
+(NCHW) and torch.compile, measured alternately in one process (median of ``--repeats``).
 
     python benchmarks/cpu_levers.py --size 256 --layer relu3_1 --repeats 5 [--compile]
 
@@ -35,8 +35,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (compiles first, minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    vgg = VGG19Features([args.layer], weights="random")
-    last = VGG19Features([args.layer], weights="random").to(memory_format=torch.channels_last)
+    vgg = VGG19Features([args.layer], weights="random", channels_last=False)  # NCHW: the float32 baseline
+    last = VGG19Features([args.layer], weights="random")  # channels_last, as the product runs it
     image = torch.rand(1, 3, args.size, args.size, requires_grad=True)
     image_last = torch.rand(1, 3, args.size, args.size).contiguous(memory_format=torch.channels_last)
     image_last.requires_grad_()

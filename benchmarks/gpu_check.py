@@ -10,7 +10,7 @@ Three parts, in this order:
    with the shipped style-transfer objective (``configs/style_transfer_gram.yaml``: content relu4_2, style
    relu1_1..relu5_1, Gram, style weight 1e6; random VGG weights, as timing does not depend on their values), at 512
    and 1024 px, in ``32-true``, ``bf16-mixed`` and ``16-mixed`` precision, each with the VGG trunk channels_last (what
-   ``VGG19Features`` does on CUDA) and NCHW. These rows use Adam (lr 0.02): ``16-mixed`` has a gradient scaler,
+   ``VGG19Features`` does) and NCHW. These rows use Adam (lr 0.02): ``16-mixed`` has a gradient scaler,
    which L-BFGS refuses; one ``32-true`` L-BFGS row per size (the shipped optimizer) is added. Seconds per step are
    the median of the timed steps after the warm-up steps, with ``torch.cuda.synchronize()`` at each step's start
    and end; peak memory is ``torch.cuda.max_memory_allocated`` over the fit, reset before it.
@@ -152,13 +152,14 @@ def peak_mib() -> float | None:
 def layout(name: str) -> Iterator[None]:
     """Run the VGG trunk channels_last or NCHW whatever the device.
 
-    ``VGG19Features`` picks the layout itself (channels_last on CUDA, NCHW on the CPU) and has no option for it, so
-    the benchmark replaces its layout choice for the duration of a fit.
+    ``VGG19Features`` runs channels_last unless built with ``channels_last=False``, and ``ImageOptimization`` builds
+    it, so the benchmark sets that choice on each trunk at its first pass for the duration of a fit.
     """
     choose = VGG19Features._set_layout
 
     def forced(self: VGG19Features, is_cuda: bool) -> bool:
-        return choose(self, name == "channels_last")
+        self.channels_last = name == "channels_last"
+        return choose(self, is_cuda)
 
     with mock.patch.object(VGG19Features, "_set_layout", forced):
         yield

@@ -100,8 +100,8 @@ def _options(**values: Any) -> argparse.Namespace:
 
 _OPTIMISATION_DEFAULTS = {
     "steps": None, "style_weight": None, "content_weight": None, "statistic": "gram", "color": "keep",
-    "optimizer": "lbfgs", "init": "content", "weights": "auto", "seed": 0, "progress": False, "accelerator": "auto",
-    "precision": None,
+    "optimizer": "lbfgs", "parameterization": None, "init": "content", "weights": "auto", "seed": 0,
+    "progress": False, "accelerator": "auto", "precision": None,
 }  # fmt: skip
 """``stylize``'s arguments that only the optimisation takes, with their defaults (``network=`` refuses others)."""
 
@@ -118,6 +118,7 @@ def stylize(
     color: str = "keep",
     style_weights: Sequence[float] | None = None,
     optimizer: str = "lbfgs",
+    parameterization: str | None = None,
     init: str = "content",
     weights: str = "auto",
     seed: int = 0,
@@ -148,6 +149,8 @@ def stylize(
         style_weights: Blend weight of each style image (``data.style_weights``; AdaIN's style interpolation);
             ``None``: equal.
         optimizer: ``"lbfgs"`` (the config's) or ``"adam"``.
+        parameterization: ``"pixels"``, ``"laplacian"`` or ``"fourier"`` (``model.parameterization``); ``None``:
+            the config's (pixels).
         init: ``"content"``, ``"noise"`` or an image.
         weights: VGG19 weights: ``"auto"``, ``"imagenet"``, ``"random"`` (offline) or a file.
         seed: Seed of the run.
@@ -170,8 +173,8 @@ def stylize(
     """
     given = {
         "steps": steps, "style_weight": style_weight, "content_weight": content_weight, "statistic": statistic,
-        "color": color, "optimizer": optimizer, "init": init, "weights": weights, "seed": seed, "progress": progress,
-        "accelerator": accelerator,
+        "color": color, "optimizer": optimizer, "parameterization": parameterization, "init": init, "weights": weights,
+        "seed": seed, "progress": progress, "accelerator": accelerator,
     }  # fmt: skip
     if network is not None:
         for name, value in given.items():
@@ -189,8 +192,8 @@ def stylize(
     styles = [style] if isinstance(style, str | os.PathLike) else list(style)
     options = _options(
         content=content, style=styles, size=512 if size is None else size, steps=steps, style_weight=style_weight,
-        content_weight=content_weight, statistic=statistic, optimizer=optimizer, init=init, weights=weights, seed=seed,
-        color=color, style_weights=style_weights,
+        content_weight=content_weight, statistic=statistic, optimizer=optimizer, parameterization=parameterization,
+        init=init, weights=weights, seed=seed, color=color, style_weights=style_weights,
     )  # fmt: skip
     return _run(stylize_config(options), progress, accelerator, precision)
 
@@ -219,6 +222,7 @@ def texture(
     statistic: str = "gram",
     style_weights: Sequence[float] | None = None,
     optimizer: str = "lbfgs",
+    parameterization: str | None = None,
     init: str = "noise",
     weights: str = "auto",
     seed: int = 0,
@@ -237,6 +241,7 @@ def texture(
     textures = [style] if isinstance(style, str | os.PathLike) else list(style)
     options = _options(
         texture=textures, size=size, steps=steps, style_weight=style_weight, statistic=statistic,
-        optimizer=optimizer, init=init, weights=weights, seed=seed, style_weights=style_weights,
+        optimizer=optimizer, parameterization=parameterization, init=init, weights=weights, seed=seed,
+        style_weights=style_weights,
     )  # fmt: skip
     return _run(texture_config(options), progress, accelerator, precision)

@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import yaml
 
 from lightning_nst.cli import shipped
-from lightning_nst.core.choices import COLOR_MODES, STATISTICS
+from lightning_nst.core.choices import COLOR_MODES, PARAMETERIZATIONS, STATISTICS
 from lightning_nst.core.errors import NSTError
 from lightning_nst.core.layers import DEFAULT_STYLE_LAYERS, LAYER_NAMES, min_input_size
 from lightning_nst.core.seeds import MAX_SEED, check_seed
@@ -59,6 +59,12 @@ def _common(parser: argparse.ArgumentParser, size_default: str, init_default: st
         "--style-weights", type=float, nargs="+", help="blend weight of each style image (default: equal)"
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="lbfgs", help="optimizer (lbfgs)")
+    parser.add_argument(
+        "--parameterization",
+        choices=PARAMETERIZATIONS,
+        help="what the optimizer moves: the pixels, a Laplacian pyramid or a Fourier spectrum (default: the "
+        "config's, pixels)",
+    )
     parser.add_argument("--init", default=init_default, help=f"noise, content or an image path ({init_default})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the run and of a noise start (0)")
     parser.add_argument("--weights", default="auto", help="VGG19 weights: auto, imagenet, random or a file (auto)")
@@ -239,6 +245,7 @@ def _optimisation_config(
     for flag, value, choices in (
         ("--statistic", options.statistic, STATISTICS),
         ("--optimizer", options.optimizer, OPTIMIZERS),
+        ("--parameterization", getattr(options, "parameterization", None) or "pixels", PARAMETERIZATIONS),
     ):
         if value not in choices:
             raise NSTError(f"{flag}: must be one of {', '.join(choices)} (got {value})")
@@ -270,6 +277,8 @@ def _optimisation_config(
     model["init_seed"] = options.seed
     if options.optimizer == "adam":
         model["optimizer"] = copy.deepcopy(ADAM)
+    if getattr(options, "parameterization", None) is not None:
+        model["parameterization"] = options.parameterization
     if options.style_weight is not None:
         objective["style_weight"] = options.style_weight
     (shipped_objective,) = model["objectives"]

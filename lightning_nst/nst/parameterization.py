@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lightning_nst.core.choices import PARAMETERIZATIONS
 from lightning_nst.core.errors import NSTError
 
 __all__ = [
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 ParameterizationName = Literal["pixels", "laplacian", "fourier"]
-PARAMETERIZATIONS: tuple[str, ...] = ("pixels", "laplacian", "fourier")
 
 
 def clamp_unit(image: Tensor) -> Tensor:

@@ -67,12 +67,14 @@ def test_print_config_is_a_fit_config_that_gives_the_same_image(
 ) -> None:
     content, style = write_images(tmp_path)
     flags = ["--statistic", "meanvar", "--optimizer", "adam", "--seed", "3", "--content-weight", "2"]
+    flags += ["--parameterization", "laplacian"]
     main(["stylize", content, style, "-o", "a.png", *TOY, *flags])
     capsys.readouterr()
     main(["stylize", content, style, "-o", "b.png", *TOY, *flags, "--print-config"])
     config = capsys.readouterr().out
     assert not (tmp_path / "b.png").exists()
     assert "name: b" in config and "output: b.png" in config and "torch.optim.Adam" in config
+    assert "parameterization: laplacian" in config
     (tmp_path / "run.yaml").write_text(config)
     main(["fit", "-c", "run.yaml"])  # writes b.png, as the stylize command would have
     assert np.array_equal(pixels(tmp_path / "b.png"), pixels(tmp_path / "a.png"))
