@@ -1,8 +1,7 @@
 """The names of the style statistics, colour modes and image parameterisations, without importing torch.
 
 :mod:`lightning_nst.core.losses`, :mod:`lightning_nst.core.color` and :mod:`lightning_nst.nst.parameterization`
-implement them; the command line offers them
-(``lightning-nst stylize --help``) before a run imports torch.
+implement them; the command line offers them (``lightning-nst stylize --help``) before a run imports torch.
 """
 
 from __future__ import annotations

@@ -305,11 +305,11 @@ class VGG19Features(nn.Module):
     def forward(self, image: Tensor, layers: Iterable[str] | None = None) -> dict[str, Tensor]:
         """Map RGB images in ``[0, 1]`` of shape ``(B, 3, H, W)`` to ``{layer: features}``.
 
-        The pass runs ``channels_last`` (see ``channels_last``), and the features come out in that layout; under
-        ``torch.autocast``
-        (Lightning's ``bf16-mixed`` and ``16-mixed`` precision wrap the training step in it) the convolutions run in
-        bf16/fp16, and the returned features are in that dtype: the statistics in :mod:`~lightning_nst.core.losses`
-        cast them to float32 with autocast off, so Gram matrices, means and variances stay float32.
+        The pass runs ``channels_last`` (see ``channels_last``), and the features come out in that layout. Under
+        ``torch.autocast`` (Lightning's ``bf16-mixed`` and ``16-mixed`` precision wrap the training step in it) the
+        convolutions run in bf16/fp16, and the returned features are in that dtype: the statistics in
+        :mod:`~lightning_nst.core.losses` cast them to float32 with autocast off, so Gram matrices, means and
+        variances stay float32.
 
         Args:
             image: The images.
