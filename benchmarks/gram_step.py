@@ -19,7 +19,6 @@ equal to the first's (float32 to 1e-4 relative, bf16 to 1e-2).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_nst.core.images import load_image
 from lightning_nst.core.losses import gram_matrix
@@ -47,16 +46,6 @@ def autograd_gram(features: Tensor) -> Tensor:
         return flat @ flat.transpose(1, 2) / flat.shape[1:].numel()
 
 
-def trunk_pass(vgg: VGG19Features, trunk: nn.Sequential, image: Tensor) -> dict[str, Tensor]:
-    """``vgg``'s forward with another copy of its trunk (for the NCHW settings)."""
-    x, features = (image - vgg.mean) / vgg.std, {}
-    for name, module in zip(vgg.names, trunk, strict=True):
-        x = module(x)
-        if name in STYLE_LAYERS:
-            features[name] = x
-    return features
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256)
@@ -66,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     vgg = VGG19Features(STYLE_LAYERS, weights=args.weights)
-    nchw = copy.deepcopy(vgg.trunk).to(memory_format=torch.contiguous_format)
+    nchw = VGG19Features(STYLE_LAYERS, weights=args.weights, channels_last=False)
     content, style = load_image("skimage:astronaut", args.size), load_image("skimage:gravel", args.size)
     with torch.no_grad():
         targets = {k: gram_matrix(v) for k, v in vgg(style).items()}
@@ -77,7 +66,7 @@ def main() -> None:
         def run() -> float:
             image.grad = None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                features = vgg(image) if channels_last else trunk_pass(vgg, nchw, image)
+                features = (vgg if channels_last else nchw)(image)
                 style_loss = sum((gram(features[k]) - targets[k]).square().mean() for k in STYLE_LAYERS)
                 content_loss = (features[CONTENT_LAYER].float() - content_target).square().mean()
                 loss = 1e6 * style_loss + content_loss
