@@ -172,6 +172,26 @@ def test_gram_of_bf16_features_is_float32_with_a_bf16_gradient_close_to_float32s
     assert grad.is_contiguous(memory_format=layout)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_content_loss_and_its_gradient_are_autograds_in_the_features_layout_and_dtype(
+    layout: torch.memory_format, dtype: torch.dtype
+) -> None:
+    torch.manual_seed(0)
+    target = torch.randn(1, 8, 5, 7).contiguous(memory_format=layout)
+    features = torch.randn(2, 8, 5, 7).contiguous(memory_format=layout).to(dtype).requires_grad_(True)
+    weights = torch.tensor([0.7, -1.3])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        loss = ContentLoss(target)(features)
+        (grad,) = torch.autograd.grad((weights * loss).sum(), features)
+    wide = features.detach().float().requires_grad_(True)
+    expected_loss = (wide - target).square().mean(dim=(1, 2, 3))
+    (expected,) = torch.autograd.grad((weights * expected_loss).sum(), wide)
+    assert loss.dtype == torch.float32 and torch.equal(loss, expected_loss.detach())
+    assert grad.dtype == dtype and grad.is_contiguous(memory_format=layout), "the gradient keeps the features' form"
+    torch.testing.assert_close(grad, expected.to(dtype), rtol=1e-6 if dtype == torch.float32 else 1e-2, atol=1e-7)
+
+
 def test_unknown_statistic() -> None:
     with pytest.raises(ValueError, match="unknown style statistic 'wasserstein'"):
         style_statistic(torch.rand(1, 1, 2, 2), "wasserstein")  # type: ignore[arg-type]
