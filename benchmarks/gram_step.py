@@ -8,7 +8,9 @@ term at conv2_2, and the backward pass to the image. Settings, in float32 and un
   the trunk in NCHW (what the product ran before);
 - ``one product, NCHW``: :func:`lightning_nst.core.losses.gram_matrix` (one product, ``(G' + G'.T) @ F``, in bf16
   for bf16 features) on an NCHW trunk;
-- ``one product, channels_last``: the same on the ``channels_last`` trunk that ``VGG19Features`` runs now.
+- ``one product, channels_last``: the same on the ``channels_last`` trunk that ``VGG19Features`` runs now;
+- ``..., ContentLoss``: with :class:`lightning_nst.core.losses.ContentLoss` for the content term (its gradient keeps
+  the features' layout and dtype) instead of autograd's ``(F.float() - P).square().mean()`` (the rows before it).
 
 Alternately in one process, median of ``--repeats`` after a warm-up round; the losses of every setting are checked
 equal to the first's (float32 to 1e-4 relative, bf16 to 1e-2).
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_nst.core.images import load_image
-from lightning_nst.core.losses import gram_matrix
+from lightning_nst.core.losses import ContentLoss, gram_matrix
 from lightning_nst.core.vgg import VGG19Features
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,14 +64,20 @@ def main() -> None:
         content_target = vgg(content)[CONTENT_LAYER].float()
     image = content.clone().contiguous().requires_grad_(True)
 
-    def evaluation(gram: Callable[[Tensor], Tensor], channels_last: bool, bf16: bool) -> Callable[[], float]:
+    content_module = ContentLoss(content_target)
+
+    def autograd_content(features: Tensor) -> Tensor:
+        with torch.autocast(features.device.type, enabled=False):
+            return (features.float() - content_target).square().mean()
+
+    def evaluation(gram: Callable[[Tensor], Tensor], channels_last: bool, bf16: bool,
+                   content: Callable[[Tensor], Tensor] = autograd_content) -> Callable[[], float]:  # fmt: skip
         def run() -> float:
             image.grad = None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 features = (vgg if channels_last else nchw)(image)
                 style_loss = sum((gram(features[k]) - targets[k]).square().mean() for k in STYLE_LAYERS)
-                content_loss = (features[CONTENT_LAYER].float() - content_target).square().mean()
-                loss = 1e6 * style_loss + content_loss
+                loss = 1e6 * style_loss + content(features[CONTENT_LAYER]).sum()
             loss.backward()
             return float(loss.detach())
 
@@ -81,6 +89,9 @@ def main() -> None:
         settings[f"{precision}, autograd, NCHW"] = evaluation(autograd_gram, False, bf16)
         settings[f"{precision}, one product, NCHW"] = evaluation(gram_matrix, False, bf16)
         settings[f"{precision}, one product, channels_last"] = evaluation(gram_matrix, True, bf16)
+        settings[f"{precision}, one product, channels_last, ContentLoss"] = evaluation(
+            gram_matrix, True, bf16, content_module
+        )
     times: dict[str, list[float]] = {name: [] for name in settings}
     losses: dict[str, float] = {}
     for _ in range(args.repeats + 1):

@@ -279,7 +279,9 @@ def run_default(args: argparse.Namespace, target: float, budget: float, folder: 
     model_args["objectives"] = [dataclasses.asdict(tutorial_objective())]
     model_args["vgg"] = {**(model_args.get("vgg") or {}), "weights": str(args.weights), "fill_missing": False}
     model, data = _module_and_data(config)
-    precision = choose_precision(config["trainer"].get("precision"), accelerator(args)).precision
+    precision = choose_precision(
+        config["trainer"].get("precision"), accelerator(args), objectives=model.objectives
+    ).precision
     every = 1 if args.size <= 128 else 5
     recorder = Recorder(target, budget, args.cap * budget, started, args.size, score=score, every=every)
     return fit_and_record(args, model, data, precision, recorder, folder)

@@ -77,7 +77,7 @@ def _fit(config: dict[str, Any], progress: bool, accelerator: str) -> Image.Imag
 
     L.seed_everything(config["seed_everything"], verbose=False)
     model, data = _module_and_data(config)
-    precision = choose_precision(config["trainer"].get("precision"), accelerator)
+    precision = choose_precision(config["trainer"].get("precision"), accelerator, objectives=model.objectives)
     rank_zero_info(precision.line("precision='{}'"))
     trainer = L.Trainer(
         max_steps=config["trainer"]["max_steps"],

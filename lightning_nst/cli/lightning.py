@@ -157,7 +157,10 @@ class NSTCLI(LightningCLI):
             config.trainer.max_epochs = -1
         preflight.check(config, self.subcommand)
         if self.subcommand == "fit" and _is_image_optimization(config.get("model")):
-            self.precision = choose_precision(config.trainer.precision, config.trainer.accelerator, self.resume_state)
+            objectives = (config.model.get("init_args") or {}).get("objectives") or ()
+            self.precision = choose_precision(
+                config.trainer.precision, config.trainer.accelerator, self.resume_state, objectives
+            )
             config.trainer.precision = self.precision.precision
             rank_zero_info(self.precision.line())
 

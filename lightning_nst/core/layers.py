@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from typing import Any
 
 from lightning_nst.core.errors import NSTError
 
@@ -40,6 +41,28 @@ CONV_LAYERS: tuple[str, ...] = tuple(name for name in LAYER_NAMES if name.starts
 def layer_index(name: str) -> int:
     """Index of a named layer in ``vgg19().features``."""
     return LAYER_NAMES.index(name)
+
+
+SHALLOW_LAYERS: tuple[str, ...] = LAYER_NAMES[: LAYER_NAMES.index("relu1_2") + 1]
+"""conv1_1..relu1_2: the layers an image is reconstructed from almost exactly (:func:`shallow_reconstruction`)."""
+
+
+def shallow_reconstruction(objective: Any) -> bool:
+    """Whether an objective reconstructs block-1 layers only: content terms of :data:`SHALLOW_LAYERS`, nothing else.
+
+    ``objective`` is an :class:`~lightning_nst.Objective` or its config (a mapping or a jsonargparse namespace). Such
+    objectives are matched almost exactly from an image inside ``[0, 1]``: they are the ones whose default L-BFGS is
+    guarded (:mod:`lightning_nst.nst.safeguard`) and whose default precision is float32
+    (:mod:`lightning_nst.cli.precision`).
+    """
+    getter = getattr(objective, "get", None)
+
+    def field(key: str) -> Any:
+        return getter(key, None) if callable(getter) else getattr(objective, key, None)
+
+    layers = list(field("content_layers") or [])
+    plain = not field("style_layers") and not field("tv_weight")
+    return bool(layers) and plain and all(layer in SHALLOW_LAYERS for layer in layers)
 
 
 DEFAULT_STYLE_LAYERS: tuple[str, ...] = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -31,7 +31,13 @@ from lightning_nst.nst.objective import LossWeights, Objective, check_objectives
 from lightning_nst.nst.optimizers import build_optimizers, check_lbfgs_memory, default_optimizer
 from lightning_nst.nst.parameterization import ParameterizationName, make_parameterization
 from lightning_nst.nst.results import ObjectiveResult, Progress, check_finite
-from lightning_nst.nst.safeguard import LBFGSSafeguard, check_safeguard_factor, guarded, record_actual_step
+from lightning_nst.nst.safeguard import (
+    LBFGSSafeguard,
+    check_safeguard_factor,
+    guarded,
+    record_actual_step,
+    safeguard_factors,
+)
 from lightning_nst.nst.scales import CoarseToFine, ScaleInputs, check_schedule
 from lightning_nst.nst.writer import ImageWriter
 
@@ -97,9 +103,12 @@ class ImageOptimization(L.LightningModule):
         lbfgs_safeguard: With L-BFGS (one iteration per step, no line search, as the configs'): its curvature pairs
             record the steps actually taken after clipping, and a step whose image has a loss above this factor
             times the objective's best so far is undone and the following steps shortened
-            (:mod:`lightning_nst.nst.safeguard`); rejections are logged as ``<objective>/rejected``. E.g. ``2.0``.
-            ``None`` (the default): plain torch L-BFGS, as the PyTorch tutorial's, which measured lower losses on
-            most shipped configs (``docs/benchmarks.md``, "L-BFGS that keeps its progress").
+            (:mod:`lightning_nst.nst.safeguard`); rejections are logged as ``<objective>/rejected``. E.g. ``2.0``
+            for every objective. ``"auto"`` (the default): ``2.0`` for the reconstructions of block-1 layers
+            (content only, conv1_1..relu1_2), where plain L-BFGS jumps hundreds of times above its best and ends
+            higher, and plain L-BFGS for every other objective, where it measured lower losses. ``None``: plain
+            torch L-BFGS everywhere, as the PyTorch tutorial's (``docs/benchmarks.md``, "L-BFGS that keeps its
+            progress").
 
     Attributes:
         content: The content image ``(1, 3, H, W)`` taken from the data module in :meth:`setup`, if any.
@@ -127,7 +136,7 @@ class ImageOptimization(L.LightningModule):
         scales: list[int] | None = None,
         scale_steps: list[int] | None = None,
         avg_decay: float | None = None,
-        lbfgs_safeguard: float | None = None,
+        lbfgs_safeguard: float | Literal["auto"] | None = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer"])
@@ -165,7 +174,8 @@ class ImageOptimization(L.LightningModule):
         self.inputs: dict[str, Any] | None = None
         self._target_sizes: list[int | None] | None = None
         self.progress = Progress(len(objectives))
-        self.safeguard = LBFGSSafeguard(len(objectives), lbfgs_safeguard) if lbfgs_safeguard is not None else None
+        factors = safeguard_factors(lbfgs_safeguard, objectives)
+        self.safeguard = LBFGSSafeguard(factors) if any(f is not None for f in factors) else None
         self._saved_generators: dict[str, Tensor] | None = None
 
     best_images = _progress_field("best_images", "The best image of each objective so far.")
@@ -446,7 +456,9 @@ class ImageOptimization(L.LightningModule):
             scaler = self._grad_scaler()
             scale = scaler.get_scale() if scaler is not None else None
             closure = partial(self._closure, index, optimizer, first)
-            safeguard = self.safeguard if self.safeguard is not None and guarded(optimizer.optimizer) else None
+            safeguard = self.safeguard
+            if safeguard is not None and not (safeguard.guards(index) and guarded(optimizer.optimizer)):
+                safeguard = None
             if safeguard is not None:
                 safeguard.before_step(optimizer.optimizer)
             if counted:
@@ -499,9 +511,13 @@ class ImageOptimization(L.LightningModule):
         if not self.loggers or not every or ((step + 1) % every and not self.trainer.should_stop):
             return
         metrics = {**self.progress.curves(self.objectives), "loss": total}
-        if self.safeguard is not None and any(guarded(optimizer) for optimizer in self.trainer.optimizers):
-            rejected = zip(self.objectives, self.safeguard.rejected, strict=True)
-            metrics.update({f"{objective.name}/rejected": float(count) for objective, count in rejected})
+        if self.safeguard is not None:
+            rows = zip(self.objectives, self.trainer.optimizers, self.safeguard.rejected, strict=True)
+            metrics.update({
+                f"{objective.name}/rejected": float(count)
+                for index, (objective, optimizer, count) in enumerate(rows)
+                if self.safeguard.guards(index) and guarded(optimizer)
+            })  # fmt: skip
         if self.coarse.schedule:
             metrics["scale"] = float(self.coarse.schedule[self.coarse.scale].long_edge)
         for logger in self.loggers:

@@ -18,11 +18,21 @@ A rejection costs the VGG pass that measured the rejected image and one more at 
 step reports the loss of the image the objective went back to; the rejections are counted as ``<objective>/rejected``.
 Only L-BFGS with one iteration per step and no line search is guarded: ``strong_wolfe`` already refuses a rise, and
 the iterations inside one step cannot be told apart. torch's L-BFGS has no such option, hence this module.
+
+``model.lbfgs_safeguard: auto`` (the default) guards, at factor :data:`AUTO_FACTOR`, the objectives that reconstruct
+a block-1 layer (content terms only, every layer conv1_1..relu1_2), and leaves every other objective plain. Those
+layers are matched almost exactly from an image inside ``[0, 1]``, and there the clipped false pairs only make plain
+L-BFGS jump (437x its best on conv1_2 at 64 px, 2,000x on conv1_1) and end higher; on deeper layers, textures and
+style transfer the false pairs push pixels onto the bounds, where those optima lie, and plain L-BFGS ended lower
+(conv2_1 4x lower; ``docs/benchmarks.md``, "L-BFGS that keeps its progress"). Their default precision is float32
+too (:mod:`lightning_nst.cli.precision`), which the safeguard needs there: under bf16 they stop at its rounding floor,
+where guarded steps end no lower.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,19 +40,33 @@ from torch import Tensor
 from torch.optim import LBFGS, Optimizer
 
 from lightning_nst.core.errors import NSTError
+from lightning_nst.core.layers import shallow_reconstruction
 
-__all__ = ["LBFGSSafeguard", "check_safeguard_factor", "guarded"]
+__all__ = ["AUTO_FACTOR", "LBFGSSafeguard", "check_safeguard_factor", "guarded", "safeguard_factors"]
+
+AUTO_FACTOR = 2.0
 
 
 def check_safeguard_factor(factor: Any) -> None:
-    """Refuse a ``model.lbfgs_safeguard`` that is neither ``None`` nor a finite number of at least 1."""
-    if factor is None:
+    """Refuse a ``model.lbfgs_safeguard`` that is neither ``"auto"``, ``None`` nor a finite number of at least 1."""
+    if factor is None or factor == "auto":
         return
     if isinstance(factor, bool) or not isinstance(factor, int | float) or not (math.isfinite(factor) and factor >= 1):
         raise NSTError(
-            "model.lbfgs_safeguard: must be a finite number >= 1 (the factor over an objective's best loss above "
-            f"which an L-BFGS step is undone) or null for plain L-BFGS, got {factor!r}"
+            "model.lbfgs_safeguard: must be auto, a finite number >= 1 (the factor over an objective's best loss "
+            f"above which an L-BFGS step is undone) or null for plain L-BFGS, got {factor!r}"
         )
+
+
+def safeguard_factors(factor: float | str | None, objectives: Sequence[Any]) -> list[float | None]:
+    """Each objective's factor (``None``: plain L-BFGS) for a ``model.lbfgs_safeguard`` setting.
+
+    A number guards every objective, ``None`` none; ``"auto"`` guards the block-1 reconstructions
+    (:func:`~lightning_nst.core.layers.shallow_reconstruction`) at :data:`AUTO_FACTOR`.
+    """
+    if factor == "auto":
+        return [AUTO_FACTOR if shallow_reconstruction(objective) else None for objective in objectives]
+    return [None if factor is None else float(factor)] * len(objectives)
 
 
 def guarded(optimizer: Optimizer) -> bool:
@@ -57,17 +81,22 @@ class LBFGSSafeguard:
     """Per objective: the last accepted parameter and its loss terms, the trust radius, the rejections.
 
     Args:
-        count: Number of objectives.
-        factor: A step's image is rejected when its loss exceeds ``factor`` times the best loss so far.
+        factors: Per objective, the factor over its best loss so far above which a step's image is rejected, or
+            ``None`` to leave that objective's L-BFGS plain.
     """
 
-    def __init__(self, count: int, factor: float) -> None:
-        self.factor = factor
+    def __init__(self, factors: Sequence[float | None]) -> None:
+        self.factors = list(factors)
+        count = len(self.factors)
         self.accepted: list[Tensor | None] = [None] * count
         self.accepted_terms: list[dict[str, float] | None] = [None] * count
         self.radius: list[float] = [math.inf] * count
         self.rejected: list[int] = [0] * count
         self._history: dict[str, Any] | None = None
+
+    def guards(self, index: int) -> bool:
+        """Whether objective ``index`` is guarded."""
+        return self.factors[index] is not None
 
     def reset(self) -> None:
         """Forget the accepted images and radii (a new scale: new sizes, new L-BFGS); keep the counts."""
@@ -98,7 +127,9 @@ class LBFGSSafeguard:
         """
         accepted = self.accepted[index]
         state = optimizer.state[optimizer.param_groups[0]["params"][0]]
-        if accepted is not None and terms["total"] > self.factor * best_loss:
+        factor = self.factors[index]
+        assert factor is not None, "after_step of an objective the safeguard does not guard"
+        if accepted is not None and terms["total"] > factor * best_loss:
             self.rejected[index] += 1
             self.radius[index] = 0.5 * float(torch.linalg.vector_norm(before - accepted))
             parameter.copy_(accepted)
@@ -127,7 +158,7 @@ class LBFGSSafeguard:
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps for an exact resume."""
         return {
-            "factor": self.factor,
+            "factors": list(self.factors),
             "accepted": [None if a is None else a.detach().cpu() for a in self.accepted],
             "accepted_terms": list(self.accepted_terms),
             "radius": list(self.radius),

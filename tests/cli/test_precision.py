@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import lightning_nst
+from lightning_nst import Objective
 from lightning_nst.cli.precision import choose_precision
 from lightning_nst.core import hardware
 from lightning_nst.main import main
@@ -89,6 +90,28 @@ def test_choices_and_their_lines(monkeypatch: pytest.MonkeyPatch) -> None:
     # A checkpoint from before precisions were recorded was made with the default of then, 32-true.
     assert choose_precision(None, "cpu", {"version": 1}).precision == "32-true"
     assert choose_precision(None, "tpu").precision == "32-true"  # not a device torch names: Lightning's default
+
+
+def test_a_block_1_reconstruction_keeps_float32_said_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    fast_cpu_bf16(monkeypatch, True)
+    main(["fit", "-c", str(CONFIGS / "content_reconstruction.yaml"), "--model.objectives",
+          "[{name: conv1_2, content_layers: [conv1_2]}, {name: relu4_2, content_layers: [relu4_2]}]",
+          "--data.init_args.size=32", "--trainer.max_steps=2", "--model.init_args.vgg.weights=random",
+          "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false"])  # fmt: skip
+    newest = max(Path("logs/content_reconstruction").glob("version_*"), key=lambda path: int(path.name.split("_")[1]))
+    summary = json.loads((newest / "summary.json").read_text())
+    assert summary["precision"] == "32-true" and summary["precision_source"] == "auto"
+    assert [line for line in caplog.messages if line.startswith("precision:")] == [
+        "precision: 32-true (chosen: objective 'conv1_2' reconstructs a block-1 layer, which bf16's rounding keeps "
+        "far from the image)"
+    ]
+    deep = [{"name": "relu4_2", "content_layers": ["relu4_2"]}]
+    assert choose_precision(None, "cpu", objectives=deep).precision == "bf16-mixed"
+    assert choose_precision("bf16-mixed", "cpu", objectives=[Objective("c", content_layers=["conv1_1"])]).source == (
+        "config"
+    ), "a given precision is kept"
 
 
 def test_the_api_chooses_alike_and_keeps_a_given_precision(

@@ -13,7 +13,14 @@ import torch
 
 from lightning_nst import ImageOptimization, ImageTargets, ImageWriter, Objective, VGGConfig
 from lightning_nst.core.errors import NSTError
-from lightning_nst.nst.safeguard import LBFGSSafeguard, check_safeguard_factor, guarded, record_actual_step
+from lightning_nst.nst.safeguard import (
+    AUTO_FACTOR,
+    LBFGSSafeguard,
+    check_safeguard_factor,
+    guarded,
+    record_actual_step,
+    safeguard_factors,
+)
 from tests.conftest import PARTIAL_WEIGHTS_FILE, require_shared
 
 OBJECTIVE = Objective("conv1_2", content_layers=["conv1_2"])
@@ -48,7 +55,7 @@ class Record(L.Callback):
 
 
 def fit(
-    folder: Path, factor: float | None, steps: int = 12, at: int | None = JUMP, size: int = 32, **kwargs: Any
+    folder: Path, factor: float | str | None, steps: int = 12, at: int | None = JUMP, size: int = 32, **kwargs: Any
 ) -> tuple[Record, ImageOptimization]:
     model = ImageOptimization([OBJECTIVE], optimizer=LBFGS, lbfgs_safeguard=factor, **kwargs)
     record = Record()
@@ -109,17 +116,39 @@ def test_lbfgs_records_the_step_actually_taken_after_clipping() -> None:
         assert torch.allclose(state["d"] * state["t"], (image.detach() - start).reshape(-1))
 
 
-@pytest.mark.slow  # about 30 s
-def test_plain_lbfgs_jumps_where_the_safeguarded_one_does_not(tmp_path: Path) -> None:
-    """The conv1_2 reconstruction of docs/benchmarks.md, shortened: plain L-BFGS rises far above its best."""
+def test_plain_lbfgs_jumps_where_the_default_does_not(tmp_path: Path) -> None:
+    """The conv1_2 reconstruction of docs/benchmarks.md, shortened: plain L-BFGS rises far above its best, the
+    default (``auto``, which guards this objective) does not."""
     weights = require_shared(PARTIAL_WEIGHTS_FILE)
     vgg = VGGConfig(weights=str(weights), fill_missing=True)
     off, plain = fit(tmp_path / "off", None, steps=120, at=None, size=64, vgg=vgg)
-    on, safe = fit(tmp_path / "on", 2.0, steps=120, at=None, size=64, vgg=vgg)
+    on, safe = fit(tmp_path / "on", "auto", steps=120, at=None, size=64, vgg=vgg)
     # Measured: plain 72.6x its best so far and best 7.5e-4; safeguarded 1.61x and 4.8e-4.
     assert worst_rise(off.losses) > 10
     assert worst_rise(on.losses) < 2
     assert safe.best_loss[0] < plain.best_loss[0]
+
+
+def test_auto_guards_the_block_1_reconstructions_only() -> None:
+    objectives = [
+        Objective("conv1_1", content_layers=["conv1_1"]),
+        Objective("relu1_2", content_layers={"relu1_2": 1.0}),
+        Objective("both", content_layers=["conv1_1", "conv1_2"]),
+        Objective("conv2_1", content_layers=["conv2_1"]),
+        Objective("pool1", content_layers=["pool1"]),
+        Objective("shallow_and_deep", content_layers=["conv1_1", "conv2_1"]),
+        Objective("with_style", content_layers=["conv1_2"], style_layers=["conv1_1"]),
+        Objective("with_tv", content_layers=["conv1_2"], tv_weight=1e-3),
+        Objective("texture", style_layers=["conv1_1"]),
+    ]
+    guarded_ones = [AUTO_FACTOR] * 3 + [None] * 6
+    assert safeguard_factors("auto", objectives) == guarded_ones
+    assert safeguard_factors(3.0, objectives) == [3.0] * 9
+    assert safeguard_factors(None, objectives) == [None] * 9
+    model = ImageOptimization(objectives)  # the default is auto
+    assert model.safeguard is not None and model.safeguard.factors == guarded_ones
+    assert ImageOptimization(objectives[3:]).safeguard is None, "nothing to guard: plain L-BFGS, no safeguard"
+    assert ImageOptimization(objectives, lbfgs_safeguard=None).safeguard is None
 
 
 def test_a_safeguarded_fit_resumes_exactly(tmp_path: Path) -> None:
@@ -128,7 +157,7 @@ def test_a_safeguarded_fit_resumes_exactly(tmp_path: Path) -> None:
     straight, _ = fit(tmp_path / "straight", 2.0, steps=12, vgg=vgg)
     model = ImageOptimization([OBJECTIVE], optimizer=LBFGS, lbfgs_safeguard=2.0, vgg=vgg)
     saved = model.safeguard.state_dict()  # type: ignore[union-attr]
-    fresh = LBFGSSafeguard(1, 2.0)
+    fresh = LBFGSSafeguard([2.0])
     fresh.load_state_dict(saved, torch.device("cpu"))
     assert fresh.state_dict() == saved
     first = ImageOptimization([OBJECTIVE], optimizer=LBFGS, lbfgs_safeguard=2.0, vgg=vgg)
@@ -162,9 +191,9 @@ def test_only_single_iteration_lbfgs_without_line_search_is_guarded() -> None:
     assert not guarded(torch.optim.Adam(image))
 
 
-@pytest.mark.parametrize("factor", [0.5, 0, -2, math.inf, math.nan, True, "2"])
+@pytest.mark.parametrize("factor", [0.5, 0, -2, math.inf, math.nan, True, "2", "Auto"])
 def test_an_invalid_factor_is_refused_naming_the_key(factor: Any) -> None:
-    with pytest.raises(NSTError, match=r"^model\.lbfgs_safeguard: must be a finite number >= 1"):
+    with pytest.raises(NSTError, match=r"^model\.lbfgs_safeguard: must be auto, a finite number >= 1"):
         check_safeguard_factor(factor)
     with pytest.raises(NSTError, match=r"^model\.lbfgs_safeguard"):
         ImageOptimization([OBJECTIVE], lbfgs_safeguard=factor)
