@@ -187,7 +187,7 @@ class _SquaredError(torch.autograd.Function):
     expanded gradient times the pow's) comes back contiguous (NCHW) for channels_last features, and the trunk then
     converts it at the gradient sum of that layer and before the convolution's backward: under bf16 at 256 px these
     layout copies cost more than the content term itself (about 10 ms of an 80 ms step). Here the difference is
-    kept, and its gradient :math:`2 (F - P) ar L / n` leaves in the features' layout and dtype.
+    kept, and its gradient :math:`2 (F - P) \bar L / n` leaves in the features' layout and dtype.
     """
 
     @staticmethod
