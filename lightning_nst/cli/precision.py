@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_nst.core import hardware
-from lightning_nst.core.layers import shallow_reconstruction
+from lightning_nst.core.layers import objective_field, shallow_reconstruction
 
 PrecisionSource = Literal["auto", "config", "checkpoint"]
 """Where a fit's precision came from: chosen for the device, given by the user, or the resumed checkpoint's."""
@@ -77,7 +77,7 @@ def choose_precision(
         reason = f"lightning-nst picks bf16 only on CUDA and on x86 CPUs with bfloat16 units, not on {device}"
     shallow = next((o for o in objectives or () if shallow_reconstruction(o)), None)
     if precision != "32-true" and shallow is not None:
-        name = shallow.get("name", None) if callable(getattr(shallow, "get", None)) else getattr(shallow, "name", None)
+        name = objective_field(shallow, "name")
         precision = "32-true"
         reason = f"objective {name!r} reconstructs a block-1 layer, which bf16's rounding keeps far from the image"
     return PrecisionChoice(precision, "auto", f"chosen: {reason}")

@@ -47,6 +47,15 @@ SHALLOW_LAYERS: tuple[str, ...] = LAYER_NAMES[: LAYER_NAMES.index("relu1_2") + 1
 """conv1_1..relu1_2: the layers an image is reconstructed from almost exactly (:func:`shallow_reconstruction`)."""
 
 
+def objective_field(objective: Any, key: str) -> Any:
+    """``objective.key`` of an :class:`~lightning_nst.Objective` or of its config; ``None`` where it is not set.
+
+    The command line holds the objectives as jsonargparse namespaces before it builds them, the API as mappings.
+    """
+    getter = getattr(objective, "get", None)
+    return getter(key, None) if callable(getter) else getattr(objective, key, None)
+
+
 def shallow_reconstruction(objective: Any) -> bool:
     """Whether an objective reconstructs block-1 layers only: content terms of :data:`SHALLOW_LAYERS`, nothing else.
 
@@ -55,13 +64,8 @@ def shallow_reconstruction(objective: Any) -> bool:
     guarded (:mod:`lightning_nst.nst.safeguard`) and whose default precision is float32
     (:mod:`lightning_nst.cli.precision`).
     """
-    getter = getattr(objective, "get", None)
-
-    def field(key: str) -> Any:
-        return getter(key, None) if callable(getter) else getattr(objective, key, None)
-
-    layers = list(field("content_layers") or [])
-    plain = not field("style_layers") and not field("tv_weight")
+    layers = list(objective_field(objective, "content_layers") or [])
+    plain = not objective_field(objective, "style_layers") and not objective_field(objective, "tv_weight")
     return bool(layers) and plain and all(layer in SHALLOW_LAYERS for layer in layers)
 
 
